@@ -1,0 +1,337 @@
+//! asciicast v2: the header line, event lines `[time, code, data]`, a fast line encoder and a
+//! strict parser used to validate what agents upload.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+/// A terminal size. Always named, never two bare integers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct TtySize {
+    pub cols: u16,
+    pub rows: u16,
+}
+
+impl Default for TtySize {
+    fn default() -> Self {
+        TtySize { cols: 80, rows: 24 }
+    }
+}
+
+impl std::fmt::Display for TtySize {
+    /// The `r` event's data: `"COLSxROWS"`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}x{}", self.cols, self.rows)
+    }
+}
+
+/// The asciicast v2 header line. Unknown keys are kept so a header round-trips.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Header {
+    pub version: u8,
+    pub width: u16,
+    pub height: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+impl Header {
+    pub fn new(size: TtySize, timestamp: Option<i64>) -> Self {
+        Header {
+            version: 2,
+            width: size.cols,
+            height: size.rows,
+            timestamp,
+            env: None,
+            command: None,
+            title: None,
+            extra: BTreeMap::new(),
+        }
+    }
+
+    pub fn size(&self) -> TtySize {
+        TtySize {
+            cols: self.width,
+            rows: self.height,
+        }
+    }
+
+    /// The header as one JSON line, ending in `\n`.
+    pub fn to_line(&self) -> String {
+        // Serialising a struct of strings and numbers cannot fail.
+        let mut s = serde_json::to_string(self).unwrap_or_else(|_| String::from("{\"version\":2}"));
+        s.push('\n');
+        s
+    }
+}
+
+/// The event codes of asciicast v2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventCode {
+    Output,
+    Input,
+    Resize,
+    Marker,
+}
+
+impl EventCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventCode::Output => "o",
+            EventCode::Input => "i",
+            EventCode::Resize => "r",
+            EventCode::Marker => "m",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "o" => EventCode::Output,
+            "i" => EventCode::Input,
+            "r" => EventCode::Resize,
+            "m" => EventCode::Marker,
+            _ => return None,
+        })
+    }
+}
+
+/// One decoded event line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// Seconds since the start of the recording.
+    pub time: f64,
+    pub code: EventCode,
+    pub data: String,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ParseError {
+    #[error("line {line}: not JSON: {reason}")]
+    NotJson { line: usize, reason: String },
+    #[error("line {line}: an event must be a 3-element array [time, code, data]")]
+    NotEvent { line: usize },
+    #[error("line {line}: event time must be a finite number >= 0")]
+    BadTime { line: usize },
+    #[error("line {line}: unknown event code {code:?}")]
+    BadCode { line: usize, code: String },
+    #[error("line {line}: event data must be a string")]
+    BadData { line: usize },
+    #[error("line {line}: header is not a valid asciicast v2 header: {reason}")]
+    BadHeader { line: usize, reason: String },
+    #[error("no events")]
+    Empty,
+}
+
+/// Parses one event line (without its trailing newline). `line` is for error messages.
+pub fn parse_event_line(text: &str, line: usize) -> Result<Event, ParseError> {
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| ParseError::NotJson {
+        line,
+        reason: e.to_string(),
+    })?;
+    let arr = match v {
+        serde_json::Value::Array(a) if a.len() == 3 => a,
+        _ => return Err(ParseError::NotEvent { line }),
+    };
+    let time = arr[0]
+        .as_f64()
+        .filter(|t| t.is_finite() && *t >= 0.0)
+        .ok_or(ParseError::BadTime { line })?;
+    let code_s = arr[1].as_str().ok_or(ParseError::NotEvent { line })?;
+    let code = EventCode::parse(code_s).ok_or_else(|| ParseError::BadCode {
+        line,
+        code: code_s.to_string(),
+    })?;
+    let data = arr[2]
+        .as_str()
+        .ok_or(ParseError::BadData { line })?
+        .to_string();
+    Ok(Event { time, code, data })
+}
+
+/// What a validated block of event lines contains.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EventsSummary {
+    pub events: usize,
+    /// The time of the last event, if there is one.
+    pub last_time: Option<f64>,
+}
+
+/// Validates text made only of event lines (a chunk). Blank lines are allowed and skipped
+/// (a trailing newline produces one).
+pub fn validate_events(text: &str) -> Result<EventsSummary, ParseError> {
+    let mut summary = EventsSummary::default();
+    for (i, line) in text.split('\n').enumerate() {
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        if line.trim().is_empty() {
+            continue;
+        }
+        let ev = parse_event_line(line, i + 1)?;
+        summary.events += 1;
+        summary.last_time = Some(ev.time);
+    }
+    Ok(summary)
+}
+
+/// A transcript: an optional header line followed by event lines.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transcript {
+    pub header: Option<serde_json::Value>,
+    /// The event lines, each ending in `\n`, header removed.
+    pub events_text: String,
+    pub summary: EventsSummary,
+}
+
+/// Splits and validates a transcript that may begin with an asciicast header line.
+pub fn parse_transcript(text: &str) -> Result<Transcript, ParseError> {
+    let trimmed = text.trim_start();
+    let (header, rest) = if trimmed.starts_with('{') {
+        let (first, rest) = trimmed.split_once('\n').unwrap_or((trimmed, ""));
+        let v: serde_json::Value =
+            serde_json::from_str(first.trim_end()).map_err(|e| ParseError::BadHeader {
+                line: 1,
+                reason: e.to_string(),
+            })?;
+        if v.get("version").and_then(|x| x.as_u64()) != Some(2) {
+            return Err(ParseError::BadHeader {
+                line: 1,
+                reason: "version must be 2".into(),
+            });
+        }
+        (Some(v), rest)
+    } else {
+        (None, trimmed)
+    };
+    let summary = validate_events(rest)?;
+    let mut events_text = String::with_capacity(rest.len() + 1);
+    for line in rest.split('\n') {
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        if line.trim().is_empty() {
+            continue;
+        }
+        events_text.push_str(line);
+        events_text.push('\n');
+    }
+    Ok(Transcript {
+        header,
+        events_text,
+        summary,
+    })
+}
+
+/// Whole seconds of a recording whose last event is at `last_time`: rounded up.
+pub fn duration_secs(last_time: Option<f64>) -> i64 {
+    match last_time {
+        Some(t) if t.is_finite() && t > 0.0 => t.ceil() as i64,
+        _ => 0,
+    }
+}
+
+/// Appends one event line (with its `\n`) to `out`. Time is written with microsecond
+/// precision, as asciinema does. Allocation-free when `out` has capacity.
+pub fn encode_event(out: &mut String, time: f64, code: EventCode, data: &str) {
+    out.push('[');
+    // Writing to a String cannot fail.
+    let _ = write!(out, "{:.6}", time.max(0.0));
+    out.push_str(", \"");
+    out.push_str(code.as_str());
+    out.push_str("\", ");
+    push_json_string(out, data);
+    out.push_str("]\n");
+}
+
+/// Appends `s` as a JSON string literal, escaping only what JSON requires.
+pub fn push_json_string(out: &mut String, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.push('"');
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let esc: &str = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0x08 => "\\b",
+            0x0c => "\\f",
+            0x00..=0x1f | 0x7f => "",
+            _ => continue,
+        };
+        // Only ASCII bytes are escaped, so these slice bounds are char boundaries.
+        out.push_str(&s[start..i]);
+        if esc.is_empty() {
+            out.push_str("\\u00");
+            out.push(HEX[(b >> 4) as usize] as char);
+            out.push(HEX[(b & 0xf) as usize] as char);
+        } else {
+            out.push_str(esc);
+        }
+        start = i + 1;
+    }
+    out.push_str(&s[start..]);
+    out.push('"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encode_roundtrips_through_parser() {
+        let data = "a\"b\\c\n\r\t\u{0}\u{1b}[31m\u{7f}é🙂漢";
+        let mut s = String::new();
+        encode_event(&mut s, 1.5, EventCode::Output, data);
+        assert!(s.ends_with('\n'));
+        let ev = parse_event_line(s.trim_end(), 1).unwrap();
+        assert_eq!(ev.data, data);
+        assert_eq!(ev.code, EventCode::Output);
+        assert!((ev.time - 1.5).abs() < 1e-9);
+        let v: serde_json::Value = serde_json::from_str(s.trim_end()).unwrap();
+        assert_eq!(v[2].as_str().unwrap(), data);
+    }
+
+    #[test]
+    fn transcript_with_and_without_header() {
+        let t = parse_transcript("{\"version\": 2, \"width\": 80, \"height\": 24}\n[0, \"o\", \"$ \"]\n[1.2, \"o\", \"x\"]").unwrap();
+        assert!(t.header.is_some());
+        assert_eq!(t.summary.events, 2);
+        assert_eq!(duration_secs(t.summary.last_time), 2);
+        let t = parse_transcript("[0, \"o\", \"$ uname\\n\"]\n[0.5, \"o\", \"Linux\\n\"]").unwrap();
+        assert!(t.header.is_none());
+        assert_eq!(t.events_text.lines().count(), 2);
+        assert!(parse_transcript("hello").is_err());
+        assert!(parse_transcript("[0, \"x\", \"a\"]").is_err());
+        assert!(parse_transcript("[-1, \"o\", \"a\"]").is_err());
+        assert_eq!(parse_transcript("").unwrap().summary.last_time, None);
+    }
+
+    #[test]
+    fn header_line() {
+        let h = Header::new(
+            TtySize {
+                cols: 100,
+                rows: 30,
+            },
+            Some(1),
+        );
+        let line = h.to_line();
+        let back: Header = serde_json::from_str(line.trim_end()).unwrap();
+        assert_eq!(back, h);
+        assert_eq!(
+            TtySize {
+                cols: 100,
+                rows: 30
+            }
+            .to_string(),
+            "100x30"
+        );
+    }
+}

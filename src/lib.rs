@@ -1,0 +1,8 @@
+//! The ztna-recorder agent: the recorder core (PTY relay → events → sinks) and the commands
+//! built on it (`record`, `shell`, `daemon`, `status`).
+
+pub mod daemon;
+pub mod record;
+pub mod recorder;
+pub mod shell;
+pub mod status;
