@@ -58,8 +58,9 @@ wait_tcp() { # host port what
 
 # --- PostgreSQL ---------------------------------------------------------------------------
 PG_HOST=127.0.0.1 PG_PORT=5432
-if ! (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; then
-  log "no PostgreSQL on 127.0.0.1:5432: starting a private one"
+# ZTNA_TEST_PRIVATE_PG=1 forces the private one (to check this path on a machine that has one).
+if [ -n "${ZTNA_TEST_PRIVATE_PG:-}" ] || ! (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; then
+  log "starting a private PostgreSQL"
   if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then apt_install postgresql; fi
   PGBIN=$(dirname "$(ls -d /usr/lib/postgresql/*/bin/initdb | sort -V | tail -n1)")
   export PATH="$PGBIN:$PATH"
