@@ -34,6 +34,9 @@ need=()
 command -v ssh >/dev/null || need+=(openssh-client)
 command -v curl >/dev/null || need+=(curl)
 command -v python3 >/dev/null || need+=(python3 python3-pip python3-venv)
+# the dashboard's end-to-end test: Debian's Chromium, driven from Node by playwright-core
+[ -x /usr/bin/chromium ] || need+=(chromium)
+command -v npm >/dev/null || need+=(nodejs npm)
 if [ ${#need[@]} -gt 0 ]; then log "installing ${need[*]}"; apt_install "${need[@]}"; fi
 
 # --- Python tools: moto (S3 server) and asciinema (the reference player/parser) ---------
@@ -86,3 +89,17 @@ export ZTNA_TEST_REQUIRE_ALL=1
 
 log "PostgreSQL $ZTNA_TEST_PG_URL, S3 $ZTNA_TEST_S3_ENDPOINT, asciinema $ZTNA_TEST_ASCIINEMA"
 cargo test --workspace --locked "$@"
+
+# --- The dashboard end to end: the built server binary, its admin CLI and the agent route,
+# --- and the embedded web UI in headless Chromium. Screenshots go to target/e2e-artifacts/.
+log "dashboard end-to-end test (server/web/e2e)"
+(cd server/web/e2e && npm ci --no-audit --no-fund --loglevel=error)
+cargo build -p ztna-recorder-server --locked
+ZTNA_SERVER_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/ztna-recorder-server" \
+  ZTNA_E2E_ARTIFACTS="$ROOT/target/e2e-artifacts" CHROMIUM=/usr/bin/chromium \
+  node server/web/e2e/e2e.mjs
+
+# --- Packaging: both .debs built (release), checked, the agent's installed into a scratch root
+# --- with dpkg --root; the units verified; man pages rendered; the sshd drop-in checked.
+log "packaging test (packaging/test.sh)"
+packaging/test.sh

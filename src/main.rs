@@ -1,7 +1,7 @@
 //! `ztna-recorder`, the agent binary: parses arguments and hands over to the library.
 #![forbid(unsafe_code)]
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser, Debug)]
@@ -21,6 +21,13 @@ enum Command {
     Daemon(ztna_recorder::daemon::DaemonArgs),
     /// Show the daemon's state.
     Status(ztna_recorder::status::StatusArgs),
+    /// Check the configuration (`config check`).
+    Config {
+        #[command(subcommand)]
+        command: ztna_recorder::check::ConfigCommand,
+    },
+    #[command(flatten)]
+    Docs(ztna_common::cli_docs::DocsCommand),
 }
 
 fn main() -> ExitCode {
@@ -30,6 +37,10 @@ fn main() -> ExitCode {
         Command::Shell(a) => ztna_recorder::shell::run(a),
         Command::Daemon(a) => ztna_recorder::daemon::run(a),
         Command::Status(a) => ztna_recorder::status::run(a),
+        Command::Config { command } => ztna_recorder::check::run(command),
+        Command::Docs(d) => ztna_common::cli_docs::run(&d, Cli::command())
+            .map(|()| 0)
+            .map_err(Into::into),
     };
     match result {
         Ok(code) => ExitCode::from(code),

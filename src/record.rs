@@ -1,9 +1,227 @@
-//! `ztna-recorder record` (not built yet).
+//! `ztna-recorder record`: records a command (default: the user's shell) in a new PTY to an
+//! asciicast v2 file, and optionally to a directory of chunks as the daemon spools them.
+
+use crate::recorder::{
+    ChunkLimits, ChunkSink, ChunkWriter, Command, FileSink, Session, SessionConfig, Sink, TtySize,
+};
+use anyhow::Context as _;
+use std::io::ErrorKind;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Arguments of `ztna-recorder record`.
 #[derive(clap::Args, Debug)]
-pub struct RecordArgs {}
+pub struct RecordArgs {
+    /// The command to record, run with `sh -c` [default: your shell, $SHELL].
+    #[arg(short = 'c', long = "command", value_name = "CMD")]
+    pub command: Option<String>,
 
-pub fn run(_args: RecordArgs) -> anyhow::Result<u8> {
-    anyhow::bail!("`record` is not available in this build yet")
+    /// Where to write the recording [default: ztna-<unix time>.cast in the current directory].
+    #[arg(value_name = "FILE")]
+    pub file: Option<PathBuf>,
+
+    /// Replace FILE if it exists (otherwise an existing FILE is kept and nothing is run).
+    #[arg(long)]
+    pub overwrite: bool,
+
+    /// Print nothing of our own (the command's output still shows).
+    #[arg(short = 'q', long)]
+    pub quiet: bool,
+
+    /// Terminal columns [default: the terminal's, else 80].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub cols: Option<u16>,
+
+    /// Terminal rows [default: the terminal's, else 24].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub rows: Option<u16>,
+
+    /// Also record what is typed (`i` events).
+    #[arg(short = 'I', long, env = "ZTNA_RECORDER_CAPTURE_INPUT")]
+    pub capture_input: bool,
+
+    /// The recording's title.
+    #[arg(short = 't', long)]
+    pub title: Option<String>,
+
+    /// Also write the recording as chunks (header.json, chunk-N.cast) into DIR.
+    #[arg(long, value_name = "DIR")]
+    pub chunk_dir: Option<PathBuf>,
+
+    /// With --chunk-dir: close a chunk at this many bytes.
+    #[arg(long, default_value_t = 1_048_576, value_parser = clap::value_parser!(u64).range(1..))]
+    pub chunk_max_bytes: u64,
+
+    /// With --chunk-dir: close a chunk this many seconds after its first event.
+    #[arg(long, default_value_t = 10.0)]
+    pub chunk_max_secs: f64,
+
+    /// Also ship the recording to the backend (`server_url` and the node key from the agent's
+    /// configuration).
+    #[arg(long)]
+    pub upload: bool,
+
+    #[command(flatten)]
+    pub config: crate::config::ConfigArgs,
+}
+
+pub fn run(args: RecordArgs) -> anyhow::Result<u8> {
+    // With --upload, a missing server or key is an error before anything runs.
+    let uploader = if args.upload {
+        Some(Uploader::from_config(&args)?)
+    } else {
+        None
+    };
+    if !(args.chunk_max_secs.is_finite() && args.chunk_max_secs > 0.0) {
+        anyhow::bail!("--chunk-max-secs must be a positive number of seconds");
+    }
+    let file = match &args.file {
+        Some(f) => f.clone(),
+        None => {
+            let ts = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or_default();
+            PathBuf::from(format!("ztna-{ts}.cast"))
+        }
+    };
+
+    let file_sink = match FileSink::create(&file, args.overwrite) {
+        // Like `script` and asciinema: written through to the kernel, not fsynced (that would
+        // cost milliseconds per recording); the daemon's chunks are fsynced.
+        Ok(s) => s.durable(false),
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => anyhow::bail!(
+            "{} already exists; pass --overwrite to replace it",
+            file.display()
+        ),
+        Err(e) => return Err(e).with_context(|| format!("cannot create {}", file.display())),
+    };
+    let mut sinks: Vec<Box<dyn Sink>> = vec![Box::new(file_sink)];
+    if let Some(dir) = &args.chunk_dir {
+        let limits = ChunkLimits {
+            max_bytes: args.chunk_max_bytes,
+            max_age: Duration::from_secs_f64(args.chunk_max_secs),
+        };
+        let writer = ChunkWriter::new(dir, limits)
+            .with_context(|| format!("cannot use chunk directory {}", dir.display()))?;
+        sinks.push(Box::new(ChunkSink::new(writer)));
+    }
+
+    let command = match &args.command {
+        Some(cmd) => Command::shell_command("/bin/sh", cmd),
+        None => Command::new(std::env::var_os("SHELL").unwrap_or_else(|| "/bin/sh".into())),
+    };
+    let mut config = SessionConfig::new(command);
+    config.header_command = args.command.clone();
+    config.title = args.title.clone();
+    config.capture_input = args.capture_input;
+    config.size = match (args.cols, args.rows) {
+        (None, None) => None,
+        (cols, rows) => {
+            let term = crate::recorder::terminal_size(std::io::stdin()).unwrap_or_default();
+            Some(TtySize {
+                cols: cols.unwrap_or(term.cols),
+                rows: rows.unwrap_or(term.rows),
+            })
+        }
+    };
+
+    if !args.quiet {
+        eprintln!(
+            "ztna-recorder: recording to {}; exit the command to finish",
+            file.display()
+        );
+    }
+    let outcome = Session::new(config).run(sinks)?;
+    for failure in &outcome.sink_failures {
+        eprintln!("ztna-recorder: recording incomplete: {failure}");
+    }
+    if !args.quiet {
+        eprintln!("ztna-recorder: recording finished: {}", file.display());
+    }
+    if let Some(up) = uploader {
+        let session = up
+            .upload(&file, &args, &outcome)
+            .with_context(|| format!("cannot upload {} (the file is kept)", file.display()))?;
+        if !args.quiet {
+            eprintln!("ztna-recorder: uploaded as session {session}");
+        }
+    }
+    Ok(outcome.status.code())
+}
+
+/// `--upload`: the finished recording goes to the backend's agent route as one session:
+/// `start` with its header, its event lines in chunks, `complete`.
+struct Uploader {
+    client: crate::client::AgentClient,
+    chunk_max_bytes: usize,
+}
+
+impl Uploader {
+    fn from_config(args: &RecordArgs) -> anyhow::Result<Self> {
+        let loaded = crate::config::Config::load(args.config.config.as_deref(), Vec::new())?;
+        for w in &loaded.warnings {
+            eprintln!("ztna-recorder: {w}");
+        }
+        let config = loaded.config;
+        let url = config
+            .server_url
+            .clone()
+            .context("--upload needs `server_url` in the agent configuration")?;
+        let key = config
+            .read_node_key()
+            .context("--upload needs the node key")?;
+        let max = ztna_common::api::MAX_CHUNK_BYTES as u64;
+        Ok(Uploader {
+            client: crate::client::AgentClient::new(&url, key)?,
+            chunk_max_bytes: config.chunk_max_bytes.clamp(1, max) as usize,
+        })
+    }
+
+    fn upload(
+        &self,
+        file: &std::path::Path,
+        args: &RecordArgs,
+        outcome: &crate::recorder::Outcome,
+    ) -> anyhow::Result<String> {
+        let text = std::fs::read_to_string(file)?;
+        let cast = ztna_common::asciicast::parse_transcript(&text)?;
+        let header = cast.header.unwrap_or(serde_json::Value::Null);
+        let mut chunks: Vec<String> = Vec::new();
+        let mut cur = String::new();
+        for line in cast.events_text.split_inclusive('\n') {
+            if !cur.is_empty() && cur.len() + line.len() > self.chunk_max_bytes {
+                chunks.push(std::mem::take(&mut cur));
+            }
+            cur.push_str(line);
+        }
+        if !cur.is_empty() {
+            chunks.push(cur);
+        }
+        let mut metadata = serde_json::json!({
+            "kind": if args.command.is_some() { "exec" } else { "interactive" },
+            "recorded_by": "ztna-recorder record",
+        });
+        if let (Some(cmd), Some(m)) = (&args.command, metadata.as_object_mut()) {
+            m.insert("command".into(), cmd.clone().into());
+        }
+        let duration = ztna_common::asciicast::duration_secs(cast.summary.last_time);
+        let done = serde_json::json!({"exit_status": outcome.status.code()});
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            let started = self.client.start("record", &header, &metadata).await?;
+            for (i, chunk) in chunks.iter().enumerate() {
+                self.client
+                    .upload_chunk(&started.session_id, i as u64, chunk)
+                    .await?;
+            }
+            self.client
+                .complete(&started.session_id, Some(duration), &done)
+                .await?;
+            Ok::<_, crate::client::ClientError>(started.session_id)
+        })
+        .map_err(|e| anyhow::anyhow!("{e}"))
+    }
 }

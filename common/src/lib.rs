@@ -5,5 +5,7 @@
 
 pub mod api;
 pub mod asciicast;
+#[cfg(feature = "cli-docs")]
+pub mod cli_docs;
 
 pub use asciicast::{Event, EventCode, Header, TtySize};

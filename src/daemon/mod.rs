@@ -1,9 +1,241 @@
-//! `ztna-recorder daemon` (not built yet).
+//! `ztna-recorder daemon`, the systemd service: takes sessions from `shell` over a Unix socket
+//! ([`socket`]), spools them ([`spool`]), uploads them ([`uploader`]) as the spool watcher
+//! ([`watcher`]) finds work, and on start completes what an earlier run left behind
+//! ([`recovery`]).
+
+pub mod recovery;
+pub mod socket;
+pub mod spool;
+pub mod uploader;
+pub mod watcher;
+
+use crate::client::AgentClient;
+use crate::config::{Config, ConfigArgs};
+use crate::ipc::{LiveSession, StatusReply};
+use anyhow::Context;
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{watch, Notify, Semaphore};
 
 /// Arguments of `ztna-recorder daemon`.
 #[derive(clap::Args, Debug)]
-pub struct DaemonArgs {}
+pub struct DaemonArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// The Unix socket `shell` connects to (config key `socket`).
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Where sessions wait for upload (config key `spool_dir`).
+    #[arg(long, value_name = "DIR")]
+    pub spool_dir: Option<PathBuf>,
+    /// The backend's base URL (config key `server_url`).
+    #[arg(long, value_name = "URL")]
+    pub server_url: Option<String>,
+    /// A file holding the node key (config key `node_key_file`).
+    #[arg(long, value_name = "FILE")]
+    pub node_key_file: Option<PathBuf>,
+}
 
-pub fn run(_args: DaemonArgs) -> anyhow::Result<u8> {
-    anyhow::bail!("`daemon` is not available in this build yet")
+impl DaemonArgs {
+    fn flags(&self) -> Vec<(&'static str, String)> {
+        let mut f = Vec::new();
+        if let Some(s) = &self.socket {
+            f.push(("socket", s.display().to_string()));
+        }
+        if let Some(s) = &self.spool_dir {
+            f.push(("spool_dir", s.display().to_string()));
+        }
+        if let Some(s) = &self.server_url {
+            f.push(("server_url", s.clone()));
+        }
+        if let Some(s) = &self.node_key_file {
+            f.push(("node_key_file", s.display().to_string()));
+        }
+        f
+    }
+}
+
+/// Sets up `tracing` on stderr; `ZTNA_RECORDER_LOG` (or `RUST_LOG`) filters.
+pub fn init_logging(default: &str) {
+    let filter = std::env::var("ZTNA_RECORDER_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| default.to_string());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+pub fn run(args: DaemonArgs) -> anyhow::Result<u8> {
+    init_logging("info");
+    let loaded = Config::load(args.config.config.as_deref(), args.flags())?;
+    for w in &loaded.warnings {
+        tracing::warn!("{w}");
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let shutdown = async move {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
+            }
+        };
+        serve(loaded.config, shutdown).await
+    })?;
+    Ok(0)
+}
+
+/// Counters and last events shown by `status`.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub last_upload_error: Option<String>,
+    pub last_upload_error_at: Option<String>,
+    pub backend_last_answer_at: Option<String>,
+    pub chunks_uploaded: u64,
+    pub sessions_completed: u64,
+}
+
+/// What every task of the daemon shares.
+pub struct Shared {
+    pub config: Config,
+    pub spool: spool::Spool,
+    pub client: AgentClient,
+    pub counters: Mutex<Counters>,
+    /// Sessions with a live `shell` connection, by spool id.
+    pub live: Mutex<HashMap<String, LiveSession>>,
+    /// Sessions with an upload task; the flag says "look again before you stop".
+    pub uploading: Mutex<HashMap<String, bool>>,
+    /// Wakes the scheduler: there is new work in the spool.
+    pub wake: Notify,
+    /// The backend's last `config` answer: recording enabled, and when it was learned.
+    pub recording_enabled: Mutex<Option<(bool, Instant)>>,
+    pub upload_slots: Semaphore,
+    /// Turns true when the daemon stops taking sessions.
+    pub stopping: watch::Receiver<bool>,
+}
+
+/// How many sessions upload at once: each upload holds its chunk and request body (2+ MiB),
+/// which bounds the daemon's memory; four keep the bundled backend at its ingest rate.
+const UPLOAD_CONCURRENCY: usize = 4;
+
+pub fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// Locks a mutex, recovering the data when a task panicked while holding it.
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    pub fn is_live(&self, id: &str) -> bool {
+        lock(&self.live).contains_key(id)
+    }
+
+    pub fn backend_answered(&self) {
+        lock(&self.counters).backend_last_answer_at = Some(now_rfc3339());
+    }
+
+    pub fn upload_error(&self, e: &str) {
+        let mut c = lock(&self.counters);
+        c.last_upload_error = Some(e.to_string());
+        c.last_upload_error_at = Some(now_rfc3339());
+    }
+
+    pub fn status(&self) -> StatusReply {
+        let usage = self.spool.usage().unwrap_or_default();
+        let c = lock(&self.counters);
+        let mut live: Vec<LiveSession> = lock(&self.live).values().cloned().collect();
+        live.sort_by(|a, b| a.started_at.cmp(&b.started_at));
+        StatusReply {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            pid: std::process::id(),
+            server_url: self.config.server_url.clone(),
+            spool_dir: self.config.spool_dir.display().to_string(),
+            sessions_live: live,
+            chunks_waiting: usage.chunks_waiting,
+            sessions_spooled: usage.sessions,
+            bytes_spooled: usage.bytes,
+            spool_max_bytes: self.config.spool_max_bytes,
+            sessions_failed: usage.failed,
+            recording_enabled: lock(&self.recording_enabled).map(|(e, _)| e),
+            last_upload_error: c.last_upload_error.clone(),
+            last_upload_error_at: c.last_upload_error_at.clone(),
+            backend_last_answer_at: c.backend_last_answer_at.clone(),
+            chunks_uploaded: c.chunks_uploaded,
+            sessions_completed: c.sessions_completed,
+        }
+    }
+}
+
+/// Runs the daemon until `shutdown` resolves: recovers the spool, listens, uploads; then
+/// stops taking sessions, seals what live sessions sent, uploads for up to `drain_secs` and
+/// returns.
+pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let server_url = config.server_url.clone().context(
+        "server_url is not configured (set it in the config file or ZTNA_RECORDER_SERVER_URL)",
+    )?;
+    let node_key = config.read_node_key().context("reading the node key")?;
+    let client = AgentClient::new(&server_url, node_key)?;
+    let spool = spool::Spool::open(&config.spool_dir)
+        .with_context(|| format!("spool_dir {}", config.spool_dir.display()))?;
+    recovery::recover(&spool).context("recovering the spool")?;
+
+    let listener = socket::bind(&config.socket)?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        config,
+        spool,
+        client,
+        counters: Mutex::new(Counters::default()),
+        live: Mutex::new(HashMap::new()),
+        uploading: Mutex::new(HashMap::new()),
+        wake: Notify::new(),
+        recording_enabled: Mutex::new(None),
+        upload_slots: Semaphore::new(UPLOAD_CONCURRENCY),
+        stopping: stop_rx,
+    });
+    tracing::info!(
+        socket = %shared.config.socket.display(),
+        spool = %shared.config.spool_dir.display(),
+        server = %server_url,
+        "daemon ready"
+    );
+
+    let config_task = tokio::spawn(uploader::refresh_config_loop(shared.clone()));
+    let scheduler = tokio::spawn(watcher::run(shared.clone()));
+    let accept = tokio::spawn(socket::accept_loop(shared.clone(), listener));
+
+    shutdown.await;
+    let _ = stop_tx.send(true);
+    accept.abort();
+    let _ = std::fs::remove_file(&shared.config.socket);
+    config_task.abort();
+    // Live connections seal their open chunk and leave; give them a moment.
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while !lock(&shared.live).is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Upload what is closed, for a bounded time.
+    shared.wake.notify_one();
+    let drain = Instant::now() + Duration::from_secs(shared.config.drain_secs);
+    loop {
+        let busy = !lock(&shared.uploading).is_empty();
+        if !busy || Instant::now() >= drain {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    scheduler.abort();
+    tracing::info!("daemon stopped");
+    Ok(())
 }

@@ -1,0 +1,316 @@
+//! `POST /api/session-recording-agent`, the node-key route. The machine found by the key's
+//! SHA-256 fixes the org, the machine and the user of everything the agent does; it can
+//! reach no other recording than its own machine's.
+
+use bytes::Bytes;
+use serde_json::{json, Map, Value};
+use uuid::Uuid;
+use ztna_common::api::{chunk_key, summary_key, ErrorCode};
+use ztna_common::asciicast;
+
+use super::error::Failure;
+use super::fields::{self, Fields};
+use super::recording;
+use super::Success;
+use crate::app::App;
+use crate::auth;
+use crate::meta::{ChunkRow, MachineAuth, NewRecording, Recording};
+use crate::timefmt;
+
+#[derive(Debug)]
+enum Action {
+    Report {
+        session_type: String,
+        transcript: String,
+        duration_seconds: Option<i64>,
+    },
+    Config,
+    Start {
+        session_type: String,
+        header: Map<String, Value>,
+        metadata: Map<String, Value>,
+    },
+    UploadChunk {
+        session_id: Uuid,
+        chunk_index: i64,
+        chunk_data: String,
+    },
+    Complete {
+        session_id: Uuid,
+        duration_seconds: Option<i64>,
+        transcript_lines: Option<i64>,
+        metadata: Map<String, Value>,
+    },
+}
+
+fn unknown_action() -> Failure {
+    Failure::new(
+        ErrorCode::UnknownAction,
+        "action must be absent or one of report, config, start, upload_chunk, complete",
+    )
+}
+
+/// Caller-supplied metadata, minus the keys the server owns.
+fn caller_metadata(m: Option<&Map<String, Value>>) -> Map<String, Value> {
+    let mut m = m.cloned().unwrap_or_default();
+    m.remove("chunks");
+    m
+}
+
+fn parse(body: &Map<String, Value>) -> Result<Action, Failure> {
+    let f = Fields(body);
+    let name = match body.get("action") {
+        None | Some(Value::Null) => "report",
+        Some(Value::String(s)) => s.as_str(),
+        Some(_) => return Err(unknown_action()),
+    };
+    Ok(match name {
+        "report" => {
+            f.require(&["session_type", "session_data"])?;
+            let data = f
+                .opt_object("session_data")?
+                .ok_or_else(|| Failure::new(ErrorCode::MissingFields, "missing session_data"))?;
+            let d = Fields(data);
+            d.require(&["transcript"]).map_err(|_| {
+                Failure::new(ErrorCode::MissingFields, "missing session_data.transcript")
+            })?;
+            Action::Report {
+                session_type: fields::session_type(&f)?,
+                transcript: fields::chunk_text(&d, "transcript")?.to_string(),
+                duration_seconds: d.opt_seconds("duration_seconds")?,
+            }
+        }
+        "config" => Action::Config,
+        "start" => {
+            f.require(&["session_type", "header"])?;
+            let header = f
+                .opt_object("header")?
+                .ok_or_else(|| Failure::new(ErrorCode::MissingFields, "missing header"))?;
+            if header.get("version").and_then(Value::as_u64) != Some(2) {
+                return Err(Failure::invalid_field(
+                    "header",
+                    "must be an asciicast v2 header (version 2)",
+                ));
+            }
+            Action::Start {
+                session_type: fields::session_type(&f)?,
+                header: header.clone(),
+                metadata: caller_metadata(f.opt_object("metadata")?),
+            }
+        }
+        "upload_chunk" => {
+            f.require(&["session_id", "chunk_index", "chunk_data"])?;
+            Action::UploadChunk {
+                session_id: f.uuid("session_id")?,
+                chunk_index: fields::chunk_index(&f)?.unwrap_or(0),
+                chunk_data: fields::chunk_text(&f, "chunk_data")?.to_string(),
+            }
+        }
+        "complete" => {
+            f.require(&["session_id"])?;
+            Action::Complete {
+                session_id: f.uuid("session_id")?,
+                duration_seconds: f.opt_seconds("duration_seconds")?,
+                transcript_lines: f.opt_count("transcript_lines")?,
+                metadata: caller_metadata(f.opt_object("metadata")?),
+            }
+        }
+        _ => return Err(unknown_action()),
+    })
+}
+
+pub async fn handle(app: &App, body: Map<String, Value>) -> Result<Success, Failure> {
+    let action = parse(&body)?;
+    // Never logged, never echoed: only its hash is looked up.
+    let node_key = match body.get("node_key") {
+        Some(Value::String(k)) if !k.is_empty() => auth::node_key_hash(k),
+        _ => return Err(Failure::unauthorized()),
+    };
+    drop(body);
+    let machine = app
+        .inner
+        .meta
+        .machine_by_key_hash(&node_key)
+        .await?
+        .ok_or_else(Failure::unauthorized)?;
+    if !machine.feature_enabled {
+        return Err(Failure::feature_disabled());
+    }
+    apply(app, &machine, action).await
+}
+
+/// A recording of the calling machine; anything else is NOT_FOUND.
+async fn machine_recording(
+    app: &App,
+    machine: &MachineAuth,
+    id: Uuid,
+    with_chunks: bool,
+) -> Result<Recording, Failure> {
+    match app
+        .inner
+        .meta
+        .recording(machine.org_id, id, with_chunks)
+        .await?
+    {
+        Some(r) if r.machine_id == Some(machine.id) => Ok(r),
+        _ => Err(Failure::not_found("recording")),
+    }
+}
+
+async fn recording_enabled(app: &App, machine: &MachineAuth) -> Result<bool, Failure> {
+    Ok(app
+        .inner
+        .meta
+        .settings(machine.org_id)
+        .await?
+        .is_some_and(|s| s.recording_enabled))
+}
+
+async fn apply(app: &App, machine: &MachineAuth, action: Action) -> Result<Success, Failure> {
+    let meta = &app.inner.meta;
+    match action {
+        Action::Config => {
+            let s = meta
+                .settings(machine.org_id)
+                .await?
+                .ok_or_else(Failure::unauthorized)?;
+            Ok(Success::ok(json!({
+                "org_id": machine.org_id.to_string(),
+                "machine_id": machine.id.to_string(),
+                "recording_enabled": s.recording_enabled,
+                "retention_days": s.retention_days,
+                "storage_mode": s.storage_mode,
+            })))
+        }
+        Action::Report {
+            session_type,
+            transcript,
+            duration_seconds,
+        } => {
+            if !recording_enabled(app, machine).await? {
+                return Err(Failure::recording_disabled());
+            }
+            let t = asciicast::parse_transcript(&transcript).map_err(|e| {
+                Failure::invalid_chunk(format!("transcript is not asciicast v2: {e}"))
+            })?;
+            drop(transcript);
+            let duration =
+                duration_seconds.unwrap_or_else(|| asciicast::duration_secs(t.summary.last_time));
+            let id = Uuid::new_v4();
+            let org = machine.org_id.to_string();
+            let session = id.to_string();
+            let now = timefmt::now();
+            let chunk0 = if t.summary.events > 0 {
+                let row = ChunkRow {
+                    index: 0,
+                    bytes: t.events_text.len() as i64,
+                    sha256: recording::sha256_hex(t.events_text.as_bytes()),
+                    last_event_time: t.summary.last_time,
+                };
+                app.inner
+                    .objects
+                    .put(&chunk_key(&org, &session, 0), Bytes::from(t.events_text))
+                    .await?;
+                Some(row)
+            } else {
+                None
+            };
+            let chunks: Vec<ChunkRow> = chunk0.iter().cloned().collect();
+            let key = summary_key(&org, &session);
+            let summary = recording::summary_json(
+                &session,
+                duration,
+                None,
+                Some(t.summary.events as i64),
+                now,
+                &chunks,
+            );
+            app.inner
+                .objects
+                .put(&key, Bytes::from(summary.to_string()))
+                .await?;
+            let mut metadata = Map::new();
+            if let Some(h) = t.header {
+                metadata.insert("header".into(), h);
+            }
+            metadata.insert("reported_by_agent".into(), Value::Bool(true));
+            metadata.insert("machine_name".into(), Value::String(machine.name.clone()));
+            meta.insert_recording(&NewRecording {
+                id,
+                org_id: machine.org_id,
+                machine_id: Some(machine.id),
+                user_id: machine.owner_id,
+                session_type,
+                status: "completed".into(),
+                started_at: now,
+                ended_at: Some(now),
+                duration_seconds: Some(duration),
+                metadata,
+                r2_key: Some(key),
+                chunk0,
+            })
+            .await?;
+            Ok(Success::created(
+                json!({"session_id": session, "status": "completed"}),
+            ))
+        }
+        Action::Start {
+            session_type,
+            header,
+            mut metadata,
+        } => {
+            if !recording_enabled(app, machine).await? {
+                return Err(Failure::recording_disabled());
+            }
+            metadata.insert("header".into(), Value::Object(header));
+            let id = Uuid::new_v4();
+            meta.insert_recording(&NewRecording {
+                id,
+                org_id: machine.org_id,
+                machine_id: Some(machine.id),
+                user_id: machine.owner_id,
+                session_type,
+                status: "active".into(),
+                started_at: timefmt::now(),
+                ended_at: None,
+                duration_seconds: None,
+                metadata,
+                r2_key: None,
+                chunk0: None,
+            })
+            .await?;
+            Ok(Success::created(
+                json!({"session_id": id.to_string(), "status": "active"}),
+            ))
+        }
+        Action::UploadChunk {
+            session_id,
+            chunk_index,
+            chunk_data,
+        } => {
+            let (events, summary) = recording::normalise_events(&chunk_data)?;
+            drop(chunk_data);
+            if summary.events == 0 {
+                return Err(Failure::invalid_chunk("chunk_data holds no event"));
+            }
+            let rec = machine_recording(app, machine, session_id, false).await?;
+            let data =
+                recording::store_chunk(app, &rec, chunk_index, events, summary.last_time).await?;
+            Ok(Success::ok(data))
+        }
+        Action::Complete {
+            session_id,
+            duration_seconds,
+            transcript_lines,
+            metadata,
+        } => {
+            let rec = machine_recording(app, machine, session_id, true).await?;
+            let duration = duration_seconds.unwrap_or_else(|| {
+                asciicast::duration_secs(rec.chunks.last().and_then(|c| c.last_event_time))
+            });
+            let data =
+                recording::complete(app, &rec, duration, None, transcript_lines, metadata).await?;
+            Ok(Success::ok(data))
+        }
+    }
+}

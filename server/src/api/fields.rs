@@ -1,0 +1,158 @@
+//! Reading a request body's fields with the contract's errors: absent or `null` is
+//! `MISSING_FIELDS` (checked for all required fields first), a wrong type or value is
+//! `INVALID_FIELD`. Ids must be hyphenated UUIDs before they go anywhere near SQL or a key.
+
+use serde_json::{Map, Value};
+use uuid::Uuid;
+use ztna_common::api::ErrorCode;
+
+use super::error::Failure;
+
+pub struct Fields<'a>(pub &'a Map<String, Value>);
+
+/// A hyphenated UUID, nothing else (no braces, no URN, no bare hex).
+pub fn parse_uuid(s: &str) -> Option<Uuid> {
+    if s.len() != 36 {
+        return None;
+    }
+    Uuid::parse_str(s).ok()
+}
+
+impl<'a> Fields<'a> {
+    fn get(&self, k: &str) -> Option<&'a Value> {
+        self.0.get(k).filter(|v| !v.is_null())
+    }
+
+    /// `MISSING_FIELDS` naming every required field that is absent or `null`.
+    pub fn require(&self, keys: &[&str]) -> Result<(), Failure> {
+        let missing: Vec<&str> = keys
+            .iter()
+            .copied()
+            .filter(|k| self.get(k).is_none())
+            .collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(Failure::new(
+                ErrorCode::MissingFields,
+                format!("missing required field(s): {}", missing.join(", ")),
+            ))
+        }
+    }
+
+    pub fn opt_uuid(&self, k: &str) -> Result<Option<Uuid>, Failure> {
+        match self.get(k) {
+            None => Ok(None),
+            Some(Value::String(s)) => parse_uuid(s)
+                .map(Some)
+                .ok_or_else(|| Failure::invalid_field(k, "must be a UUID")),
+            Some(_) => Err(Failure::invalid_field(k, "must be a UUID string")),
+        }
+    }
+
+    pub fn uuid(&self, k: &str) -> Result<Uuid, Failure> {
+        self.opt_uuid(k)?
+            .ok_or_else(|| Failure::new(ErrorCode::MissingFields, format!("missing {k}")))
+    }
+
+    pub fn opt_str(&self, k: &str) -> Result<Option<&'a str>, Failure> {
+        match self.get(k) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(_) => Err(Failure::invalid_field(k, "must be a string")),
+        }
+    }
+
+    pub fn str(&self, k: &str) -> Result<&'a str, Failure> {
+        self.opt_str(k)?
+            .ok_or_else(|| Failure::new(ErrorCode::MissingFields, format!("missing {k}")))
+    }
+
+    pub fn opt_bool(&self, k: &str) -> Result<Option<bool>, Failure> {
+        match self.get(k) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(_) => Err(Failure::invalid_field(k, "must be a boolean")),
+        }
+    }
+
+    /// A whole number (`30` or `30.0`).
+    pub fn opt_int(&self, k: &str) -> Result<Option<i64>, Failure> {
+        match self.get(k) {
+            None => Ok(None),
+            Some(Value::Number(n)) => {
+                if let Some(i) = n.as_i64() {
+                    Ok(Some(i))
+                } else if let Some(f) = n.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < 9e15) {
+                    Ok(Some(f as i64))
+                } else {
+                    Err(Failure::invalid_field(k, "must be a whole number"))
+                }
+            }
+            Some(_) => Err(Failure::invalid_field(k, "must be a number")),
+        }
+    }
+
+    /// A whole number `>= 0`.
+    pub fn opt_count(&self, k: &str) -> Result<Option<i64>, Failure> {
+        match self.opt_int(k)? {
+            Some(i) if i < 0 => Err(Failure::invalid_field(k, "must not be negative")),
+            v => Ok(v),
+        }
+    }
+
+    /// A duration in seconds: a number `>= 0`, fractions rounded up to whole seconds.
+    pub fn opt_seconds(&self, k: &str) -> Result<Option<i64>, Failure> {
+        match self.get(k) {
+            None => Ok(None),
+            Some(Value::Number(n)) => match n.as_f64() {
+                Some(f) if (0.0..9e15).contains(&f) => Ok(Some(f.ceil() as i64)),
+                _ => Err(Failure::invalid_field(
+                    k,
+                    "must be a number of seconds >= 0",
+                )),
+            },
+            Some(_) => Err(Failure::invalid_field(k, "must be a number")),
+        }
+    }
+
+    pub fn opt_object(&self, k: &str) -> Result<Option<&'a Map<String, Value>>, Failure> {
+        match self.get(k) {
+            None => Ok(None),
+            Some(Value::Object(m)) => Ok(Some(m)),
+            Some(_) => Err(Failure::invalid_field(k, "must be an object")),
+        }
+    }
+}
+
+/// A `session_type`: a short, non-empty name.
+pub fn session_type(f: &Fields<'_>) -> Result<String, Failure> {
+    let s = f.str("session_type")?;
+    if s.is_empty() || s.len() > 64 || s.chars().any(char::is_control) {
+        return Err(Failure::invalid_field(
+            "session_type",
+            "must be 1 to 64 printable characters",
+        ));
+    }
+    Ok(s.to_string())
+}
+
+/// A `chunk_index`: a whole number in 0..=1_000_000_000.
+pub fn chunk_index(f: &Fields<'_>) -> Result<Option<i64>, Failure> {
+    match f.opt_count("chunk_index")? {
+        Some(i) if i > 1_000_000_000 => Err(Failure::invalid_field(
+            "chunk_index",
+            "must be at most 1000000000",
+        )),
+        v => Ok(v),
+    }
+}
+
+/// `chunk_data`/`transcript`: a string of at most 8 MiB.
+pub fn chunk_text<'a>(f: &Fields<'a>, k: &str) -> Result<&'a str, Failure> {
+    let s = f.str(k)?;
+    if s.len() > ztna_common::api::MAX_CHUNK_BYTES {
+        return Err(Failure::too_large(format!("{k} is over 8 MiB")));
+    }
+    Ok(s)
+}

@@ -1,0 +1,211 @@
+//! What both routes do to a recording: store a chunk (object first, durable, then its row),
+//! complete (summary object, then the row), render it as JSON, check its chunks' integrity.
+
+use bytes::Bytes;
+use serde_json::{json, Map, Value};
+use sha2::{Digest as _, Sha256};
+use ztna_common::api::{chunk_key, summary_key};
+use ztna_common::asciicast;
+
+use super::error::Failure;
+use crate::app::App;
+use crate::meta::{ChunkOutcome, ChunkRow, Completion, Recording};
+use crate::timefmt;
+
+/// Validates chunk text as asciicast v2 event lines and normalises it to what is stored:
+/// one event per line, each ending in `\n`, blank lines and `\r` dropped.
+pub fn normalise_events(text: &str) -> Result<(String, asciicast::EventsSummary), Failure> {
+    let summary = asciicast::validate_events(text)
+        .map_err(|e| Failure::invalid_chunk(format!("not asciicast v2 event lines: {e}")))?;
+    let mut out = String::with_capacity(text.len() + 1);
+    for line in text.split('\n') {
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        if line.trim().is_empty() {
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    Ok((out, summary))
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+/// Stores chunk `index` of an active recording; the same index again replaces it.
+pub async fn store_chunk(
+    app: &App,
+    rec: &Recording,
+    index: i64,
+    events: String,
+    last_event_time: Option<f64>,
+) -> Result<Value, Failure> {
+    if rec.status != "active" {
+        return Err(Failure::conflict(format!(
+            "recording is {}, chunks go only to active recordings",
+            rec.status
+        )));
+    }
+    let org = rec.org_id.to_string();
+    let session = rec.id.to_string();
+    // `index` is checked to be in 0..=1e9 by the field parser.
+    let key = chunk_key(&org, &session, index.unsigned_abs());
+    let row = ChunkRow {
+        index,
+        bytes: events.len() as i64,
+        sha256: sha256_hex(events.as_bytes()),
+        last_event_time,
+    };
+    app.inner.objects.put(&key, Bytes::from(events)).await?;
+    match app.inner.meta.put_chunk(rec.id, &row).await? {
+        ChunkOutcome::Stored => {}
+        ChunkOutcome::NotActive => {
+            return Err(Failure::conflict("recording is no longer active"));
+        }
+        ChunkOutcome::Gone => {
+            // Deleted while we wrote: take our object back so nothing is orphaned.
+            if let Err(e) = app.inner.objects.delete(&key).await {
+                tracing::warn!(error = %e, key, "could not remove the chunk of a deleted recording");
+            }
+            return Err(Failure::not_found("recording"));
+        }
+    }
+    app.inner.metrics.chunk_stored(row.bytes.unsigned_abs());
+    Ok(json!({"stored": key, "chunk_index": index}))
+}
+
+/// The `metadata.chunks` list.
+pub fn chunks_json(chunks: &[ChunkRow]) -> Value {
+    Value::Array(
+        chunks
+            .iter()
+            .map(|c| json!({"index": c.index, "bytes": c.bytes, "sha256": c.sha256}))
+            .collect(),
+    )
+}
+
+/// The summary object `complete` (and an agent `report`) writes.
+pub fn summary_json(
+    session: &str,
+    duration: i64,
+    recording_url: Option<&str>,
+    transcript_lines: Option<i64>,
+    completed_at: time::OffsetDateTime,
+    chunks: &[ChunkRow],
+) -> Value {
+    json!({
+        "session_id": session,
+        "duration_seconds": duration,
+        "recording_url": recording_url,
+        "transcript_lines": transcript_lines,
+        "completed_at": timefmt::format(completed_at),
+        "chunks": chunks_json(chunks),
+    })
+}
+
+/// Completes an active recording: writes its summary object, then marks the row.
+pub async fn complete(
+    app: &App,
+    rec: &Recording,
+    duration: i64,
+    recording_url: Option<&str>,
+    transcript_lines: Option<i64>,
+    metadata_merge: Map<String, Value>,
+) -> Result<Value, Failure> {
+    if rec.status != "active" {
+        return Err(Failure::conflict(format!(
+            "recording is already {}",
+            rec.status
+        )));
+    }
+    let org = rec.org_id.to_string();
+    let session = rec.id.to_string();
+    let now = timefmt::now();
+    let key = summary_key(&org, &session);
+    let summary = summary_json(
+        &session,
+        duration,
+        recording_url,
+        transcript_lines,
+        now,
+        &rec.chunks,
+    );
+    app.inner
+        .objects
+        .put(&key, Bytes::from(summary.to_string()))
+        .await?;
+    let done = app
+        .inner
+        .meta
+        .complete(
+            rec.id,
+            &Completion {
+                ended_at: now,
+                duration_seconds: duration,
+                r2_key: key,
+                metadata_merge,
+            },
+        )
+        .await?;
+    if !done {
+        return Err(Failure::conflict("recording is already completed"));
+    }
+    Ok(json!({"completed": session}))
+}
+
+/// A recording as the API shows it: every column, `metadata.chunks`, and `machine_name`.
+pub fn recording_json(rec: &Recording) -> Value {
+    let mut metadata = rec.metadata.clone();
+    metadata.insert("chunks".into(), chunks_json(&rec.chunks));
+    json!({
+        "id": rec.id.to_string(),
+        "org_id": rec.org_id.to_string(),
+        "machine_id": rec.machine_id.map(|m| m.to_string()),
+        "user_id": rec.user_id.to_string(),
+        "session_type": rec.session_type,
+        "status": rec.status,
+        "started_at": timefmt::format(rec.started_at),
+        "ended_at": rec.ended_at.map(timefmt::format),
+        "duration_seconds": rec.duration_seconds,
+        "metadata": Value::Object(metadata),
+        "r2_key": rec.r2_key,
+        "machine_name": rec.machine_name,
+    })
+}
+
+/// `"ok"` when every chunk's object is there with its recorded SHA-256, `"missing"` when
+/// one is gone, `"mismatch"` when one differs.
+pub async fn integrity(app: &App, rec: &Recording) -> Result<&'static str, Failure> {
+    let org = rec.org_id.to_string();
+    let session = rec.id.to_string();
+    let mut mismatch = false;
+    for c in &rec.chunks {
+        let key = chunk_key(&org, &session, c.index.unsigned_abs());
+        match app.inner.objects.get(&key).await? {
+            None => return Ok("missing"),
+            Some(data) => {
+                if data.len() as i64 != c.bytes || sha256_hex(&data) != c.sha256 {
+                    mismatch = true;
+                }
+            }
+        }
+    }
+    Ok(if mismatch { "mismatch" } else { "ok" })
+}
+
+/// `get`'s answer: the recording, the summary object (or null) and the integrity verdict.
+pub async fn get_json(app: &App, rec: &Recording) -> Result<Value, Failure> {
+    let r2_data = match &rec.r2_key {
+        Some(key) => match app.inner.objects.get(key).await? {
+            Some(bytes) => serde_json::from_slice::<Value>(&bytes).unwrap_or(Value::Null),
+            None => Value::Null,
+        },
+        None => Value::Null,
+    };
+    Ok(json!({
+        "recording": recording_json(rec),
+        "r2_data": r2_data,
+        "integrity": integrity(app, rec).await?,
+    }))
+}

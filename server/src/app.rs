@@ -1,0 +1,255 @@
+//! The opened server: metadata store, object store and JWT keys, plus the admin operations
+//! (the `admin` commands call these, and so can other crates' tests).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::auth::{self, JwtKeys};
+use crate::config::{self, Config};
+use crate::meta::{self, AdminRefusal, MetadataStore, Role, Settings, SettingsUpdate};
+use crate::objects::Objects;
+
+/// Why the server could not open its stores.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Secret(#[from] config::SecretError),
+    #[error("cannot open the metadata store: {0}")]
+    Meta(#[from] meta::MetaError),
+    #[error("cannot open the object store: {0}")]
+    Objects(#[from] crate::objects::ObjectError),
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Why an admin operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("no such org: {0}")]
+    NoSuchOrg(Uuid),
+    #[error("no such user: {0}")]
+    NoSuchUser(Uuid),
+    #[error("no such machine: {0}")]
+    NoSuchMachine(Uuid),
+    #[error("user {user} is not a member of org {org}")]
+    NotAMember { user: Uuid, org: Uuid },
+    #[error("unknown feature {0:?} (the only feature is session_recording)")]
+    UnknownFeature(String),
+    #[error("invalid {field}: {why}")]
+    Invalid { field: &'static str, why: String },
+    #[error("{0}")]
+    Meta(#[from] meta::MetaError),
+    #[error("{0}")]
+    Token(#[from] auth::TokenError),
+}
+
+/// The one feature flag this server knows.
+pub const FEATURE_SESSION_RECORDING: &str = "session_recording";
+
+pub(crate) struct Inner {
+    pub meta: Arc<dyn MetadataStore>,
+    pub objects: Objects,
+    pub jwt: JwtKeys,
+    pub sweep_interval: Duration,
+    pub metrics: crate::metrics::Metrics,
+}
+
+/// The opened server. Cheap to clone; every clone shares the same stores.
+#[derive(Clone)]
+pub struct App {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field("objects", &self.inner.objects)
+            .finish_non_exhaustive()
+    }
+}
+
+impl App {
+    /// Opens (creating on first start) the data dir, the metadata store (migrated), the
+    /// object store and the JWT secret named by `config`.
+    pub async fn open(config: Config) -> Result<App, OpenError> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| OpenError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+        let secret = config::load_or_create_secret(&config)?;
+        let meta = meta::open(&config.database_url(), config.max_db_connections).await?;
+        let objects = Objects::open(&config.store_url(), &config.s3)?;
+        Ok(App {
+            inner: Arc::new(Inner {
+                meta,
+                objects,
+                jwt: JwtKeys::new(&secret),
+                sweep_interval: config.sweep_interval,
+                metrics: crate::metrics::Metrics::default(),
+            }),
+        })
+    }
+
+    /// Creates an org (with its default settings); `session_recording` sets the feature flag.
+    pub async fn create_org(
+        &self,
+        name: &str,
+        session_recording: bool,
+    ) -> Result<Uuid, AdminError> {
+        if name.trim().is_empty() {
+            return Err(AdminError::Invalid {
+                field: "name",
+                why: "must not be empty".into(),
+            });
+        }
+        let id = Uuid::new_v4();
+        self.inner
+            .meta
+            .create_org(id, name, session_recording)
+            .await?;
+        Ok(id)
+    }
+
+    /// Switches a feature flag of an org.
+    pub async fn set_feature(
+        &self,
+        org: Uuid,
+        feature: &str,
+        enabled: bool,
+    ) -> Result<(), AdminError> {
+        if feature != FEATURE_SESSION_RECORDING {
+            return Err(AdminError::UnknownFeature(feature.to_string()));
+        }
+        if self.inner.meta.set_feature(org, enabled).await? {
+            Ok(())
+        } else {
+            Err(AdminError::NoSuchOrg(org))
+        }
+    }
+
+    /// Creates a user (or takes the one with this email) and makes it a member of `org`.
+    pub async fn create_user(
+        &self,
+        org: Uuid,
+        email: &str,
+        role: Role,
+    ) -> Result<Uuid, AdminError> {
+        if email.trim().is_empty() {
+            return Err(AdminError::Invalid {
+                field: "email",
+                why: "must not be empty".into(),
+            });
+        }
+        match self
+            .inner
+            .meta
+            .create_user(org, Uuid::new_v4(), email, role)
+            .await?
+        {
+            Ok(id) => Ok(id),
+            Err(_) => Err(AdminError::NoSuchOrg(org)),
+        }
+    }
+
+    /// An HS256 JWT for `user`, valid for `ttl_secs`.
+    pub async fn issue_token(&self, user: Uuid, ttl_secs: u64) -> Result<String, AdminError> {
+        if !self.inner.meta.user_exists(user).await? {
+            return Err(AdminError::NoSuchUser(user));
+        }
+        Ok(self.inner.jwt.issue(user, ttl_secs)?)
+    }
+
+    /// Registers a machine owned by `owner` (a member of `org`). Returns its id and its node
+    /// key; only the key's SHA-256 is stored, so this is the only time it is seen.
+    pub async fn register_machine(
+        &self,
+        org: Uuid,
+        name: &str,
+        owner: Uuid,
+    ) -> Result<(Uuid, String), AdminError> {
+        if name.trim().is_empty() {
+            return Err(AdminError::Invalid {
+                field: "name",
+                why: "must not be empty".into(),
+            });
+        }
+        let id = Uuid::new_v4();
+        let key = auth::new_node_key();
+        match self
+            .inner
+            .meta
+            .register_machine(id, org, name, owner, &auth::node_key_hash(&key))
+            .await?
+        {
+            Ok(()) => Ok((id, key)),
+            Err(AdminRefusal::NoSuchOrg) => Err(AdminError::NoSuchOrg(org)),
+            Err(AdminRefusal::NotAMember) => Err(AdminError::NotAMember { user: owner, org }),
+        }
+    }
+
+    /// Deletes a machine; its recordings stay, with `machine_id` null.
+    pub async fn delete_machine(&self, machine: Uuid) -> Result<(), AdminError> {
+        if self.inner.meta.delete_machine(machine).await? {
+            Ok(())
+        } else {
+            Err(AdminError::NoSuchMachine(machine))
+        }
+    }
+
+    /// An org's recording settings.
+    pub async fn settings(&self, org: Uuid) -> Result<Settings, AdminError> {
+        self.inner
+            .meta
+            .settings(org)
+            .await?
+            .ok_or(AdminError::NoSuchOrg(org))
+    }
+
+    /// Changes an org's recording settings (retention is clamped to 1..=365 here too).
+    pub async fn update_settings(
+        &self,
+        org: Uuid,
+        mut update: SettingsUpdate,
+    ) -> Result<(), AdminError> {
+        self.settings(org).await?;
+        update.retention_days = update.retention_days.map(|d| d.clamp(1, 365));
+        if let Some(m) = &update.storage_mode {
+            if m != "platform" && m != "custom" {
+                return Err(AdminError::Invalid {
+                    field: "storage_mode",
+                    why: "must be platform or custom".into(),
+                });
+            }
+        }
+        self.inner.meta.update_settings(org, &update).await?;
+        Ok(())
+    }
+
+    /// One retention sweep over every org: deletes recordings (rows and objects) started
+    /// before their org's retention. Returns how many were deleted.
+    pub async fn sweep(&self) -> Result<u64, meta::MetaError> {
+        let mut deleted = 0;
+        for (org, days) in self.inner.meta.retention_by_org().await? {
+            deleted += self.sweep_org(org, days).await?;
+        }
+        Ok(deleted)
+    }
+
+    pub(crate) async fn sweep_org(
+        &self,
+        org: Uuid,
+        retention_days: i64,
+    ) -> Result<u64, meta::MetaError> {
+        let cutoff = OffsetDateTime::now_utc() - time::Duration::days(retention_days.clamp(1, 365));
+        self.inner
+            .meta
+            .sweep_org(org, cutoff, &self.inner.objects)
+            .await
+    }
+}

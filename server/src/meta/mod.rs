@@ -1,0 +1,272 @@
+//! Metadata behind one trait: orgs, users, memberships, machines, settings and recordings.
+//! Two implementations, each with its own migrations (run on open): SQLite (embedded
+//! default, WAL) and PostgreSQL. [`open`] picks one from the URL scheme; nothing above this
+//! module looks at which.
+//!
+//! A recording's `metadata.chunks` is not kept inside the JSON column: each chunk is a row of
+//! `session_recording_chunks` (one upsert per upload, so concurrent uploads cannot lose one
+//! another) and the list is assembled when a recording is read.
+
+mod postgres;
+mod sqlite;
+
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::objects::{ObjectError, Objects};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    #[error("unsupported database URL {0:?}: expected sqlite://PATH or postgres://…")]
+    BadUrl(String),
+    #[error("database: {0}")]
+    Sql(#[from] sqlx::Error),
+    #[error("migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database: {0}")]
+    Batch(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("{0}")]
+    Objects(#[from] ObjectError),
+}
+
+pub type Result<T> = std::result::Result<T, MetaError>;
+
+/// A member's role in an org.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Admin,
+    Member,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Member => "member",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "admin" => Some(Role::Admin),
+            "member" => Some(Role::Member),
+            _ => None,
+        }
+    }
+}
+
+/// What a user may do in an org.
+#[derive(Debug, Clone, Copy)]
+pub struct Access {
+    pub role: Role,
+    pub feature_enabled: bool,
+}
+
+/// A machine found by its node key.
+#[derive(Debug, Clone)]
+pub struct MachineAuth {
+    pub id: Uuid,
+    pub org_id: Uuid,
+    pub owner_id: Uuid,
+    pub name: String,
+    pub feature_enabled: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub recording_enabled: bool,
+    pub retention_days: i64,
+    pub storage_mode: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct SettingsUpdate {
+    pub recording_enabled: Option<bool>,
+    /// Already clamped to 1..=365.
+    pub retention_days: Option<i64>,
+    pub storage_mode: Option<String>,
+}
+
+/// One stored chunk of a recording.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChunkRow {
+    pub index: i64,
+    pub bytes: i64,
+    pub sha256: String,
+    /// Timestamp of the chunk's last event, for a `complete` without a duration.
+    pub last_event_time: Option<f64>,
+}
+
+/// A row of `session_recordings` with its machine's name and its chunks.
+#[derive(Debug, Clone)]
+pub struct Recording {
+    pub id: Uuid,
+    pub org_id: Uuid,
+    pub machine_id: Option<Uuid>,
+    pub user_id: Uuid,
+    pub session_type: String,
+    pub status: String,
+    pub started_at: OffsetDateTime,
+    pub ended_at: Option<OffsetDateTime>,
+    pub duration_seconds: Option<i64>,
+    pub metadata: Map<String, Value>,
+    pub r2_key: Option<String>,
+    pub machine_name: Option<String>,
+    pub chunks: Vec<ChunkRow>,
+}
+
+/// A recording to insert (`start`, or an agent `report` that is complete at once).
+#[derive(Debug, Clone)]
+pub struct NewRecording {
+    pub id: Uuid,
+    pub org_id: Uuid,
+    pub machine_id: Option<Uuid>,
+    pub user_id: Uuid,
+    pub session_type: String,
+    pub status: String,
+    pub started_at: OffsetDateTime,
+    pub ended_at: Option<OffsetDateTime>,
+    pub duration_seconds: Option<i64>,
+    pub metadata: Map<String, Value>,
+    pub r2_key: Option<String>,
+    pub chunk0: Option<ChunkRow>,
+}
+
+/// What `complete` writes.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub ended_at: OffsetDateTime,
+    pub duration_seconds: i64,
+    pub r2_key: String,
+    /// Keys merged into `metadata`.
+    pub metadata_merge: Map<String, Value>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListQuery {
+    pub limit: i64,
+    pub offset: i64,
+    pub machine_id: Option<Uuid>,
+    pub status: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatusStats {
+    pub status: String,
+    pub count: i64,
+    pub total_duration: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListPage {
+    pub recordings: Vec<Recording>,
+    pub stats: Vec<StatusStats>,
+    pub total: i64,
+}
+
+/// What became of a chunk row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkOutcome {
+    Stored,
+    /// The recording exists but is no longer `active`.
+    NotActive,
+    /// The recording was deleted meanwhile (by `delete` or a sweep).
+    Gone,
+}
+
+/// A foreign-key violation: the parent row went away under us.
+fn is_fk_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.is_foreign_key_violation())
+}
+
+/// Why `register_machine` or `create_user` refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminRefusal {
+    NoSuchOrg,
+    NotAMember,
+}
+
+#[async_trait::async_trait]
+pub trait MetadataStore: Send + Sync {
+    async fn create_org(&self, id: Uuid, name: &str, feature: bool) -> Result<()>;
+    /// `false` when there is no such org.
+    async fn set_feature(&self, org: Uuid, enabled: bool) -> Result<bool>;
+    /// Creates the user (or reuses the one with this email) and makes it a member.
+    async fn create_user(
+        &self,
+        org: Uuid,
+        new_id: Uuid,
+        email: &str,
+        role: Role,
+    ) -> Result<std::result::Result<Uuid, AdminRefusal>>;
+    async fn user_exists(&self, user: Uuid) -> Result<bool>;
+    async fn register_machine(
+        &self,
+        id: Uuid,
+        org: Uuid,
+        name: &str,
+        owner: Uuid,
+        node_key_hash: &str,
+    ) -> Result<std::result::Result<(), AdminRefusal>>;
+    /// `false` when there is no such machine.
+    async fn delete_machine(&self, id: Uuid) -> Result<bool>;
+
+    /// `None` when the org does not exist or the user is not a member.
+    async fn access(&self, org: Uuid, user: Uuid) -> Result<Option<Access>>;
+    async fn machine_by_key_hash(&self, hash: &str) -> Result<Option<MachineAuth>>;
+    /// The machine's name when it belongs to `org`.
+    async fn machine_name(&self, org: Uuid, machine: Uuid) -> Result<Option<String>>;
+
+    /// `None` when the org has no settings row (it does not exist).
+    async fn settings(&self, org: Uuid) -> Result<Option<Settings>>;
+    async fn update_settings(&self, org: Uuid, update: &SettingsUpdate) -> Result<()>;
+
+    async fn insert_recording(&self, rec: &NewRecording) -> Result<()>;
+    /// The recording with this id in this org; its `chunks` only when `with_chunks` (an
+    /// upload does not need them, and a long recording has many).
+    async fn recording(&self, org: Uuid, id: Uuid, with_chunks: bool) -> Result<Option<Recording>>;
+    /// Inserts or replaces a chunk, only while the recording is `active`.
+    async fn put_chunk(&self, session: Uuid, chunk: &ChunkRow) -> Result<ChunkOutcome>;
+    /// Marks an `active` recording completed (`false` when it was not active).
+    async fn complete(&self, id: Uuid, c: &Completion) -> Result<bool>;
+    async fn list(&self, org: Uuid, q: &ListQuery) -> Result<ListPage>;
+
+    /// Deletes every object of the recording, then its row. `false` when there is none.
+    async fn delete_recording(&self, org: Uuid, id: Uuid, objects: &Objects) -> Result<bool>;
+    /// Deletes the org's recordings started before `cutoff` (objects first, then rows, so a
+    /// sweep that fails half-way is finished by the next). Returns how many rows went.
+    async fn sweep_org(&self, org: Uuid, cutoff: OffsetDateTime, objects: &Objects) -> Result<u64>;
+    /// Every org with its retention in days.
+    async fn retention_by_org(&self) -> Result<Vec<(Uuid, i64)>>;
+}
+
+/// Opens (creating and migrating) the metadata store named by `url`.
+pub async fn open(url: &str, max_connections: u32) -> Result<Arc<dyn MetadataStore>> {
+    if url.starts_with("sqlite:") {
+        Ok(Arc::new(
+            sqlite::SqliteMeta::open(url, max_connections).await?,
+        ))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(
+            postgres::PgMeta::open(url, max_connections).await?,
+        ))
+    } else {
+        Err(MetaError::BadUrl(crate::config::redact_url(url)))
+    }
+}
+
+/// Rows deleted per sweep transaction.
+const SWEEP_BATCH: i64 = 100;
+
+/// Stored metadata must be a JSON object; anything else is replaced by an empty one.
+fn metadata_object(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
+}

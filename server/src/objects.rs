@@ -1,0 +1,243 @@
+//! The object store behind one interface: a local directory (default) or any S3-compatible
+//! bucket, both through `object_store`. A local `put` is written by hand so it is durable
+//! before we acknowledge it: temp file, fsync, rename, fsync of the directory.
+
+use std::path::{Path as FsPath, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::TryStreamExt as _;
+use object_store::aws::AmazonS3Builder;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+use object_store::{ObjectStore, PutPayload};
+
+use crate::config::S3Config;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ObjectError {
+    #[error("bad store URL {0:?}: expected file://DIR or s3://BUCKET")]
+    BadUrl(String),
+    #[error("cannot prepare local store {path}: {source}")]
+    LocalDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("object store: {0}")]
+    Store(#[from] object_store::Error),
+    #[error("object {key}: {source}")]
+    Io { key: String, source: std::io::Error },
+    #[error("object store task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// Where recordings' objects live. Cheap to clone.
+#[derive(Clone)]
+pub struct Objects {
+    store: Arc<dyn ObjectStore>,
+    /// Set for a local directory: puts go through [`durable_write`].
+    local_root: Option<PathBuf>,
+    describe: String,
+}
+
+impl std::fmt::Debug for Objects {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe)
+    }
+}
+
+impl Objects {
+    /// Opens `file://DIR` (created when missing) or `s3://BUCKET`.
+    pub fn open(url: &str, s3: &S3Config) -> Result<Objects, ObjectError> {
+        if let Some(dir) = url.strip_prefix("file://") {
+            let root = PathBuf::from(dir);
+            if dir.is_empty() || !root.is_absolute() {
+                return Err(ObjectError::BadUrl(url.to_string()));
+            }
+            std::fs::create_dir_all(&root).map_err(|source| ObjectError::LocalDir {
+                path: root.clone(),
+                source,
+            })?;
+            let fs = LocalFileSystem::new_with_prefix(&root)?.with_automatic_cleanup(true);
+            Ok(Objects {
+                store: Arc::new(fs),
+                describe: format!("file://{}", root.display()),
+                local_root: Some(root),
+            })
+        } else if let Some(bucket) = url.strip_prefix("s3://") {
+            let bucket = bucket.trim_end_matches('/');
+            if bucket.is_empty() || bucket.contains('/') {
+                return Err(ObjectError::BadUrl(url.to_string()));
+            }
+            let mut b = AmazonS3Builder::new()
+                .with_bucket_name(bucket)
+                .with_region(s3.region.clone().unwrap_or_else(|| "auto".to_string()));
+            if let Some(ep) = &s3.endpoint {
+                // R2, MinIO, Garage and test servers on loopback take path-style requests;
+                // plain http is allowed only because the operator wrote an http:// endpoint.
+                b = b
+                    .with_endpoint(ep.clone())
+                    .with_virtual_hosted_style_request(false)
+                    .with_allow_http(ep.starts_with("http://"));
+            }
+            if let Some(k) = &s3.access_key {
+                b = b.with_access_key_id(k.clone());
+            }
+            if let Some(k) = &s3.secret_key {
+                b = b.with_secret_access_key(k.clone());
+            }
+            Ok(Objects {
+                store: Arc::new(b.build()?),
+                local_root: None,
+                describe: format!("s3://{bucket}"),
+            })
+        } else {
+            Err(ObjectError::BadUrl(url.to_string()))
+        }
+    }
+
+    /// Stores `data` at `key`. Returns only once the object is durable.
+    pub async fn put(&self, key: &str, data: Bytes) -> Result<(), ObjectError> {
+        match &self.local_root {
+            Some(root) => {
+                let path = root.join(key);
+                let key = key.to_string();
+                tokio::task::spawn_blocking(move || durable_write(&path, &data))
+                    .await?
+                    .map_err(|source| ObjectError::Io { key, source })
+            }
+            None => {
+                self.store
+                    .put(&Path::from(key), PutPayload::from_bytes(data))
+                    .await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// The object at `key`, or `None` when there is none.
+    pub async fn get(&self, key: &str) -> Result<Option<Bytes>, ObjectError> {
+        match self.store.get(&Path::from(key)).await {
+            Ok(r) => Ok(Some(r.bytes().await?)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Deletes `key`; an object that is already gone is not an error.
+    pub async fn delete(&self, key: &str) -> Result<(), ObjectError> {
+        match self.store.delete(&Path::from(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Deletes every object under `prefix` (a `dir/` style prefix).
+    pub async fn delete_prefix(&self, prefix: &str) -> Result<(), ObjectError> {
+        let prefix = Path::from(prefix.trim_end_matches('/'));
+        let metas: Vec<_> = self.store.list(Some(&prefix)).try_collect().await?;
+        for m in metas {
+            match self.store.delete(&m.location).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Every object of one recording: its chunks and its summary. Safe to repeat.
+    pub async fn delete_recording(&self, org: &str, session: &str) -> Result<(), ObjectError> {
+        self.delete_prefix(&ztna_common::api::chunk_prefix(org, session))
+            .await?;
+        self.delete(&ztna_common::api::summary_key(org, session))
+            .await
+    }
+}
+
+/// Writes `data` to `path` so that it survives a crash once this returns: a temp file in the
+/// same directory, fsynced, renamed over the target, then the directory fsynced (and the
+/// parents of any directory created on the way).
+fn durable_write(path: &FsPath, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let dir = path
+        .parent()
+        .ok_or_else(|| std::io::Error::other("object path has no parent"))?;
+    if !dir.is_dir() {
+        // Remember the topmost directory we create so its parent's entry gets synced too.
+        let mut missing = Vec::new();
+        let mut d = dir;
+        while !d.is_dir() {
+            missing.push(d.to_path_buf());
+            match d.parent() {
+                Some(p) => d = p,
+                None => break,
+            }
+        }
+        std::fs::create_dir_all(dir)?;
+        for m in missing.iter().rev() {
+            if let Some(p) = m.parent() {
+                crate::config::sync_dir(p)?;
+            }
+        }
+    }
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::other("object path has no file name"))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        uuid::Uuid::new_v4()
+    ));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, path)?;
+        crate::config::sync_dir(dir)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn local_roundtrip_and_prefix_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", dir.path().join("objects").display());
+        let o = Objects::open(&url, &S3Config::default()).unwrap();
+        o.put("recordings/a/b/chunk-0.cast", Bytes::from_static(b"x\n"))
+            .await
+            .unwrap();
+        o.put("recordings/a/b/chunk-1.cast", Bytes::from_static(b"y\n"))
+            .await
+            .unwrap();
+        o.put(
+            "session-recordings/a/b/recording.json",
+            Bytes::from_static(b"{}"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            o.get("recordings/a/b/chunk-1.cast").await.unwrap().unwrap(),
+            Bytes::from_static(b"y\n")
+        );
+        o.delete_recording("a", "b").await.unwrap();
+        assert!(o
+            .get("recordings/a/b/chunk-0.cast")
+            .await
+            .unwrap()
+            .is_none());
+        assert!(o
+            .get("session-recordings/a/b/recording.json")
+            .await
+            .unwrap()
+            .is_none());
+        o.delete_recording("a", "b").await.unwrap();
+    }
+}

@@ -1,0 +1,2177 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The server over real HTTP, started on port 0. Every scenario runs twice: on SQLite + a
+//! local directory, and on PostgreSQL (a fresh database per run, from ZTNA_TEST_PG_URL) +
+//! S3 (a fresh bucket per run on the server at ZTNA_TEST_S3_ENDPOINT). Missing services make
+//! the PostgreSQL runs fail, never skip.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use sha2::{Digest as _, Sha256};
+use sqlx::Row as _;
+use ztna_recorder_server::{App, Config, Role, S3Config, SettingsUpdate};
+
+// ---------------------------------------------------------------------------------------
+// Harness
+// ---------------------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Backend {
+    Sqlite,
+    PgS3,
+}
+
+fn env_required(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: run the tests with scripts/test.sh (it starts PostgreSQL and an S3 server)")
+    })
+}
+
+struct S3Test {
+    endpoint: String,
+    bucket: String,
+    access_key: String,
+    secret_key: String,
+    region: String,
+}
+
+impl S3Test {
+    async fn fresh() -> S3Test {
+        let endpoint = env_required("ZTNA_TEST_S3_ENDPOINT");
+        let bucket = format!("ztna-test-{}", uuid::Uuid::new_v4().simple());
+        // moto accepts an unsigned bucket creation.
+        let r = reqwest::Client::new()
+            .put(format!("{endpoint}/{bucket}"))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("S3 server at {endpoint} unreachable: {e}"));
+        assert!(
+            r.status().is_success(),
+            "cannot create bucket: {}",
+            r.status()
+        );
+        S3Test {
+            endpoint,
+            bucket,
+            access_key: std::env::var("ZTNA_TEST_S3_ACCESS_KEY").unwrap_or_else(|_| "test".into()),
+            secret_key: std::env::var("ZTNA_TEST_S3_SECRET_KEY").unwrap_or_else(|_| "test".into()),
+            region: std::env::var("ZTNA_TEST_S3_REGION").unwrap_or_else(|_| "us-east-1".into()),
+        }
+    }
+}
+
+/// Creates a fresh PostgreSQL database; returns its URL.
+async fn fresh_pg_database() -> String {
+    let admin_url = env_required("ZTNA_TEST_PG_URL");
+    let name = format!("ztna_test_{}", uuid::Uuid::new_v4().simple());
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL at ZTNA_TEST_PG_URL unreachable: {e}"));
+    sqlx::Executor::execute(&mut conn, format!("CREATE DATABASE {name}").as_str())
+        .await
+        .unwrap();
+    let (base, _) = admin_url
+        .rsplit_once('/')
+        .expect("ZTNA_TEST_PG_URL has a database path");
+    format!("{base}/{name}")
+}
+
+/// Where a test's server keeps its data.
+struct Stores {
+    dir: tempfile::TempDir,
+    database_url: Option<String>,
+    s3: Option<S3Test>,
+}
+
+impl Stores {
+    async fn new(backend: Backend) -> Stores {
+        let dir = tempfile::tempdir().unwrap();
+        match backend {
+            Backend::Sqlite => Stores {
+                dir,
+                database_url: None,
+                s3: None,
+            },
+            Backend::PgS3 => Stores {
+                dir,
+                database_url: Some(fresh_pg_database().await),
+                s3: Some(S3Test::fresh().await),
+            },
+        }
+    }
+
+    /// Drops the run's PostgreSQL database (closing what still holds it).
+    async fn drop_database(&self) {
+        if let Some(url) = &self.database_url {
+            let (_, name) = url.rsplit_once('/').unwrap();
+            let admin_url = env_required("ZTNA_TEST_PG_URL");
+            let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url)
+                .await
+                .unwrap();
+            sqlx::Executor::execute(
+                &mut conn,
+                format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str(),
+            )
+            .await
+            .unwrap();
+        }
+    }
+
+    fn config(&self) -> Config {
+        let mut c = Config::with_data_dir(self.dir.path());
+        c.database_url = self.database_url.clone();
+        if let Some(s3) = &self.s3 {
+            c.store_url = Some(format!("s3://{}", s3.bucket));
+            c.s3 = S3Config {
+                endpoint: Some(s3.endpoint.clone()),
+                access_key: Some(s3.access_key.clone()),
+                secret_key: Some(s3.secret_key.clone()),
+                region: Some(s3.region.clone()),
+            };
+        }
+        c
+    }
+
+    /// The flags that point the binary at the same stores.
+    fn cli_args(&self) -> Vec<String> {
+        let mut a = vec![
+            "--data-dir".to_string(),
+            self.dir.path().display().to_string(),
+        ];
+        if let Some(db) = &self.database_url {
+            a.extend(["--database".to_string(), db.clone()]);
+        }
+        if let Some(s3) = &self.s3 {
+            a.extend([
+                "--store".to_string(),
+                format!("s3://{}", s3.bucket),
+                "--s3-endpoint".to_string(),
+                s3.endpoint.clone(),
+                "--s3-access-key".to_string(),
+                s3.access_key.clone(),
+                "--s3-secret-key".to_string(),
+                s3.secret_key.clone(),
+                "--s3-region".to_string(),
+                s3.region.clone(),
+            ]);
+        }
+        a
+    }
+
+    fn local_object_path(&self, key: &str) -> PathBuf {
+        self.dir.path().join("objects").join(key)
+    }
+
+    /// The bucket, through the same client library the server uses (moto refuses unsigned
+    /// object requests).
+    fn bucket(&self) -> Option<object_store::aws::AmazonS3> {
+        self.s3.as_ref().map(|s3| {
+            object_store::aws::AmazonS3Builder::new()
+                .with_bucket_name(&s3.bucket)
+                .with_endpoint(&s3.endpoint)
+                .with_access_key_id(&s3.access_key)
+                .with_secret_access_key(&s3.secret_key)
+                .with_region(&s3.region)
+                .with_allow_http(true)
+                .build()
+                .unwrap()
+        })
+    }
+
+    async fn get_object(&self, key: &str) -> Option<Vec<u8>> {
+        use object_store::ObjectStore as _;
+        match self.bucket() {
+            None => std::fs::read(self.local_object_path(key)).ok(),
+            Some(b) => match b.get(&object_store::path::Path::from(key)).await {
+                Ok(r) => Some(r.bytes().await.unwrap().to_vec()),
+                Err(object_store::Error::NotFound { .. }) => None,
+                Err(e) => panic!("GET {key}: {e}"),
+            },
+        }
+    }
+
+    async fn put_object(&self, key: &str, data: &[u8]) {
+        use object_store::ObjectStore as _;
+        match self.bucket() {
+            None => std::fs::write(self.local_object_path(key), data).unwrap(),
+            Some(b) => {
+                b.put(&object_store::path::Path::from(key), data.to_vec().into())
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+
+    async fn delete_object(&self, key: &str) {
+        use object_store::ObjectStore as _;
+        match self.bucket() {
+            None => std::fs::remove_file(self.local_object_path(key)).unwrap(),
+            Some(b) => b
+                .delete(&object_store::path::Path::from(key))
+                .await
+                .unwrap(),
+        }
+    }
+
+    /// Moves a recording's start back by `days` (the API cannot, retention tests need it).
+    async fn backdate(&self, session: &str, days: i64) {
+        match &self.database_url {
+            None => {
+                let url = format!(
+                    "sqlite://{}",
+                    self.dir.path().join("recordings.db").display()
+                );
+                let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+                let row = sqlx::query("SELECT started_at FROM session_recordings WHERE id = ?")
+                    .bind(session)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+                let started: String = row.get(0);
+                let t = time::PrimitiveDateTime::parse(
+                    &started,
+                    time::macros::format_description!(
+                        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
+                    ),
+                )
+                .unwrap()
+                    - time::Duration::days(days);
+                let s = t
+                    .format(time::macros::format_description!(
+                        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
+                    ))
+                    .unwrap();
+                sqlx::query("UPDATE session_recordings SET started_at = ? WHERE id = ?")
+                    .bind(s)
+                    .bind(session)
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+                pool.close().await;
+            }
+            Some(url) => {
+                let pool = sqlx::PgPool::connect(url).await.unwrap();
+                sqlx::query(
+                    "UPDATE session_recordings SET started_at = started_at - make_interval(days => $1) WHERE id = $2::uuid",
+                )
+                .bind(days as i32)
+                .bind(session)
+                .execute(&pool)
+                .await
+                .unwrap();
+                pool.close().await;
+            }
+        }
+    }
+}
+
+/// A server running in-process on port 0, with an org ready to record.
+struct Server {
+    stores: Stores,
+    app: App,
+    base: String,
+    http: reqwest::Client,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    fx: Fixture,
+}
+
+/// org (feature on, recording on), an admin, a member, the member's machine "Linux-C".
+struct Fixture {
+    org: String,
+    admin: String,
+    admin_token: String,
+    member: String,
+    member_token: String,
+    machine: String,
+    node_key: String,
+}
+
+impl Server {
+    async fn start(backend: Backend) -> Server {
+        let stores = Stores::new(backend).await;
+        let app = App::open(stores.config()).await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(ztna_recorder_server::serve(listener, app.clone(), async {
+            let _ = stopped.await;
+        }));
+        let fx = make_fixture(&app, "acme").await;
+        Server {
+            stores,
+            app,
+            base,
+            http: reqwest::Client::new(),
+            stop: Some(stop),
+            task: Some(task),
+            fx,
+        }
+    }
+
+    async fn user(&self, token: Option<&str>, body: Value) -> (u16, Value) {
+        self.raw_user(token, body.to_string().into_bytes()).await
+    }
+
+    async fn raw_user(&self, token: Option<&str>, body: Vec<u8>) -> (u16, Value) {
+        let mut r = self
+            .http
+            .post(format!("{}/api/session-recording", self.base))
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        let resp = r.send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap())
+    }
+
+    async fn admin(&self, body: Value) -> (u16, Value) {
+        let t = self.fx.admin_token.clone();
+        self.user(Some(&t), body).await
+    }
+
+    async fn member(&self, body: Value) -> (u16, Value) {
+        let t = self.fx.member_token.clone();
+        self.user(Some(&t), body).await
+    }
+
+    async fn agent(&self, body: Value) -> (u16, Value) {
+        let resp = self
+            .http
+            .post(format!("{}/api/session-recording-agent", self.base))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap())
+    }
+
+    /// Starts a recording on the fixture's machine as the member; returns its id.
+    async fn start_recording(&self) -> String {
+        let (s, b) = self
+            .member(json!({"action": "start", "org_id": self.fx.org, "machine_id": self.fx.machine, "session_type": "ssh"}))
+            .await;
+        assert_eq!(s, 201, "{b}");
+        b["data"]["session_id"].as_str().unwrap().to_string()
+    }
+
+    async fn get(&self, session: &str) -> Value {
+        let (s, b) = self
+            .admin(json!({"action": "get", "org_id": self.fx.org, "session_id": session}))
+            .await;
+        assert_eq!(s, 200, "{b}");
+        b["data"].clone()
+    }
+
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+        drop(self.app);
+        self.stores.drop_database().await;
+    }
+}
+
+async fn make_fixture(app: &App, name: &str) -> Fixture {
+    let org = app.create_org(name, true).await.unwrap();
+    let admin = app
+        .create_user(org, &format!("admin@{name}-{org}.test"), Role::Admin)
+        .await
+        .unwrap();
+    let member = app
+        .create_user(org, &format!("member@{name}-{org}.test"), Role::Member)
+        .await
+        .unwrap();
+    let (machine, node_key) = app.register_machine(org, "Linux-C", member).await.unwrap();
+    app.update_settings(
+        org,
+        SettingsUpdate {
+            recording_enabled: Some(true),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    Fixture {
+        org: org.to_string(),
+        admin: admin.to_string(),
+        admin_token: app.issue_token(admin, 3600).await.unwrap(),
+        member: member.to_string(),
+        member_token: app.issue_token(member, 3600).await.unwrap(),
+        machine: machine.to_string(),
+        node_key,
+    }
+}
+
+fn code(b: &Value) -> &str {
+    b["error"]["code"].as_str().unwrap_or("<none>")
+}
+
+#[track_caller]
+fn assert_err(r: (u16, Value), status: u16, c: &str) {
+    assert_eq!(r.0, status, "{}", r.1);
+    assert_eq!(r.1["success"], false, "{}", r.1);
+    assert_eq!(r.1["data"], Value::Null, "{}", r.1);
+    assert_eq!(code(&r.1), c, "{}", r.1);
+    assert!(r.1["error"]["message"].is_string());
+}
+
+fn sha_hex(b: &[u8]) -> String {
+    hex::encode(Sha256::digest(b))
+}
+
+/// Runs a scenario on both backends.
+macro_rules! both {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite_files() {
+                let s = super::Server::start(super::Backend::Sqlite).await;
+                super::scenarios::$name(&s).await;
+                s.stop().await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres_s3() {
+                let s = super::Server::start(super::Backend::PgS3).await;
+                super::scenarios::$name(&s).await;
+                s.stop().await;
+            }
+        }
+    };
+}
+
+both!(st1_settings);
+both!(st2_start_complete);
+both!(st3_upload_chunks);
+both!(st4_list);
+both!(st5_agent_report);
+both!(agent_lifecycle);
+both!(error_codes_and_order);
+both!(auth_failures);
+both!(cross_org);
+both!(roles);
+both!(machine_deletion);
+both!(concurrent_chunks);
+both!(delete_and_cleanup);
+both!(integrity);
+both!(admin_cli);
+
+// ---------------------------------------------------------------------------------------
+// Scenarios
+// ---------------------------------------------------------------------------------------
+
+mod scenarios {
+    use super::*;
+
+    pub async fn st1_settings(s: &Server) {
+        let org = &s.fx.org;
+        // A fresh org: the defaults (the fixture switched recording on; use a new org).
+        let org2 = s.app.create_org("fresh", true).await.unwrap();
+        let admin2 = s
+            .app
+            .create_user(org2, &format!("a@{org2}.test"), Role::Admin)
+            .await
+            .unwrap();
+        let t2 = s.app.issue_token(admin2, 600).await.unwrap();
+        let (st, b) = s
+            .user(
+                Some(&t2),
+                json!({"action": "get_settings", "org_id": org2.to_string()}),
+            )
+            .await;
+        assert_eq!(st, 200);
+        assert_eq!(
+            b,
+            json!({"success": true, "data": {"recording_enabled": false, "retention_days": 90, "storage_mode": "platform"}, "error": null})
+        );
+        let (st, b) = s
+            .user(
+                Some(&t2),
+                json!({"action": "update_settings", "org_id": org2.to_string(), "recording_enabled": true, "retention_days": 30, "storage_mode": "platform"}),
+            )
+            .await;
+        assert_eq!((st, &b["data"]), (200, &json!({"updated": true})));
+        let (_, b) = s
+            .user(
+                Some(&t2),
+                json!({"action": "get_settings", "org_id": org2.to_string()}),
+            )
+            .await;
+        assert_eq!(
+            b["data"],
+            json!({"recording_enabled": true, "retention_days": 30, "storage_mode": "platform"})
+        );
+        // Clamp.
+        for (given, kept) in [(0, 1), (400, 365), (-5, 1), (365, 365), (1, 1)] {
+            let (st, _) = s
+                .admin(json!({"action": "update_settings", "org_id": org, "retention_days": given}))
+                .await;
+            assert_eq!(st, 200);
+            let (_, b) = s
+                .member(json!({"action": "get_settings", "org_id": org}))
+                .await;
+            assert_eq!(b["data"]["retention_days"], kept, "retention {given}");
+        }
+        // Partial update keeps the rest; custom storage mode.
+        s.admin(json!({"action": "update_settings", "org_id": org, "storage_mode": "custom"}))
+            .await;
+        let (_, b) = s
+            .member(json!({"action": "get_settings", "org_id": org}))
+            .await;
+        assert_eq!(
+            b["data"],
+            json!({"recording_enabled": true, "retention_days": 1, "storage_mode": "custom"})
+        );
+        // Members read, only admins write; bad values are INVALID_FIELD and change nothing.
+        assert_err(
+            s.member(json!({"action": "update_settings", "org_id": org, "retention_days": 5}))
+                .await,
+            403,
+            "FORBIDDEN",
+        );
+        assert_err(
+            s.admin(json!({"action": "update_settings", "org_id": org, "storage_mode": "mars"}))
+                .await,
+            400,
+            "INVALID_FIELD",
+        );
+        assert_err(
+            s.admin(
+                json!({"action": "update_settings", "org_id": org, "recording_enabled": "yes"}),
+            )
+            .await,
+            400,
+            "INVALID_FIELD",
+        );
+        assert_err(
+            s.admin(json!({"action": "update_settings", "org_id": org, "retention_days": "ten"}))
+                .await,
+            400,
+            "INVALID_FIELD",
+        );
+        let (_, b) = s
+            .member(json!({"action": "get_settings", "org_id": org}))
+            .await;
+        assert_eq!(b["data"]["storage_mode"], "custom");
+    }
+
+    pub async fn st2_start_complete(s: &Server) {
+        let org = &s.fx.org;
+        let id = s.start_recording().await;
+        let (st, b) = s
+            .member(json!({"action": "complete", "org_id": org, "session_id": id, "duration_seconds": 120, "recording_url": "https://example.com/recording.cast", "transcript_lines": 42}))
+            .await;
+        assert_eq!(st, 200, "{b}");
+        assert_eq!(
+            b,
+            json!({"success": true, "data": {"completed": id}, "error": null})
+        );
+        let d = s.get(&id).await;
+        let r = &d["recording"];
+        assert_eq!(r["id"], id.as_str());
+        assert_eq!(r["status"], "completed");
+        assert_eq!(r["duration_seconds"], 120);
+        let key = format!("session-recordings/{org}/{id}/recording.json");
+        assert_eq!(r["r2_key"], key.as_str());
+        assert_eq!(r["machine_name"], "Linux-C");
+        assert_eq!(r["machine_id"], s.fx.machine.as_str());
+        assert_eq!(r["user_id"], s.fx.member.as_str());
+        assert_eq!(r["org_id"], org.as_str());
+        assert_eq!(r["session_type"], "ssh");
+        assert!(r["ended_at"].as_str().unwrap().ends_with('Z'));
+        for col in [
+            "id",
+            "org_id",
+            "machine_id",
+            "user_id",
+            "session_type",
+            "status",
+            "started_at",
+            "ended_at",
+            "duration_seconds",
+            "metadata",
+            "r2_key",
+            "machine_name",
+        ] {
+            assert!(r.get(col).is_some(), "column {col} missing");
+        }
+        let r2 = &d["r2_data"];
+        assert_eq!(r2["session_id"], id.as_str());
+        assert_eq!(r2["duration_seconds"], 120);
+        assert_eq!(r2["recording_url"], "https://example.com/recording.cast");
+        assert_eq!(r2["transcript_lines"], 42);
+        let completed_at = r2["completed_at"].as_str().unwrap();
+        assert!(time::OffsetDateTime::parse(
+            completed_at,
+            &time::format_description::well_known::Rfc3339
+        )
+        .is_ok());
+        // The summary really is in the store.
+        let stored: Value =
+            serde_json::from_slice(&s.stores.get_object(&key).await.unwrap()).unwrap();
+        assert_eq!(stored["session_id"], id.as_str());
+        assert_eq!(stored["chunks"], json!([]));
+        // Completing twice, or a chunk after completion, is a CONFLICT.
+        assert_err(
+            s.member(json!({"action": "complete", "org_id": org, "session_id": id, "duration_seconds": 1}))
+                .await,
+            409,
+            "CONFLICT",
+        );
+        assert_err(
+            s.member(json!({"action": "upload_chunk", "org_id": org, "session_id": id, "chunk_data": "[0, \"o\", \"x\"]"}))
+                .await,
+            409,
+            "CONFLICT",
+        );
+        // complete needs duration_seconds.
+        let id2 = s.start_recording().await;
+        assert_err(
+            s.member(json!({"action": "complete", "org_id": org, "session_id": id2}))
+                .await,
+            400,
+            "MISSING_FIELDS",
+        );
+        assert_err(
+            s.member(json!({"action": "complete", "org_id": org, "session_id": id2, "duration_seconds": -1}))
+                .await,
+            400,
+            "INVALID_FIELD",
+        );
+        // An admin may complete a member's recording.
+        let (st, _) = s
+            .admin(json!({"action": "complete", "org_id": org, "session_id": id2, "duration_seconds": 5}))
+            .await;
+        assert_eq!(st, 200);
+        // Unknown machine, machine id not a UUID.
+        assert_err(
+            s.member(json!({"action": "start", "org_id": org, "machine_id": uuid::Uuid::new_v4().to_string(), "session_type": "ssh"}))
+                .await,
+            404,
+            "NOT_FOUND",
+        );
+        assert_err(
+            s.member(json!({"action": "start", "org_id": org, "machine_id": "linux-c", "session_type": "ssh"}))
+                .await,
+            400,
+            "INVALID_FIELD",
+        );
+    }
+
+    pub async fn st3_upload_chunks(s: &Server) {
+        let org = &s.fx.org;
+        let id = s.start_recording().await;
+        // chunk_index defaults to 0.
+        let (st, b) = s
+            .member(json!({"action": "upload_chunk", "org_id": org, "session_id": id, "chunk_data": "[0, \"o\", \"$ \"]"}))
+            .await;
+        assert_eq!(st, 200, "{b}");
+        let k0 = format!("recordings/{org}/{id}/chunk-0.cast");
+        assert_eq!(
+            b,
+            json!({"success": true, "data": {"stored": k0, "chunk_index": 0}, "error": null})
+        );
+        let (st, b) = s
+            .member(json!({"action": "upload_chunk", "org_id": org, "session_id": id, "chunk_index": 1, "chunk_data": "[1.2, \"o\", \"hello\\n\"]"}))
+            .await;
+        assert_eq!(st, 200);
+        let k1 = format!("recordings/{org}/{id}/chunk-1.cast");
+        assert_eq!(b["data"]["stored"], k1.as_str());
+        assert_eq!(b["data"]["chunk_index"], 1);
+        // Objects hold the event lines, each ending in \n.
+        let o0 = s.stores.get_object(&k0).await.unwrap();
+        assert_eq!(o0, b"[0, \"o\", \"$ \"]\n");
+        let o1 = s.stores.get_object(&k1).await.unwrap();
+        assert_eq!(o1, b"[1.2, \"o\", \"hello\\n\"]\n");
+        let d = s.get(&id).await;
+        assert_eq!(
+            d["recording"]["metadata"]["chunks"],
+            json!([
+                {"index": 0, "bytes": o0.len(), "sha256": sha_hex(&o0)},
+                {"index": 1, "bytes": o1.len(), "sha256": sha_hex(&o1)},
+            ])
+        );
+        assert_eq!(d["integrity"], "ok");
+        // The same index again replaces the chunk.
+        let (st, _) = s
+            .member(json!({"action": "upload_chunk", "org_id": org, "session_id": id, "chunk_index": 1, "chunk_data": "[1.5, \"o\", \"bye\"]\n[2.5, \"o\", \"!\"]\n"}))
+            .await;
+        assert_eq!(st, 200);
+        let o1 = s.stores.get_object(&k1).await.unwrap();
+        assert_eq!(o1, b"[1.5, \"o\", \"bye\"]\n[2.5, \"o\", \"!\"]\n");
+        let d = s.get(&id).await;
+        let chunks = d["recording"]["metadata"]["chunks"]
+            .as_array()
+            .unwrap()
+            .clone();
+        assert_eq!(chunks.len(), 2);
+        assert_eq!(chunks[1]["sha256"], sha_hex(&o1).as_str());
+        // Bad chunks.
+        for (body, status, c) in [
+            (json!({"chunk_data": null}), 400, "MISSING_FIELDS"),
+            (json!({}), 400, "MISSING_FIELDS"),
+            (json!({"chunk_data": 5}), 400, "INVALID_FIELD"),
+            (
+                json!({"chunk_data": "[0, \"o\", \"x\"]", "chunk_index": -1}),
+                400,
+                "INVALID_FIELD",
+            ),
+            (
+                json!({"chunk_data": "[0, \"o\", \"x\"]", "chunk_index": 1.5}),
+                400,
+                "INVALID_FIELD",
+            ),
+            (
+                json!({"chunk_data": "[0, \"o\", \"x\"]", "chunk_index": "2"}),
+                400,
+                "INVALID_FIELD",
+            ),
+            (json!({"chunk_data": "hello world"}), 400, "INVALID_CHUNK"),
+            (
+                json!({"chunk_data": "[0, \"x\", \"a\"]"}),
+                400,
+                "INVALID_CHUNK",
+            ),
+            (
+                json!({"chunk_data": "[-1, \"o\", \"a\"]"}),
+                400,
+                "INVALID_CHUNK",
+            ),
+            (
+                json!({"chunk_data": "{\"version\": 2, \"width\": 80, \"height\": 24}\n[0, \"o\", \"a\"]"}),
+                400,
+                "INVALID_CHUNK",
+            ),
+        ] {
+            let mut body = body;
+            body["action"] = json!("upload_chunk");
+            body["org_id"] = json!(org);
+            body["session_id"] = json!(id);
+            assert_err(s.member(body.clone()).await, status, c);
+        }
+        // chunk_data over 8 MiB (body under 16 MiB): 413 in the envelope.
+        let big = format!("[0, \"o\", \"{}\"]", "a".repeat(8 * 1024 * 1024));
+        assert_err(
+            s.member(json!({"action": "upload_chunk", "org_id": org, "session_id": id, "chunk_index": 7, "chunk_data": big}))
+                .await,
+            413,
+            "PAYLOAD_TOO_LARGE",
+        );
+        // Just under the limit is fine.
+        let ok = format!("[0, \"o\", \"{}\"]", "a".repeat(8 * 1024 * 1024 - 20));
+        let (st, b) = s
+            .member(json!({"action": "upload_chunk", "org_id": org, "session_id": id, "chunk_index": 7, "chunk_data": ok}))
+            .await;
+        assert_eq!(st, 200, "{b}");
+        // Nothing of the refused uploads changed the recording.
+        let d = s.get(&id).await;
+        let idx: Vec<i64> = d["recording"]["metadata"]["chunks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["index"].as_i64().unwrap())
+            .collect();
+        assert_eq!(idx, vec![0, 1, 7]);
+        // A session that does not exist.
+        assert_err(
+            s.member(json!({"action": "upload_chunk", "org_id": org, "session_id": uuid::Uuid::new_v4().to_string(), "chunk_data": "[0, \"o\", \"x\"]"}))
+                .await,
+            404,
+            "NOT_FOUND",
+        );
+    }
+
+    pub async fn st4_list(s: &Server) {
+        let org = &s.fx.org;
+        let completed = s.start_recording().await;
+        s.member(json!({"action": "complete", "org_id": org, "session_id": completed, "duration_seconds": 120}))
+            .await;
+        let active = s.start_recording().await;
+        // A second machine with one recording.
+        let (m2, _) = s
+            .app
+            .register_machine(
+                org.parse().unwrap(),
+                "Linux-D",
+                s.fx.member.parse().unwrap(),
+            )
+            .await
+            .unwrap();
+        let (st, b) = s
+            .member(json!({"action": "start", "org_id": org, "machine_id": m2.to_string(), "session_type": "ssh"}))
+            .await;
+        assert_eq!(st, 201);
+        let on_d = b["data"]["session_id"].as_str().unwrap().to_string();
+
+        let (st, b) = s
+            .admin(json!({"action": "list", "org_id": org, "limit": 20, "offset": 0}))
+            .await;
+        assert_eq!(st, 200, "{b}");
+        let d = &b["data"];
+        let ids: Vec<&str> = d["recordings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            ids,
+            vec![on_d.as_str(), active.as_str(), completed.as_str()]
+        );
+        assert_eq!(d["total"], 3);
+        let mut stats = d["stats"].as_array().unwrap().clone();
+        stats.sort_by_key(|s| s["status"].as_str().unwrap().to_string());
+        assert_eq!(
+            stats,
+            vec![
+                json!({"status": "active", "count": 2, "total_duration": 0}),
+                json!({"status": "completed", "count": 1, "total_duration": 120}),
+            ]
+        );
+        let first = &d["recordings"][2];
+        assert_eq!(first["machine_name"], "Linux-C");
+        assert_eq!(first["duration_seconds"], 120);
+        assert_eq!(first["session_type"], "ssh");
+        assert!(first["started_at"].is_string());
+        assert!(first["metadata"]["chunks"].is_array());
+        // Started-at descending, then id descending, page by page.
+        let mut paged = Vec::new();
+        for off in 0..3 {
+            let (_, b) = s
+                .admin(json!({"action": "list", "org_id": org, "limit": 1, "offset": off}))
+                .await;
+            assert_eq!(b["data"]["recordings"].as_array().unwrap().len(), 1);
+            assert_eq!(b["data"]["total"], 3);
+            paged.push(
+                b["data"]["recordings"][0]["id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            );
+        }
+        assert_eq!(paged, ids);
+        // Filters: machine, status; stats and total follow them.
+        let (_, b) = s
+            .admin(json!({"action": "list", "org_id": org, "machine_id": s.fx.machine}))
+            .await;
+        let recs = b["data"]["recordings"].as_array().unwrap();
+        assert_eq!(recs.len(), 2);
+        assert!(recs.iter().all(|r| r["machine_name"] == "Linux-C"));
+        assert_eq!(b["data"]["total"], 2);
+        let (_, b) = s
+            .admin(json!({"action": "list", "org_id": org, "status": "completed"}))
+            .await;
+        let recs = b["data"]["recordings"].as_array().unwrap();
+        assert_eq!(recs.len(), 1);
+        assert_eq!(recs[0]["id"], completed.as_str());
+        assert_eq!(
+            b["data"]["stats"],
+            json!([{"status": "completed", "count": 1, "total_duration": 120}])
+        );
+        assert_eq!(b["data"]["total"], 1);
+        let (_, b) = s
+            .admin(json!({"action": "list", "org_id": org, "status": "completed", "machine_id": m2.to_string()}))
+            .await;
+        assert_eq!(b["data"]["recordings"], json!([]));
+        assert_eq!(b["data"]["stats"], json!([]));
+        assert_eq!(b["data"]["total"], 0);
+        // Clamp: limit 0 → 1, limit 1000 → 200 (all 3 here); default 50.
+        let (_, b) = s
+            .admin(json!({"action": "list", "org_id": org, "limit": 0}))
+            .await;
+        assert_eq!(b["data"]["recordings"].as_array().unwrap().len(), 1);
+        let (_, b) = s
+            .admin(json!({"action": "list", "org_id": org, "limit": 1000}))
+            .await;
+        assert_eq!(b["data"]["recordings"].as_array().unwrap().len(), 3);
+        let (_, b) = s
+            .admin(json!({"action": "list", "org_id": org, "limit": -3}))
+            .await;
+        assert_eq!(b["data"]["recordings"].as_array().unwrap().len(), 1);
+        let (_, b) = s
+            .admin(json!({"action": "list", "org_id": org, "offset": 10}))
+            .await;
+        assert_eq!(b["data"]["recordings"], json!([]));
+        assert_eq!(b["data"]["total"], 3);
+        assert_err(
+            s.admin(json!({"action": "list", "org_id": org, "offset": -1}))
+                .await,
+            400,
+            "INVALID_FIELD",
+        );
+        assert_err(
+            s.admin(json!({"action": "list", "org_id": org, "machine_id": "x"}))
+                .await,
+            400,
+            "INVALID_FIELD",
+        );
+        assert_err(
+            s.admin(json!({"action": "list", "org_id": org, "limit": "ten"}))
+                .await,
+            400,
+            "INVALID_FIELD",
+        );
+    }
+
+    pub async fn st5_agent_report(s: &Server) {
+        let org = &s.fx.org;
+        let (st, b) = s
+            .agent(json!({
+                "node_key": s.fx.node_key,
+                "session_type": "ssh",
+                "session_data": {
+                    "transcript": "[0, \"o\", \"$ uname\\n\"]\n[0.5, \"o\", \"Linux linux-c\\n\"]",
+                    "duration_seconds": 30
+                }
+            }))
+            .await;
+        assert_eq!(st, 201, "{b}");
+        assert_eq!(b["success"], true);
+        assert_eq!(b["error"], Value::Null);
+        assert_eq!(b["data"]["status"], "completed");
+        let id = b["data"]["session_id"].as_str().unwrap().to_string();
+        let (_, b) = s.admin(json!({"action": "list", "org_id": org})).await;
+        let r = b["data"]["recordings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["id"] == id.as_str())
+            .unwrap()
+            .clone();
+        assert_eq!(r["status"], "completed");
+        assert_eq!(r["duration_seconds"], 30);
+        assert_eq!(r["metadata"]["reported_by_agent"], true);
+        assert_eq!(r["metadata"]["machine_name"], "Linux-C");
+        assert_eq!(r["user_id"], s.fx.member.as_str());
+        assert_eq!(r["machine_id"], s.fx.machine.as_str());
+        // The events are chunk 0.
+        let k0 = format!("recordings/{org}/{id}/chunk-0.cast");
+        let o0 = s.stores.get_object(&k0).await.unwrap();
+        assert_eq!(
+            o0,
+            b"[0, \"o\", \"$ uname\\n\"]\n[0.5, \"o\", \"Linux linux-c\\n\"]\n"
+        );
+        assert_eq!(r["metadata"]["chunks"][0]["sha256"], sha_hex(&o0).as_str());
+        let d = s.get(&id).await;
+        assert_eq!(d["r2_data"]["session_id"], id.as_str());
+        assert_eq!(d["integrity"], "ok");
+
+        // With a header and no duration: the last event's time, rounded up; header kept.
+        let (st, b) = s
+            .agent(json!({
+                "action": "report",
+                "node_key": s.fx.node_key,
+                "session_type": "ssh",
+                "session_data": {"transcript": "{\"version\": 2, \"width\": 80, \"height\": 24}\n[0.1, \"o\", \"a\"]\n[2.25, \"o\", \"b\"]\n"}
+            }))
+            .await;
+        assert_eq!(st, 201, "{b}");
+        let d = s.get(b["data"]["session_id"].as_str().unwrap()).await;
+        assert_eq!(d["recording"]["duration_seconds"], 3);
+        assert_eq!(d["recording"]["metadata"]["header"]["width"], 80);
+        // No event at all: duration 0.
+        let (st, b) = s
+            .agent(json!({"node_key": s.fx.node_key, "session_type": "ssh", "session_data": {"transcript": ""}}))
+            .await;
+        assert_eq!(st, 201, "{b}");
+        let d = s.get(b["data"]["session_id"].as_str().unwrap()).await;
+        assert_eq!(d["recording"]["duration_seconds"], 0);
+        // Bad transcripts and keys.
+        assert_err(
+            s.agent(json!({"node_key": s.fx.node_key, "session_type": "ssh", "session_data": {"transcript": "not a cast"}}))
+                .await,
+            400,
+            "INVALID_CHUNK",
+        );
+        assert_err(
+            s.agent(json!({"node_key": s.fx.node_key, "session_type": "ssh", "session_data": {}}))
+                .await,
+            400,
+            "MISSING_FIELDS",
+        );
+        assert_err(
+            s.agent(json!({"node_key": s.fx.node_key, "session_type": "ssh"}))
+                .await,
+            400,
+            "MISSING_FIELDS",
+        );
+        assert_err(
+            s.agent(json!({"node_key": "00".repeat(64), "session_type": "ssh", "session_data": {"transcript": ""}}))
+                .await,
+            401,
+            "UNAUTHORIZED",
+        );
+        assert_err(
+            s.agent(json!({"session_type": "ssh", "session_data": {"transcript": ""}}))
+                .await,
+            401,
+            "UNAUTHORIZED",
+        );
+    }
+
+    pub async fn agent_lifecycle(s: &Server) {
+        let org = &s.fx.org;
+        let key = &s.fx.node_key;
+        let (st, b) = s.agent(json!({"action": "config", "node_key": key})).await;
+        assert_eq!(st, 200);
+        assert_eq!(
+            b["data"],
+            json!({"org_id": org, "machine_id": s.fx.machine, "recording_enabled": true, "retention_days": 90, "storage_mode": "platform"})
+        );
+        let header = json!({"version": 2, "width": 100, "height": 30, "timestamp": 1});
+        let (st, b) = s
+            .agent(json!({"action": "start", "node_key": key, "session_type": "ssh", "header": header, "metadata": {"user": "alice", "kind": "interactive"}}))
+            .await;
+        assert_eq!(st, 201, "{b}");
+        assert_eq!(b["data"]["status"], "active");
+        let id = b["data"]["session_id"].as_str().unwrap().to_string();
+        for (i, data) in [
+            (0, "[0.5, \"o\", \"a\"]\n"),
+            (2, "[7.2, \"o\", \"c\"]\n"),
+            (1, "[3.0, \"o\", \"b\"]\n"),
+        ] {
+            let (st, b) = s
+                .agent(json!({"action": "upload_chunk", "node_key": key, "session_id": id, "chunk_index": i, "chunk_data": data}))
+                .await;
+            assert_eq!(st, 200, "{b}");
+            assert_eq!(
+                b["data"]["stored"],
+                format!("recordings/{org}/{id}/chunk-{i}.cast").as_str()
+            );
+        }
+        assert_err(
+            s.agent(json!({"action": "upload_chunk", "node_key": key, "session_id": id, "chunk_data": "[0, \"o\", \"a\"]"}))
+                .await,
+            400,
+            "MISSING_FIELDS",
+        );
+        // Without duration: last event of the highest-index chunk, rounded up (7.2 → 8).
+        let (st, b) = s
+            .agent(json!({"action": "complete", "node_key": key, "session_id": id, "metadata": {"exit_status": 0}}))
+            .await;
+        assert_eq!(st, 200, "{b}");
+        assert_eq!(b["data"]["completed"], id.as_str());
+        let d = s.get(&id).await;
+        let r = &d["recording"];
+        assert_eq!(r["duration_seconds"], 8);
+        assert_eq!(r["metadata"]["header"], header);
+        assert_eq!(r["metadata"]["user"], "alice");
+        assert_eq!(r["metadata"]["exit_status"], 0);
+        assert_eq!(r["user_id"], s.fx.member.as_str());
+        assert_eq!(r["metadata"]["chunks"].as_array().unwrap().len(), 3);
+        assert_eq!(d["r2_data"]["chunks"].as_array().unwrap().len(), 3);
+        assert_err(
+            s.agent(json!({"action": "complete", "node_key": key, "session_id": id}))
+                .await,
+            409,
+            "CONFLICT",
+        );
+        // Another machine of the same org cannot touch it.
+        let (_, key2) = s
+            .app
+            .register_machine(org.parse().unwrap(), "other", s.fx.member.parse().unwrap())
+            .await
+            .unwrap();
+        let (_, b) = s
+            .agent(json!({"action": "start", "node_key": key, "session_type": "ssh", "header": header}))
+            .await;
+        let id2 = b["data"]["session_id"].as_str().unwrap().to_string();
+        assert_err(
+            s.agent(json!({"action": "upload_chunk", "node_key": key2, "session_id": id2, "chunk_index": 0, "chunk_data": "[0, \"o\", \"x\"]"}))
+                .await,
+            404,
+            "NOT_FOUND",
+        );
+        assert_err(
+            s.agent(json!({"action": "complete", "node_key": key2, "session_id": id2, "duration_seconds": 1}))
+                .await,
+            404,
+            "NOT_FOUND",
+        );
+        // A JWT-started recording of another machine is not the agent's either.
+        let jwt_rec = s.start_recording().await;
+        assert_err(
+            s.agent(json!({"action": "complete", "node_key": key2, "session_id": jwt_rec}))
+                .await,
+            404,
+            "NOT_FOUND",
+        );
+        // Recording switched off: start and report refused, config answers, the active one
+        // still gets its chunks and completes.
+        s.admin(json!({"action": "update_settings", "org_id": org, "recording_enabled": false}))
+            .await;
+        assert_err(
+            s.agent(json!({"action": "start", "node_key": key, "session_type": "ssh", "header": header}))
+                .await,
+            403,
+            "RECORDING_DISABLED",
+        );
+        assert_err(
+            s.agent(
+                json!({"node_key": key, "session_type": "ssh", "session_data": {"transcript": ""}}),
+            )
+            .await,
+            403,
+            "RECORDING_DISABLED",
+        );
+        assert_err(
+            s.member(json!({"action": "start", "org_id": org, "machine_id": s.fx.machine, "session_type": "ssh"}))
+                .await,
+            403,
+            "RECORDING_DISABLED",
+        );
+        let (st, b) = s.agent(json!({"action": "config", "node_key": key})).await;
+        assert_eq!(st, 200);
+        assert_eq!(b["data"]["recording_enabled"], false);
+        let (st, _) = s
+            .agent(json!({"action": "upload_chunk", "node_key": key, "session_id": id2, "chunk_index": 0, "chunk_data": "[0, \"o\", \"x\"]"}))
+            .await;
+        assert_eq!(st, 200);
+        let (st, _) = s
+            .agent(json!({"action": "complete", "node_key": key, "session_id": id2, "duration_seconds": 4}))
+            .await;
+        assert_eq!(st, 200);
+        // Agent field checks.
+        assert_err(
+            s.agent(json!({"action": "start", "node_key": key, "session_type": "ssh"}))
+                .await,
+            400,
+            "MISSING_FIELDS",
+        );
+        assert_err(
+            s.agent(
+                json!({"action": "start", "node_key": key, "session_type": "ssh", "header": "v2"}),
+            )
+            .await,
+            400,
+            "INVALID_FIELD",
+        );
+        assert_err(
+            s.agent(json!({"action": "upload_chunk", "node_key": key, "session_id": "nope", "chunk_index": 0, "chunk_data": "x"}))
+                .await,
+            400,
+            "INVALID_FIELD",
+        );
+        assert_err(
+            s.agent(json!({"action": "dance", "node_key": key})).await,
+            400,
+            "UNKNOWN_ACTION",
+        );
+        assert_err(
+            s.agent(json!({"action": "config", "node_key": "nope"}))
+                .await,
+            401,
+            "UNAUTHORIZED",
+        );
+        // Feature off: FEATURE_DISABLED on the agent route too.
+        s.app
+            .set_feature(org.parse().unwrap(), "session_recording", false)
+            .await
+            .unwrap();
+        assert_err(
+            s.agent(
+                json!({"node_key": key, "session_type": "ssh", "session_data": {"transcript": ""}}),
+            )
+            .await,
+            403,
+            "FEATURE_DISABLED",
+        );
+    }
+
+    pub async fn error_codes_and_order(s: &Server) {
+        let org = &s.fx.org;
+        let t = s.fx.admin_token.clone();
+        // INVALID_JSON: not JSON, not an object.
+        assert_err(
+            s.raw_user(Some(&t), b"{oops".to_vec()).await,
+            400,
+            "INVALID_JSON",
+        );
+        assert_err(
+            s.raw_user(Some(&t), b"[1,2]".to_vec()).await,
+            400,
+            "INVALID_JSON",
+        );
+        assert_err(s.raw_user(None, b"".to_vec()).await, 400, "INVALID_JSON");
+        // UNKNOWN_ACTION before anything about fields or the token.
+        assert_err(
+            s.user(None, json!({"org_id": "x"})).await,
+            400,
+            "UNKNOWN_ACTION",
+        );
+        assert_err(
+            s.user(None, json!({"action": "fly"})).await,
+            400,
+            "UNKNOWN_ACTION",
+        );
+        assert_err(
+            s.user(None, json!({"action": 3})).await,
+            400,
+            "UNKNOWN_ACTION",
+        );
+        // MISSING_FIELDS before INVALID_FIELD before UNAUTHORIZED.
+        assert_err(
+            s.user(None, json!({"action": "get_settings"})).await,
+            400,
+            "MISSING_FIELDS",
+        );
+        assert_err(
+            s.user(None, json!({"action": "get_settings", "org_id": null}))
+                .await,
+            400,
+            "MISSING_FIELDS",
+        );
+        assert_err(
+            s.user(None, json!({"action": "start", "org_id": "not-a-uuid"}))
+                .await,
+            400,
+            "MISSING_FIELDS",
+        );
+        assert_err(
+            s.user(
+                None,
+                json!({"action": "get_settings", "org_id": "not-a-uuid"}),
+            )
+            .await,
+            400,
+            "INVALID_FIELD",
+        );
+        assert_err(
+            s.user(None, json!({"action": "get_settings", "org_id": 12}))
+                .await,
+            400,
+            "INVALID_FIELD",
+        );
+        assert_err(
+            s.user(
+                None,
+                json!({"action": "get", "org_id": org, "session_id": "../../etc/passwd"}),
+            )
+            .await,
+            400,
+            "INVALID_FIELD",
+        );
+        assert_err(
+            s.user(None, json!({"action": "get_settings", "org_id": org}))
+                .await,
+            401,
+            "UNAUTHORIZED",
+        );
+        // UNAUTHORIZED before FORBIDDEN: a bad token on an org that does not exist.
+        assert_err(
+            s.user(
+                Some("garbage"),
+                json!({"action": "get_settings", "org_id": uuid::Uuid::new_v4().to_string()}),
+            )
+            .await,
+            401,
+            "UNAUTHORIZED",
+        );
+        // FORBIDDEN: an org that does not exist answers like one you are not in.
+        assert_err(
+            s.admin(json!({"action": "get_settings", "org_id": uuid::Uuid::new_v4().to_string()}))
+                .await,
+            403,
+            "FORBIDDEN",
+        );
+        // FORBIDDEN (role) before FEATURE_DISABLED; FEATURE_DISABLED before action checks.
+        s.app
+            .set_feature(org.parse().unwrap(), "session_recording", false)
+            .await
+            .unwrap();
+        assert_err(
+            s.member(json!({"action": "list", "org_id": org})).await,
+            403,
+            "FORBIDDEN",
+        );
+        assert_err(
+            s.member(json!({"action": "get_settings", "org_id": org}))
+                .await,
+            403,
+            "FEATURE_DISABLED",
+        );
+        assert_err(
+            s.admin(json!({"action": "get", "org_id": org, "session_id": uuid::Uuid::new_v4().to_string()}))
+                .await,
+            403,
+            "FEATURE_DISABLED",
+        );
+        s.app
+            .set_feature(org.parse().unwrap(), "session_recording", true)
+            .await
+            .unwrap();
+        assert_err(
+            s.admin(json!({"action": "get", "org_id": org, "session_id": uuid::Uuid::new_v4().to_string()}))
+                .await,
+            404,
+            "NOT_FOUND",
+        );
+        // Body over 16 MiB: 413 in the envelope.
+        let big = vec![b' '; 16 * 1024 * 1024 + 10];
+        assert_err(s.raw_user(Some(&t), big).await, 413, "PAYLOAD_TOO_LARGE");
+        // Agent route: same envelope.
+        let resp = s
+            .http
+            .post(format!("{}/api/session-recording-agent", s.base))
+            .body("nope")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 400);
+        let b: Value = resp.json().await.unwrap();
+        assert_eq!(code(&b), "INVALID_JSON");
+    }
+
+    pub async fn auth_failures(s: &Server) {
+        use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+        let org = &s.fx.org;
+        let body = json!({"action": "get_settings", "org_id": org});
+        let secret = std::fs::read_to_string(s.stores.dir.path().join("jwt-secret")).unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let sign = |alg, exp: u64, key: &[u8]| {
+            encode(
+                &Header::new(alg),
+                &json!({"sub": s.fx.admin, "exp": exp, "iat": now}),
+                &EncodingKey::from_secret(key),
+            )
+            .unwrap()
+        };
+        // A token we sign ourselves with the server's secret works…
+        let good = sign(Algorithm::HS256, now + 60, secret.trim().as_bytes());
+        assert_eq!(s.user(Some(&good), body.clone()).await.0, 200);
+        // …expired (no leeway), wrong secret, other algorithm, alg none, malformed: 401.
+        for bad in [
+            sign(Algorithm::HS256, now - 1, secret.trim().as_bytes()),
+            sign(Algorithm::HS256, now + 60, b"not the secret"),
+            sign(Algorithm::HS512, now + 60, secret.trim().as_bytes()),
+            format!(
+                "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{}.",
+                good.split('.').nth(1).unwrap()
+            ),
+            "a.b.c".to_string(),
+            String::new(),
+        ] {
+            assert_err(s.user(Some(&bad), body.clone()).await, 401, "UNAUTHORIZED");
+        }
+        // Not "Bearer".
+        let resp = s
+            .http
+            .post(format!("{}/api/session-recording", s.base))
+            .header("authorization", format!("Basic {good}"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 401);
+        // An issued token that has run out.
+        let short = s
+            .app
+            .issue_token(s.fx.admin.parse().unwrap(), 1)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        assert_err(
+            s.user(Some(&short), body.clone()).await,
+            401,
+            "UNAUTHORIZED",
+        );
+        // A valid token of a user that is not a member: FORBIDDEN.
+        let other_org = s.app.create_org("other", true).await.unwrap();
+        let stranger = s
+            .app
+            .create_user(other_org, &format!("x@{other_org}.test"), Role::Admin)
+            .await
+            .unwrap();
+        let st = s.app.issue_token(stranger, 60).await.unwrap();
+        assert_err(s.user(Some(&st), body.clone()).await, 403, "FORBIDDEN");
+        // No answer carries the node key or the secret.
+        let (_, b) = s
+            .agent(json!({"action": "config", "node_key": s.fx.node_key}))
+            .await;
+        assert!(!b.to_string().contains(&s.fx.node_key));
+        assert!(!b.to_string().contains(secret.trim()));
+    }
+
+    pub async fn cross_org(s: &Server) {
+        let org = &s.fx.org;
+        let rec = s.start_recording().await;
+        let other = make_fixture(&s.app, "globex").await;
+        let their = |body: Value| {
+            let t = other.admin_token.clone();
+            async move { s.user(Some(&t), body).await }
+        };
+        // Their admin, our org: FORBIDDEN (not a member).
+        assert_err(
+            their(json!({"action": "get", "org_id": org, "session_id": rec})).await,
+            403,
+            "FORBIDDEN",
+        );
+        assert_err(
+            their(json!({"action": "list", "org_id": org})).await,
+            403,
+            "FORBIDDEN",
+        );
+        // Their admin, their org, our recording: NOT_FOUND for every action.
+        for action in ["get", "delete"] {
+            assert_err(
+                their(json!({"action": action, "org_id": other.org, "session_id": rec})).await,
+                404,
+                "NOT_FOUND",
+            );
+        }
+        assert_err(
+            their(json!({"action": "complete", "org_id": other.org, "session_id": rec, "duration_seconds": 1}))
+                .await,
+            404,
+            "NOT_FOUND",
+        );
+        assert_err(
+            their(json!({"action": "upload_chunk", "org_id": other.org, "session_id": rec, "chunk_data": "[0, \"o\", \"x\"]"}))
+                .await,
+            404,
+            "NOT_FOUND",
+        );
+        // Our machine in their org: NOT_FOUND.
+        assert_err(
+            their(json!({"action": "start", "org_id": other.org, "machine_id": s.fx.machine, "session_type": "ssh"}))
+                .await,
+            404,
+            "NOT_FOUND",
+        );
+        // Their agent cannot reach our recording.
+        assert_err(
+            s.agent(json!({"action": "upload_chunk", "node_key": other.node_key, "session_id": rec, "chunk_index": 0, "chunk_data": "[0, \"o\", \"x\"]"}))
+                .await,
+            404,
+            "NOT_FOUND",
+        );
+        // Their list does not show ours; cleanup in theirs leaves ours.
+        let (_, b) = their(json!({"action": "list", "org_id": other.org})).await;
+        assert_eq!(b["data"]["total"], 0);
+        s.stores.backdate(&rec, 400).await;
+        let (st, b) = their(json!({"action": "cleanup", "org_id": other.org})).await;
+        assert_eq!((st, &b["data"]["deleted"]), (200, &json!(0)));
+        let d = s.get(&rec).await;
+        assert_eq!(d["recording"]["status"], "active");
+    }
+
+    pub async fn roles(s: &Server) {
+        let org = &s.fx.org;
+        let mine = s.start_recording().await;
+        // A second member, with their own recording.
+        let m2 = s
+            .app
+            .create_user(
+                org.parse().unwrap(),
+                &format!("m2@{org}.test"),
+                Role::Member,
+            )
+            .await
+            .unwrap();
+        let t2 = s.app.issue_token(m2, 600).await.unwrap();
+        let (st, b) = s
+            .user(Some(&t2), json!({"action": "start", "org_id": org, "machine_id": s.fx.machine, "session_type": "ssh"}))
+            .await;
+        assert_eq!(st, 201);
+        let theirs = b["data"]["session_id"].as_str().unwrap().to_string();
+        // Admin-only actions.
+        for body in [
+            json!({"action": "list", "org_id": org}),
+            json!({"action": "delete", "org_id": org, "session_id": mine}),
+            json!({"action": "cleanup", "org_id": org}),
+            json!({"action": "update_settings", "org_id": org, "recording_enabled": false}),
+        ] {
+            assert_err(s.member(body).await, 403, "FORBIDDEN");
+        }
+        // Members touch only their own recordings.
+        let (st, _) = s
+            .member(json!({"action": "get", "org_id": org, "session_id": mine}))
+            .await;
+        assert_eq!(st, 200);
+        for body in [
+            json!({"action": "get", "org_id": org, "session_id": theirs}),
+            json!({"action": "upload_chunk", "org_id": org, "session_id": theirs, "chunk_data": "[0, \"o\", \"x\"]"}),
+            json!({"action": "complete", "org_id": org, "session_id": theirs, "duration_seconds": 1}),
+        ] {
+            assert_err(s.member(body).await, 403, "FORBIDDEN");
+        }
+        // Admins touch every recording of the org.
+        let (st, _) = s
+            .admin(json!({"action": "upload_chunk", "org_id": org, "session_id": theirs, "chunk_data": "[0, \"o\", \"x\"]"}))
+            .await;
+        assert_eq!(st, 200);
+        let (st, _) = s
+            .admin(json!({"action": "get", "org_id": org, "session_id": theirs}))
+            .await;
+        assert_eq!(st, 200);
+        // The untouched recording of the other member is still active.
+        let (_, b) = s
+            .user(
+                Some(&t2),
+                json!({"action": "get", "org_id": org, "session_id": theirs}),
+            )
+            .await;
+        assert_eq!(b["data"]["recording"]["status"], "active");
+    }
+
+    pub async fn machine_deletion(s: &Server) {
+        let org = &s.fx.org;
+        let rec = s.start_recording().await;
+        s.member(json!({"action": "upload_chunk", "org_id": org, "session_id": rec, "chunk_data": "[0, \"o\", \"x\"]"}))
+            .await;
+        s.app
+            .delete_machine(s.fx.machine.parse().unwrap())
+            .await
+            .unwrap();
+        let d = s.get(&rec).await;
+        assert_eq!(d["recording"]["machine_name"], Value::Null);
+        assert_eq!(d["recording"]["machine_id"], Value::Null);
+        assert_eq!(
+            d["recording"]["metadata"]["chunks"]
+                .as_array()
+                .unwrap()
+                .len(),
+            1
+        );
+        let (_, b) = s.admin(json!({"action": "list", "org_id": org})).await;
+        assert_eq!(b["data"]["total"], 1);
+        assert_eq!(b["data"]["recordings"][0]["machine_name"], Value::Null);
+        // The deleted machine's key no longer works; the recording can still complete.
+        assert_err(
+            s.agent(json!({"action": "config", "node_key": s.fx.node_key}))
+                .await,
+            401,
+            "UNAUTHORIZED",
+        );
+        let (st, _) = s
+            .member(json!({"action": "complete", "org_id": org, "session_id": rec, "duration_seconds": 3}))
+            .await;
+        assert_eq!(st, 200);
+        // Starting on the deleted machine: NOT_FOUND.
+        assert_err(
+            s.member(json!({"action": "start", "org_id": org, "machine_id": s.fx.machine, "session_type": "ssh"}))
+                .await,
+            404,
+            "NOT_FOUND",
+        );
+    }
+
+    pub async fn concurrent_chunks(s: &Server) {
+        let org = s.fx.org.clone();
+        let rec = s.start_recording().await;
+        let mut tasks = Vec::new();
+        for i in 0..40 {
+            let http = s.http.clone();
+            let url = format!("{}/api/session-recording", s.base);
+            let token = s.fx.member_token.clone();
+            let body = json!({"action": "upload_chunk", "org_id": org, "session_id": rec, "chunk_index": i, "chunk_data": format!("[{i}.5, \"o\", \"chunk {i}\\r\\n\"]\n")});
+            tasks.push(tokio::spawn(async move {
+                let r = http
+                    .post(url)
+                    .bearer_auth(token)
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                r.status().as_u16()
+            }));
+        }
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), 200);
+        }
+        let d = s.get(&rec).await;
+        let chunks = d["recording"]["metadata"]["chunks"].as_array().unwrap();
+        let idx: Vec<i64> = chunks
+            .iter()
+            .map(|c| c["index"].as_i64().unwrap())
+            .collect();
+        assert_eq!(idx, (0..40).collect::<Vec<_>>());
+        assert_eq!(d["integrity"], "ok");
+        // Complete without duration from the agent: last event of chunk 39 (39.5 → 40).
+        let (st, _) = s
+            .agent(json!({"action": "complete", "node_key": s.fx.node_key, "session_id": rec}))
+            .await;
+        assert_eq!(st, 200);
+        assert_eq!(s.get(&rec).await["recording"]["duration_seconds"], 40);
+    }
+
+    pub async fn delete_and_cleanup(s: &Server) {
+        let org = &s.fx.org;
+        // delete: the row and every object.
+        let rec = s.start_recording().await;
+        s.member(json!({"action": "upload_chunk", "org_id": org, "session_id": rec, "chunk_data": "[0, \"o\", \"x\"]"}))
+            .await;
+        s.member(
+            json!({"action": "complete", "org_id": org, "session_id": rec, "duration_seconds": 1}),
+        )
+        .await;
+        let k0 = format!("recordings/{org}/{rec}/chunk-0.cast");
+        let ks = format!("session-recordings/{org}/{rec}/recording.json");
+        assert!(s.stores.get_object(&k0).await.is_some());
+        assert!(s.stores.get_object(&ks).await.is_some());
+        let (st, b) = s
+            .admin(json!({"action": "delete", "org_id": org, "session_id": rec}))
+            .await;
+        assert_eq!(st, 200);
+        assert_eq!(b["data"], json!({"deleted": rec}));
+        assert!(s.stores.get_object(&k0).await.is_none());
+        assert!(s.stores.get_object(&ks).await.is_none());
+        assert_err(
+            s.admin(json!({"action": "get", "org_id": org, "session_id": rec}))
+                .await,
+            404,
+            "NOT_FOUND",
+        );
+        assert_err(
+            s.admin(json!({"action": "delete", "org_id": org, "session_id": rec}))
+                .await,
+            404,
+            "NOT_FOUND",
+        );
+        // cleanup: everything older than the retention, whatever its status.
+        s.admin(json!({"action": "update_settings", "org_id": org, "retention_days": 30}))
+            .await;
+        let old_active = s.start_recording().await;
+        let old_done = s.start_recording().await;
+        let young = s.start_recording().await;
+        for r in [&old_active, &old_done, &young] {
+            s.member(json!({"action": "upload_chunk", "org_id": org, "session_id": r, "chunk_data": "[0, \"o\", \"x\"]"}))
+                .await;
+        }
+        s.member(json!({"action": "complete", "org_id": org, "session_id": old_done, "duration_seconds": 1}))
+            .await;
+        s.stores.backdate(&old_active, 31).await;
+        s.stores.backdate(&old_done, 45).await;
+        s.stores.backdate(&young, 29).await;
+        let (st, b) = s.admin(json!({"action": "cleanup", "org_id": org})).await;
+        assert_eq!(st, 200, "{b}");
+        assert_eq!(b["data"], json!({"deleted": 2}));
+        for r in [&old_active, &old_done] {
+            assert!(s
+                .stores
+                .get_object(&format!("recordings/{org}/{r}/chunk-0.cast"))
+                .await
+                .is_none());
+            assert_err(
+                s.admin(json!({"action": "get", "org_id": org, "session_id": r}))
+                    .await,
+                404,
+                "NOT_FOUND",
+            );
+        }
+        assert!(s
+            .stores
+            .get_object(&format!(
+                "session-recordings/{org}/{old_done}/recording.json"
+            ))
+            .await
+            .is_none());
+        assert_eq!(s.get(&young).await["recording"]["status"], "active");
+        let (_, b) = s.admin(json!({"action": "cleanup", "org_id": org})).await;
+        assert_eq!(b["data"], json!({"deleted": 0}));
+        // A sweep that finds its objects already gone (a half-done earlier sweep) finishes.
+        s.stores.backdate(&young, 10).await;
+        s.stores
+            .delete_object(&format!("recordings/{org}/{young}/chunk-0.cast"))
+            .await;
+        assert_eq!(s.app.sweep().await.unwrap(), 1);
+        assert_err(
+            s.admin(json!({"action": "get", "org_id": org, "session_id": young}))
+                .await,
+            404,
+            "NOT_FOUND",
+        );
+    }
+
+    pub async fn integrity(s: &Server) {
+        let org = &s.fx.org;
+        let rec = s.start_recording().await;
+        for i in 0..3 {
+            s.member(json!({"action": "upload_chunk", "org_id": org, "session_id": rec, "chunk_index": i, "chunk_data": "[0, \"o\", \"x\"]"}))
+                .await;
+        }
+        assert_eq!(s.get(&rec).await["integrity"], "ok");
+        let k1 = format!("recordings/{org}/{rec}/chunk-1.cast");
+        s.stores.put_object(&k1, b"[0, \"o\", \"y\"]\n").await;
+        assert_eq!(s.get(&rec).await["integrity"], "mismatch");
+        s.stores.delete_object(&k1).await;
+        assert_eq!(s.get(&rec).await["integrity"], "missing");
+        // Re-sending the chunk repairs it.
+        s.member(json!({"action": "upload_chunk", "org_id": org, "session_id": rec, "chunk_index": 1, "chunk_data": "[0, \"o\", \"x\"]"}))
+            .await;
+        assert_eq!(s.get(&rec).await["integrity"], "ok");
+    }
+
+    /// The admin commands of the binary, against the same stores as the running server.
+    pub async fn admin_cli(s: &Server) {
+        let bin = env!("CARGO_BIN_EXE_ztna-recorder-server");
+        let base_args = s.stores.cli_args();
+        let run = |args: &[&str]| {
+            let mut all: Vec<String> = vec!["admin".into()];
+            all.extend(args.iter().map(|a| a.to_string()));
+            all.extend(base_args.iter().cloned());
+            let out = std::process::Command::new(bin)
+                .args(&all)
+                .env_remove("DATABASE_URL")
+                .env_remove("STORE_URL")
+                .env_remove("JWT_SECRET")
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8(out.stdout).unwrap();
+            (
+                out.status.success(),
+                stdout,
+                String::from_utf8_lossy(&out.stderr).to_string(),
+            )
+        };
+        let one_json = |(ok, out, err): (bool, String, String)| -> Value {
+            assert!(ok, "admin failed: {err}");
+            assert_eq!(out.lines().count(), 1, "exactly one line: {out:?}");
+            let v: Value = serde_json::from_str(&out).unwrap();
+            assert!(v.is_object());
+            v
+        };
+        let v = one_json(run(&["org", "create", "--name", "Initech"]));
+        let org = v["org_id"].as_str().unwrap().to_string();
+        assert_eq!(v.as_object().unwrap().len(), 1);
+        let v = one_json(run(&[
+            "user",
+            "create",
+            "--org",
+            &org,
+            "--email",
+            "boss@initech.test",
+            "--role",
+            "admin",
+        ]));
+        let user = v["user_id"].as_str().unwrap().to_string();
+        let v = one_json(run(&["token", "--user", &user, "--ttl-secs", "600"]));
+        let token = v["token"].as_str().unwrap().to_string();
+        // Feature off at creation without --feature.
+        assert_err(
+            s.user(
+                Some(&token),
+                json!({"action": "get_settings", "org_id": org}),
+            )
+            .await,
+            403,
+            "FEATURE_DISABLED",
+        );
+        let v = one_json(run(&[
+            "feature",
+            "enable",
+            "--org",
+            &org,
+            "--name",
+            "session_recording",
+        ]));
+        assert_eq!(
+            v,
+            json!({"org_id": org, "feature": "session_recording", "enabled": true})
+        );
+        let (st, b) = s
+            .user(
+                Some(&token),
+                json!({"action": "get_settings", "org_id": org}),
+            )
+            .await;
+        assert_eq!(st, 200, "{b}");
+        let v = one_json(run(&[
+            "machine", "register", "--org", &org, "--name", "Linux-C", "--owner", &user,
+        ]));
+        let machine = v["machine_id"].as_str().unwrap().to_string();
+        let key = v["node_key"].as_str().unwrap().to_string();
+        assert_eq!(key.len(), 128);
+        assert!(key.chars().all(|c| matches!(c, '0'..='9' | 'a'..='f')));
+        let (st, b) = s.agent(json!({"action": "config", "node_key": key})).await;
+        assert_eq!(st, 200);
+        assert_eq!(b["data"]["machine_id"], machine.as_str());
+        let v = one_json(run(&["machine", "delete", "--machine", &machine]));
+        assert_eq!(v, json!({"deleted": machine}));
+        let v = one_json(run(&[
+            "feature",
+            "disable",
+            "--org",
+            &org,
+            "--name",
+            "session_recording",
+        ]));
+        assert_eq!(v["enabled"], false);
+        assert_err(
+            s.user(
+                Some(&token),
+                json!({"action": "get_settings", "org_id": org}),
+            )
+            .await,
+            403,
+            "FEATURE_DISABLED",
+        );
+        // --feature at creation.
+        let v = one_json(run(&[
+            "org",
+            "create",
+            "--name",
+            "Hooli",
+            "--feature",
+            "session_recording",
+        ]));
+        let org2 = v["org_id"].as_str().unwrap().to_string();
+        let v = one_json(run(&[
+            "user",
+            "create",
+            "--org",
+            &org2,
+            "--email",
+            "gavin@hooli.test",
+            "--role",
+            "member",
+        ]));
+        let t = one_json(run(&["token", "--user", v["user_id"].as_str().unwrap()]))["token"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let (st, b) = s
+            .user(Some(&t), json!({"action": "get_settings", "org_id": org2}))
+            .await;
+        assert_eq!(st, 200, "{b}");
+        assert_eq!(b["data"]["retention_days"], 90);
+        // Errors: non-zero exit, a message naming the problem, nothing on stdout.
+        let (ok, out, err) = run(&[
+            "user",
+            "create",
+            "--org",
+            &uuid::Uuid::new_v4().to_string(),
+            "--email",
+            "x@y",
+            "--role",
+            "admin",
+        ]);
+        assert!(
+            !ok && out.is_empty() && err.contains("no such org"),
+            "{err}"
+        );
+        let (ok, _, _) = run(&["token", "--user", "not-a-uuid"]);
+        assert!(!ok);
+        let (ok, _, err) = run(&["feature", "enable", "--org", &org, "--name", "teleport"]);
+        assert!(!ok && err.contains("teleport"), "{err}");
+        let (ok, _, _) = run(&["machine", "delete", "--machine", &machine]);
+        assert!(!ok);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Whole-process tests
+// ---------------------------------------------------------------------------------------
+
+/// A `serve` process of the real binary on port 0.
+struct Proc {
+    child: tokio::process::Child,
+    base: String,
+}
+
+async fn spawn_serve(stores: &Stores, secret: &str) -> Proc {
+    use tokio::io::AsyncBufReadExt as _;
+    let bin = env!("CARGO_BIN_EXE_ztna-recorder-server");
+    let mut child = tokio::process::Command::new(bin)
+        .arg("serve")
+        .args(["--listen", "127.0.0.1:0"])
+        .args(stores.cli_args())
+        .env("JWT_SECRET", secret)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+        .await
+        .expect("serve did not report its address")
+        .unwrap()
+        .expect("serve exited before listening");
+    let v: Value = serde_json::from_str(&line).unwrap();
+    let base = format!("http://{}", v["listening"].as_str().unwrap());
+    Proc { child, base }
+}
+
+impl Proc {
+    async fn post(&self, http: &reqwest::Client, token: &str, body: &Value) -> (u16, Value) {
+        let r = http
+            .post(format!("{}/api/session-recording", self.base))
+            .bearer_auth(token)
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let st = r.status().as_u16();
+        (st, r.json().await.unwrap())
+    }
+
+    /// SIGTERM: the process drains and exits 0.
+    async fn terminate(mut self) {
+        let pid = self.child.id().unwrap();
+        let st = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(status.success(), "serve exited with {status}");
+    }
+}
+
+/// Two `serve` processes on one PostgreSQL and one bucket: chunks alternately to both, then a
+/// retention sweep on each at once. Nothing lost, nothing deleted twice, no error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_serve_processes_share_postgres_and_s3() {
+    let stores = Stores::new(Backend::PgS3).await;
+    let secret = "two-process-test-secret";
+    let mut config = stores.config();
+    config.jwt_secret = Some(secret.into());
+    let app = App::open(config).await.unwrap();
+    let fx = make_fixture(&app, "shared").await;
+    let a = spawn_serve(&stores, secret).await;
+    let b = spawn_serve(&stores, secret).await;
+    let http = reqwest::Client::new();
+    let org = fx.org.clone();
+    let t = fx.admin_token.clone();
+
+    let mut recs = Vec::new();
+    for i in 0..6 {
+        let p = if i % 2 == 0 { &a } else { &b };
+        let (st, body) = p
+            .post(&http, &t, &json!({"action": "start", "org_id": org, "machine_id": fx.machine, "session_type": "ssh"}))
+            .await;
+        assert_eq!(st, 201, "{body}");
+        recs.push(body["data"]["session_id"].as_str().unwrap().to_string());
+    }
+    // 20 chunks per recording, alternately to both processes, all at once.
+    let mut uploads = Vec::new();
+    for rec in &recs {
+        for i in 0..20 {
+            let base = if i % 2 == 0 {
+                a.base.clone()
+            } else {
+                b.base.clone()
+            };
+            let http = http.clone();
+            let t = t.clone();
+            let body = json!({"action": "upload_chunk", "org_id": org, "session_id": rec, "chunk_index": i, "chunk_data": format!("[{i}, \"o\", \"x\"]")});
+            uploads.push(tokio::spawn(async move {
+                let r = http
+                    .post(format!("{base}/api/session-recording"))
+                    .bearer_auth(t)
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                r.status().as_u16()
+            }));
+        }
+    }
+    for u in uploads {
+        assert_eq!(u.await.unwrap(), 200);
+    }
+    for (n, rec) in recs.iter().enumerate() {
+        let p = if n % 2 == 0 { &b } else { &a };
+        let (st, body) = p
+            .post(
+                &http,
+                &t,
+                &json!({"action": "get", "org_id": org, "session_id": rec}),
+            )
+            .await;
+        assert_eq!(st, 200);
+        assert_eq!(
+            body["data"]["recording"]["metadata"]["chunks"]
+                .as_array()
+                .unwrap()
+                .len(),
+            20
+        );
+        assert_eq!(body["data"]["integrity"], "ok");
+    }
+    // Everything expired; one sweep on each process at the same moment.
+    for rec in &recs {
+        stores.backdate(rec, 200).await;
+    }
+    let sweep = |p: &Proc| {
+        let http = http.clone();
+        let base = p.base.clone();
+        let t = t.clone();
+        let org = org.clone();
+        tokio::spawn(async move {
+            let r = http
+                .post(format!("{base}/api/session-recording"))
+                .bearer_auth(t)
+                .json(&json!({"action": "cleanup", "org_id": org}))
+                .send()
+                .await
+                .unwrap();
+            let st = r.status().as_u16();
+            let v: Value = r.json().await.unwrap();
+            (st, v)
+        })
+    };
+    let (ra, rb) = tokio::join!(sweep(&a), sweep(&b));
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    assert_eq!(ra.0, 200, "{}", ra.1);
+    assert_eq!(rb.0, 200, "{}", rb.1);
+    let total =
+        ra.1["data"]["deleted"].as_u64().unwrap() + rb.1["data"]["deleted"].as_u64().unwrap();
+    assert_eq!(
+        total, 6,
+        "each recording deleted exactly once: {} + {}",
+        ra.1, rb.1
+    );
+    for rec in &recs {
+        for i in 0..20 {
+            assert!(stores
+                .get_object(&format!("recordings/{org}/{rec}/chunk-{i}.cast"))
+                .await
+                .is_none());
+        }
+    }
+    let (_, body) = a
+        .post(&http, &t, &json!({"action": "list", "org_id": org}))
+        .await;
+    assert_eq!(body["data"]["total"], 0);
+    a.terminate().await;
+    b.terminate().await;
+    drop(app);
+    stores.drop_database().await;
+}
+
+/// The binary on embedded defaults: data dir created, secret file 0600, SIGTERM drains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_on_defaults_and_sigterm() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let stores = Stores::new(Backend::Sqlite).await;
+    let data = stores.dir.path().join("nested/data");
+    let bin = env!("CARGO_BIN_EXE_ztna-recorder-server");
+    let mut child = tokio::process::Command::new(bin)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("ZTNA_DATA_DIR", &data)
+        .env_remove("DATABASE_URL")
+        .env_remove("STORE_URL")
+        .env_remove("JWT_SECRET")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    use tokio::io::AsyncBufReadExt as _;
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = lines.next_line().await.unwrap().unwrap();
+    assert!(line.contains("listening"));
+    assert!(data.join("recordings.db").exists());
+    assert!(data.join("objects").is_dir());
+    let mode = std::fs::metadata(data.join("jwt-secret"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    Proc {
+        child,
+        base: String::new(),
+    }
+    .terminate()
+    .await;
+    // Flags win over the environment.
+    let out = std::process::Command::new(bin)
+        .args(["admin", "org", "create", "--name", "x", "--data-dir"])
+        .arg(stores.dir.path().join("flag"))
+        .env("ZTNA_DATA_DIR", stores.dir.path().join("env"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(stores.dir.path().join("flag/recordings.db").exists());
+    assert!(!stores.dir.path().join("env").exists());
+    // A bad setting names what is wrong.
+    let out = std::process::Command::new(bin)
+        .args([
+            "admin",
+            "org",
+            "create",
+            "--name",
+            "x",
+            "--database",
+            "mysql://x",
+        ])
+        .arg("--data-dir")
+        .arg(stores.dir.path().join("flag"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("mysql://x"));
+}
+
+/// `serve` runs the retention sweep by itself every `sweep_interval`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_sweeps_periodically() {
+    let stores = Stores::new(Backend::Sqlite).await;
+    let mut config = stores.config();
+    config.sweep_interval = Duration::from_secs(1);
+    let app = App::open(config).await.unwrap();
+    let fx = make_fixture(&app, "sweepy").await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(ztna_recorder_server::serve(listener, app.clone(), async {
+        let _ = stopped.await;
+    }));
+    let http = reqwest::Client::new();
+    let post = |body: Value| {
+        let http = http.clone();
+        let url = format!("{base}/api/session-recording");
+        let t = fx.admin_token.clone();
+        async move {
+            let r = http
+                .post(url)
+                .bearer_auth(t)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let st = r.status().as_u16();
+            (st, r.json::<Value>().await.unwrap())
+        }
+    };
+    let (st, b) = post(json!({"action": "start", "org_id": fx.org, "machine_id": fx.machine, "session_type": "ssh"})).await;
+    assert_eq!(st, 201);
+    let old = b["data"]["session_id"].as_str().unwrap().to_string();
+    let (_, b) = post(json!({"action": "start", "org_id": fx.org, "machine_id": fx.machine, "session_type": "ssh"})).await;
+    let young = b["data"]["session_id"].as_str().unwrap().to_string();
+    stores.backdate(&old, 91).await;
+    // Poll for the sweep's effect (at most 30 s).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (st, _) = post(json!({"action": "get", "org_id": fx.org, "session_id": old})).await;
+        if st == 404 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the periodic sweep never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (st, _) = post(json!({"action": "get", "org_id": fx.org, "session_id": young})).await;
+    assert_eq!(st, 200);
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+}

@@ -1,0 +1,144 @@
+//! The operational endpoints of a running server: `/healthz` and the Prometheus `/metrics`
+//! (requests by route, action and status; chunk bytes stored; retention sweeps).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use serde_json::{json, Value};
+use std::time::Duration;
+use ztna_recorder_server::{App, Config, Role, SettingsUpdate};
+
+async fn get(url: &str) -> (u16, String, String) {
+    let r = reqwest::get(url).await.unwrap();
+    let status = r.status().as_u16();
+    let ct = r
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    (status, ct, r.text().await.unwrap())
+}
+
+/// The value of the sample `name{labels}` (or bare `name`) in a Prometheus text page.
+fn sample(page: &str, series: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_and_metrics_count_what_happened() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::with_data_dir(dir.path());
+    config.sweep_interval = Duration::from_secs(1);
+    let app = App::open(config).await.unwrap();
+    let org = app.create_org("acme", true).await.unwrap();
+    let admin = app
+        .create_user(org, "a@acme.test", Role::Admin)
+        .await
+        .unwrap();
+    let (_machine, node_key) = app.register_machine(org, "Linux-C", admin).await.unwrap();
+    app.update_settings(
+        org,
+        SettingsUpdate {
+            recording_enabled: Some(true),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(ztna_recorder_server::serve(listener, app, async {
+        let _ = stopped.await;
+    }));
+
+    let (status, _, body) = get(&format!("{base}/healthz")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["status"],
+        "ok"
+    );
+
+    let http = reqwest::Client::new();
+    let agent = format!("{base}/api/session-recording-agent");
+    let post = |body: Value| {
+        let http = http.clone();
+        let agent = agent.clone();
+        async move {
+            let r = http.post(&agent).json(&body).send().await.unwrap();
+            let s = r.status().as_u16();
+            (s, r.json::<Value>().await.unwrap())
+        }
+    };
+    let (s, v) = post(
+        json!({"action": "start", "node_key": node_key, "session_type": "ssh",
+        "header": {"version": 2, "width": 80, "height": 24}}),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    let session = v["data"]["session_id"].as_str().unwrap().to_string();
+    let chunk = "[0.5, \"o\", \"hello\"]\n";
+    for _ in 0..2 {
+        let (s, v) = post(json!({"action": "upload_chunk", "node_key": node_key,
+            "session_id": session, "chunk_index": 0, "chunk_data": chunk}))
+        .await;
+        assert_eq!(s, 200, "{v}");
+    }
+    let (s, _) = post(json!({"action": "config", "node_key": "00"})).await;
+    assert_eq!(s, 401);
+    let (s, _) = post(json!({"action": "no-such-action", "node_key": node_key})).await;
+    assert_eq!(s, 400);
+
+    // Let at least one periodic sweep run (every second here).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (status, ct, page) = get(&format!("{base}/metrics")).await;
+    assert_eq!(status, 200);
+    assert!(ct.starts_with("text/plain; version=0.0.4"), "{ct}");
+    let route = "route=\"/api/session-recording-agent\"";
+    let req = |action: &str, status: u16| {
+        sample(
+            &page,
+            &format!("ztna_http_requests_total{{{route},action=\"{action}\",status=\"{status}\"}}"),
+        )
+    };
+    assert_eq!(req("start", 201), Some(1.0), "{page}");
+    assert_eq!(req("upload_chunk", 200), Some(2.0), "{page}");
+    assert_eq!(req("config", 401), Some(1.0), "{page}");
+    assert_eq!(req("other", 400), Some(1.0), "{page}");
+    assert!(!page.contains("no-such-action"), "{page}");
+    assert_eq!(
+        sample(&page, "ztna_chunk_bytes_stored_total"),
+        Some((2 * chunk.len()) as f64),
+        "{page}"
+    );
+    assert_eq!(
+        sample(&page, "ztna_chunks_stored_total"),
+        Some(2.0),
+        "{page}"
+    );
+    assert!(
+        sample(&page, "ztna_sweep_runs_total").unwrap() >= 1.0,
+        "{page}"
+    );
+    assert_eq!(
+        sample(&page, "ztna_sweep_failures_total"),
+        Some(0.0),
+        "{page}"
+    );
+    assert_eq!(
+        sample(&page, "ztna_sweep_deleted_recordings_total"),
+        Some(0.0),
+        "{page}"
+    );
+    // Every sample line is `name{labels} value` or `name value`; comments are HELP/TYPE.
+    for l in page.lines() {
+        assert!(
+            l.starts_with("# HELP ztna_")
+                || l.starts_with("# TYPE ztna_")
+                || (l.starts_with("ztna_") && l.rsplit(' ').next().unwrap().parse::<f64>().is_ok()),
+            "bad line {l:?}"
+        );
+    }
+
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+}

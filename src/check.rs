@@ -1,0 +1,243 @@
+//! `ztna-recorder config check`: loads the configuration the way the daemon does, then asks
+//! the backend for this machine's settings with the node key (the agent route's `config`
+//! action). Every problem is one line on stderr, and the exit status is non-zero when there is
+//! one, so an administrator (or a package's post-install hint) can run it before reloading
+//! sshd. The node key never appears in the output.
+
+use crate::client::{AgentClient, ClientError};
+use crate::config::{Config, ConfigArgs, Loaded, CONFIG_ENV, DEFAULT_CONFIG_FILE};
+use std::path::{Path, PathBuf};
+use ztna_common::api::ErrorCode;
+
+/// `ztna-recorder config …`
+#[derive(clap::Subcommand, Debug)]
+pub enum ConfigCommand {
+    /// Validate the configuration and check that the backend accepts this machine's node key.
+    Check(CheckArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Only validate the configuration; do not contact the backend.
+    #[arg(long)]
+    pub offline: bool,
+}
+
+/// A node key is 64 random bytes written as hex (contract: "admin machine register").
+const NODE_KEY_HEX_LEN: usize = 128;
+
+/// What a check found: problems make it fail, warnings do not.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub problems: Vec<String>,
+    pub warnings: Vec<String>,
+    /// The one-line summary printed when there is no problem.
+    pub ok: Option<String>,
+}
+
+pub fn run(cmd: ConfigCommand) -> anyhow::Result<u8> {
+    let ConfigCommand::Check(args) = cmd;
+    let report = check(args.config.config.as_deref(), !args.offline);
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
+    }
+    for p in &report.problems {
+        eprintln!("error: {p}");
+    }
+    match (&report.ok, report.problems.is_empty()) {
+        (Some(ok), true) => {
+            println!("OK: {ok}");
+            Ok(0)
+        }
+        _ => Ok(1),
+    }
+}
+
+/// Runs every check for the configuration file `file` (None: `ZTNA_RECORDER_CONFIG` was not
+/// set and no `--config` given, so the default file, which may be absent).
+pub fn check(file: Option<&Path>, reach_backend: bool) -> Report {
+    let mut r = Report::default();
+    let shown = file
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_FILE));
+    let loaded = match Config::load(file, Vec::new()) {
+        Ok(l) => l,
+        Err(e) => {
+            r.problems.push(load_error(&shown, &e));
+            return r;
+        }
+    };
+    let Loaded {
+        config,
+        warnings,
+        file: used,
+    } = loaded;
+    r.warnings.extend(warnings);
+    let source = match &used {
+        Some(p) => p.display().to_string(),
+        None => {
+            r.warnings.push(format!(
+                "{} does not exist: using defaults and {CONFIG_ENV}/ZTNA_RECORDER_* variables only",
+                shown.display()
+            ));
+            String::from("defaults and environment")
+        }
+    };
+
+    let url = match &config.server_url {
+        Some(u) => Some(u.clone()),
+        None => {
+            r.problems.push(format!(
+                "{source}: server_url is not set (the backend's base URL, e.g. https://recordings.example.com)"
+            ));
+            None
+        }
+    };
+    let key = match config.read_node_key() {
+        Ok(k) if k.expose().len() != NODE_KEY_HEX_LEN => {
+            r.problems.push(format!(
+                "{source}: the node key is {} hex characters long, expected {NODE_KEY_HEX_LEN} (as printed by `ztna-recorder-server admin machine register`)",
+                k.expose().len()
+            ));
+            None
+        }
+        Ok(k) => Some(k),
+        Err(e) => {
+            r.problems.push(format!(
+                "{source}: cannot read the node key: {}",
+                one_line(&e)
+            ));
+            None
+        }
+    };
+    if config.spool_dir.exists() && !config.spool_dir.is_dir() {
+        r.problems.push(format!(
+            "{source}: spool_dir {} exists and is not a directory",
+            config.spool_dir.display()
+        ));
+    }
+    if config.spool_max_bytes < config.chunk_max_bytes {
+        r.problems.push(format!(
+            "{source}: spool_max_bytes ({}) is smaller than chunk_max_bytes ({}): no chunk would fit",
+            config.spool_max_bytes, config.chunk_max_bytes
+        ));
+    }
+
+    let (Some(url), Some(key)) = (url, key) else {
+        return r;
+    };
+    if !r.problems.is_empty() {
+        return r;
+    }
+    if !reach_backend {
+        r.ok = Some(format!("{source} is valid (backend not contacted)"));
+        return r;
+    }
+    let answer = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(async {
+            let client = AgentClient::new(&url, key)?;
+            Ok::<_, anyhow::Error>(client.config().await)
+        }),
+        Err(e) => Err(e.into()),
+    };
+    match answer {
+        Ok(Ok(c)) => {
+            if !c.recording_enabled {
+                r.warnings.push(format!(
+                    "the backend has recording switched off for org {} (recording_enabled = false): sessions are not recorded until an admin enables it",
+                    c.org_id
+                ));
+            }
+            r.ok = Some(format!(
+                "{source} is valid; backend {url} accepts the node key (org {}, machine {}, recording {}, retention {} days)",
+                c.org_id,
+                c.machine_id,
+                if c.recording_enabled { "enabled" } else { "disabled" },
+                c.retention_days
+            ));
+        }
+        Ok(Err(e)) => r.problems.push(backend_error(&url, &e)),
+        Err(e) => r
+            .problems
+            .push(format!("cannot set up the HTTP client: {}", one_line(&e))),
+    }
+    r
+}
+
+fn backend_error(url: &str, e: &ClientError) -> String {
+    match e {
+        ClientError::Transport(why) => {
+            format!("cannot reach the backend at {url}: {}", diagnose(url, why))
+        }
+        ClientError::Api {
+            code: Some(ErrorCode::Unauthorized),
+            ..
+        } => format!(
+            "the backend at {url} rejected the node key (UNAUTHORIZED): the machine is not registered there, or the key is wrong"
+        ),
+        ClientError::Api {
+            status, message, ..
+        } if *status == 404 || *status == 405 => format!(
+            "{url} answered {status} ({message}): is server_url the backend's base URL?"
+        ),
+        other => format!("the backend at {url} refused the check: {other}"),
+    }
+}
+
+/// Why a request got no answer, in the words of the layer that failed: the HTTP client's
+/// message alone ("error sending request") does not tell a refused port from a wrong name.
+fn diagnose(url: &str, why: &str) -> String {
+    let Ok(parsed) = reqwest::Url::parse(url) else {
+        return why.to_string();
+    };
+    let host = parsed.host_str().unwrap_or_default().to_string();
+    let addrs = match parsed.socket_addrs(|| None) {
+        Ok(a) if !a.is_empty() => a,
+        Ok(_) => return format!("{host} resolves to no address"),
+        Err(e) => return format!("cannot resolve {host}: {e}"),
+    };
+    let mut last = None;
+    for addr in &addrs {
+        match std::net::TcpStream::connect_timeout(addr, std::time::Duration::from_secs(5)) {
+            Ok(_) => return format!("{addr} accepts connections, but the request failed: {why}"),
+            Err(e) => last = Some(format!("connecting to {addr}: {e}")),
+        }
+    }
+    last.unwrap_or_else(|| why.to_string())
+}
+
+/// A loader error as one line: TOML syntax errors become `line L, column C: message`.
+fn load_error(file: &Path, e: &anyhow::Error) -> String {
+    if let Some(te) = e.chain().find_map(|c| c.downcast_ref::<toml::de::Error>()) {
+        let at = te
+            .span()
+            .and_then(|span| {
+                let text = std::fs::read_to_string(file).ok()?;
+                let before = text.get(..span.start)?;
+                let line = before.matches('\n').count() + 1;
+                let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                Some(format!(" at line {line}, column {col}"))
+            })
+            .unwrap_or_default();
+        let message: Vec<&str> = te.message().lines().map(str::trim).collect();
+        return format!(
+            "{}: not valid TOML{at}: {}",
+            file.display(),
+            message.join("; ")
+        );
+    }
+    one_line(e)
+}
+
+/// `{e:#}` with any line breaks folded, so that each problem stays on one line.
+fn one_line(e: &anyhow::Error) -> String {
+    format!("{e:#}")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}

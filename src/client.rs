@@ -1,0 +1,216 @@
+//! The backend client: the node-key route `/api/session-recording-agent` (`config`, `start`,
+//! `upload_chunk`, `complete`), over reqwest with rustls. The node key goes only into request
+//! bodies, never into a log line or an error message.
+
+use crate::config::Secret;
+use serde::de::DeserializeOwned;
+use serde_json::{json, Map, Value};
+use std::time::Duration;
+use ztna_common::api::{
+    AgentConfig, ApiError, ChunkStored, Completed, Envelope, ErrorCode, Started, AGENT_ROUTE,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No answer: connection refused, timeout, reset.
+    #[error("backend unreachable: {0}")]
+    Transport(String),
+    /// The backend answered with an error envelope (or a bare HTTP error).
+    #[error("backend answered {status} {}: {message}", code.map(|c| format!("{c:?}")).unwrap_or_default())]
+    Api {
+        status: u16,
+        code: Option<ErrorCode>,
+        message: String,
+    },
+    /// The backend answered something that is not the contract's envelope.
+    #[error("unexpected answer from the backend ({status}): {reason}")]
+    Decode { status: u16, reason: String },
+}
+
+impl ClientError {
+    /// Whether retrying the same request later can succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ClientError::Transport(_) => true,
+            ClientError::Decode { .. } => true,
+            ClientError::Api { status, code, .. } => {
+                *status >= 500
+                    || *status == 408
+                    || *status == 429
+                    || code.is_some_and(ErrorCode::is_retryable)
+            }
+        }
+    }
+
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Api { code, .. } => *code,
+            _ => None,
+        }
+    }
+
+    /// Whether the backend answered at all.
+    pub fn backend_answered(&self) -> bool {
+        !matches!(self, ClientError::Transport(_))
+    }
+}
+
+/// A client of the node-key route.
+#[derive(Clone)]
+pub struct AgentClient {
+    http: reqwest::Client,
+    url: String,
+    node_key: Secret,
+}
+
+impl std::fmt::Debug for AgentClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentClient")
+            .field("url", &self.url)
+            .field("node_key", &self.node_key)
+            .finish()
+    }
+}
+
+impl AgentClient {
+    pub fn new(server_url: &str, node_key: Secret) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(60))
+            .user_agent(concat!("ztna-recorder/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(AgentClient {
+            http,
+            url: format!("{}{}", server_url.trim_end_matches('/'), AGENT_ROUTE),
+            node_key,
+        })
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        action: &str,
+        mut body: Map<String, Value>,
+    ) -> Result<T, ClientError> {
+        body.insert("action".into(), Value::String(action.into()));
+        body.insert(
+            "node_key".into(),
+            Value::String(self.node_key.expose().to_string()),
+        );
+        let bytes = serde_json::to_vec(&body).map_err(|e| ClientError::Decode {
+            status: 0,
+            reason: e.to_string(),
+        })?;
+        self.post(bytes).await
+    }
+
+    async fn post<T: DeserializeOwned>(&self, body: Vec<u8>) -> Result<T, ClientError> {
+        let resp = self
+            .http
+            .post(&self.url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| ClientError::Transport(e.without_url().to_string()))?;
+        let status = resp.status().as_u16();
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| ClientError::Transport(e.without_url().to_string()))?;
+        let env: Envelope<Value> = match serde_json::from_slice(&bytes) {
+            Ok(e) => e,
+            Err(e) if status >= 400 => {
+                return Err(ClientError::Api {
+                    status,
+                    code: None,
+                    message: format!("non-envelope body ({e})"),
+                })
+            }
+            Err(e) => {
+                return Err(ClientError::Decode {
+                    status,
+                    reason: e.to_string(),
+                })
+            }
+        };
+        if !env.success || status >= 400 {
+            let (code, message) = match env.error {
+                Some(ApiError { code, message }) => (Some(code), message),
+                None => (None, String::from("error without details")),
+            };
+            return Err(ClientError::Api {
+                status,
+                code,
+                message,
+            });
+        }
+        let data = env.data.unwrap_or(Value::Null);
+        serde_json::from_value(data).map_err(|e| ClientError::Decode {
+            status,
+            reason: e.to_string(),
+        })
+    }
+
+    pub async fn config(&self) -> Result<AgentConfig, ClientError> {
+        self.call("config", Map::new()).await
+    }
+
+    pub async fn start(
+        &self,
+        session_type: &str,
+        header: &Value,
+        metadata: &Value,
+    ) -> Result<Started, ClientError> {
+        let body = json!({"session_type": session_type, "header": header, "metadata": metadata});
+        self.call("start", obj(body)).await
+    }
+
+    pub async fn upload_chunk(
+        &self,
+        session_id: &str,
+        chunk_index: u64,
+        chunk_data: &str,
+    ) -> Result<ChunkStored, ClientError> {
+        // Serialised straight from the borrowed chunk: no copy of up to 8 MiB into a Value.
+        #[derive(serde::Serialize)]
+        struct Body<'a> {
+            action: &'static str,
+            node_key: &'a str,
+            session_id: &'a str,
+            chunk_index: u64,
+            chunk_data: &'a str,
+        }
+        let body = serde_json::to_vec(&Body {
+            action: "upload_chunk",
+            node_key: self.node_key.expose(),
+            session_id,
+            chunk_index,
+            chunk_data,
+        })
+        .map_err(|e| ClientError::Decode {
+            status: 0,
+            reason: e.to_string(),
+        })?;
+        self.post(body).await
+    }
+
+    pub async fn complete(
+        &self,
+        session_id: &str,
+        duration_seconds: Option<i64>,
+        metadata: &Value,
+    ) -> Result<Completed, ClientError> {
+        let mut body = json!({"session_id": session_id, "metadata": metadata});
+        if let (Some(d), Some(m)) = (duration_seconds, body.as_object_mut()) {
+            m.insert("duration_seconds".into(), json!(d));
+        }
+        self.call("complete", obj(body)).await
+    }
+}
+
+fn obj(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
+}

@@ -1,0 +1,392 @@
+//! The agent's configuration: built-in defaults, then one TOML file
+//! (`/etc/ztna-recorder/config.toml`, or `--config FILE` / `ZTNA_RECORDER_CONFIG`), then
+//! `ZTNA_RECORDER_<KEY>` environment variables, then command-line flags; later wins.
+//! Unknown keys are warned about, never fatal; secrets never appear in `Debug` output.
+
+use anyhow::{bail, Context};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// Where the configuration file is looked for when neither `--config` nor
+/// `ZTNA_RECORDER_CONFIG` names one.
+pub const DEFAULT_CONFIG_FILE: &str = "/etc/ztna-recorder/config.toml";
+/// The environment variable naming another configuration file.
+pub const CONFIG_ENV: &str = "ZTNA_RECORDER_CONFIG";
+/// Prefix of the per-key environment variables.
+pub const ENV_PREFIX: &str = "ZTNA_RECORDER_";
+
+/// A value that must never reach a log line.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
+}
+
+/// The agent configuration (contract: "Agent: configuration"), plus a few tuning knobs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// The backend's base URL.
+    pub server_url: Option<String>,
+    /// A file holding the node key.
+    pub node_key_file: Option<PathBuf>,
+    /// The node key itself (discouraged: prefer `node_key_file`).
+    pub node_key: Option<Secret>,
+    pub spool_dir: PathBuf,
+    pub socket: PathBuf,
+    pub enforce: bool,
+    pub capture_input: bool,
+    pub chunk_max_bytes: u64,
+    pub chunk_max_secs: u64,
+    pub spool_max_bytes: u64,
+    /// Cap of the upload retry backoff.
+    pub retry_max_secs: u64,
+    /// How often the spool is rescanned even without a filesystem event.
+    pub rescan_secs: u64,
+    /// How long the backend's `config` answer is trusted.
+    pub config_refresh_secs: u64,
+    /// On SIGTERM, how long the daemon keeps uploading before it exits.
+    pub drain_secs: u64,
+    /// The command that prints `{"node_key": …}` when `node_key_file` is unset.
+    pub status_command: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server_url: None,
+            node_key_file: None,
+            node_key: None,
+            spool_dir: PathBuf::from("/var/lib/ztna-recorder/spool"),
+            socket: PathBuf::from("/run/ztna-recorder/recorder.sock"),
+            enforce: false,
+            capture_input: false,
+            chunk_max_bytes: 1_048_576,
+            chunk_max_secs: 10,
+            spool_max_bytes: 1_073_741_824,
+            retry_max_secs: 30,
+            rescan_secs: 5,
+            config_refresh_secs: 60,
+            drain_secs: 3,
+            status_command: String::from("ztna status --json"),
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Str,
+    Path,
+    Bool,
+    U64,
+}
+
+const KEYS: &[(&str, Kind)] = &[
+    ("server_url", Kind::Str),
+    ("node_key_file", Kind::Path),
+    ("node_key", Kind::Str),
+    ("spool_dir", Kind::Path),
+    ("socket", Kind::Path),
+    ("enforce", Kind::Bool),
+    ("capture_input", Kind::Bool),
+    ("chunk_max_bytes", Kind::U64),
+    ("chunk_max_secs", Kind::U64),
+    ("spool_max_bytes", Kind::U64),
+    ("retry_max_secs", Kind::U64),
+    ("rescan_secs", Kind::U64),
+    ("config_refresh_secs", Kind::U64),
+    ("drain_secs", Kind::U64),
+    ("status_command", Kind::Str),
+];
+
+/// Environment variables with the prefix that are not configuration keys.
+const NON_KEY_ENV: &[&str] = &["CONFIG", "LOG"];
+
+/// `--config FILE`, shared by the agent's subcommands.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ConfigArgs {
+    /// The configuration file [default: /etc/ztna-recorder/config.toml].
+    #[arg(long, value_name = "FILE", env = CONFIG_ENV)]
+    pub config: Option<PathBuf>,
+}
+
+/// Where configuration comes from, before the flags of a subcommand.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    /// An explicit file (`--config` or `ZTNA_RECORDER_CONFIG`): it must exist.
+    pub file: Option<PathBuf>,
+    /// The environment, as `(name, value)` pairs.
+    pub env: Vec<(String, String)>,
+    /// Flag overrides, by key.
+    pub flags: Vec<(&'static str, String)>,
+}
+
+/// What loading found worth a warning (unknown keys), for the caller to log once logging is up.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub config: Config,
+    pub warnings: Vec<String>,
+    pub file: Option<PathBuf>,
+}
+
+impl Config {
+    /// Loads from the process environment, the given explicit file and flags.
+    pub fn load(file: Option<&Path>, flags: Vec<(&'static str, String)>) -> anyhow::Result<Loaded> {
+        Self::load_from(Sources {
+            file: file.map(Path::to_path_buf),
+            env: std::env::vars().collect(),
+            flags,
+        })
+    }
+
+    pub fn load_from(src: Sources) -> anyhow::Result<Loaded> {
+        let mut warnings = Vec::new();
+        let mut values: BTreeMap<&'static str, toml::Value> = BTreeMap::new();
+
+        let (path, must_exist) = match &src.file {
+            Some(p) => (p.clone(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG_FILE), false),
+        };
+        let mut used_file = None;
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let table: toml::Table = toml::from_str(&text)
+                    .with_context(|| format!("config file {}: not valid TOML", path.display()))?;
+                for (k, v) in table {
+                    match KEYS.iter().find(|(name, _)| *name == k) {
+                        Some((name, _)) => {
+                            values.insert(name, v);
+                        }
+                        None => warnings.push(format!(
+                            "config file {}: unknown key `{k}` ignored",
+                            path.display()
+                        )),
+                    }
+                }
+                used_file = Some(path);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must_exist => {}
+            Err(e) => bail!("config file {}: {e}", path.display()),
+        }
+
+        for (name, val) in &src.env {
+            let Some(key) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            if NON_KEY_ENV.contains(&key) {
+                continue;
+            }
+            let lower = key.to_ascii_lowercase();
+            match KEYS.iter().find(|(k, _)| *k == lower) {
+                Some((k, kind)) => {
+                    values.insert(k, parse_text(k, *kind, val, name)?);
+                }
+                None => warnings.push(format!("environment variable {name}: unknown key ignored")),
+            }
+        }
+        for (k, val) in &src.flags {
+            let (k, kind) = KEYS
+                .iter()
+                .find(|(name, _)| name == k)
+                .with_context(|| format!("internal: flag for unknown key {k}"))?;
+            values.insert(
+                k,
+                parse_text(k, *kind, val, &format!("--{}", k.replace('_', "-")))?,
+            );
+        }
+
+        let mut c = Config::default();
+        for (k, v) in values {
+            apply(&mut c, k, v)?;
+        }
+        c.validate()?;
+        Ok(Loaded {
+            config: c,
+            warnings,
+            file: used_file,
+        })
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.chunk_max_bytes == 0 {
+            bail!("chunk_max_bytes must be at least 1");
+        }
+        // The backend refuses chunks over 8 MiB; a chunk may overshoot the limit by one frame.
+        let limit = (ztna_common::api::MAX_CHUNK_BYTES - crate::ipc::MAX_FRAME_BYTES) as u64;
+        if self.chunk_max_bytes > limit {
+            bail!("chunk_max_bytes must be at most {limit} (the backend takes chunks up to 8 MiB)");
+        }
+        if self.chunk_max_secs == 0 {
+            bail!("chunk_max_secs must be at least 1");
+        }
+        if self.rescan_secs == 0 {
+            bail!("rescan_secs must be at least 1");
+        }
+        if let Some(u) = &self.server_url {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                bail!("server_url must start with http:// or https://, got {u:?}");
+            }
+        }
+        Ok(())
+    }
+
+    /// The node key: `node_key`, else the contents of `node_key_file`, else `.node_key` of
+    /// what `status_command` prints.
+    pub fn read_node_key(&self) -> anyhow::Result<Secret> {
+        let raw = if let Some(k) = &self.node_key {
+            k.expose().to_string()
+        } else if let Some(f) = &self.node_key_file {
+            std::fs::read_to_string(f).with_context(|| format!("node_key_file {}", f.display()))?
+        } else {
+            let mut parts = self.status_command.split_whitespace();
+            let prog = parts.next().context("status_command is empty")?;
+            let out = std::process::Command::new(prog)
+                .args(parts)
+                .stdin(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .output()
+                .with_context(|| {
+                    format!(
+                        "no node_key_file configured and `{}` could not run",
+                        self.status_command
+                    )
+                })?;
+            if !out.status.success() {
+                bail!("`{}` failed ({})", self.status_command, out.status);
+            }
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+                .with_context(|| format!("`{}` did not print JSON", self.status_command))?;
+            v.get("node_key")
+                .and_then(|k| k.as_str())
+                .map(str::to_string)
+                .with_context(|| format!("`{}` printed no .node_key", self.status_command))?
+        };
+        let key = raw.trim();
+        if key.is_empty() || !key.bytes().all(|b| b.is_ascii_hexdigit()) {
+            bail!("the node key is not hexadecimal text");
+        }
+        Ok(Secret::new(key.to_ascii_lowercase()))
+    }
+}
+
+fn parse_text(key: &str, kind: Kind, val: &str, from: &str) -> anyhow::Result<toml::Value> {
+    Ok(match kind {
+        Kind::Str | Kind::Path => toml::Value::String(val.to_string()),
+        Kind::Bool => match val.trim().to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "on" => toml::Value::Boolean(true),
+            "0" | "false" | "no" | "off" | "" => toml::Value::Boolean(false),
+            _ => bail!("{from}: `{key}` must be true or false, got {val:?}"),
+        },
+        Kind::U64 => {
+            let n: u64 = val
+                .trim()
+                .parse()
+                .with_context(|| format!("{from}: `{key}` must be a whole number, got {val:?}"))?;
+            toml::Value::Integer(i64::try_from(n).with_context(|| format!("{from}: too large"))?)
+        }
+    })
+}
+
+fn apply(c: &mut Config, key: &str, v: toml::Value) -> anyhow::Result<()> {
+    fn s(key: &str, v: toml::Value) -> anyhow::Result<String> {
+        match v {
+            toml::Value::String(s) => Ok(s),
+            other => bail!("`{key}` must be a string, got {}", other.type_str()),
+        }
+    }
+    fn b(key: &str, v: toml::Value) -> anyhow::Result<bool> {
+        match v {
+            toml::Value::Boolean(b) => Ok(b),
+            other => bail!("`{key}` must be true or false, got {}", other.type_str()),
+        }
+    }
+    fn n(key: &str, v: toml::Value) -> anyhow::Result<u64> {
+        match v {
+            toml::Value::Integer(i) if i >= 0 => Ok(i as u64),
+            other => bail!("`{key}` must be a whole number >= 0, got {other}"),
+        }
+    }
+    match key {
+        "server_url" => c.server_url = Some(s(key, v)?.trim_end_matches('/').to_string()),
+        "node_key_file" => c.node_key_file = Some(PathBuf::from(s(key, v)?)),
+        "node_key" => c.node_key = Some(Secret::new(s(key, v)?)),
+        "spool_dir" => c.spool_dir = PathBuf::from(s(key, v)?),
+        "socket" => c.socket = PathBuf::from(s(key, v)?),
+        "enforce" => c.enforce = b(key, v)?,
+        "capture_input" => c.capture_input = b(key, v)?,
+        "chunk_max_bytes" => c.chunk_max_bytes = n(key, v)?,
+        "chunk_max_secs" => c.chunk_max_secs = n(key, v)?,
+        "spool_max_bytes" => c.spool_max_bytes = n(key, v)?,
+        "retry_max_secs" => c.retry_max_secs = n(key, v)?,
+        "rescan_secs" => c.rescan_secs = n(key, v)?,
+        "config_refresh_secs" => c.config_refresh_secs = n(key, v)?,
+        "drain_secs" => c.drain_secs = n(key, v)?,
+        "status_command" => c.status_command = s(key, v)?,
+        _ => bail!("internal: unknown key {key}"),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn layers_apply_in_order_and_unknown_keys_warn() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(
+            &f,
+            "server_url = \"http://a/\"\nenforce = true\nchunk_max_secs = 3\nbogus = 1\nnode_key = \"abcd\"\n",
+        )
+        .unwrap();
+        let l = Config::load_from(Sources {
+            file: Some(f),
+            env: vec![
+                ("ZTNA_RECORDER_CHUNK_MAX_SECS".into(), "4".into()),
+                ("ZTNA_RECORDER_ENFORCE".into(), "false".into()),
+                ("ZTNA_RECORDER_NOPE".into(), "1".into()),
+                ("ZTNA_RECORDER_CONFIG".into(), "x".into()),
+            ],
+            flags: vec![("chunk_max_secs", "5".into())],
+        })
+        .unwrap();
+        assert_eq!(l.config.server_url.as_deref(), Some("http://a"));
+        assert!(!l.config.enforce);
+        assert_eq!(l.config.chunk_max_secs, 5);
+        assert_eq!(l.warnings.len(), 2, "{:?}", l.warnings);
+        let dbg = format!("{:?}", l.config);
+        assert!(!dbg.contains("abcd"), "{dbg}");
+        assert!(dbg.contains("redacted"));
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let e = Config::load_from(Sources {
+            file: None,
+            env: vec![("ZTNA_RECORDER_ENFORCE".into(), "maybe".into())],
+            flags: vec![],
+        })
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("enforce"));
+        let e = Config::load_from(Sources {
+            file: Some("/nonexistent/x.toml".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("/nonexistent/x.toml"));
+    }
+}

@@ -1,0 +1,37 @@
+//! Recovery on start: sessions an earlier run left behind. Every `.part` is sealed (a torn
+//! last line dropped) and a session without an end mark (its recorder died: no live
+//! connection can exist before the socket is bound) gets one with `interrupted: true`, so the
+//! uploader completes it with what it holds.
+
+use super::spool::{EndMark, Spool};
+use serde_json::{Map, Value};
+
+/// Returns how many sessions were marked interrupted.
+pub fn recover(spool: &Spool) -> std::io::Result<usize> {
+    let mut interrupted = 0;
+    // Half-created sessions (a crash between mkdir and rename) hold no events.
+    if let Ok(rd) = std::fs::read_dir(spool.sessions_dir()) {
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().starts_with(".new-") {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    for id in spool.list_sessions()? {
+        let dir = spool.session(&id);
+        dir.seal_parts()?;
+        if dir.end()?.is_none() {
+            let mut metadata = Map::new();
+            metadata.insert("interrupted".into(), Value::Bool(true));
+            dir.set_end(&EndMark {
+                exit_status: None,
+                interrupted: true,
+                duration_seconds: None,
+                metadata,
+            })?;
+            interrupted += 1;
+            tracing::warn!(session = %id, "session left by an earlier run: completing it as interrupted");
+        }
+    }
+    Ok(interrupted)
+}

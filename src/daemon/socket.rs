@@ -1,0 +1,387 @@
+//! The Unix socket `shell` and `status` connect to. Who connected comes from the kernel
+//! (`SO_PEERCRED`, via tokio's `peer_cred`), never from what the client says: the `uid` and
+//! `user` of a session's metadata are overwritten with the peer's.
+
+use super::spool::{ChunkWriter, EndMark};
+use super::{lock, now_rfc3339, Shared};
+use crate::ipc::{
+    self, AckMsg, DecisionMsg, EndMsg, ErrorMsg, Frame, FrameError, Kind, LiveSession, Mode,
+    StartMsg,
+};
+use anyhow::Context;
+use serde_json::Value;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+
+/// Binds the socket with mode 0666 (any local user may record; who they are comes from the
+/// kernel). A stale socket file is replaced; a live daemon on it is an error.
+pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating the socket's folder {}", parent.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!("another daemon is listening on {}", path.display());
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing the stale socket {}", path.display()))?;
+    }
+    let l = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+    Ok(l)
+}
+
+pub async fn accept_loop(shared: Arc<Shared>, listener: UnixListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = handle(shared, stream).await {
+                        tracing::warn!("connection: {e:#}");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::error!("accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn send_json<T: serde::Serialize>(
+    w: &mut tokio::net::unix::OwnedWriteHalf,
+    kind: Kind,
+    v: &T,
+) -> Result<(), FrameError> {
+    let f = Frame::json(kind, v)?;
+    ipc::write_frame_async(w, f.kind, &f.payload).await
+}
+
+fn user_name(uid: u32) -> Option<String> {
+    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+}
+
+/// Checks that an `Events` payload is whole asciicast event lines (`[time, "c", …]`, one a
+/// line); returns the time of the last one and how many there are. A structural check, not a
+/// full JSON parse: this is the hot path, and the backend validates every chunk again
+/// (`INVALID_CHUNK`), so a client that lies only spoils its own recording.
+fn check_events(payload: &[u8]) -> anyhow::Result<(Option<f64>, u64)> {
+    let text = std::str::from_utf8(payload).context("events are not UTF-8")?;
+    if !text.is_empty() && !text.ends_with('\n') {
+        anyhow::bail!("events frame does not end with a newline");
+    }
+    let mut last = None;
+    let mut n = 0;
+    for line in text.split_terminator('\n') {
+        let inner = line
+            .strip_prefix('[')
+            .and_then(|l| l.strip_suffix(']'))
+            .context("an event line must be a JSON array")?;
+        let (time, rest) = inner
+            .split_once(',')
+            .context("an event line needs a time")?;
+        let t: f64 = time
+            .trim()
+            .parse()
+            .ok()
+            .filter(|t: &f64| t.is_finite() && *t >= 0.0)
+            .context("event time must be a number >= 0")?;
+        let rest = rest.trim_start();
+        let code_ok = ["\"o\"", "\"i\"", "\"r\"", "\"m\""]
+            .iter()
+            .any(|c| rest.starts_with(c) && rest[c.len()..].trim_start().starts_with(','));
+        if !code_ok || !rest.ends_with('"') {
+            anyhow::bail!("not an asciicast event line");
+        }
+        last = Some(t);
+        n += 1;
+    }
+    Ok((last, n))
+}
+
+async fn handle(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
+    let cred = stream.peer_cred().context("SO_PEERCRED")?;
+    let (mut rd, mut wr) = stream.into_split();
+    let first = tokio::time::timeout(Duration::from_secs(10), ipc::read_frame_async(&mut rd))
+        .await
+        .context("no first frame within 10 s")??;
+    match first.kind {
+        Kind::StatusRequest => {
+            let st = shared.status();
+            send_json(&mut wr, Kind::StatusReply, &st).await?;
+            return Ok(());
+        }
+        Kind::Start => {}
+        other => {
+            let msg = ErrorMsg {
+                message: format!("expected Start, got {other:?}"),
+                code: ipc::ERROR_PROTOCOL.into(),
+            };
+            let _ = send_json(&mut wr, Kind::Error, &msg).await;
+            return Ok(());
+        }
+    }
+    let start: StartMsg = first.parse()?;
+    let uid = cred.uid();
+    let user = user_name(uid).unwrap_or_else(|| uid.to_string());
+
+    let decide = |mode, reason: &str| DecisionMsg {
+        mode,
+        reason: reason.to_string(),
+        session: None,
+    };
+    if *shared.stopping.borrow() {
+        send_json(
+            &mut wr,
+            Kind::Decision,
+            &decide(Mode::Refused, "the daemon is stopping"),
+        )
+        .await?;
+        return Ok(());
+    }
+    if lock(&shared.recording_enabled).is_some_and(|(enabled, _)| !enabled) {
+        tracing::info!(%user, "recording is switched off for this org: session runs unrecorded");
+        send_json(
+            &mut wr,
+            Kind::Decision,
+            &decide(
+                Mode::Unrecorded,
+                "recording is switched off for this organisation",
+            ),
+        )
+        .await?;
+        return Ok(());
+    }
+    let usage = shared.spool.usage().unwrap_or_default();
+    if usage.bytes >= shared.config.spool_max_bytes {
+        tracing::warn!(bytes = usage.bytes, max = shared.config.spool_max_bytes, %user, "spool full: refusing to record a new session");
+        send_json(
+            &mut wr,
+            Kind::Decision,
+            &decide(Mode::Refused, "the recording spool is full"),
+        )
+        .await?;
+        return Ok(());
+    }
+
+    let id = uuid::Uuid::new_v4().to_string();
+    let mut metadata = start.metadata;
+    metadata.insert("uid".into(), Value::from(uid));
+    metadata.insert("user".into(), Value::from(user.clone()));
+    let kind = metadata
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or("interactive")
+        .to_string();
+    let header = serde_json::to_value(&start.header)?;
+    let meta_v = Value::Object(metadata);
+    let dir = shared
+        .spool
+        .create_session(&id, &header, &meta_v)
+        .context("creating the session's spool folder")?;
+    lock(&shared.live).insert(
+        id.clone(),
+        LiveSession {
+            session: id.clone(),
+            user: user.clone(),
+            uid,
+            pid: cred.pid(),
+            kind,
+            started_at: now_rfc3339(),
+        },
+    );
+    shared.wake.notify_one();
+    tracing::info!(session = %id, %user, uid, "session started");
+
+    let result = record(&shared, &dir, &id, rd, &mut wr).await;
+    lock(&shared.live).remove(&id);
+    shared.wake.notify_one();
+    result
+}
+
+/// How a recorded connection ended.
+enum Outcome {
+    Ended(EndMsg),
+    Lost(String),
+    SpoolFull,
+    Stopping,
+}
+
+async fn record(
+    shared: &Arc<Shared>,
+    dir: &super::spool::SessionDir,
+    id: &str,
+    mut rd: tokio::net::unix::OwnedReadHalf,
+    wr: &mut tokio::net::unix::OwnedWriteHalf,
+) -> anyhow::Result<()> {
+    let cfg = &shared.config;
+    send_json(
+        wr,
+        Kind::Decision,
+        &DecisionMsg {
+            mode: Mode::Record,
+            reason: String::new(),
+            session: Some(id.to_string()),
+        },
+    )
+    .await?;
+
+    // Frames are read by their own task: reading is not cancel-safe, the chunk timer is.
+    let (tx, mut rx) = mpsc::channel::<Result<Frame, FrameError>>(4);
+    let reader = tokio::spawn(async move {
+        loop {
+            let f = ipc::read_frame_async(&mut rd).await;
+            let stop = f.is_err() || matches!(&f, Ok(fr) if fr.kind == Kind::End);
+            if tx.send(f).await.is_err() || stop {
+                break;
+            }
+        }
+    });
+
+    let mut w = ChunkWriter::new(dir.clone(), cfg.chunk_max_bytes, cfg.chunk_max_secs);
+    let mut stopping = shared.stopping.clone();
+    let outcome = loop {
+        let deadline = w.deadline();
+        tokio::select! {
+            f = rx.recv() => match f {
+                Some(Ok(f)) if f.kind == Kind::Events => {
+                    let (last, n) = match check_events(&f.payload) {
+                        Ok(x) => x,
+                        Err(e) => break Outcome::Lost(format!("bad events: {e:#}")),
+                    };
+                    if w.append(&f.payload, last, n)? {
+                        shared.wake.notify_one();
+                        let usage = shared.spool.usage().unwrap_or_default();
+                        if usage.bytes >= cfg.spool_max_bytes {
+                            break Outcome::SpoolFull;
+                        }
+                    }
+                }
+                Some(Ok(f)) if f.kind == Kind::End => match f.parse::<EndMsg>() {
+                    Ok(end) => break Outcome::Ended(end),
+                    Err(e) => break Outcome::Lost(e.to_string()),
+                },
+                Some(Ok(f)) => break Outcome::Lost(format!("unexpected {:?} frame", f.kind)),
+                Some(Err(FrameError::Closed)) | None => break Outcome::Lost("connection closed".into()),
+                Some(Err(e)) => break Outcome::Lost(e.to_string()),
+            },
+            _ = sleep_until_opt(deadline) => {
+                if w.close()? {
+                    shared.wake.notify_one();
+                }
+            }
+            _ = stopping.changed() => break Outcome::Stopping,
+        }
+    };
+    reader.abort();
+    w.close()?;
+    let duration = w
+        .last_time
+        .map(|t| ztna_common::asciicast::duration_secs(Some(t)));
+    match outcome {
+        Outcome::Ended(end) => {
+            let mut metadata = end.metadata;
+            if let Some(s) = end.exit_status {
+                metadata.insert("exit_status".into(), Value::from(s));
+            }
+            dir.set_end(&EndMark {
+                exit_status: end.exit_status,
+                interrupted: false,
+                duration_seconds: Some(duration.unwrap_or(0)),
+                metadata,
+            })?;
+            send_json(wr, Kind::Ack, &AckMsg { spooled: true }).await?;
+            tracing::info!(session = %id, exit_status = ?end.exit_status, "session ended");
+        }
+        Outcome::Lost(why) => {
+            let mut metadata = serde_json::Map::new();
+            metadata.insert("interrupted".into(), Value::Bool(true));
+            dir.set_end(&EndMark {
+                exit_status: None,
+                interrupted: true,
+                duration_seconds: None,
+                metadata,
+            })?;
+            tracing::warn!(session = %id, "recorder connection lost ({why}): session completed as interrupted");
+        }
+        Outcome::SpoolFull => {
+            let mut metadata = serde_json::Map::new();
+            metadata.insert("truncated".into(), Value::Bool(true));
+            metadata.insert("truncated_reason".into(), Value::from("spool full"));
+            dir.set_end(&EndMark {
+                exit_status: None,
+                interrupted: false,
+                duration_seconds: duration,
+                metadata,
+            })?;
+            tracing::warn!(session = %id, "spool full: recording of this session stops here");
+            let _ = send_json(
+                wr,
+                Kind::Error,
+                &ErrorMsg {
+                    message: "the recording spool is full".into(),
+                    code: ipc::ERROR_SPOOL_FULL.into(),
+                },
+            )
+            .await;
+        }
+        Outcome::Stopping => {
+            // No end mark: the next start completes it as interrupted with what it holds.
+            let _ = send_json(
+                wr,
+                Kind::Error,
+                &ErrorMsg {
+                    message: "the recording daemon is stopping".into(),
+                    code: ipc::ERROR_STOPPING.into(),
+                },
+            )
+            .await;
+            tracing::info!(session = %id, "daemon stopping: session sealed, left for recovery");
+        }
+    }
+    shared.wake.notify_one();
+    Ok(())
+}
+
+async fn sleep_until_opt(deadline: Option<std::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_events;
+
+    #[test]
+    fn event_lines_are_checked() {
+        let (t, n) =
+            check_events(b"[0.5, \"o\", \"a\"]\n[1.25, \"r\", \"80x24\"]\n").unwrap_or_default();
+        assert_eq!((t, n), (Some(1.25), 2));
+        for bad in [
+            &b"[0.5, \"o\", \"a\"]"[..],
+            b"{\"a\": 1}\n",
+            b"[-1, \"o\", \"a\"]\n",
+            b"[1, \"x\", \"a\"]\n",
+            b"[1, \"o\", 3]\n",
+            b"[nan, \"o\", \"a\"]\n",
+        ] {
+            assert!(
+                check_events(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+}

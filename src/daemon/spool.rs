@@ -1,0 +1,456 @@
+//! The spool: where a session's pieces wait until the backend has acknowledged them.
+//!
+//! ```text
+//! SPOOL/                      0700, root
+//!   sessions/ID/              0700: one folder per session (ID is the daemon's own UUID)
+//!     header.json             the asciicast header
+//!     metadata.json           the session metadata sent with `start`
+//!     remote.json             {"session_id"} once the backend's `start` answered
+//!     chunk-N.cast.part       the chunk being written (at most one)
+//!     chunk-N.cast            closed chunks, deleted one by one as the backend acks them
+//!     end.json                the end mark: how the session ended
+//!   failed/ID/                sessions the backend refused for good, kept for an operator
+//! ```
+//!
+//! Small files are written whole (temp file, fsync, rename, fsync of the folder), so a crash
+//! leaves either the old or the new version. A chunk is fsynced before it loses its `.part`.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+const PART_SUFFIX: &str = ".cast.part";
+const CHUNK_SUFFIX: &str = ".cast";
+
+#[derive(Debug, Clone)]
+pub struct Spool {
+    root: PathBuf,
+}
+
+/// What the spool holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub bytes: u64,
+    pub chunks_waiting: u64,
+    pub sessions: u64,
+    pub failed: u64,
+}
+
+/// `end.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct EndMark {
+    pub exit_status: Option<i32>,
+    #[serde(default)]
+    pub interrupted: bool,
+    pub duration_seconds: Option<i64>,
+    #[serde(default)]
+    pub metadata: Map<String, Value>,
+}
+
+impl Spool {
+    /// Opens (creating when needed) the spool at `root`, owner-only.
+    pub fn open(root: &Path) -> io::Result<Spool> {
+        let s = Spool {
+            root: root.to_path_buf(),
+        };
+        for d in [root.to_path_buf(), s.sessions_dir(), s.failed_dir()] {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&d)?;
+            fs::set_permissions(&d, fs::Permissions::from_mode(0o700))?;
+        }
+        Ok(s)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn sessions_dir(&self) -> PathBuf {
+        self.root.join("sessions")
+    }
+
+    pub fn failed_dir(&self) -> PathBuf {
+        self.root.join("failed")
+    }
+
+    pub fn session(&self, id: &str) -> SessionDir {
+        SessionDir {
+            path: self.sessions_dir().join(id),
+        }
+    }
+
+    /// Creates a session's folder with its header and metadata.
+    pub fn create_session(
+        &self,
+        id: &str,
+        header: &Value,
+        metadata: &Value,
+    ) -> io::Result<SessionDir> {
+        // Built under a name the scanner ignores, then renamed: the uploader never sees a
+        // session without its header and metadata.
+        let dir = self.session(id);
+        let tmp = self.sessions_dir().join(format!(".new-{id}"));
+        fs::DirBuilder::new().mode(0o700).create(&tmp)?;
+        write_atomic(&tmp.join("header.json"), &serde_json::to_vec(header)?)?;
+        write_atomic(&tmp.join("metadata.json"), &serde_json::to_vec(metadata)?)?;
+        fs::rename(&tmp, &dir.path)?;
+        sync_dir(&self.sessions_dir())?;
+        Ok(dir)
+    }
+
+    /// The ids of the sessions in the spool.
+    pub fn list_sessions(&self) -> io::Result<Vec<String>> {
+        let mut out = Vec::new();
+        for e in fs::read_dir(self.sessions_dir())? {
+            let e = e?;
+            if e.file_type()?.is_dir() {
+                if let Some(name) = e.file_name().to_str() {
+                    if valid_id(name) {
+                        out.push(name.to_string());
+                    }
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    pub fn usage(&self) -> io::Result<Usage> {
+        let mut u = Usage::default();
+        for id in self.list_sessions()? {
+            u.sessions += 1;
+            let dir = self.session(&id);
+            let Ok(rd) = fs::read_dir(&dir.path) else {
+                continue; // removed meanwhile
+            };
+            for e in rd.flatten() {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                if parse_index(&name, CHUNK_SUFFIX).is_some() {
+                    u.chunks_waiting += 1;
+                }
+                u.bytes += e.metadata().map(|m| m.len()).unwrap_or(0);
+            }
+        }
+        if let Ok(rd) = fs::read_dir(self.failed_dir()) {
+            u.failed = rd.flatten().count() as u64;
+        }
+        Ok(u)
+    }
+
+    /// Moves a session the backend will never take to `failed/`, with the reason.
+    pub fn quarantine(&self, id: &str, reason: &str) -> io::Result<()> {
+        let from = self.session(id).path;
+        let to = self.failed_dir().join(id);
+        fs::rename(&from, &to)?;
+        write_atomic(&to.join("failed-reason.txt"), reason.as_bytes())?;
+        sync_dir(&self.sessions_dir())?;
+        sync_dir(&self.failed_dir())
+    }
+
+    /// Moves one chunk the backend will never take to `failed/ID-chunk-N.cast`.
+    pub fn quarantine_chunk(&self, id: &str, index: u64) -> io::Result<()> {
+        let from = self.session(id).chunk_path(index);
+        fs::rename(
+            &from,
+            self.failed_dir().join(format!("{id}-chunk-{index}.cast")),
+        )?;
+        sync_dir(&self.failed_dir())
+    }
+}
+
+/// Session ids are the daemon's UUIDs; anything else in the folder is not ours.
+pub fn valid_id(s: &str) -> bool {
+    uuid::Uuid::parse_str(s).is_ok()
+}
+
+fn parse_index(name: &str, suffix: &str) -> Option<u64> {
+    let n = name.strip_prefix("chunk-")?.strip_suffix(suffix)?;
+    if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    n.parse().ok()
+}
+
+/// One session's folder.
+#[derive(Debug, Clone)]
+pub struct SessionDir {
+    pub path: PathBuf,
+}
+
+impl SessionDir {
+    pub fn id(&self) -> String {
+        self.path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
+    pub fn exists(&self) -> bool {
+        self.path.is_dir()
+    }
+
+    pub fn chunk_path(&self, index: u64) -> PathBuf {
+        self.path.join(format!("chunk-{index}{CHUNK_SUFFIX}"))
+    }
+
+    pub fn part_path(&self, index: u64) -> PathBuf {
+        self.path.join(format!("chunk-{index}{PART_SUFFIX}"))
+    }
+
+    fn indexed(&self, suffix: &str) -> io::Result<Vec<u64>> {
+        let mut v = Vec::new();
+        for e in fs::read_dir(&self.path)? {
+            let e = e?;
+            if let Some(i) = parse_index(&e.file_name().to_string_lossy(), suffix) {
+                v.push(i);
+            }
+        }
+        v.sort_unstable();
+        Ok(v)
+    }
+
+    /// Closed chunks, lowest index first.
+    pub fn closed_chunks(&self) -> io::Result<Vec<u64>> {
+        self.indexed(CHUNK_SUFFIX)
+    }
+
+    /// Chunks still being written.
+    pub fn open_parts(&self) -> io::Result<Vec<u64>> {
+        self.indexed(PART_SUFFIX)
+    }
+
+    pub fn header(&self) -> io::Result<Value> {
+        read_json(&self.path.join("header.json"))
+    }
+
+    pub fn metadata(&self) -> io::Result<Value> {
+        read_json(&self.path.join("metadata.json"))
+    }
+
+    pub fn remote(&self) -> io::Result<Option<String>> {
+        match fs::read(self.path.join("remote.json")) {
+            Ok(b) => {
+                let v: Value = serde_json::from_slice(&b)?;
+                Ok(v.get("session_id")
+                    .and_then(Value::as_str)
+                    .map(str::to_string))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn set_remote(&self, session_id: &str) -> io::Result<()> {
+        let body = serde_json::to_vec(&serde_json::json!({ "session_id": session_id }))?;
+        write_atomic(&self.path.join("remote.json"), &body)?;
+        sync_dir(&self.path)
+    }
+
+    pub fn end(&self) -> io::Result<Option<EndMark>> {
+        match fs::read(self.path.join("end.json")) {
+            Ok(b) => Ok(Some(serde_json::from_slice(&b)?)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn set_end(&self, end: &EndMark) -> io::Result<()> {
+        write_atomic(&self.path.join("end.json"), &serde_json::to_vec(end)?)?;
+        sync_dir(&self.path)
+    }
+
+    /// Turns every `.part` left by a crash into a closed chunk: the torn last line (bytes after
+    /// the last `\n`) is dropped, every whole line kept; a part with no whole line is removed.
+    pub fn seal_parts(&self) -> io::Result<()> {
+        for i in self.open_parts()? {
+            let part = self.part_path(i);
+            let mut data = fs::read(&part)?;
+            let keep = data.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
+            data.truncate(keep);
+            // A line cut inside a multi-byte character cannot be kept either.
+            if std::str::from_utf8(&data).is_err() {
+                let text = String::from_utf8_lossy(&data).into_owned();
+                data = text.into_bytes();
+            }
+            if data.is_empty() {
+                fs::remove_file(&part)?;
+                continue;
+            }
+            write_atomic(&self.chunk_path(i), &data)?;
+            fs::remove_file(&part)?;
+        }
+        sync_dir(&self.path)
+    }
+
+    pub fn remove(&self) -> io::Result<()> {
+        match fs::remove_dir_all(&self.path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+fn read_json(p: &Path) -> io::Result<Value> {
+    Ok(serde_json::from_slice(&fs::read(p)?)?)
+}
+
+/// Writes `data` to `path` so that a crash leaves the old file or the whole new one.
+pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path)?;
+    if let Some(parent) = path.parent() {
+        sync_dir(parent)?;
+    }
+    Ok(())
+}
+
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    fs::File::open(dir)?.sync_all()
+}
+
+/// Appends event lines to the session's current chunk and closes it at the size or age
+/// limit. Writes go straight to the file (no user-space buffer), so a daemon killed with
+/// SIGKILL loses nothing it has written.
+#[derive(Debug)]
+pub struct ChunkWriter {
+    dir: SessionDir,
+    index: u64,
+    file: Option<fs::File>,
+    bytes: u64,
+    opened_at: Option<Instant>,
+    max_bytes: u64,
+    max_age: std::time::Duration,
+    /// Time of the last event written, seconds since the start of the recording.
+    pub last_time: Option<f64>,
+    pub lines: u64,
+}
+
+impl ChunkWriter {
+    pub fn new(dir: SessionDir, max_bytes: u64, max_secs: u64) -> Self {
+        ChunkWriter {
+            dir,
+            index: 0,
+            file: None,
+            bytes: 0,
+            opened_at: None,
+            max_bytes,
+            max_age: std::time::Duration::from_secs(max_secs),
+            last_time: None,
+            lines: 0,
+        }
+    }
+
+    /// Appends whole event lines; returns true when this closed a chunk.
+    pub fn append(&mut self, lines: &[u8], last_time: Option<f64>, count: u64) -> io::Result<bool> {
+        if lines.is_empty() {
+            return Ok(false);
+        }
+        if self.file.is_none() {
+            let f = fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .mode(0o600)
+                .open(self.dir.part_path(self.index))?;
+            self.file = Some(f);
+            self.opened_at = Some(Instant::now());
+            self.bytes = 0;
+        }
+        if let Some(f) = self.file.as_mut() {
+            f.write_all(lines)?;
+        }
+        self.bytes += lines.len() as u64;
+        self.lines += count;
+        if last_time.is_some() {
+            self.last_time = last_time;
+        }
+        if self.bytes >= self.max_bytes {
+            self.close()?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// When the open chunk must be closed by age.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.opened_at.map(|t| t + self.max_age)
+    }
+
+    /// Closes the open chunk (fsync, then rename); returns whether there was one.
+    pub fn close(&mut self) -> io::Result<bool> {
+        let Some(f) = self.file.take() else {
+            return Ok(false);
+        };
+        f.sync_all()?;
+        drop(f);
+        fs::rename(
+            self.dir.part_path(self.index),
+            self.dir.chunk_path(self.index),
+        )?;
+        sync_dir(&self.dir.path)?;
+        self.index += 1;
+        self.opened_at = None;
+        self.bytes = 0;
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn torn_last_line_is_dropped_whole_lines_kept() {
+        let t = tempfile::tempdir().unwrap();
+        let spool = Spool::open(t.path()).unwrap();
+        let id = uuid::Uuid::new_v4().to_string();
+        let dir = spool
+            .create_session(
+                &id,
+                &serde_json::json!({"version": 2}),
+                &serde_json::json!({}),
+            )
+            .unwrap();
+        let mut w = ChunkWriter::new(dir.clone(), 30, 10);
+        assert!(!w.append(b"[0.1, \"o\", \"a\"]\n", Some(0.1), 1).unwrap());
+        assert!(w.append(b"[0.2, \"o\", \"b\"]\n", Some(0.2), 1).unwrap());
+        w.append(b"[0.3, \"o\", \"c\"]\n", Some(0.3), 1).unwrap();
+        // simulate a crash mid-line
+        let mut f = fs::OpenOptions::new()
+            .append(true)
+            .open(dir.part_path(1))
+            .unwrap();
+        f.write_all(b"[0.4, \"o\", \"d").unwrap();
+        drop(w);
+        dir.seal_parts().unwrap();
+        assert_eq!(dir.closed_chunks().unwrap(), vec![0, 1]);
+        assert_eq!(
+            fs::read_to_string(dir.chunk_path(1)).unwrap(),
+            "[0.3, \"o\", \"c\"]\n"
+        );
+        assert!(dir.open_parts().unwrap().is_empty());
+        let u = spool.usage().unwrap();
+        assert_eq!(u.chunks_waiting, 2);
+        assert_eq!(u.sessions, 1);
+        let mode = fs::metadata(&dir.path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+    }
+}

@@ -1,0 +1,289 @@
+//! Ships spooled sessions to the backend: `start` once, then `upload_chunk` for each closed
+//! chunk in index order, one at a time; a chunk file is deleted only after the backend's 200;
+//! `complete` only once the end mark is there and every chunk is acknowledged. Failures the
+//! backend may recover from are retried with capped full-jitter backoff; answers that will
+//! never change set the session (or the chunk) aside in `failed/`.
+
+use super::spool::SessionDir;
+use super::{lock, Shared};
+use crate::client::ClientError;
+use rand::Rng;
+use serde_json::Value;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use ztna_common::api::ErrorCode;
+
+/// The first retry waits up to this long; each further one doubles the bound.
+const BACKOFF_BASE: Duration = Duration::from_millis(250);
+
+/// Full jitter: a uniform wait in `[0, min(cap, base·2^attempt)]`.
+pub fn backoff(attempt: u32, cap: Duration) -> Duration {
+    let exp = BACKOFF_BASE.saturating_mul(1u32 << attempt.min(20));
+    let bound = exp.min(cap).max(Duration::from_millis(1));
+    let ms = rand::thread_rng().gen_range(0..=bound.as_millis() as u64);
+    Duration::from_millis(ms)
+}
+
+enum Step {
+    /// Something was done: look again at once.
+    Progress,
+    /// Nothing to do until the session writes more.
+    Idle,
+    /// The session is gone from the spool (completed or set aside).
+    Done,
+}
+
+#[derive(Debug)]
+enum StepError {
+    Retry(String),
+    /// Local trouble (unreadable file): retry too, but say so.
+    Local(std::io::Error),
+}
+
+impl From<std::io::Error> for StepError {
+    fn from(e: std::io::Error) -> Self {
+        StepError::Local(e)
+    }
+}
+
+/// What to do with a request the backend refused.
+enum Disposition {
+    Retry,
+    /// The session can never be delivered: set it aside.
+    Quarantine,
+    /// The org does not want it: delete it.
+    Drop,
+}
+
+fn disposition(e: &ClientError) -> Disposition {
+    if e.is_retryable() {
+        return Disposition::Retry;
+    }
+    match e.code() {
+        // Configuration on the backend (machine re-registered, feature switched back on) can
+        // fix these: keep the data and keep trying, slowly.
+        Some(ErrorCode::Unauthorized)
+        | Some(ErrorCode::Forbidden)
+        | Some(ErrorCode::FeatureDisabled) => Disposition::Retry,
+        Some(ErrorCode::RecordingDisabled) => Disposition::Drop,
+        _ => Disposition::Quarantine,
+    }
+}
+
+/// Uploads one session until nothing is left to do; at most one task per session runs.
+pub async fn run_session(shared: Arc<Shared>, id: String) {
+    let dir = shared.spool.session(&id);
+    let cap = Duration::from_secs(shared.config.retry_max_secs.max(1));
+    let mut attempt: u32 = 0;
+    loop {
+        // A slot per request, not per task: a session waiting out its backoff holds none.
+        let Ok(permit) = shared.upload_slots.acquire().await else {
+            finish(&shared, &id);
+            return;
+        };
+        let result = step(&shared, &dir, &id).await;
+        drop(permit);
+        match result {
+            Ok(Step::Progress) => attempt = 0,
+            Ok(Step::Done) => {
+                finish(&shared, &id);
+                return;
+            }
+            Ok(Step::Idle) => {
+                // Stop unless someone asked for a look while we were busy.
+                let mut up = lock(&shared.uploading);
+                if up.get(&id).copied().unwrap_or(false) {
+                    up.insert(id.clone(), false);
+                } else {
+                    up.remove(&id);
+                    return;
+                }
+            }
+            Err(e) => {
+                let msg = match &e {
+                    StepError::Retry(m) => m.clone(),
+                    StepError::Local(io) => format!("spool: {io}"),
+                };
+                shared.upload_error(&msg);
+                let wait = backoff(attempt, cap);
+                attempt = attempt.saturating_add(1);
+                tracing::warn!(session = %id, attempt, wait_ms = wait.as_millis() as u64, "upload failed: {msg}");
+                tokio::time::sleep(wait).await;
+                if !dir.exists() {
+                    finish(&shared, &id);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn finish(shared: &Shared, id: &str) {
+    lock(&shared.uploading).remove(id);
+}
+
+async fn step(shared: &Shared, dir: &SessionDir, id: &str) -> Result<Step, StepError> {
+    if !dir.exists() {
+        return Ok(Step::Done);
+    }
+    let client = &shared.client;
+    let remote = match dir.remote()? {
+        Some(r) => r,
+        None => {
+            let header = dir.header()?;
+            let metadata = dir.metadata()?;
+            match client.start("ssh", &header, &metadata).await {
+                Ok(s) => {
+                    shared.backend_answered();
+                    dir.set_remote(&s.session_id)?;
+                    tracing::info!(session = %id, remote = %s.session_id, "recording started on the backend");
+                    return Ok(Step::Progress);
+                }
+                Err(e) => return refused(shared, dir, id, e, "start"),
+            }
+        }
+    };
+
+    let chunks = dir.closed_chunks()?;
+    if let Some(&index) = chunks.first() {
+        let path = dir.chunk_path(index);
+        let data = match std::fs::read(&path) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Step::Progress),
+            Err(e) => return Err(e.into()),
+        };
+        let text = match String::from_utf8(data) {
+            Ok(t) => t,
+            Err(_) => {
+                tracing::error!(session = %id, index, "chunk is not UTF-8: set aside");
+                shared.spool.quarantine_chunk(id, index)?;
+                return Ok(Step::Progress);
+            }
+        };
+        let t0 = Instant::now();
+        match client.upload_chunk(&remote, index, &text).await {
+            Ok(_) => {
+                shared.backend_answered();
+                std::fs::remove_file(&path)?;
+                lock(&shared.counters).chunks_uploaded += 1;
+                tracing::debug!(session = %id, index, bytes = text.len(), ms = t0.elapsed().as_millis() as u64, "chunk acknowledged");
+                return Ok(Step::Progress);
+            }
+            Err(e) => {
+                if e.backend_answered() {
+                    shared.backend_answered();
+                }
+                if matches!(
+                    e.code(),
+                    Some(ErrorCode::InvalidChunk) | Some(ErrorCode::PayloadTooLarge)
+                ) {
+                    tracing::error!(session = %id, index, "backend refuses this chunk for good ({e}): set aside");
+                    shared.spool.quarantine_chunk(id, index)?;
+                    return Ok(Step::Progress);
+                }
+                return refused(shared, dir, id, e, "upload_chunk");
+            }
+        }
+    }
+    if !dir.open_parts()?.is_empty() {
+        return Ok(Step::Idle);
+    }
+    let Some(end) = dir.end()? else {
+        return Ok(Step::Idle);
+    };
+    if shared.is_live(id) {
+        return Ok(Step::Idle);
+    }
+    let metadata = Value::Object(end.metadata.clone());
+    match client
+        .complete(&remote, end.duration_seconds, &metadata)
+        .await
+    {
+        Ok(_) => {}
+        // Already completed: an earlier `complete` got through but its answer did not.
+        Err(e) if e.code() == Some(ErrorCode::Conflict) => {
+            tracing::info!(session = %id, "backend says the recording is already completed");
+        }
+        Err(e) => return refused(shared, dir, id, e, "complete"),
+    }
+    shared.backend_answered();
+    dir.remove()?;
+    lock(&shared.counters).sessions_completed += 1;
+    tracing::info!(session = %id, remote = %remote, interrupted = end.interrupted, "recording completed on the backend");
+    Ok(Step::Done)
+}
+
+fn refused(
+    shared: &Shared,
+    dir: &SessionDir,
+    id: &str,
+    e: ClientError,
+    action: &str,
+) -> Result<Step, StepError> {
+    if e.backend_answered() {
+        shared.backend_answered();
+    }
+    if e.code() == Some(ErrorCode::RecordingDisabled) {
+        *lock(&shared.recording_enabled) = Some((false, Instant::now()));
+    }
+    match disposition(&e) {
+        Disposition::Retry => Err(StepError::Retry(format!("{action}: {e}"))),
+        // A live session is still writing into its folder: decide once it has ended.
+        _ if shared.is_live(id) => Err(StepError::Retry(format!("{action}: {e}"))),
+        Disposition::Drop => {
+            tracing::warn!(session = %id, "{action}: {e}: the org does not record sessions: spooled session deleted");
+            shared.upload_error(&format!("{action}: {e}"));
+            dir.remove()?;
+            Ok(Step::Done)
+        }
+        Disposition::Quarantine => {
+            tracing::error!(session = %id, "{action}: {e}: the backend will never take this session: moved to failed/");
+            shared.upload_error(&format!("{action}: {e}"));
+            shared.spool.quarantine(id, &format!("{action}: {e}"))?;
+            Ok(Step::Done)
+        }
+    }
+}
+
+/// Keeps the backend's `config` answer fresh (recording switched on or off).
+pub async fn refresh_config_loop(shared: Arc<Shared>) {
+    let every = Duration::from_secs(shared.config.config_refresh_secs.max(1));
+    let mut attempt = 0;
+    loop {
+        match shared.client.config().await {
+            Ok(c) => {
+                shared.backend_answered();
+                let before = lock(&shared.recording_enabled).map(|(e, _)| e);
+                *lock(&shared.recording_enabled) = Some((c.recording_enabled, Instant::now()));
+                if before != Some(c.recording_enabled) {
+                    tracing::info!(recording_enabled = c.recording_enabled, machine = %c.machine_id, "backend config");
+                }
+                attempt = 0;
+                tokio::time::sleep(every).await;
+            }
+            Err(e) => {
+                if e.backend_answered() {
+                    shared.backend_answered();
+                }
+                tracing::warn!("backend config: {e}");
+                let wait = backoff(attempt, every);
+                attempt += 1;
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_capped_and_jittered() {
+        let cap = Duration::from_secs(2);
+        for a in 0..40 {
+            assert!(backoff(a, cap) <= cap);
+        }
+        assert!(backoff(0, cap) <= BACKOFF_BASE);
+    }
+}

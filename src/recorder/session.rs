@@ -1,0 +1,1009 @@
+//! A recorded session: the PTY and the program in it, the relay threads, the recorder thread
+//! that feeds the sinks, and the edge (raw mode, signals, window size).
+
+use super::event::{Event, EventKind, ExitStatus};
+use super::queue::{Batch, BytesKind, Item, Queue};
+use super::sink::{Sink, SinkFailure, SinkPolicy};
+use super::term::{self, RawMode};
+use super::utf8::Utf8Repair;
+use nix::sys::signal::{killpg, Signal};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::Pid;
+use portable_pty::{CommandBuilder, MasterPty, PtySize};
+use std::collections::BTreeMap;
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io::{self, IsTerminal, Read, Write};
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use ztna_common::asciicast::{encode_event, EventCode, Header, TtySize};
+
+/// One read from the PTY (the kernel hands out at most 4 KiB at a time; pipes may give more).
+const BUF_SIZE: usize = 16 * 1024;
+const SMALL_STACK: usize = 64 * 1024;
+const RECORDER_STACK: usize = 512 * 1024;
+
+/// The program to run: argv, environment changes and working directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Command {
+    /// Empty for the user's login shell.
+    argv: Vec<OsString>,
+    /// `Some` sets, `None` removes; applied in order over the recorder's own environment.
+    env: Vec<(OsString, Option<OsString>)>,
+    cwd: Option<PathBuf>,
+}
+
+impl Command {
+    /// Runs `program` (looked up in `PATH`), in the current directory unless [`cwd`](Self::cwd).
+    pub fn new(program: impl AsRef<OsStr>) -> Self {
+        Command {
+            argv: vec![program.as_ref().to_owned()],
+            env: Vec::new(),
+            cwd: None,
+        }
+    }
+
+    /// The user's login shell (`$SHELL`, else the passwd entry), as a login shell (`-bash`),
+    /// in the home directory unless [`cwd`](Self::cwd).
+    pub fn login_shell() -> Self {
+        Command {
+            argv: Vec::new(),
+            env: Vec::new(),
+            cwd: None,
+        }
+    }
+
+    /// `shell -c command`, as sshd runs a remote command.
+    pub fn shell_command(shell: impl AsRef<OsStr>, command: &str) -> Self {
+        let mut c = Command::new(shell);
+        c.arg("-c").arg(command);
+        c
+    }
+
+    pub fn arg(&mut self, arg: impl AsRef<OsStr>) -> &mut Self {
+        if self.argv.is_empty() {
+            // A login shell takes no arguments; make it an explicit program instead.
+            self.argv.push(OsString::from(login_shell_path()));
+        }
+        self.argv.push(arg.as_ref().to_owned());
+        self
+    }
+
+    pub fn args<I, S>(&mut self, args: I) -> &mut Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        for a in args {
+            self.arg(a);
+        }
+        self
+    }
+
+    pub fn env(&mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> &mut Self {
+        self.env
+            .push((key.as_ref().to_owned(), Some(value.as_ref().to_owned())));
+        self
+    }
+
+    pub fn env_remove(&mut self, key: impl AsRef<OsStr>) -> &mut Self {
+        self.env.push((key.as_ref().to_owned(), None));
+        self
+    }
+
+    pub fn cwd(&mut self, dir: impl Into<PathBuf>) -> &mut Self {
+        self.cwd = Some(dir.into());
+        self
+    }
+
+    pub fn is_login_shell(&self) -> bool {
+        self.argv.is_empty()
+    }
+
+    /// The argv (empty for a login shell).
+    pub fn argv(&self) -> &[OsString] {
+        &self.argv
+    }
+
+    /// The value the program will see for `key`.
+    pub fn env_value(&self, key: &str) -> Option<OsString> {
+        let mut v = std::env::var_os(key);
+        for (k, val) in &self.env {
+            if k == key {
+                v = val.clone();
+            }
+        }
+        v
+    }
+
+    fn builder(&self) -> io::Result<CommandBuilder> {
+        let mut b = if self.argv.is_empty() {
+            CommandBuilder::new_default_prog()
+        } else {
+            CommandBuilder::from_argv(self.argv.clone())
+        };
+        for (k, v) in &self.env {
+            match v {
+                Some(v) => b.env(k, v),
+                None => b.env_remove(k),
+            }
+        }
+        match &self.cwd {
+            Some(dir) => b.cwd(dir),
+            // portable-pty would start in $HOME; a command runs where it was asked from.
+            None if !self.argv.is_empty() => b.cwd(std::env::current_dir()?),
+            None => {}
+        }
+        Ok(b)
+    }
+
+    fn display(&self) -> String {
+        if self.argv.is_empty() {
+            return String::from("login shell");
+        }
+        self.argv[0].to_string_lossy().into_owned()
+    }
+}
+
+fn login_shell_path() -> String {
+    std::env::var("SHELL").unwrap_or_else(|_| String::from("/bin/sh"))
+}
+
+/// Where the session's user is.
+pub enum Terminal {
+    /// The process's own stdin/stdout. When stdin is a terminal it is put in raw mode (and
+    /// restored), its size is the PTY's and `SIGWINCH` is followed. `SIGTERM`, `SIGHUP`,
+    /// `SIGINT` and `SIGQUIT` are forwarded to the program (the first two, if it does not
+    /// end within [`SessionConfig::hangup_grace`], are followed by `SIGKILL`).
+    /// Without a terminal on stdin, end of input is passed on as an end-of-file character.
+    Stdio,
+    /// Any reader and writer (tests, embedding). No raw mode, no signal handling; resize
+    /// with [`Control::resize`]. `input: None` sends nothing to the program.
+    Custom {
+        input: Option<Box<dyn Read + Send>>,
+        output: Box<dyn Write + Send>,
+    },
+}
+
+impl std::fmt::Debug for Terminal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Terminal::Stdio => f.write_str("Stdio"),
+            Terminal::Custom { .. } => f.write_str("Custom"),
+        }
+    }
+}
+
+/// Everything about a session but its sinks.
+#[derive(Debug)]
+pub struct SessionConfig {
+    pub command: Command,
+    pub terminal: Terminal,
+    /// The PTY's size. `None`: the terminal's, else 80x24.
+    pub size: Option<TtySize>,
+    /// Record what the user types (`i` events). Off by default.
+    pub capture_input: bool,
+    /// The header's `command` (`None` for a login shell).
+    pub header_command: Option<String>,
+    /// The header's `title`.
+    pub title: Option<String>,
+    pub sink_policy: SinkPolicy,
+    /// How long a program has to end after `SIGTERM`/`SIGHUP` before it is killed.
+    pub hangup_grace: Duration,
+    /// After the program has exited, how long to wait for the rest of its output while
+    /// something else (a background job) still holds the PTY open.
+    pub drain_timeout: Duration,
+}
+
+impl SessionConfig {
+    /// Defaults: the process's terminal, its size, no input capture, fail open, 2 s grace,
+    /// 200 ms drain.
+    pub fn new(command: Command) -> Self {
+        SessionConfig {
+            command,
+            terminal: Terminal::Stdio,
+            size: None,
+            capture_input: false,
+            header_command: None,
+            title: None,
+            sink_policy: SinkPolicy::FailOpen,
+            hangup_grace: Duration::from_secs(2),
+            drain_timeout: Duration::from_millis(200),
+        }
+    }
+}
+
+/// Why the session ended the program rather than the program ending by itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Termination {
+    /// The recorder received this signal and forwarded it.
+    Signal(i32),
+    /// A sink failed under [`SinkPolicy::FailClosed`].
+    SinkFailed,
+    /// [`Control::terminate`] was called.
+    Requested,
+}
+
+/// How a session went.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub status: ExitStatus,
+    pub header: Header,
+    /// The time of the last asciicast event (the recording's duration).
+    pub duration: Duration,
+    /// Asciicast events recorded.
+    pub events: u64,
+    /// Bytes the program wrote.
+    pub output_bytes: u64,
+    /// Sinks that failed (and were dropped) along the way, in order.
+    pub sink_failures: Vec<SinkFailure>,
+    pub termination: Option<Termination>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot open a PTY: {0}")]
+    Pty(String),
+    #[error("cannot start {program}: {reason}")]
+    Spawn { program: String, reason: String },
+    #[error("terminal: {0}")]
+    Io(#[from] io::Error),
+    #[error("recording refused: {0}")]
+    SinkStart(SinkFailure),
+}
+
+/// Messages to the session's control loop.
+enum Ctl {
+    ChildExited(ExitStatus),
+    OutputEof,
+    InputEof(Box<dyn Write + Send>),
+    Signal(i32),
+    Resize(TtySize),
+    Marker(String),
+    Terminate,
+    SinkFailed,
+}
+
+/// Drives a running (or not yet started) session from another thread.
+#[derive(Clone)]
+pub struct Control {
+    tx: Sender<Ctl>,
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Control")
+    }
+}
+
+impl Control {
+    /// Records an `m` event. False once the session is over.
+    pub fn marker(&self, label: impl Into<String>) -> bool {
+        self.tx.send(Ctl::Marker(label.into())).is_ok()
+    }
+
+    /// Resizes the PTY (and records an `r` event if the size changed).
+    pub fn resize(&self, size: TtySize) -> bool {
+        self.tx.send(Ctl::Resize(size)).is_ok()
+    }
+
+    /// Hangs up on the program (`SIGHUP`, then `SIGKILL` after the grace period).
+    pub fn terminate(&self) -> bool {
+        self.tx.send(Ctl::Terminate).is_ok()
+    }
+}
+
+/// A session to run. See the module docs.
+pub struct Session {
+    config: SessionConfig,
+    ctl_tx: Sender<Ctl>,
+    ctl_rx: Receiver<Ctl>,
+}
+
+impl Session {
+    pub fn new(config: SessionConfig) -> Self {
+        let (ctl_tx, ctl_rx) = mpsc::channel();
+        Session {
+            config,
+            ctl_tx,
+            ctl_rx,
+        }
+    }
+
+    /// A handle to add markers, resize or terminate while [`run`](Self::run) blocks.
+    pub fn control(&self) -> Control {
+        Control {
+            tx: self.ctl_tx.clone(),
+        }
+    }
+
+    /// Runs the program to its end, relaying and recording. Blocks. Sinks get `start` before
+    /// the program is started; under [`SinkPolicy::FailClosed`] a sink that cannot start
+    /// refuses the session ([`Error::SinkStart`]) and nothing is run.
+    pub fn run(self, sinks: Vec<Box<dyn Sink>>) -> Result<Outcome, Error> {
+        let Session {
+            config,
+            ctl_tx,
+            ctl_rx,
+        } = self;
+        let SessionConfig {
+            command,
+            terminal,
+            size,
+            capture_input,
+            header_command,
+            title,
+            sink_policy,
+            hangup_grace,
+            drain_timeout,
+        } = config;
+
+        let (input, output, stdin_tty): (Option<Box<dyn Read + Send>>, Box<dyn Write + Send>, _) =
+            match terminal {
+                Terminal::Stdio => {
+                    let stdin = io::stdin();
+                    let tty = stdin.is_terminal();
+                    let inp = File::from(stdin.as_fd().try_clone_to_owned()?);
+                    // Unbuffered: every read is written through at once.
+                    let out = File::from(io::stdout().as_fd().try_clone_to_owned()?);
+                    (Some(Box::new(inp)), Box::new(out), Some(tty))
+                }
+                Terminal::Custom { input, output } => (input, output, None),
+            };
+        let stdio = stdin_tty.is_some();
+        let tty = stdin_tty == Some(true);
+
+        // Signals first: a SIGTERM during start-up must still restore the terminal.
+        let signals = if stdio {
+            Some(SignalThread::start(ctl_tx.clone())?)
+        } else {
+            None
+        };
+
+        let size = size
+            .or_else(|| {
+                if stdio {
+                    term::terminal_size(io::stdin()).or_else(|| term::terminal_size(io::stdout()))
+                } else {
+                    None
+                }
+            })
+            .unwrap_or_default();
+        let header = make_header(&command, size, header_command, title);
+
+        let mut live: Vec<Box<dyn Sink>> = Vec::with_capacity(sinks.len());
+        let mut failures = Vec::new();
+        for mut sink in sinks {
+            match sink.start(&header) {
+                Ok(()) => live.push(sink),
+                Err(e) => {
+                    let f = SinkFailure {
+                        sink: sink.name(),
+                        during: "start",
+                        error: e.to_string(),
+                        at: Duration::ZERO,
+                    };
+                    if sink_policy == SinkPolicy::FailClosed {
+                        return Err(Error::SinkStart(f));
+                    }
+                    failures.push(f);
+                }
+            }
+        }
+
+        let pair = portable_pty::native_pty_system()
+            .openpty(PtySize {
+                rows: size.rows,
+                cols: size.cols,
+                pixel_width: 0,
+                pixel_height: 0,
+            })
+            .map_err(|e| Error::Pty(format!("{e:#}")))?;
+        let reader = pair
+            .master
+            .try_clone_reader()
+            .map_err(|e| Error::Pty(format!("{e:#}")))?;
+        let writer = pair
+            .master
+            .take_writer()
+            .map_err(|e| Error::Pty(format!("{e:#}")))?;
+
+        let raw = if tty {
+            Some(RawMode::enable(io::stdin())?)
+        } else {
+            None
+        };
+
+        let start = Instant::now();
+        let spawn_err = |reason: String| Error::Spawn {
+            program: command.display(),
+            reason,
+        };
+        let spawned = command
+            .builder()
+            .map_err(|e| spawn_err(e.to_string()))
+            .and_then(|b| {
+                pair.slave
+                    .spawn_command(b)
+                    .map_err(|e| spawn_err(format!("{e:#}")))
+            });
+        let child = match spawned {
+            Ok(c) => c,
+            Err(e) => {
+                // The sinks have a header and no events: close them properly.
+                for mut sink in live {
+                    let _ = sink.finish();
+                }
+                return Err(e);
+            }
+        };
+        // Only the program may hold the slave side: its last close is our end-of-output.
+        drop(pair.slave);
+        let pid = child
+            .process_id()
+            .map(|p| Pid::from_raw(p as i32))
+            .ok_or_else(|| spawn_err("no process id".into()))?;
+
+        let queue = Arc::new(Queue::default());
+
+        let recorder = Recorder {
+            sinks: live,
+            failures,
+            policy: sink_policy,
+            ctl: ctl_tx.clone(),
+            line: String::with_capacity(BUF_SIZE),
+            last: Duration::ZERO,
+            last_event: Duration::ZERO,
+            events: 0,
+            output_bytes: 0,
+            start,
+        };
+        let q = queue.clone();
+        let recorder = spawn("ztna-recorder", RECORDER_STACK, move || recorder.run(&q))?;
+
+        let out_thread = {
+            let q = queue.clone();
+            let ctl = ctl_tx.clone();
+            let buf = vec![0u8; BUF_SIZE];
+            spawn("ztna-pty-out", SMALL_STACK, move || {
+                output_loop(reader, output, buf, q, ctl, start)
+            })?
+        };
+        if let Some(input) = input {
+            let rec = capture_input.then(|| queue.clone());
+            let ctl = ctl_tx.clone();
+            let buf = vec![0u8; 4096];
+            // Detached: it may stay blocked reading the user's terminal after the session.
+            spawn("ztna-pty-in", SMALL_STACK, move || {
+                input_loop(input, writer, buf, rec, ctl, start)
+            })?;
+        } else {
+            let _ = ctl_tx.send(Ctl::InputEof(writer));
+        }
+        {
+            let ctl = ctl_tx.clone();
+            spawn("ztna-wait", SMALL_STACK, move || wait_loop(pid, ctl))?;
+        }
+
+        let mut lp = ControlLoop {
+            master: pair.master,
+            pid,
+            size,
+            rec: queue.clone(),
+            start,
+            tty,
+            stdio,
+            kill_at: None,
+            hangup_grace,
+            termination: None,
+            held_writer: None,
+        };
+        let (status, output_eof) = lp.run(&ctl_rx, drain_timeout);
+
+        // The program is gone and its output relayed: give the user their terminal back first.
+        drop(raw);
+        lp.rec.push(Item::Finish {
+            status,
+            time: start.elapsed(),
+        });
+        let report = recorder.join().unwrap_or_else(|_| Report::panicked());
+        if output_eof {
+            let _ = out_thread.join();
+        }
+        if let Some(s) = signals {
+            s.stop();
+        }
+        drop(child);
+        Ok(Outcome {
+            status,
+            header,
+            duration: report.last_event,
+            events: report.events,
+            output_bytes: report.output_bytes,
+            sink_failures: report.failures,
+            termination: lp.termination,
+        })
+    }
+}
+
+fn make_header(
+    command: &Command,
+    size: TtySize,
+    header_command: Option<String>,
+    title: Option<String>,
+) -> Header {
+    let ts = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .ok();
+    let mut header = Header::new(size, ts);
+    let mut env = BTreeMap::new();
+    for key in ["SHELL", "TERM"] {
+        if let Some(v) = command.env_value(key) {
+            env.insert(key.to_string(), v.to_string_lossy().into_owned());
+        }
+    }
+    header.env = Some(env);
+    header.command = header_command;
+    header.title = title;
+    header
+}
+
+fn spawn<T: Send + 'static>(
+    name: &str,
+    stack: usize,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> io::Result<thread::JoinHandle<T>> {
+    thread::Builder::new()
+        .name(name.into())
+        .stack_size(stack)
+        .spawn(f)
+}
+
+struct ControlLoop {
+    master: Box<dyn MasterPty + Send>,
+    pid: Pid,
+    size: TtySize,
+    rec: Arc<Queue>,
+    start: Instant,
+    tty: bool,
+    stdio: bool,
+    kill_at: Option<Instant>,
+    hangup_grace: Duration,
+    termination: Option<Termination>,
+    /// The PTY writer once input has ended: dropping it writes an end-of-file to the PTY, so
+    /// it is kept until the session is over.
+    held_writer: Option<Box<dyn Write + Send>>,
+}
+
+impl ControlLoop {
+    /// Until the program has exited and its output is drained. Returns its status and
+    /// whether the output reached its end (else something still holds the PTY open).
+    fn run(&mut self, ctl: &Receiver<Ctl>, drain_timeout: Duration) -> (ExitStatus, bool) {
+        let mut status: Option<ExitStatus> = None;
+        let mut output_eof = false;
+        let mut drain_until: Option<Instant> = None;
+        loop {
+            if let Some(st) = status {
+                if output_eof || drain_until.is_some_and(|d| Instant::now() >= d) {
+                    return (st, output_eof);
+                }
+            }
+            let deadline = match (self.kill_at, drain_until) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let msg = match deadline {
+                Some(d) => match ctl.recv_timeout(d.saturating_duration_since(Instant::now())) {
+                    Ok(m) => Some(m),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    // We hold a sender, so this cannot happen; end as if the program had.
+                    Err(RecvTimeoutError::Disconnected) => {
+                        return (status.unwrap_or(ExitStatus::Code(1)), output_eof)
+                    }
+                },
+                None => match ctl.recv() {
+                    Ok(m) => Some(m),
+                    Err(_) => return (status.unwrap_or(ExitStatus::Code(1)), output_eof),
+                },
+            };
+            match msg {
+                None => {
+                    if self.kill_at.is_some_and(|k| Instant::now() >= k) {
+                        self.kill_at = None;
+                        if status.is_none() {
+                            self.signal_program(Signal::SIGKILL);
+                        }
+                    }
+                }
+                Some(Ctl::ChildExited(st)) => {
+                    status = Some(st);
+                    self.kill_at = None;
+                    drain_until = Some(Instant::now() + drain_timeout);
+                }
+                Some(Ctl::OutputEof) => output_eof = true,
+                Some(Ctl::InputEof(mut w)) => {
+                    if !self.tty && self.stdio && status.is_none() {
+                        self.send_eof(&mut w);
+                    }
+                    self.held_writer = Some(w);
+                }
+                Some(Ctl::Signal(sig)) if sig == signal_hook::consts::SIGWINCH => {
+                    let size = term::terminal_size(io::stdin())
+                        .or_else(|| term::terminal_size(io::stdout()));
+                    if let Some(size) = size {
+                        self.resize(size);
+                    }
+                }
+                Some(Ctl::Signal(sig)) => {
+                    if status.is_none() {
+                        self.termination.get_or_insert(Termination::Signal(sig));
+                        if let Ok(s) = Signal::try_from(sig) {
+                            self.signal_program(s);
+                        }
+                        let hangup = sig == signal_hook::consts::SIGTERM
+                            || sig == signal_hook::consts::SIGHUP;
+                        if hangup && self.kill_at.is_none() {
+                            self.kill_at = Some(Instant::now() + self.hangup_grace);
+                        }
+                    }
+                }
+                Some(Ctl::Resize(size)) => self.resize(size),
+                Some(Ctl::Marker(label)) => {
+                    self.rec.push(Item::Marker {
+                        label,
+                        time: self.start.elapsed(),
+                    });
+                }
+                Some(Ctl::Terminate) => self.hang_up(status.is_none(), Termination::Requested),
+                Some(Ctl::SinkFailed) => {
+                    self.hang_up(status.is_none(), Termination::SinkFailed);
+                }
+            }
+        }
+    }
+
+    fn hang_up(&mut self, running: bool, why: Termination) {
+        if !running {
+            return;
+        }
+        self.termination.get_or_insert(why);
+        self.signal_program(Signal::SIGHUP);
+        if self.kill_at.is_none() {
+            self.kill_at = Some(Instant::now() + self.hangup_grace);
+        }
+    }
+
+    /// Signals the program's process group and the PTY's foreground process group (a job the
+    /// shell started), as a terminal hang-up reaches both.
+    fn signal_program(&self, sig: Signal) {
+        let _ = killpg(self.pid, sig);
+        if let Some(fg) = self.master.process_group_leader() {
+            if fg != self.pid.as_raw() {
+                let _ = killpg(Pid::from_raw(fg), sig);
+            }
+        }
+    }
+
+    fn resize(&mut self, size: TtySize) {
+        if size == self.size {
+            return;
+        }
+        let ok = self
+            .master
+            .resize(PtySize {
+                rows: size.rows,
+                cols: size.cols,
+                pixel_width: 0,
+                pixel_height: 0,
+            })
+            .is_ok();
+        if ok {
+            self.size = size;
+            self.rec.push(Item::Resize {
+                size,
+                time: self.start.elapsed(),
+            });
+        }
+    }
+
+    /// End of input without a terminal: like `script`, pass it on as the PTY's end-of-file
+    /// character when the program reads lines (canonical mode).
+    fn send_eof(&self, w: &mut Box<dyn Write + Send>) {
+        use nix::sys::termios::{LocalFlags, SpecialCharacterIndices};
+        if let Some(t) = self.master.get_termios() {
+            let veof = t.control_chars[SpecialCharacterIndices::VEOF as usize];
+            // portable-pty speaks another nix version: compare the raw flag bits.
+            let canonical = t.local_flags.bits() & LocalFlags::ICANON.bits() != 0;
+            if canonical && veof != 0 {
+                let _ = w.write_all(&[veof]);
+            }
+        }
+    }
+}
+
+fn output_loop(
+    mut reader: Box<dyn Read + Send>,
+    mut out: Box<dyn Write + Send>,
+    mut buf: Vec<u8>,
+    queue: Arc<Queue>,
+    ctl: Sender<Ctl>,
+    start: Instant,
+) {
+    let mut out_ok = true;
+    let mut recording = true;
+    loop {
+        let n = loop {
+            match reader.read(&mut buf) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // portable-pty turns EIO (the slave side closed) into Ok(0).
+                r => break r.unwrap_or(0),
+            }
+        };
+        if n == 0 {
+            break;
+        }
+        let time = start.elapsed();
+        // The user gets the bytes first; a terminal that went away stops the relay to it,
+        // not the recording.
+        if out_ok && out.write_all(&buf[..n]).is_err() {
+            out_ok = false;
+        }
+        if recording {
+            recording = queue.push_bytes(BytesKind::Output, &buf[..n], time);
+        }
+    }
+    let _ = out.flush();
+    let _ = ctl.send(Ctl::OutputEof);
+}
+
+fn input_loop(
+    mut input: Box<dyn Read + Send>,
+    mut pty: Box<dyn Write + Send>,
+    mut buf: Vec<u8>,
+    rec: Option<Arc<Queue>>,
+    ctl: Sender<Ctl>,
+    start: Instant,
+) {
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        };
+        if pty.write_all(&buf[..n]).is_err() {
+            break;
+        }
+        if let Some(rec) = &rec {
+            rec.push_bytes(BytesKind::Input, &buf[..n], start.elapsed());
+        }
+    }
+    let _ = ctl.send(Ctl::InputEof(pty));
+}
+
+fn wait_loop(pid: Pid, ctl: Sender<Ctl>) {
+    let status = loop {
+        match waitpid(pid, None) {
+            Ok(WaitStatus::Exited(_, code)) => break ExitStatus::Code(code),
+            Ok(WaitStatus::Signaled(_, sig, _)) => break ExitStatus::Signal(sig as i32),
+            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+            // Reaped by someone else: we cannot know how it ended.
+            Err(_) => break ExitStatus::Code(255),
+        }
+    };
+    let _ = ctl.send(Ctl::ChildExited(status));
+}
+
+struct SignalThread {
+    handle: signal_hook::iterator::Handle,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Drop for SignalThread {
+    /// On an early error return too: the thread ends instead of lingering.
+    fn drop(&mut self) {
+        self.handle.close();
+    }
+}
+
+impl SignalThread {
+    fn start(ctl: Sender<Ctl>) -> io::Result<Self> {
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGWINCH};
+        let mut signals =
+            signal_hook::iterator::Signals::new([SIGWINCH, SIGTERM, SIGHUP, SIGINT, SIGQUIT])?;
+        let handle = signals.handle();
+        let thread = spawn("ztna-signals", SMALL_STACK, move || {
+            for sig in signals.forever() {
+                if ctl.send(Ctl::Signal(sig)).is_err() {
+                    break;
+                }
+            }
+        })?;
+        Ok(SignalThread {
+            handle,
+            thread: Some(thread),
+        })
+    }
+
+    fn stop(mut self) {
+        self.handle.close();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Report {
+    failures: Vec<SinkFailure>,
+    last_event: Duration,
+    events: u64,
+    output_bytes: u64,
+}
+
+impl Report {
+    fn panicked() -> Self {
+        Report {
+            failures: vec![SinkFailure {
+                sink: String::from("recorder"),
+                during: "event",
+                error: String::from("the recorder thread panicked"),
+                at: Duration::ZERO,
+            }],
+            last_event: Duration::ZERO,
+            events: 0,
+            output_bytes: 0,
+        }
+    }
+}
+
+/// Owns the sinks: repairs UTF-8, encodes each event once, hands it to every sink.
+struct Recorder {
+    sinks: Vec<Box<dyn Sink>>,
+    failures: Vec<SinkFailure>,
+    policy: SinkPolicy,
+    ctl: Sender<Ctl>,
+    line: String,
+    /// Time of the latest event handed out: events from different threads are kept in order.
+    last: Duration,
+    last_event: Duration,
+    events: u64,
+    output_bytes: u64,
+    start: Instant,
+}
+
+impl Recorder {
+    fn run(mut self, queue: &Queue) -> Report {
+        let mut out_utf8 = Utf8Repair::new();
+        let mut in_utf8 = Utf8Repair::new();
+        let mut batch = Batch::default();
+        'session: loop {
+            let deadline = self
+                .sinks
+                .iter()
+                .filter_map(|s| s.next_deadline())
+                .min()
+                .map(|d| self.start + d);
+            queue.take(&mut batch, deadline);
+            for item in batch.items.drain(..) {
+                match item {
+                    Item::Output { start, end, time } => {
+                        self.output_bytes += (end - start) as u64;
+                        let text = out_utf8.push(&batch.bytes[start..end]);
+                        if !text.is_empty() {
+                            self.emit(time, EventKind::Output(text));
+                        }
+                    }
+                    Item::Input { start, end, time } => {
+                        let text = in_utf8.push(&batch.bytes[start..end]);
+                        if !text.is_empty() {
+                            self.emit(time, EventKind::Input(text));
+                        }
+                    }
+                    Item::Resize { size, time } => self.emit(time, EventKind::Resize(size)),
+                    Item::Marker { label, time } => self.emit(time, EventKind::Marker(&label)),
+                    Item::Finish { status, time } => {
+                        let tail = out_utf8.finish();
+                        if !tail.is_empty() {
+                            self.emit(self.last, EventKind::Output(tail));
+                        }
+                        let tail = in_utf8.finish();
+                        if !tail.is_empty() {
+                            self.emit(self.last, EventKind::Input(tail));
+                        }
+                        self.emit(time, EventKind::Exit(status));
+                        self.finish_sinks();
+                        break 'session;
+                    }
+                }
+            }
+            batch.bytes.clear();
+            self.tick(self.start.elapsed());
+        }
+        queue.close();
+        Report {
+            failures: self.failures,
+            last_event: self.last_event,
+            events: self.events,
+            output_bytes: self.output_bytes,
+        }
+    }
+
+    fn emit(&mut self, time: Duration, kind: EventKind<'_>) {
+        let time = time.max(self.last);
+        self.last = time;
+        self.line.clear();
+        let secs = time.as_secs_f64();
+        match kind {
+            EventKind::Output(s) => encode_event(&mut self.line, secs, EventCode::Output, s),
+            EventKind::Input(s) => encode_event(&mut self.line, secs, EventCode::Input, s),
+            EventKind::Resize(size) => {
+                encode_event(&mut self.line, secs, EventCode::Resize, &size.to_string())
+            }
+            EventKind::Marker(s) => encode_event(&mut self.line, secs, EventCode::Marker, s),
+            EventKind::Exit(_) => {}
+        }
+        if !matches!(kind, EventKind::Exit(_)) {
+            self.events += 1;
+            self.last_event = time;
+        }
+        let ev = Event::new(time, kind, &self.line);
+        let mut i = 0;
+        while i < self.sinks.len() {
+            match self.sinks[i].event(&ev) {
+                Ok(()) => i += 1,
+                Err(e) => {
+                    let sink = self.sinks.remove(i);
+                    self.failures.push(SinkFailure {
+                        sink: sink.name(),
+                        during: "event",
+                        error: e.to_string(),
+                        at: time,
+                    });
+                    if self.policy == SinkPolicy::FailClosed {
+                        let _ = self.ctl.send(Ctl::SinkFailed);
+                    }
+                }
+            }
+        }
+    }
+
+    fn tick(&mut self, now: Duration) {
+        let mut i = 0;
+        while i < self.sinks.len() {
+            let due = self.sinks[i].next_deadline().is_some_and(|d| d <= now);
+            match if due { self.sinks[i].tick(now) } else { Ok(()) } {
+                Ok(()) => i += 1,
+                Err(e) => {
+                    let sink = self.sinks.remove(i);
+                    self.fail(sink.name(), "tick", e, now);
+                }
+            }
+        }
+    }
+
+    fn finish_sinks(&mut self) {
+        let at = self.last;
+        for mut sink in std::mem::take(&mut self.sinks) {
+            if let Err(e) = sink.finish() {
+                self.fail(sink.name(), "finish", e, at);
+            }
+        }
+    }
+
+    fn fail(&mut self, sink: String, during: &'static str, e: io::Error, at: Duration) {
+        self.failures.push(SinkFailure {
+            sink,
+            during,
+            error: e.to_string(),
+            at,
+        });
+        if self.policy == SinkPolicy::FailClosed {
+            let _ = self.ctl.send(Ctl::SinkFailed);
+        }
+    }
+}

@@ -1,0 +1,97 @@
+//! The sink trait: where a session's events go, and what happens when one fails.
+
+use super::event::Event;
+use std::io;
+use std::time::Duration;
+use ztna_common::asciicast::Header;
+
+/// A destination for a session's events. Called only from the session's recorder thread, in
+/// order: [`start`](Sink::start) once, [`event`](Sink::event) for each event (the last one is
+/// [`EventKind::Exit`](super::EventKind::Exit)), then [`finish`](Sink::finish) once.
+///
+/// A sink that blocks slows the session down (bounded memory, nothing dropped); a sink that
+/// returns an error is dropped from the session and reported in
+/// [`Outcome::sink_failures`](super::Outcome::sink_failures); no more calls reach it.
+pub trait Sink: Send {
+    /// A short name for error reports ("file /tmp/x.cast", "daemon").
+    fn name(&self) -> String {
+        String::from("sink")
+    }
+
+    /// Before any event, with the recording's header.
+    fn start(&mut self, header: &Header) -> io::Result<()>;
+
+    /// One event. `event.asciicast_line()` is its encoded line.
+    fn event(&mut self, event: &Event<'_>) -> io::Result<()>;
+
+    /// The session time at which this sink wants [`tick`](Sink::tick) called even if no event
+    /// arrives (a chunk to close on time), if any.
+    fn next_deadline(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Called once `next_deadline` has passed, with the current session time.
+    fn tick(&mut self, _now: Duration) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// After the last event: flush and make durable.
+    fn finish(&mut self) -> io::Result<()>;
+}
+
+impl<S: Sink + ?Sized> Sink for Box<S> {
+    fn name(&self) -> String {
+        (**self).name()
+    }
+    fn start(&mut self, header: &Header) -> io::Result<()> {
+        (**self).start(header)
+    }
+    fn event(&mut self, event: &Event<'_>) -> io::Result<()> {
+        (**self).event(event)
+    }
+    fn next_deadline(&self) -> Option<Duration> {
+        (**self).next_deadline()
+    }
+    fn tick(&mut self, now: Duration) -> io::Result<()> {
+        (**self).tick(now)
+    }
+    fn finish(&mut self) -> io::Result<()> {
+        (**self).finish()
+    }
+}
+
+/// What a session does when a sink fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SinkPolicy {
+    /// Keep the session going without that sink (the default).
+    #[default]
+    FailOpen,
+    /// A sink that fails to start refuses the session (the program is never started); a sink
+    /// that fails later hangs up on the program.
+    FailClosed,
+}
+
+/// A sink that failed, and when.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SinkFailure {
+    /// The sink's [`Sink::name`].
+    pub sink: String,
+    /// Which call failed: "start", "event", "tick" or "finish".
+    pub during: &'static str,
+    pub error: String,
+    /// Session time of the failure.
+    pub at: Duration,
+}
+
+impl std::fmt::Display for SinkFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} failed during {} at {:.3}s: {}",
+            self.sink,
+            self.during,
+            self.at.as_secs_f64(),
+            self.error
+        )
+    }
+}

@@ -1,0 +1,1393 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The agent end to end: the real backend (in-process, SQLite + local files, port 0), the real
+//! `ztna-recorder daemon` binary, and clients that speak the frame protocol (a raw frame client
+//! and the real `ztna-recorder shell` binary). The tests that need OpenSSH's sshd are in the
+//! `sshd` module below.
+
+use serde_json::{json, Value};
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+use ztna_recorder::ipc::{self, DecisionMsg, EndMsg, Frame, Kind, Mode, StartMsg, StatusReply};
+use ztna_recorder_server::{App, Config as ServerConfig, Role, SettingsUpdate};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ztna-recorder");
+
+// ---------------------------------------------------------------------------------------
+// The backend
+
+struct Backend {
+    dir: TempDir,
+    app: App,
+    addr: Option<std::net::SocketAddr>,
+    org: uuid::Uuid,
+    token: String,
+    machine: uuid::Uuid,
+    node_key: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    http: reqwest::Client,
+}
+
+impl Backend {
+    async fn new(recording_enabled: bool) -> Backend {
+        let dir = tempfile::tempdir().unwrap();
+        let app = App::open(ServerConfig::with_data_dir(dir.path()))
+            .await
+            .unwrap();
+        let org = app.create_org("acme", true).await.unwrap();
+        let admin = app
+            .create_user(org, "admin@acme.test", Role::Admin)
+            .await
+            .unwrap();
+        let token = app.issue_token(admin, 3600).await.unwrap();
+        let (machine, node_key) = app.register_machine(org, "Linux-C", admin).await.unwrap();
+        app.update_settings(
+            org,
+            SettingsUpdate {
+                recording_enabled: Some(recording_enabled),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let mut b = Backend {
+            dir,
+            app,
+            addr: None,
+            org,
+            token,
+            machine,
+            node_key,
+            stop: None,
+            task: None,
+            http: reqwest::Client::new(),
+        };
+        b.start().await;
+        b
+    }
+
+    /// Picks a port without serving on it (the backend is "down" until `start`).
+    async fn new_down(recording_enabled: bool) -> Backend {
+        let mut b = Backend::new(recording_enabled).await;
+        b.stop().await;
+        b
+    }
+
+    fn base(&self) -> String {
+        format!("http://{}", self.addr.unwrap())
+    }
+
+    async fn start(&mut self) {
+        let listener = match self.addr {
+            None => tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            Some(a) => {
+                let t0 = Instant::now();
+                loop {
+                    match tokio::net::TcpListener::bind(a).await {
+                        Ok(l) => break l,
+                        Err(e) if t0.elapsed() < Duration::from_secs(10) => {
+                            let _ = e;
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        Err(e) => panic!("rebinding {a}: {e}"),
+                    }
+                }
+            }
+        };
+        self.addr = Some(listener.local_addr().unwrap());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let app = self.app.clone();
+        self.task = Some(tokio::spawn(ztna_recorder_server::serve(
+            listener,
+            app,
+            async move {
+                let _ = rx.await;
+            },
+        )));
+        self.stop = Some(tx);
+    }
+
+    async fn stop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.await.unwrap().unwrap();
+        }
+    }
+
+    async fn user_api(&self, mut body: Value) -> Value {
+        body["org_id"] = json!(self.org.to_string());
+        let r = self
+            .http
+            .post(format!("{}/api/session-recording", self.base()))
+            .bearer_auth(&self.token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        r.json().await.unwrap()
+    }
+
+    async fn recordings(&self) -> Vec<Value> {
+        let v = self.user_api(json!({"action": "list", "limit": 200})).await;
+        assert_eq!(v["success"], true, "{v}");
+        v["data"]["recordings"].as_array().unwrap().clone()
+    }
+
+    /// Waits until `n` recordings are completed; returns them.
+    async fn wait_completed(&self, n: usize, within: Duration) -> Vec<Value> {
+        let t0 = Instant::now();
+        loop {
+            let recs = self.recordings().await;
+            let done: Vec<Value> = recs
+                .iter()
+                .filter(|r| r["status"] == "completed")
+                .cloned()
+                .collect();
+            if done.len() >= n {
+                return done;
+            }
+            if t0.elapsed() > within {
+                panic!("{n} completed recordings expected within {within:?}, have {recs:#?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The recording's event lines: its chunks, read from the object store, in index order.
+    fn events_text(&self, rec: &Value) -> String {
+        let chunks = rec["metadata"]["chunks"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let mut out = String::new();
+        for c in &chunks {
+            let key = format!(
+                "recordings/{}/{}/chunk-{}.cast",
+                rec["org_id"].as_str().unwrap(),
+                rec["id"].as_str().unwrap(),
+                c["index"]
+            );
+            out.push_str(
+                &std::fs::read_to_string(self.dir.path().join("objects").join(key)).unwrap(),
+            );
+        }
+        out
+    }
+}
+
+fn chunk_indexes(rec: &Value) -> Vec<u64> {
+    rec["metadata"]["chunks"]
+        .as_array()
+        .map(|a| a.iter().map(|c| c["index"].as_u64().unwrap()).collect())
+        .unwrap_or_default()
+}
+
+/// The `o` data of a recording's events, concatenated.
+fn output_of(events: &str) -> String {
+    let mut s = String::new();
+    for line in events.lines() {
+        let v: Value = serde_json::from_str(line).unwrap();
+        if v[1] == "o" {
+            s.push_str(v[2].as_str().unwrap());
+        }
+    }
+    s
+}
+
+// ---------------------------------------------------------------------------------------
+// The daemon (the real binary)
+
+struct Agent {
+    dir: TempDir,
+}
+
+impl Agent {
+    fn new(backend: &Backend, extra: &str) -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("node.key"),
+            format!("{}\n", backend.node_key),
+        )
+        .unwrap();
+        let cfg = format!(
+            "server_url = \"{}\"\nnode_key_file = \"{}\"\nspool_dir = \"{}\"\nsocket = \"{}\"\nrescan_secs = 1\nretry_max_secs = 1\nconfig_refresh_secs = 1\ndrain_secs = 1\n{extra}\n",
+            backend.base(),
+            dir.path().join("node.key").display(),
+            dir.path().join("spool").display(),
+            dir.path().join("run/recorder.sock").display(),
+        );
+        std::fs::write(dir.path().join("config.toml"), cfg).unwrap();
+        Agent { dir }
+    }
+
+    fn config(&self) -> PathBuf {
+        self.dir.path().join("config.toml")
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("run/recorder.sock")
+    }
+
+    fn spool(&self) -> PathBuf {
+        self.dir.path().join("spool")
+    }
+
+    /// Starts the daemon and waits until it answers a status request.
+    fn daemon(&self) -> DaemonProc {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("daemon.log"))
+            .unwrap();
+        let mut child = Command::new(BIN)
+            .args(["daemon", "--config"])
+            .arg(self.config())
+            .env("ZTNA_RECORDER_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let t0 = Instant::now();
+        loop {
+            if ztna_recorder::status::query(&self.socket()).is_ok() {
+                return DaemonProc(child);
+            }
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!("daemon exited ({st}): {}", self.log());
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "daemon not ready: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    fn status(&self) -> StatusReply {
+        ztna_recorder::status::query(&self.socket()).unwrap()
+    }
+
+    /// `ztna-recorder shell` as sshd runs it for `ssh host CMD` (no terminal).
+    fn shell(
+        &self,
+        command: Option<&str>,
+        stdin: &[u8],
+        config: Option<&Path>,
+    ) -> std::process::Output {
+        let mut c = Command::new(BIN);
+        c.arg("shell")
+            .env("ZTNA_RECORDER_CONFIG", config.unwrap_or(&self.config()))
+            .env("SSH_CONNECTION", "192.0.2.7 50123 127.0.0.1 22")
+            .env_remove("ZTNA_RECORDER_LOG")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        match command {
+            Some(cmd) => c.env("SSH_ORIGINAL_COMMAND", cmd),
+            None => c.env_remove("SSH_ORIGINAL_COMMAND"),
+        };
+        let mut child = c.spawn().unwrap();
+        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        child.wait_with_output().unwrap()
+    }
+}
+
+/// The daemon's process; killed when a test ends early (a failed assertion).
+struct DaemonProc(Child);
+
+impl std::ops::Deref for DaemonProc {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for DaemonProc {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for DaemonProc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn kill(child: &mut Child, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig).unwrap();
+}
+
+// ---------------------------------------------------------------------------------------
+// A raw frame client
+
+struct FrameClient {
+    s: UnixStream,
+}
+
+impl FrameClient {
+    fn start(socket: &Path) -> (FrameClient, DecisionMsg) {
+        let mut s = UnixStream::connect(socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut metadata = serde_json::Map::new();
+        metadata.insert("user".into(), json!("mallory-claims-root"));
+        metadata.insert("uid".into(), json!(0xdead));
+        metadata.insert("kind".into(), json!("interactive"));
+        metadata.insert("hostname".into(), json!("linux-c"));
+        let start = StartMsg {
+            session_type: "ssh".into(),
+            header: ztna_common::Header::new(
+                ztna_common::TtySize {
+                    cols: 100,
+                    rows: 30,
+                },
+                Some(1_700_000_000),
+            ),
+            metadata,
+        };
+        let f = Frame::json(Kind::Start, &start).unwrap();
+        ipc::write_frame(&mut s, f.kind, &f.payload).unwrap();
+        let d = ipc::read_frame(&mut s).unwrap();
+        assert_eq!(d.kind, Kind::Decision);
+        let d: DecisionMsg = d.parse().unwrap();
+        (FrameClient { s }, d)
+    }
+
+    fn events(&mut self, lines: &str) {
+        ipc::write_frame(&mut self.s, Kind::Events, lines.as_bytes()).unwrap();
+    }
+
+    fn end(mut self, code: i32) {
+        let f = Frame::json(
+            Kind::End,
+            &EndMsg {
+                exit_status: Some(code),
+                metadata: Default::default(),
+            },
+        )
+        .unwrap();
+        ipc::write_frame(&mut self.s, f.kind, &f.payload).unwrap();
+        let ack = ipc::read_frame(&mut self.s).unwrap();
+        assert_eq!(ack.kind, Kind::Ack);
+    }
+}
+
+fn event_line(t: f64, data: &str) -> String {
+    let mut s = String::new();
+    ztna_common::asciicast::encode_event(&mut s, t, ztna_common::EventCode::Output, data);
+    s
+}
+
+fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < within, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Tests without sshd
+
+/// The backend is down for the whole session and comes back: every chunk arrives, in order,
+/// once, and the peer's real uid replaces what the client claimed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_down_then_back_every_chunk_once_in_order() {
+    let mut backend = Backend::new_down(true).await;
+    let agent = Agent::new(&backend, "chunk_max_bytes = 64\n");
+    let mut daemon = agent.daemon();
+
+    let (mut c, d) = FrameClient::start(&agent.socket());
+    assert_eq!(d.mode, Mode::Record, "{d:?}");
+    let mut sent = String::new();
+    for i in 0..12 {
+        // Each frame is over 64 bytes: one chunk per frame.
+        let l = event_line(
+            i as f64 * 0.25,
+            &format!("line {i:02} {}\r\n", "x".repeat(50)),
+        );
+        c.events(&l);
+        sent.push_str(&l);
+    }
+    c.end(0);
+    let spool = agent.spool();
+    tokio::task::spawn_blocking({
+        let socket = agent.socket();
+        move || {
+            wait_until(
+                "an upload error while the backend is down",
+                Duration::from_secs(20),
+                || {
+                    ztna_recorder::status::query(&socket)
+                        .map(|s| s.last_upload_error.is_some() && s.chunks_waiting == 12)
+                        .unwrap_or(false)
+                },
+            )
+        }
+    })
+    .await
+    .unwrap();
+    backend.start().await;
+    let recs = backend.wait_completed(1, Duration::from_secs(30)).await;
+    assert_eq!(recs.len(), 1);
+    let rec = &recs[0];
+    assert_eq!(chunk_indexes(rec), (0..12).collect::<Vec<u64>>());
+    assert_eq!(backend.events_text(rec), sent);
+    assert_eq!(rec["duration_seconds"], 3); // last event at 2.75 s
+    assert_eq!(rec["metadata"]["exit_status"], 0);
+    assert_eq!(rec["metadata"]["uid"], nix::unistd::getuid().as_raw());
+    assert_ne!(rec["metadata"]["user"], "mallory-claims-root");
+    assert_eq!(rec["machine_id"], backend.machine.to_string());
+    // Nothing left in the spool once the backend has everything.
+    wait_until("an empty spool", Duration::from_secs(10), || {
+        std::fs::read_dir(spool.join("sessions")).unwrap().count() == 0
+    });
+    let st = agent.status();
+    assert_eq!(st.chunks_waiting, 0);
+    assert!(st.backend_last_answer_at.is_some());
+    kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);
+    let t0 = Instant::now();
+    let status = daemon.wait().unwrap();
+    assert!(status.success(), "{}", agent.log());
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    assert!(
+        !agent.log().contains(&backend.node_key),
+        "the node key reached the log"
+    );
+    backend.stop().await;
+}
+
+/// The daemon is killed with SIGKILL mid-session and restarted: everything it spooled
+/// reaches the backend, the session is completed with `interrupted: true`, and a torn last
+/// line left by the crash is dropped while every whole line is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_killed_mid_session_is_recovered_as_interrupted() {
+    let mut backend = Backend::new(true).await;
+    let agent = Agent::new(&backend, "chunk_max_bytes = 200\n");
+    let mut daemon = agent.daemon();
+    let (mut c, d) = FrameClient::start(&agent.socket());
+    assert_eq!(d.mode, Mode::Record);
+    let mut sent = String::new();
+    for i in 0..9 {
+        let l = event_line(1.0 + i as f64, &format!("out {i} {}\n", "y".repeat(40)));
+        c.events(&l);
+        sent.push_str(&l);
+    }
+    // Wait until the daemon has written the last frame, then kill it.
+    // Spooled, or already uploaded (then deleted from the spool).
+    let dirs = [agent.spool(), backend.dir.path().join("objects")];
+    let expected = sent.len() as u64;
+    tokio::task::spawn_blocking(move || {
+        wait_until(
+            "the daemon to spool every line",
+            Duration::from_secs(20),
+            || dirs.iter().map(|d| chunk_bytes(d)).sum::<u64>() >= expected,
+        )
+    })
+    .await
+    .unwrap();
+    kill(&mut daemon, nix::sys::signal::Signal::SIGKILL);
+    daemon.wait().unwrap();
+    drop(c);
+    // A crash mid-write leaves a torn line in the open chunk.
+    let sessions: Vec<PathBuf> = std::fs::read_dir(agent.spool().join("sessions"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(sessions.len(), 1);
+    let part = std::fs::read_dir(&sessions[0])
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with(".cast.part"));
+    let torn = "[12.5, \"o\", \"torn";
+    match part {
+        Some(p) => {
+            let mut f = std::fs::OpenOptions::new().append(true).open(p).unwrap();
+            f.write_all(torn.as_bytes()).unwrap();
+        }
+        None => {
+            std::fs::write(sessions[0].join("chunk-99.cast.part"), torn).unwrap();
+        }
+    }
+
+    let mut daemon = agent.daemon();
+    let recs = backend.wait_completed(1, Duration::from_secs(30)).await;
+    let rec = &recs[0];
+    assert_eq!(rec["metadata"]["interrupted"], true, "{rec:#}");
+    let got = backend.events_text(rec);
+    assert_eq!(got, sent, "every whole line, in order, no torn line");
+    assert_eq!(rec["duration_seconds"], 9); // last event at 9.0 s
+    kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);
+    daemon.wait().unwrap();
+    backend.stop().await;
+}
+
+/// Bytes of the `chunk-*` files under `dir` (spooled, open, or stored by the backend).
+fn chunk_bytes(dir: &Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    rd.flatten()
+        .map(|e| {
+            let p = e.path();
+            if p.is_dir() {
+                chunk_bytes(&p)
+            } else if e.file_name().to_string_lossy().starts_with("chunk-") {
+                e.metadata().map(|m| m.len()).unwrap_or(0)
+            } else {
+                0
+            }
+        })
+        .sum()
+}
+
+/// `ssh host 'printf …'` without a PTY, through the real `shell` binary: stdout byte-exact,
+/// stderr and exit status passed on, the output recorded with the contract's metadata.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_without_pty_is_byte_exact_and_recorded() {
+    let mut backend = Backend::new(true).await;
+    let agent = Agent::new(&backend, "");
+    let mut daemon = agent.daemon();
+    let cmd = r"printf 'a\000b\377c\r\n\303\251t\303\251\n'; echo err >&2; cat; exit 7";
+    let out = {
+        let agent = &agent;
+        tokio::task::block_in_place(|| agent.shell(Some(cmd), b"from-stdin", None))
+    };
+    let mut expected = b"a\x00b\xffc\r\n\xc3\xa9t\xc3\xa9\n".to_vec();
+    expected.extend_from_slice(b"from-stdin");
+    assert_eq!(
+        out.stdout,
+        expected,
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stderr, b"err\n");
+    assert_eq!(out.status.code(), Some(7));
+    let recs = backend.wait_completed(1, Duration::from_secs(20)).await;
+    let rec = &recs[0];
+    let m = &rec["metadata"];
+    assert_eq!(m["kind"], "exec");
+    assert_eq!(m["command"], cmd);
+    assert_eq!(m["exit_status"], 7);
+    assert_eq!(m["remote_addr"], "192.0.2.7");
+    assert_eq!(m["remote_port"], 50123);
+    assert_eq!(m["uid"], nix::unistd::getuid().as_raw());
+    assert!(m["hostname"].is_string());
+    assert!(m.get("tty").is_none() || m["tty"].is_null());
+    let text = output_of(&backend.events_text(rec));
+    // stdout and stderr are separate pipes: "err\n" may land anywhere between stdout reads.
+    assert!(text.contains("err\n"), "{text:?}");
+    let stdout_part = text.replacen("err\n", "", 1);
+    assert_eq!(stdout_part, "a\u{0}b\u{fffd}c\r\nété\nfrom-stdin");
+    kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);
+    daemon.wait().unwrap();
+    backend.stop().await;
+}
+
+/// Recording switched off for the org: the session runs, nothing is recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recording_disabled_runs_unrecorded() {
+    let mut backend = Backend::new(false).await;
+    let agent = Agent::new(&backend, "enforce = true\n");
+    let mut daemon = agent.daemon();
+    let sock = agent.socket();
+    tokio::task::spawn_blocking(move || {
+        wait_until(
+            "the daemon to learn the org's settings",
+            Duration::from_secs(10),
+            || {
+                ztna_recorder::status::query(&sock)
+                    .map(|s| s.recording_enabled == Some(false))
+                    .unwrap_or(false)
+            },
+        )
+    })
+    .await
+    .unwrap();
+    let (_c, d) = FrameClient::start(&agent.socket());
+    assert_eq!(d.mode, Mode::Unrecorded);
+    let out = tokio::task::block_in_place(|| agent.shell(Some("printf unrecorded"), b"", None));
+    assert_eq!(out.stdout, b"unrecorded");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(backend.recordings().await.is_empty());
+    assert_eq!(
+        std::fs::read_dir(agent.spool().join("sessions"))
+            .unwrap()
+            .count(),
+        0
+    );
+    kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);
+    daemon.wait().unwrap();
+    backend.stop().await;
+}
+
+/// No daemon: `enforce = true` refuses the session with one line and status 1;
+/// `enforce = false` runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_daemon_follows_the_enforce_policy() {
+    let mut backend = Backend::new(true).await;
+    let agent = Agent::new(&backend, "");
+    let strict = agent.dir.path().join("strict.toml");
+    std::fs::write(
+        &strict,
+        format!(
+            "socket = \"{}\"\nenforce = true\n",
+            agent.socket().display()
+        ),
+    )
+    .unwrap();
+    let out = tokio::task::block_in_place(|| {
+        agent.shell(Some("echo should-not-run"), b"", Some(&strict))
+    });
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("refused"), "{err}");
+
+    let lax = agent.dir.path().join("lax.toml");
+    std::fs::write(
+        &lax,
+        format!(
+            "socket = \"{}\"\nenforce = false\n",
+            agent.socket().display()
+        ),
+    )
+    .unwrap();
+    let out = tokio::task::block_in_place(|| agent.shell(Some("echo runs"), b"", Some(&lax)));
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(out.stdout, b"runs\n");
+    backend.stop().await;
+}
+
+/// The spool at `spool_max_bytes`: the live session stops being recorded (the shell is told),
+/// new sessions are refused (the shell then follows its enforce policy), and nothing already
+/// spooled is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spool_full_refuses_new_sessions_and_keeps_what_it_has() {
+    let mut backend = Backend::new_down(true).await;
+    let agent = Agent::new(&backend, "chunk_max_bytes = 64\nspool_max_bytes = 900\n");
+    let mut daemon = agent.daemon();
+    let (mut c, d) = FrameClient::start(&agent.socket());
+    assert_eq!(d.mode, Mode::Record);
+    let mut sent = String::new();
+    let mut stopped = None;
+    for i in 0..40 {
+        let l = event_line(i as f64 * 0.1, &format!("fill {i:02} {}\n", "z".repeat(50)));
+        if ipc::write_frame(&mut c.s, Kind::Events, l.as_bytes()).is_err() {
+            break;
+        }
+        sent.push_str(&l);
+        c.s.set_nonblocking(true).unwrap();
+        let r = ipc::read_frame(&mut c.s);
+        c.s.set_nonblocking(false).unwrap();
+        if let Ok(f) = r {
+            stopped = Some(f);
+            break;
+        }
+    }
+    let f = match stopped {
+        Some(f) => f,
+        None => ipc::read_frame(&mut c.s).unwrap(),
+    };
+    assert_eq!(f.kind, Kind::Error);
+    assert!(f.parse::<ipc::ErrorMsg>().unwrap().message.contains("full"));
+    let (_c2, d2) = FrameClient::start(&agent.socket());
+    assert_eq!(d2.mode, Mode::Refused, "{d2:?}");
+    assert!(d2.reason.contains("full"));
+
+    backend.start().await;
+    let recs = backend.wait_completed(1, Duration::from_secs(30)).await;
+    let rec = &recs[0];
+    assert_eq!(rec["metadata"]["truncated"], true, "{rec:#}");
+    let got = backend.events_text(rec);
+    assert!(
+        !got.is_empty() && sent.starts_with(&got),
+        "what was spooled arrives, in order"
+    );
+    kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);
+    daemon.wait().unwrap();
+    backend.stop().await;
+}
+
+/// A bad config names what is wrong; `status --json` prints one JSON object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_json_and_bad_config() {
+    let mut backend = Backend::new(true).await;
+    let agent = Agent::new(&backend, "");
+    let mut daemon = agent.daemon();
+    let out = Command::new(BIN)
+        .args(["status", "--json", "--config"])
+        .arg(agent.config())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["running"], true);
+    assert!(v["sessions_live"].is_array());
+    assert!(v["chunks_waiting"].is_u64());
+    kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);
+    daemon.wait().unwrap();
+
+    let bad = agent.dir.path().join("bad.toml");
+    std::fs::write(&bad, "chunk_max_secs = \"soon\"\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["daemon", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("chunk_max_secs"));
+    backend.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// With OpenSSH: a real sshd on a loopback port whose ForceCommand is our `shell`, and the
+// real ssh, scp and sftp clients.
+
+mod sshd {
+    use super::*;
+
+    pub const USER: &str = "ztnatest";
+
+    fn run(cmd: &mut Command) -> std::process::Output {
+        let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// The test user, with a usable (not locked) account: sshd without PAM refuses locked ones.
+    fn ensure_user() {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            let exists = Command::new("id")
+                .arg("-u")
+                .arg(USER)
+                .output()
+                .unwrap()
+                .status
+                .success();
+            if !exists {
+                run(Command::new("useradd").args(["-m", "-s", "/bin/bash", USER]));
+            }
+            run(Command::new("usermod").args(["-p", "*", USER]));
+        });
+    }
+
+    pub fn uid() -> u32 {
+        nix::unistd::User::from_name(USER)
+            .unwrap()
+            .unwrap()
+            .uid
+            .as_raw()
+    }
+
+    pub struct Sshd {
+        pub dir: TempDir,
+        pub port: u16,
+        child: Child,
+    }
+
+    impl Drop for Sshd {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    impl Sshd {
+        /// sshd with `ForceCommand = ztna-recorder shell --config CONFIG`.
+        pub fn start(config: &Path) -> Sshd {
+            let sshd = std::env::var("ZTNA_TEST_SSHD").unwrap_or_else(|_| "/usr/sbin/sshd".into());
+            assert!(
+                Path::new(&sshd).exists(),
+                "OpenSSH's sshd is needed at {sshd} (ZTNA_TEST_SSHD); scripts/test.sh installs it"
+            );
+            ensure_user();
+            std::fs::create_dir_all("/run/sshd").unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            chmod(dir.path(), 0o755);
+            // The agent's folder holds the config the user's `shell` reads.
+            if let Some(p) = config.parent() {
+                chmod(p, 0o755);
+            }
+            chmod(config, 0o644);
+            let d = dir.path();
+            run(Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(d.join("hostkey")));
+            run(Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(d.join("clientkey")));
+            std::fs::copy(d.join("clientkey.pub"), d.join("authorized_keys")).unwrap();
+            chmod(&d.join("authorized_keys"), 0o644);
+            let port = free_port();
+            let conf = format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/hostkey\nPidFile {d}/sshd.pid\n\
+                 AuthorizedKeysFile {d}/authorized_keys\nUsePAM no\nStrictModes no\n\
+                 PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n\
+                 PermitRootLogin no\nAllowUsers {USER}\nSubsystem sftp internal-sftp\n\
+                 ForceCommand {BIN} shell --config {cfg}\nLogLevel ERROR\n",
+                d = d.display(),
+                cfg = config.display(),
+            );
+            std::fs::write(d.join("sshd_config"), conf).unwrap();
+            let log = std::fs::File::create(d.join("sshd.log")).unwrap();
+            let child = Command::new(&sshd)
+                .args(["-D", "-e", "-f"])
+                .arg(d.join("sshd_config"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap();
+            let mut s = Sshd { dir, port, child };
+            let t0 = Instant::now();
+            while !speaks_ssh(port) {
+                if let Ok(Some(st)) = s.child.try_wait() {
+                    panic!("sshd exited ({st}): {}", s.log());
+                }
+                assert!(
+                    t0.elapsed() < Duration::from_secs(10),
+                    "sshd did not listen: {}",
+                    s.log()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            s
+        }
+
+        pub fn log(&self) -> String {
+            std::fs::read_to_string(self.dir.path().join("sshd.log")).unwrap_or_default()
+        }
+
+        fn opts(&self, c: &mut Command, port_flag: &str) {
+            c.arg(port_flag)
+                .arg(self.port.to_string())
+                .arg("-i")
+                .arg(self.dir.path().join("clientkey"))
+                .args([
+                    "-o",
+                    "StrictHostKeyChecking=no",
+                    "-o",
+                    "UserKnownHostsFile=/dev/null",
+                    "-o",
+                    "BatchMode=yes",
+                    "-o",
+                    "LogLevel=ERROR",
+                ]);
+        }
+
+        pub fn ssh(&self) -> Command {
+            let mut c = Command::new("ssh");
+            self.opts(&mut c, "-p");
+            c
+        }
+
+        pub fn scp(&self) -> Command {
+            let mut c = Command::new("scp");
+            self.opts(&mut c, "-P");
+            c
+        }
+
+        pub fn sftp(&self) -> Command {
+            let mut c = Command::new("sftp");
+            self.opts(&mut c, "-P");
+            c
+        }
+
+        pub fn target(&self) -> String {
+            format!("{USER}@127.0.0.1")
+        }
+    }
+
+    fn chmod(p: &Path, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    /// A free port outside the kernel's ephemeral range, so that a backend stopped and
+    /// restarted on its port-0 address (or any client socket) never collides with sshd.
+    fn free_port() -> u16 {
+        loop {
+            let p = rand::Rng::gen_range(&mut rand::thread_rng(), 20_000..30_000);
+            if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+                return p;
+            }
+        }
+    }
+
+    /// Whether what listens on `port` is an SSH server.
+    fn speaks_ssh(port: u16) -> bool {
+        use std::io::Read;
+        let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+            return false;
+        };
+        let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut b = [0u8; 8];
+        c.read_exact(&mut b).is_ok() && &b == b"SSH-2.0-"
+    }
+
+    /// A world-writable folder for transfers (the test user writes, root reads).
+    pub fn drop_dir() -> TempDir {
+        let d = tempfile::tempdir().unwrap();
+        chmod(d.path(), 0o1777);
+        d
+    }
+
+    /// `ssh -tt host` with commands typed ahead on stdin; returns (exit code, output).
+    pub fn interactive(s: &Sshd, typed: &[&str], pause: Duration) -> (Option<i32>, String) {
+        let mut child = s
+            .ssh()
+            .arg("-tt")
+            .arg(s.target())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        for t in typed {
+            stdin.write_all(t.as_bytes()).unwrap();
+            stdin.flush().unwrap();
+            std::thread::sleep(pause);
+        }
+        let out = child.wait_with_output().unwrap();
+        drop(stdin);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), text)
+    }
+}
+
+/// `ssh -tt`: commands typed ahead reach the shell; the recording holds the output, the
+/// user, the TTY, the exit status and a duration from its last event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sshd_interactive_session_is_recorded() {
+    let mut backend = Backend::new(true).await;
+    let agent = Agent::new(&backend, "");
+    let mut daemon = agent.daemon();
+    let s = sshd::Sshd::start(&agent.config());
+    let (code, text) = tokio::task::block_in_place(|| {
+        sshd::interactive(
+            &s,
+            &["echo hello-$((6*7))\n", "exit 3\n"],
+            Duration::from_millis(0),
+        )
+    });
+    assert_eq!(code, Some(3), "{text}\n{}\n{}", s.log(), agent.log());
+    assert!(text.contains("hello-42"), "{text}");
+    let recs = backend.wait_completed(1, Duration::from_secs(20)).await;
+    let rec = &recs[0];
+    let m = &rec["metadata"];
+    assert_eq!(m["kind"], "interactive", "{rec:#}");
+    assert_eq!(m["user"], sshd::USER);
+    assert_eq!(m["uid"], sshd::uid());
+    assert_eq!(m["exit_status"], 3);
+    assert_eq!(m["remote_addr"], "127.0.0.1");
+    assert!(m["remote_port"].as_u64().unwrap() > 0);
+    assert!(m["tty"].as_str().unwrap().starts_with("/dev/pts/"), "{m}");
+    assert!(m.get("command").is_none() || m["command"].is_null());
+    assert_eq!(rec["machine_name"], "Linux-C");
+    let events = backend.events_text(rec);
+    assert!(output_of(&events).contains("hello-42"));
+    let last: Value = serde_json::from_str(events.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        rec["duration_seconds"],
+        last[0].as_f64().unwrap().ceil() as i64
+    );
+    kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);
+    daemon.wait().unwrap();
+    backend.stop().await;
+}
+
+/// `ssh host 'printf …'` without a PTY: output byte-exact to the client, recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sshd_exec_without_pty_is_byte_exact() {
+    let mut backend = Backend::new(true).await;
+    let agent = Agent::new(&backend, "");
+    let mut daemon = agent.daemon();
+    let s = sshd::Sshd::start(&agent.config());
+    let cmd = r#"printf 'x\000y\377\r\n%s' "$((40+2))""#;
+    let out = tokio::task::block_in_place(|| s.ssh().arg(s.target()).arg(cmd).output().unwrap());
+    assert_eq!(
+        out.stdout,
+        b"x\x00y\xff\r\n42",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(0));
+    let recs = backend.wait_completed(1, Duration::from_secs(20)).await;
+    let rec = &recs[0];
+    assert_eq!(rec["metadata"]["kind"], "exec");
+    assert_eq!(rec["metadata"]["command"], cmd);
+    assert_eq!(
+        output_of(&backend.events_text(rec)),
+        "x\u{0}y\u{fffd}\r\n42"
+    );
+    kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);
+    daemon.wait().unwrap();
+    backend.stop().await;
+}
+
+/// sftp and scp (SFTP and legacy protocol) of a 10 MiB random file: identical on arrival;
+/// the recordings hold metadata only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sshd_file_transfers_pass_untouched_and_record_metadata_only() {
+    let mut backend = Backend::new(true).await;
+    let agent = Agent::new(&backend, "");
+    let mut daemon = agent.daemon();
+    let s = sshd::Sshd::start(&agent.config());
+    let src_dir = tempfile::tempdir().unwrap();
+    let src = src_dir.path().join("random.bin");
+    let mut data = vec![0u8; 10 * 1024 * 1024];
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut data);
+    std::fs::write(&src, &data).unwrap();
+    let drop = sshd::drop_dir();
+    tokio::task::block_in_place(|| {
+        // scp over the SFTP protocol (the default), then the legacy protocol (`scp -t`).
+        for (flag, name) in [(None, "via-sftp.bin"), (Some("-O"), "via-scp.bin")] {
+            let mut c = s.scp();
+            if let Some(f) = flag {
+                c.arg(f);
+            }
+            let out = c
+                .arg(&src)
+                .arg(format!(
+                    "{}:{}",
+                    s.target(),
+                    drop.path().join(name).display()
+                ))
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "scp {flag:?}: {}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                s.log()
+            );
+            assert!(
+                std::fs::read(drop.path().join(name)).unwrap() == data,
+                "{name} differs"
+            );
+        }
+        // sftp, downloading it back.
+        let back = src_dir.path().join("back.bin");
+        let batch = src_dir.path().join("batch");
+        std::fs::write(
+            &batch,
+            format!(
+                "get {} {}\n",
+                drop.path().join("via-scp.bin").display(),
+                back.display()
+            ),
+        )
+        .unwrap();
+        let out = s
+            .sftp()
+            .arg("-b")
+            .arg(&batch)
+            .arg(s.target())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "sftp: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            std::fs::read(&back).unwrap() == data,
+            "sftp download differs"
+        );
+    });
+    let recs = backend.wait_completed(3, Duration::from_secs(30)).await;
+    assert_eq!(recs.len(), 3);
+    for rec in &recs {
+        let m = &rec["metadata"];
+        assert_eq!(m["kind"], "file_transfer", "{rec:#}");
+        assert_eq!(m["exit_status"], 0);
+        let moved = m["bytes_in"]
+            .as_u64()
+            .unwrap()
+            .max(m["bytes_out"].as_u64().unwrap());
+        assert!(moved >= 10 * 1024 * 1024, "{m}");
+        assert!(
+            chunk_indexes(rec).is_empty(),
+            "file contents were recorded: {m}"
+        );
+    }
+    kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);
+    daemon.wait().unwrap();
+    backend.stop().await;
+}
+
+/// `enforce = true` with no daemon: the login is refused with the message; `enforce =
+/// false`: it works. Recording switched off: the session runs, nothing is recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sshd_enforce_policy_and_recording_disabled() {
+    let mut backend = Backend::new(false).await;
+    let agent = Agent::new(&backend, "");
+    let strict = agent.dir.path().join("strict.toml");
+    std::fs::write(
+        &strict,
+        format!(
+            "socket = \"{}\"\nenforce = true\n",
+            agent.socket().display()
+        ),
+    )
+    .unwrap();
+    let s = sshd::Sshd::start(&strict);
+    let (code, text) = tokio::task::block_in_place(|| {
+        sshd::interactive(&s, &["echo in\n", "exit\n"], Duration::ZERO)
+    });
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("access refused"), "{text}");
+    assert!(!text.contains("\nin"), "{text}");
+    drop(s);
+
+    let lax = agent.dir.path().join("lax.toml");
+    std::fs::write(
+        &lax,
+        format!(
+            "socket = \"{}\"\nenforce = false\n",
+            agent.socket().display()
+        ),
+    )
+    .unwrap();
+    let s = sshd::Sshd::start(&lax);
+    let out =
+        tokio::task::block_in_place(|| s.ssh().arg(s.target()).arg("echo works").output().unwrap());
+    assert_eq!(out.stdout, b"works\n");
+    drop(s);
+
+    // Now with a daemon, but the org switched recording off (enforce stays on).
+    let mut daemon = agent.daemon();
+    let sock = agent.socket();
+    tokio::task::spawn_blocking(move || {
+        wait_until("the org's settings", Duration::from_secs(10), || {
+            ztna_recorder::status::query(&sock)
+                .map(|s| s.recording_enabled == Some(false))
+                .unwrap_or(false)
+        })
+    })
+    .await
+    .unwrap();
+    let s = sshd::Sshd::start(&strict);
+    let (code, text) = tokio::task::block_in_place(|| {
+        sshd::interactive(&s, &["echo off-$((1+1))\n", "exit 4\n"], Duration::ZERO)
+    });
+    assert_eq!(code, Some(4), "{text}");
+    assert!(text.contains("off-2"), "{text}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(backend.recordings().await.is_empty());
+    kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);
+    daemon.wait().unwrap();
+    backend.stop().await;
+}
+
+/// The backend down for the whole SSH session, then back: every chunk arrives, in order, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sshd_backend_down_then_back() {
+    let mut backend = Backend::new_down(true).await;
+    let agent = Agent::new(&backend, "chunk_max_bytes = 256\n");
+    let mut daemon = agent.daemon();
+    let s = sshd::Sshd::start(&agent.config());
+    let cmd = "for i in $(seq 1 200); do echo line-$i; sleep 0.005; done";
+    let out = tokio::task::block_in_place(|| s.ssh().arg(s.target()).arg(cmd).output().unwrap());
+    assert!(out.status.success());
+    let st = agent.status();
+    assert!(st.chunks_waiting > 1, "{st:?}");
+    backend.start().await;
+    let recs = backend.wait_completed(1, Duration::from_secs(30)).await;
+    let rec = &recs[0];
+    let idx = chunk_indexes(rec);
+    assert_eq!(idx, (0..idx.len() as u64).collect::<Vec<_>>());
+    let expected: String = (1..=200).map(|i| format!("line-{i}\n")).collect();
+    assert_eq!(output_of(&backend.events_text(rec)), expected);
+    kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);
+    daemon.wait().unwrap();
+    backend.stop().await;
+}
+
+/// The daemon SIGKILLed mid-session and restarted: what it spooled before the kill is on the
+/// backend, the session completed with `interrupted: true`; the user's session went on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sshd_daemon_killed_mid_session() {
+    let mut backend = Backend::new(true).await;
+    let agent = Agent::new(&backend, "chunk_max_secs = 1\n");
+    let mut daemon = agent.daemon();
+    let s = sshd::Sshd::start(&agent.config());
+    let mut child = s
+        .ssh()
+        .arg("-tt")
+        .arg(s.target())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"echo before-$((2*21))\n").unwrap();
+    // Wait until that output is spooled (in a closed chunk or uploaded).
+    let dirs = [agent.spool(), backend.dir.path().join("objects")];
+    tokio::task::spawn_blocking(move || {
+        wait_until("the output in the spool", Duration::from_secs(20), || {
+            dirs.iter().any(|d| tree_contains(d, b"before-42"))
+        })
+    })
+    .await
+    .unwrap();
+    kill(&mut daemon, nix::sys::signal::Signal::SIGKILL);
+    daemon.wait().unwrap();
+    stdin.write_all(b"echo after-$((3*3))\n").unwrap();
+    stdin.write_all(b"exit 5\n").unwrap();
+    let out = tokio::task::block_in_place(|| child.wait_with_output().unwrap());
+    drop(stdin);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(5), "{text}");
+    assert!(text.contains("after-9"), "the session went on: {text}");
+    let mut daemon = agent.daemon();
+    let recs = backend.wait_completed(1, Duration::from_secs(30)).await;
+    let rec = &recs[0];
+    assert_eq!(rec["metadata"]["interrupted"], true, "{rec:#}");
+    assert!(output_of(&backend.events_text(rec)).contains("before-42"));
+    kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);
+    daemon.wait().unwrap();
+    backend.stop().await;
+}
+
+/// Whether any file under `dir` contains `needle`.
+fn tree_contains(dir: &Path, needle: &[u8]) -> bool {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    rd.flatten().any(|e| {
+        let p = e.path();
+        if p.is_dir() {
+            tree_contains(&p, needle)
+        } else {
+            std::fs::read(&p)
+                .map(|b| b.windows(needle.len()).any(|w| w == needle))
+                .unwrap_or(false)
+        }
+    })
+}
+
+/// `enforce = true` and the daemon SIGKILLed mid-session: the session ends with a message and
+/// exit status 1; what was spooled is completed as interrupted once the daemon is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sshd_daemon_killed_mid_session_under_enforce_ends_it() {
+    let mut backend = Backend::new(true).await;
+    let agent = Agent::new(&backend, "chunk_max_secs = 1\nenforce = true\n");
+    let mut daemon = agent.daemon();
+    let s = sshd::Sshd::start(&agent.config());
+    let mut child = s
+        .ssh()
+        .arg("-tt")
+        .arg(s.target())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"echo strict-$((2*21))\n").unwrap();
+    let dirs = [agent.spool(), backend.dir.path().join("objects")];
+    tokio::task::spawn_blocking(move || {
+        wait_until("the output in the spool", Duration::from_secs(20), || {
+            dirs.iter().any(|d| tree_contains(d, b"strict-42"))
+        })
+    })
+    .await
+    .unwrap();
+    kill(&mut daemon, nix::sys::signal::Signal::SIGKILL);
+    daemon.wait().unwrap();
+    // The user types nothing more: the session must end by itself.
+    let out = tokio::task::block_in_place(|| child.wait_with_output().unwrap());
+    drop(stdin);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("session ended"), "{text}");
+    let mut daemon = agent.daemon();
+    let recs = backend.wait_completed(1, Duration::from_secs(30)).await;
+    assert_eq!(recs[0]["metadata"]["interrupted"], true);
+    kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);
+    daemon.wait().unwrap();
+    backend.stop().await;
+}
+
+/// SIGTERM (an upgrade, a restart) with `enforce = true`: the daemon exits within seconds,
+/// the user's session keeps running, and what was recorded is completed after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sshd_daemon_sigterm_keeps_sessions_running() {
+    let mut backend = Backend::new(true).await;
+    let agent = Agent::new(&backend, "chunk_max_secs = 1\nenforce = true\n");
+    let mut daemon = agent.daemon();
+    let s = sshd::Sshd::start(&agent.config());
+    let mut child = s
+        .ssh()
+        .arg("-tt")
+        .arg(s.target())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"echo term-$((2*21))\n").unwrap();
+    let dirs = [agent.spool(), backend.dir.path().join("objects")];
+    tokio::task::spawn_blocking(move || {
+        wait_until("the output in the spool", Duration::from_secs(20), || {
+            dirs.iter().any(|d| tree_contains(d, b"term-42"))
+        })
+    })
+    .await
+    .unwrap();
+    kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);
+    let t0 = Instant::now();
+    assert!(daemon.wait().unwrap().success());
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    stdin.write_all(b"echo still-$((3*3))\n").unwrap();
+    stdin.write_all(b"exit 6\n").unwrap();
+    let out = tokio::task::block_in_place(|| child.wait_with_output().unwrap());
+    drop(stdin);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(6), "{text}");
+    assert!(text.contains("still-9"), "{text}");
+    let mut daemon = agent.daemon();
+    let recs = backend.wait_completed(1, Duration::from_secs(30)).await;
+    assert_eq!(recs[0]["metadata"]["interrupted"], true);
+    assert!(output_of(&backend.events_text(&recs[0])).contains("term-42"));
+    kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);
+    daemon.wait().unwrap();
+    backend.stop().await;
+}

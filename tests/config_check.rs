@@ -1,0 +1,220 @@
+//! `ztna-recorder config check` (the real binary) against the bundled backend running
+//! in-process on a loopback port: a good config says OK; a wrong node key, an unreachable URL
+//! and a malformed file each give their own one-line error and a non-zero exit.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use ztna_recorder_server::{App, Config, Role, SettingsUpdate};
+
+struct Backend {
+    url: String,
+    node_key: String,
+    org: String,
+    machine: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Backend {
+    async fn start(recording_enabled: bool) -> Backend {
+        let dir = tempfile::tempdir().unwrap();
+        let app = App::open(Config::with_data_dir(dir.path())).await.unwrap();
+        let org = app.create_org("acme", true).await.unwrap();
+        let admin = app
+            .create_user(org, "a@acme.test", Role::Admin)
+            .await
+            .unwrap();
+        let (machine, node_key) = app.register_machine(org, "Linux-C", admin).await.unwrap();
+        app.update_settings(
+            org,
+            SettingsUpdate {
+                recording_enabled: Some(recording_enabled),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(ztna_recorder_server::serve(listener, app, async {
+            let _ = stopped.await;
+        }));
+        Backend {
+            url,
+            node_key,
+            org: org.to_string(),
+            machine: machine.to_string(),
+            stop: Some(stop),
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// Writes `config.toml` (and the node key file, when given) into `dir`.
+fn write_config(dir: &Path, server_url: &str, node_key: Option<&str>) -> PathBuf {
+    let mut text = format!("server_url = \"{server_url}\"\n");
+    if let Some(k) = node_key {
+        let kf = dir.join("node-key");
+        std::fs::write(&kf, format!("{k}\n")).unwrap();
+        text.push_str(&format!("node_key_file = \"{}\"\n", kf.display()));
+    }
+    let f = dir.join("config.toml");
+    std::fs::write(&f, text).unwrap();
+    f
+}
+
+async fn check(config: &Path) -> Output {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_ztna-recorder"));
+    cmd.args(["config", "check", "--config"]).arg(config);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("ZTNA_RECORDER_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.output().await.unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// The run failed with exactly one line on stderr, which contains `needle`.
+fn assert_one_error(out: &Output, needle: &str) -> String {
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "stdout {stdout:?} stderr {stderr:?}"
+    );
+    assert!(stdout.is_empty(), "stdout {stdout:?}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "not one line: {stderr:?}");
+    assert!(lines[0].starts_with("error: "), "{stderr:?}");
+    assert!(lines[0].contains(needle), "{needle:?} not in {stderr:?}");
+    lines[0].to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn good_config_says_ok_and_never_prints_the_key() {
+    let b = Backend::start(true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let f = write_config(dir.path(), &b.url, Some(&b.node_key));
+    let out = check(&f).await;
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout {stdout:?} stderr {stderr:?}"
+    );
+    assert!(stderr.is_empty(), "{stderr:?}");
+    assert_eq!(stdout.lines().count(), 1, "{stdout:?}");
+    assert!(stdout.starts_with("OK: "), "{stdout:?}");
+    assert!(
+        stdout.contains(&b.org) && stdout.contains(&b.machine),
+        "{stdout:?}"
+    );
+    assert!(stdout.contains("recording enabled"), "{stdout:?}");
+    assert!(!stdout.contains(&b.node_key) && !stderr.contains(&b.node_key));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recording_switched_off_is_ok_with_a_warning() {
+    let b = Backend::start(false).await;
+    let dir = tempfile::tempdir().unwrap();
+    let f = write_config(dir.path(), &b.url, Some(&b.node_key));
+    let out = check(&f).await;
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr:?}");
+    assert!(text(&out.stdout).contains("recording disabled"));
+    assert_eq!(stderr.lines().count(), 1, "{stderr:?}");
+    assert!(stderr.starts_with("warning: ") && stderr.contains("recording_enabled = false"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_node_key_is_one_line() {
+    let b = Backend::start(true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let wrong = "0".repeat(128);
+    let f = write_config(dir.path(), &b.url, Some(&wrong));
+    let line = assert_one_error(&check(&f).await, "rejected the node key (UNAUTHORIZED)");
+    assert!(line.contains(&b.url), "{line}");
+    assert!(!line.contains(&wrong));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_url_is_one_line() {
+    let b = Backend::start(true).await;
+    // A loopback port nobody listens on.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let url = format!("http://127.0.0.1:{port}");
+    let dir = tempfile::tempdir().unwrap();
+    let f = write_config(dir.path(), &url, Some(&b.node_key));
+    let line = assert_one_error(&check(&f).await, "cannot reach the backend at");
+    assert!(line.contains(&url), "{line}");
+    assert!(!line.contains(&b.node_key));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_file_is_one_line_with_its_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("config.toml");
+    std::fs::write(&f, "server_url = \"http://127.0.0.1:1\"\nenforce = \n").unwrap();
+    let line = assert_one_error(&check(&f).await, "not valid TOML at line 2");
+    assert!(line.contains(&f.display().to_string()), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_problem_gets_its_own_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("config.toml");
+    // No server_url, a missing node key file, a wrongly typed value is caught by the loader
+    // first, so here: two independent problems.
+    std::fs::write(
+        &f,
+        format!(
+            "node_key_file = \"{}\"\nserver_urll = \"http://x\"\n",
+            dir.path().join("absent").display()
+        ),
+    )
+    .unwrap();
+    let out = check(&f).await;
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr:?}");
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("error: "))
+        .collect();
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("warning: "))
+        .collect();
+    assert_eq!(errors.len(), 2, "{stderr:?}");
+    assert!(
+        errors.iter().any(|l| l.contains("server_url is not set")),
+        "{stderr:?}"
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|l| l.contains("cannot read the node key")),
+        "{stderr:?}"
+    );
+    assert_eq!(warnings.len(), 1, "{stderr:?}");
+    assert!(warnings[0].contains("server_urll"), "{stderr:?}");
+    // A wrong type is the loader's one error, naming the key.
+    std::fs::write(&f, "server_url = \"http://x\"\nchunk_max_secs = \"ten\"\n").unwrap();
+    assert_one_error(&check(&f).await, "chunk_max_secs");
+}

@@ -1,0 +1,1120 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The recorder core and `ztna-recorder record`, on real PTYs: the binary runs inside a PTY
+//! this test owns (as under sshd), every recording is read back by the asciinema CLI and by
+//! our parser.
+
+use portable_pty::{native_pty_system, Child, CommandBuilder, MasterPty, PtySize};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command as StdCommand, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+use ztna_common::asciicast::{parse_event_line, parse_transcript, Event, EventCode};
+use ztna_recorder::recorder::{
+    ChunkLimits, ChunkSink, ChunkWriter, Command, EventKind, ExitStatus, FileSink, Session,
+    SessionConfig, Sink, SinkPolicy, Terminal, TtySize,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ztna-recorder");
+// portable-pty's termios comes from another nix version: compare raw bits.
+const ECHO: u32 = nix::sys::termios::LocalFlags::ECHO.bits();
+const ICANON: u32 = nix::sys::termios::LocalFlags::ICANON.bits();
+const LONG: Duration = Duration::from_secs(60);
+
+// ---------------------------------------------------------------------------------------
+// Reading recordings: the asciinema CLI and our parser must both accept every file.
+
+fn asciinema() -> String {
+    std::env::var("ZTNA_TEST_ASCIINEMA").expect(
+        "ZTNA_TEST_ASCIINEMA is not set: it must name the asciinema CLI (scripts/test.sh sets it)",
+    )
+}
+
+struct Cast {
+    header: serde_json::Value,
+    events: Vec<Event>,
+    /// What `asciinema cat` printed.
+    played: Vec<u8>,
+}
+
+impl Cast {
+    fn output(&self) -> String {
+        self.data(EventCode::Output)
+    }
+    fn data(&self, code: EventCode) -> String {
+        self.events
+            .iter()
+            .filter(|e| e.code == code)
+            .map(|e| e.data.as_str())
+            .collect()
+    }
+    fn count(&self, code: EventCode) -> usize {
+        self.events.iter().filter(|e| e.code == code).count()
+    }
+}
+
+fn parse_cast_text(text: &str) -> (serde_json::Value, Vec<Event>) {
+    let t = parse_transcript(text).unwrap_or_else(|e| panic!("our parser rejects the cast: {e}"));
+    let header = t.header.expect("the cast has no header line");
+    let events: Vec<Event> = t
+        .events_text
+        .lines()
+        .enumerate()
+        .map(|(i, l)| parse_event_line(l, i + 2).unwrap())
+        .collect();
+    let mut prev = 0.0;
+    for e in &events {
+        assert!(
+            e.time >= prev,
+            "event times go back: {} after {prev}",
+            e.time
+        );
+        prev = e.time;
+    }
+    (header, events)
+}
+
+fn read_cast(path: &Path) -> Cast {
+    let text = std::fs::read_to_string(path).unwrap();
+    let (header, events) = parse_cast_text(&text);
+    assert_eq!(header["version"], 2);
+    let out = StdCommand::new(asciinema())
+        .arg("cat")
+        .arg(path)
+        .stdin(Stdio::null())
+        .output()
+        .expect("cannot run the asciinema CLI");
+    assert!(
+        out.status.success(),
+        "asciinema cat {} failed: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Cast {
+        header,
+        events,
+        played: out.stdout,
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Running the binary inside a PTY we own.
+
+struct Captured {
+    buf: Mutex<Vec<u8>>,
+    cond: Condvar,
+    done: Mutex<bool>,
+}
+
+struct PtyRun {
+    master: Box<dyn MasterPty + Send>,
+    child: Box<dyn Child + Send + Sync>,
+    writer: Box<dyn Write + Send>,
+    captured: Arc<Captured>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PtyRun {
+    fn start(args: &[&str], dir: &Path, size: TtySize) -> PtyRun {
+        let pair = native_pty_system()
+            .openpty(PtySize {
+                rows: size.rows,
+                cols: size.cols,
+                pixel_width: 0,
+                pixel_height: 0,
+            })
+            .unwrap();
+        let mut cmd = CommandBuilder::new(BIN);
+        cmd.args(args);
+        cmd.cwd(dir);
+        cmd.env("TERM", "xterm-256color");
+        let child = pair.slave.spawn_command(cmd).unwrap();
+        drop(pair.slave);
+        let mut reader = pair.master.try_clone_reader().unwrap();
+        let writer = pair.master.take_writer().unwrap();
+        let captured = Arc::new(Captured {
+            buf: Mutex::new(Vec::new()),
+            cond: Condvar::new(),
+            done: Mutex::new(false),
+        });
+        let c = captured.clone();
+        let reader = std::thread::spawn(move || {
+            let mut b = vec![0u8; 65536];
+            loop {
+                match reader.read(&mut b) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        c.buf.lock().unwrap().extend_from_slice(&b[..n]);
+                        c.cond.notify_all();
+                    }
+                }
+            }
+            *c.done.lock().unwrap() = true;
+            c.cond.notify_all();
+        });
+        PtyRun {
+            master: pair.master,
+            child,
+            writer,
+            captured,
+            reader: Some(reader),
+        }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.process_id().unwrap() as i32
+    }
+
+    /// Waits until the terminal has shown `needle`.
+    fn wait_for(&self, needle: &str) {
+        let deadline = Instant::now() + LONG;
+        let mut buf = self.captured.buf.lock().unwrap();
+        // Only look at what is new since the last look (the output may be large).
+        let mut from = 0;
+        loop {
+            if find(&buf[from..], needle.as_bytes()) {
+                return;
+            }
+            from = buf.len().saturating_sub(needle.len());
+            let now = Instant::now();
+            assert!(
+                now < deadline,
+                "timed out waiting for {needle:?}; terminal so far ends with: {:?}",
+                String::from_utf8_lossy(&buf[buf.len().saturating_sub(2000)..])
+            );
+            buf = self
+                .captured
+                .cond
+                .wait_timeout(buf, deadline - now)
+                .unwrap()
+                .0;
+        }
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        self.writer.write_all(bytes).unwrap();
+        self.writer.flush().unwrap();
+    }
+
+    fn resize(&self, size: TtySize) {
+        self.master
+            .resize(PtySize {
+                rows: size.rows,
+                cols: size.cols,
+                pixel_width: 0,
+                pixel_height: 0,
+            })
+            .unwrap();
+    }
+
+    /// Waits for the recorder to exit; returns its exit code and everything the terminal got.
+    fn finish(mut self) -> (u32, Vec<u8>) {
+        let deadline = Instant::now() + LONG;
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "the recorder did not exit");
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        // Everything the recorder wrote is in the PTY; our reader ends when its slave closes.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        {
+            let mut done = self.captured.done.lock().unwrap();
+            while !*done && Instant::now() < deadline {
+                done = self
+                    .captured
+                    .cond
+                    .wait_timeout(done, Duration::from_millis(50))
+                    .unwrap()
+                    .0;
+            }
+        }
+        if let Some(r) = self.reader.take() {
+            if r.is_finished() {
+                r.join().unwrap();
+            }
+        }
+        let out = std::mem::take(&mut *self.captured.buf.lock().unwrap());
+        (status.exit_code(), out)
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> bool {
+    needle.is_empty() || hay.windows(needle.len()).any(|w| w == needle)
+}
+
+fn size(cols: u16, rows: u16) -> TtySize {
+    TtySize { cols, rows }
+}
+
+/// `record -q -c CMD FILE` with no terminal at all.
+fn record_headless(dir: &Path, extra: &[&str], cmd: &str) -> (i32, PathBuf, String) {
+    let file = dir.join("out.cast");
+    let out = StdCommand::new(BIN)
+        .arg("record")
+        .args(extra)
+        .arg("-c")
+        .arg(cmd)
+        .arg(&file)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.code().unwrap_or(-1), file, stderr)
+}
+
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn known_bytes_round_trip_and_split_utf8() {
+    let dir = tempfile::tempdir().unwrap();
+    // Part 1 ends in the middle of 🙂 (F0 9F | 99 82), part 2 starts with its rest.
+    let part1: Vec<u8> =
+        b"nul\0 esc \x1b[1;31mred\x1b[0m crlf\r\nemoji \xf0\x9f\x98\x80 cjk \xe6\xbc\xa2\xe5\xad\x97 split \xf0\x9f"
+            .to_vec();
+    let part2: Vec<u8> = b"\x99\x82 done\n\ttab \x7f del \x08 bs \"quote\" \\ back\n".to_vec();
+    std::fs::write(dir.path().join("p1"), &part1).unwrap();
+    std::fs::write(dir.path().join("p2"), &part2).unwrap();
+    // -opost: the program's bytes reach the PTY master unchanged, so we can compare exactly.
+    let run = PtyRun::start(
+        &[
+            "record",
+            "-q",
+            "-c",
+            "stty -opost; cat p1; sleep 0.3; cat p2",
+            "out.cast",
+        ],
+        dir.path(),
+        size(80, 24),
+    );
+    let (code, terminal) = {
+        run.wait_for("back");
+        run.finish()
+    };
+    assert_eq!(code, 0);
+    let expected: Vec<u8> = [part1.as_slice(), part2.as_slice()].concat();
+    assert_eq!(
+        terminal, expected,
+        "the user's terminal must get exactly the program's bytes"
+    );
+    let cast = read_cast(&dir.path().join("out.cast"));
+    let text = String::from_utf8(expected.clone()).unwrap();
+    assert_eq!(cast.output(), text);
+    assert_eq!(cast.played, expected, "asciinema cat plays back the bytes");
+    assert!(
+        cast.events.iter().any(|e| e.data.starts_with("🙂")),
+        "the split emoji is recorded whole, in the second read's event: {:?}",
+        cast.events
+    );
+    assert!(!cast.output().contains('\u{FFFD}'));
+    assert_eq!(cast.header["width"], 80);
+    assert_eq!(cast.header["height"], 24);
+    assert_eq!(
+        cast.header["command"],
+        "stty -opost; cat p1; sleep 0.3; cat p2"
+    );
+    assert_eq!(cast.header["env"]["TERM"], "xterm-256color");
+    assert!(cast.header["timestamp"].as_i64().unwrap() > 1_600_000_000);
+}
+
+#[test]
+fn binary_noise_is_replaced_in_the_recording_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = noise(300_000, 42);
+    std::fs::write(dir.path().join("noise"), &data).unwrap();
+    let run = PtyRun::start(
+        &[
+            "record",
+            "-q",
+            "-c",
+            "stty -opost; cat noise; printf END",
+            "out.cast",
+        ],
+        dir.path(),
+        size(80, 24),
+    );
+    run.wait_for("END");
+    let (code, terminal) = run.finish();
+    assert_eq!(code, 0);
+    let mut expected = data.clone();
+    expected.extend_from_slice(b"END");
+    assert!(terminal == expected, "the user gets the exact bytes");
+    let cast = read_cast(&dir.path().join("out.cast"));
+    assert_eq!(cast.output(), String::from_utf8_lossy(&expected));
+}
+
+#[test]
+fn fifty_mib_of_output_with_bounded_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut block = String::new();
+    let mut i = 0;
+    while block.len() < 1 << 20 {
+        block.push_str(&format!(
+            "\x1b[3{}mline {i} héllo wörld 漢字 🙂\x1b[0m\n",
+            i % 8
+        ));
+        i += 1;
+    }
+    std::fs::write(dir.path().join("block"), &block).unwrap();
+    let total = block.len() * 50;
+    let run = PtyRun::start(
+        &[
+            "record",
+            "-q",
+            "-c",
+            "stty -opost; for i in $(seq 50); do cat block; done; printf FIN",
+            "out.cast",
+        ],
+        dir.path(),
+        size(120, 40),
+    );
+    // Watch the recorder's resident memory while it relays.
+    let pid = run.pid();
+    let captured = run.captured.clone();
+    let watcher = std::thread::spawn(move || {
+        let mut peak_kib = 0u64;
+        while let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+            if let Some(l) = s.lines().find(|l| l.starts_with("VmRSS:")) {
+                let kib: u64 = l.split_whitespace().nth(1).unwrap().parse().unwrap();
+                peak_kib = peak_kib.max(kib);
+            }
+            if *captured.done.lock().unwrap() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        peak_kib
+    });
+    run.wait_for("FIN");
+    let (code, terminal) = run.finish();
+    let peak_kib = watcher.join().unwrap();
+    assert_eq!(code, 0);
+    assert_eq!(terminal.len(), total + 3);
+    assert!(terminal.starts_with(block.as_bytes()));
+    let cast = read_cast(&dir.path().join("out.cast"));
+    let out = cast.output();
+    assert_eq!(out.len(), total + 3);
+    assert!(out == format!("{}FIN", block.repeat(50)));
+    assert_eq!(cast.played.len(), total + 3);
+    // Unbounded buffering would show tens of MiB here; the relay holds at most its pool.
+    assert!(
+        peak_kib < 24 * 1024,
+        "recorder RSS peaked at {peak_kib} KiB while relaying 50 MiB"
+    );
+}
+
+#[test]
+fn resize_during_a_session_is_followed_and_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = "trap 'echo size=$(stty size)' WINCH; echo ready; \
+                  i=0; while [ $i -lt 400 ] && [ ! -e stop ]; do sleep 0.05; i=$((i+1)); done; echo bye";
+    let run = PtyRun::start(
+        &["record", "-q", "-c", script, "out.cast"],
+        dir.path(),
+        size(80, 24),
+    );
+    run.wait_for("ready");
+    run.resize(size(100, 30));
+    run.wait_for("size=30 100");
+    run.resize(size(132, 43));
+    run.wait_for("size=43 132");
+    std::fs::write(dir.path().join("stop"), b"").unwrap();
+    run.wait_for("bye");
+    let (code, _) = run.finish();
+    assert_eq!(code, 0);
+    let cast = read_cast(&dir.path().join("out.cast"));
+    assert_eq!(cast.header["width"], 80);
+    assert_eq!(cast.header["height"], 24);
+    let resizes: Vec<&str> = cast
+        .events
+        .iter()
+        .filter(|e| e.code == EventCode::Resize)
+        .map(|e| e.data.as_str())
+        .collect();
+    assert_eq!(resizes, ["100x30", "132x43"]);
+    assert!(cast.output().contains("size=30 100"));
+}
+
+#[test]
+fn exit_codes_and_signals() {
+    let dir = tempfile::tempdir().unwrap();
+    for (cmd, want) in [
+        ("exit 0", 0),
+        ("exit 7", 7),
+        ("kill -TERM $$", 143),
+        ("kill -KILL $$", 137),
+        ("kill -INT $$", 130),
+    ] {
+        let (code, file, stderr) = record_headless(dir.path(), &["-q", "--overwrite"], cmd);
+        assert_eq!(code, want, "{cmd}: {stderr}");
+        read_cast(&file);
+    }
+    // The same through a terminal.
+    let run = PtyRun::start(
+        &["record", "-q", "-c", "echo hi; exit 42", "t.cast"],
+        dir.path(),
+        size(80, 24),
+    );
+    run.wait_for("hi");
+    assert_eq!(run.finish().0, 42);
+    assert!(read_cast(&dir.path().join("t.cast"))
+        .output()
+        .contains("hi"));
+    // A program that cannot be started.
+    let (code, _, stderr) = record_headless(
+        dir.path(),
+        &["-q", "--overwrite"],
+        "exec /nonexistent/program",
+    );
+    assert_eq!(code, 127, "{stderr}");
+}
+
+#[test]
+fn hangup_reaches_a_child_that_ignores_it_and_the_terminal_is_restored() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = PtyRun::start(
+        &[
+            "record",
+            "-q",
+            "-c",
+            "trap '' HUP; echo ready; sleep 30",
+            "out.cast",
+        ],
+        dir.path(),
+        size(80, 24),
+    );
+    run.wait_for("ready");
+    let before = run.master.get_termios().unwrap();
+    assert_eq!(
+        before.local_flags.bits() & ECHO,
+        0,
+        "raw mode while recording"
+    );
+    let t0 = Instant::now();
+    // What sshd's hang-up does to the session: SIGHUP.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(run.pid()),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    let after = {
+        // Wait for the exit without consuming `run`, to inspect the terminal afterwards.
+        let deadline = Instant::now() + LONG;
+        let mut run = run;
+        let status = loop {
+            if let Some(s) = run.child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let t = run.master.get_termios().unwrap();
+        assert_eq!(status.exit_code(), 128 + 9, "killed after the grace period");
+        t
+    };
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+    assert_eq!(
+        after.local_flags.bits() & (ECHO | ICANON),
+        ECHO | ICANON,
+        "the terminal's mode is restored"
+    );
+    let cast = read_cast(&dir.path().join("out.cast"));
+    assert!(cast.output().contains("ready"));
+}
+
+#[test]
+fn a_background_job_holding_the_pty_does_not_keep_the_recorder_alive() {
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = Instant::now();
+    // The job ignores SIGHUP and keeps the PTY open after the shell has exited.
+    let (code, file, stderr) = record_headless(
+        dir.path(),
+        &["-q"],
+        "(trap '' HUP; exec sleep 8) & echo started",
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(t0.elapsed() < Duration::from_secs(6), "{:?}", t0.elapsed());
+    assert!(read_cast(&file).output().contains("started"));
+}
+
+#[test]
+fn record_without_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, file, stderr) = record_headless(
+        dir.path(),
+        &["-q", "--cols", "100", "--rows", "30"],
+        "stty size",
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let cast = read_cast(&file);
+    assert_eq!(cast.header["width"], 100);
+    assert_eq!(cast.header["height"], 30);
+    assert_eq!(cast.output(), "30 100\r\n");
+
+    let (code, file, _) = record_headless(dir.path(), &["-q", "--overwrite"], "stty size");
+    assert_eq!(code, 0);
+    let cast = read_cast(&file);
+    assert_eq!(
+        (cast.header["width"].clone(), cast.header["height"].clone()),
+        (80.into(), 24.into())
+    );
+    assert_eq!(cast.output(), "24 80\r\n");
+
+    // Piped input reaches the program, and its end ends a program that reads to the end.
+    let file = dir.path().join("piped.cast");
+    let mut child = StdCommand::new(BIN)
+        .args([
+            "record",
+            "-q",
+            "-c",
+            "while read l; do echo \"got:$l\"; done; echo eof",
+        ])
+        .arg(&file)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"one\ntwo\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("got:one") && stdout.contains("got:two") && stdout.contains("eof"),
+        "{stdout}"
+    );
+    let cast = read_cast(&file);
+    assert!(
+        cast.output().contains("got:two\r\neof"),
+        "{:?}",
+        cast.output()
+    );
+    assert_eq!(cast.played, out.stdout);
+}
+
+#[test]
+fn overwrite_quiet_and_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("out.cast");
+    std::fs::write(&file, "precious").unwrap();
+    // An existing file is kept and nothing runs.
+    let (code, _, stderr) = record_headless(dir.path(), &[], "touch ran");
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("already exists") && stderr.contains("--overwrite"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "precious");
+    assert!(!dir.path().join("ran").exists());
+    // --overwrite replaces it; without -q we say what we do, on stderr.
+    let (code, _, stderr) = record_headless(dir.path(), &["--overwrite"], "touch ran; echo hello");
+    assert_eq!(code, 0);
+    assert!(stderr.contains("out.cast"), "{stderr}");
+    assert!(dir.path().join("ran").exists());
+    let cast = read_cast(&file);
+    assert_eq!(cast.output(), "hello\r\n");
+    assert_eq!(cast.header["command"], "touch ran; echo hello");
+    // -q prints nothing of its own.
+    let out = StdCommand::new(BIN)
+        .args(["record", "-q", "--overwrite", "-c", "echo quiet"])
+        .arg(&file)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, b"quiet\r\n");
+    read_cast(&file);
+    // A bad argument names what is wrong.
+    let out = StdCommand::new(BIN)
+        .args(["record", "--cols", "zero", "x.cast"])
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--cols"));
+}
+
+#[test]
+fn input_is_recorded_only_with_capture_input() {
+    for capture in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut args = vec!["record", "-q"];
+        if capture {
+            args.push("--capture-input");
+        }
+        args.extend([
+            "-c",
+            "echo ready; read line; echo \"got:$line\"",
+            "out.cast",
+        ]);
+        let mut run = PtyRun::start(&args, dir.path(), size(80, 24));
+        run.wait_for("ready");
+        run.write(b"s3cret\r");
+        run.wait_for("got:s3cret");
+        assert_eq!(run.finish().0, 0);
+        let cast = read_cast(&dir.path().join("out.cast"));
+        assert!(cast.output().contains("got:s3cret"));
+        if capture {
+            assert_eq!(cast.data(EventCode::Input), "s3cret\r");
+        } else {
+            assert_eq!(cast.count(EventCode::Input), 0);
+        }
+    }
+}
+
+#[test]
+fn type_ahead_is_not_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    // Typed before the recorder has even started: must reach the program.
+    let mut run = PtyRun::start(
+        &[
+            "record",
+            "-q",
+            "-c",
+            "sleep 0.5; read line; echo \"got:$line\"",
+            "out.cast",
+        ],
+        dir.path(),
+        size(80, 24),
+    );
+    run.write(b"early\r");
+    run.wait_for("got:early");
+    assert_eq!(run.finish().0, 0);
+    read_cast(&dir.path().join("out.cast"));
+}
+
+#[test]
+fn chunks_rebuild_the_single_file_and_honour_both_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let chunks = dir.path().join("chunks");
+    let max_bytes = 3000usize;
+    let max_secs = 0.4;
+    // Bursts of output over about two seconds.
+    let (code, file, stderr) = record_headless(
+        dir.path(),
+        &[
+            "-q",
+            "--chunk-dir",
+            chunks.to_str().unwrap(),
+            "--chunk-max-bytes",
+            &max_bytes.to_string(),
+            "--chunk-max-secs",
+            &max_secs.to_string(),
+        ],
+        "for i in 1 2 3 4 5 6 7 8; do seq -f \"line $i.%g héllo\" 1 150; sleep 0.25; done",
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let whole = std::fs::read_to_string(&file).unwrap();
+    let mut rebuilt = std::fs::read_to_string(chunks.join("header.json")).unwrap();
+    let mut n = 0;
+    loop {
+        let p = chunks.join(format!("chunk-{n}.cast"));
+        if !p.exists() {
+            break;
+        }
+        let text = std::fs::read_to_string(&p).unwrap();
+        let summary = ztna_common::asciicast::validate_events(&text).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            text.len() <= max_bytes || lines.len() == 1,
+            "chunk {n} has {} bytes",
+            text.len()
+        );
+        let first = parse_event_line(lines[0], 1).unwrap().time;
+        let last = summary.last_time.unwrap();
+        assert!(last - first < max_secs, "chunk {n} spans {first}..{last}");
+        // Each chunk is playable with the header in front of it.
+        let alone = dir.path().join(format!("alone-{n}.cast"));
+        std::fs::write(
+            &alone,
+            format!(
+                "{}{}",
+                std::fs::read_to_string(chunks.join("header.json")).unwrap(),
+                text
+            ),
+        )
+        .unwrap();
+        read_cast(&alone);
+        rebuilt.push_str(&text);
+        n += 1;
+    }
+    assert!(n >= 6, "only {n} chunks");
+    let leftovers: Vec<_> = std::fs::read_dir(&chunks)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|f| f.ends_with(".part"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    assert_eq!(
+        rebuilt, whole,
+        "header + chunks == the single-file recording"
+    );
+    let cast = read_cast(&file);
+    assert!(cast.output().contains("line 8.150 héllo"));
+}
+
+#[test]
+fn our_parser_reads_casts_made_by_asciinema() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("asciinema.cast");
+    let out = StdCommand::new(asciinema())
+        .args([
+            "rec",
+            "-q",
+            "-c",
+            "printf 'from asciinema \\360\\237\\231\\202\\n'",
+        ])
+        .arg(&file)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cast = read_cast(&file);
+    assert!(
+        cast.output().contains("from asciinema 🙂"),
+        "{:?}",
+        cast.output()
+    );
+    assert!(cast.header["width"].as_u64().unwrap() > 0);
+}
+
+// ---------------------------------------------------------------------------------------
+// The library API, as `shell` uses it: the caller's own sinks, failures, markers.
+
+struct FailingSink {
+    after: usize,
+    seen: usize,
+}
+
+impl Sink for FailingSink {
+    fn name(&self) -> String {
+        "failing".into()
+    }
+    fn start(&mut self, _: &ztna_recorder::recorder::Header) -> std::io::Result<()> {
+        if self.after == 0 {
+            return Err(std::io::Error::other("refused at start"));
+        }
+        Ok(())
+    }
+    fn event(&mut self, _: &ztna_recorder::recorder::Event<'_>) -> std::io::Result<()> {
+        self.seen += 1;
+        if self.seen >= self.after {
+            return Err(std::io::Error::other("disk full"));
+        }
+        Ok(())
+    }
+    fn finish(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Collects every event as the caller's own sink would see it.
+#[derive(Clone, Default)]
+struct Collect(Arc<Mutex<Vec<String>>>);
+
+impl Sink for Collect {
+    fn start(&mut self, h: &ztna_recorder::recorder::Header) -> std::io::Result<()> {
+        self.0.lock().unwrap().push(h.to_line());
+        Ok(())
+    }
+    fn event(&mut self, e: &ztna_recorder::recorder::Event<'_>) -> std::io::Result<()> {
+        let s = match (e.kind, e.asciicast_line()) {
+            (EventKind::Exit(st), _) => format!("exit {}", st.code()),
+            (_, Some(line)) => line.to_string(),
+            _ => unreachable!(),
+        };
+        self.0.lock().unwrap().push(s);
+        Ok(())
+    }
+    fn finish(&mut self) -> std::io::Result<()> {
+        self.0.lock().unwrap().push("finish".into());
+        Ok(())
+    }
+}
+
+/// A writer the test can read back.
+#[derive(Clone, Default)]
+struct Shared(Arc<Mutex<Vec<u8>>>);
+impl Write for Shared {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn custom_config(script: &str, out: &Shared) -> SessionConfig {
+    let mut c = SessionConfig::new(Command::shell_command("/bin/sh", script));
+    c.terminal = Terminal::Custom {
+        input: None,
+        output: Box::new(out.clone()),
+    };
+    c.size = Some(size(90, 20));
+    c
+}
+
+#[test]
+fn a_failing_sink_never_breaks_the_session_and_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Shared::default();
+    let collect = Collect::default();
+    let path = dir.path().join("lib.cast");
+    let sinks: Vec<Box<dyn Sink>> = vec![
+        Box::new(FailingSink { after: 1, seen: 0 }),
+        Box::new(FileSink::create(&path, false).unwrap()),
+        Box::new(collect.clone()),
+    ];
+    let session = Session::new(custom_config(
+        "stty -opost; for i in $(seq 200); do echo line $i; done; exit 5",
+        &out,
+    ));
+    let control = session.control();
+    assert!(control.marker("start"));
+    let outcome = session.run(sinks).unwrap();
+    assert_eq!(outcome.status, ExitStatus::Code(5));
+    assert_eq!(outcome.status.code(), 5);
+    assert_eq!(
+        outcome.sink_failures.len(),
+        1,
+        "{:?}",
+        outcome.sink_failures
+    );
+    assert_eq!(outcome.sink_failures[0].sink, "failing");
+    assert!(outcome.sink_failures[0].error.contains("disk full"));
+    assert!(outcome.termination.is_none());
+    let expected: String = (1..=200).map(|i| format!("line {i}\n")).collect();
+    assert_eq!(
+        String::from_utf8(out.0.lock().unwrap().clone()).unwrap(),
+        expected
+    );
+    let cast = read_cast(&path);
+    assert_eq!(cast.output(), expected);
+    assert_eq!(cast.header["width"], 90);
+    assert_eq!(cast.count(EventCode::Marker), 1);
+    assert_eq!(outcome.output_bytes, expected.len() as u64);
+    assert!((outcome.duration.as_secs_f64() - cast.events.last().unwrap().time).abs() < 1e-5);
+    let seen = collect.0.lock().unwrap().clone();
+    assert!(seen[0].starts_with("{\"version\":2"));
+    assert_eq!(seen[seen.len() - 2], "exit 5");
+    assert_eq!(seen[seen.len() - 1], "finish");
+    // The caller's sink saw exactly the lines of the file.
+    let file_text = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(seen[..seen.len() - 2].concat(), file_text);
+}
+
+#[test]
+fn fail_closed_refuses_or_ends_the_session() {
+    // A sink that cannot start: nothing runs.
+    let dir = tempfile::tempdir().unwrap();
+    let out = Shared::default();
+    let mut c = custom_config(&format!("touch {}/ran", dir.path().display()), &out);
+    c.sink_policy = SinkPolicy::FailClosed;
+    let err = Session::new(c)
+        .run(vec![Box::new(FailingSink { after: 0, seen: 0 })])
+        .unwrap_err();
+    assert!(err.to_string().contains("refused at start"), "{err}");
+    assert!(!dir.path().join("ran").exists());
+
+    // A sink that fails later: the program is hung up on.
+    let mut c = custom_config("echo one; trap '' HUP; sleep 30", &out);
+    c.sink_policy = SinkPolicy::FailClosed;
+    c.hangup_grace = Duration::from_millis(300);
+    let t0 = Instant::now();
+    let outcome = Session::new(c)
+        .run(vec![Box::new(FailingSink { after: 1, seen: 0 })])
+        .unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(20));
+    assert_eq!(outcome.status, ExitStatus::Signal(9));
+    assert_eq!(
+        outcome.termination,
+        Some(ztna_recorder::recorder::Termination::SinkFailed)
+    );
+}
+
+#[test]
+fn chunk_sink_in_a_library_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Shared::default();
+    let closed = Arc::new(Mutex::new(Vec::new()));
+    let c2 = closed.clone();
+    let writer = ChunkWriter::new(
+        dir.path().join("spool"),
+        ChunkLimits {
+            max_bytes: 1 << 20,
+            max_age: Duration::from_millis(300),
+        },
+    )
+    .unwrap()
+    .on_close(move |c| c2.lock().unwrap().push(c.clone()));
+    let session = Session::new(custom_config("echo a; sleep 1; echo b", &out));
+    let outcome = session.run(vec![Box::new(ChunkSink::new(writer))]).unwrap();
+    assert!(outcome.status.success());
+    let closed = closed.lock().unwrap();
+    // "a" is closed on time while the program sleeps; "b" at the end.
+    assert_eq!(closed.len(), 2, "{closed:?}");
+    assert_eq!(closed[0].index, 0);
+    assert!(std::fs::read_to_string(&closed[0].path)
+        .unwrap()
+        .contains("\"a\\r\\n\""));
+    assert!(std::fs::read_to_string(&closed[1].path)
+        .unwrap()
+        .contains("\"b\\r\\n\""));
+}
+
+// ---------------------------------------------------------------------------------------
+// `record --upload` against the real backend, served in-process on a loopback port.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_ships_the_recording_to_the_backend() {
+    use ztna_recorder_server::{App, Config as ServerConfig, Role, SettingsUpdate};
+    let dir = tempfile::tempdir().unwrap();
+    let app = App::open(ServerConfig::with_data_dir(dir.path().join("server")))
+        .await
+        .unwrap();
+    let org = app.create_org("acme", true).await.unwrap();
+    let admin = app
+        .create_user(org, "admin@acme.test", Role::Admin)
+        .await
+        .unwrap();
+    let token = app.issue_token(admin, 3600).await.unwrap();
+    let (_machine, node_key) = app.register_machine(org, "Linux-C", admin).await.unwrap();
+    app.update_settings(
+        org,
+        SettingsUpdate {
+            recording_enabled: Some(true),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(ztna_recorder_server::serve(
+        listener,
+        app.clone(),
+        std::future::pending::<()>(),
+    ));
+
+    let key_file = dir.path().join("node.key");
+    std::fs::write(&key_file, &node_key).unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "server_url = \"http://{addr}\"\nnode_key_file = \"{}\"\nchunk_max_bytes = 80\n",
+            key_file.display()
+        ),
+    )
+    .unwrap();
+    let cast = dir.path().join("up.cast");
+    let (cfg, cast2) = (config.clone(), cast.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        StdCommand::new(BIN)
+            .args(["record", "-q", "--upload", "--config"])
+            .arg(&cfg)
+            .args([
+                "-c",
+                "for i in $(seq 8); do echo line $i; sleep 0.03; done; exit 3",
+            ])
+            .arg(&cast2)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let local = read_cast(&cast);
+
+    let list: serde_json::Value = reqwest::Client::new()
+        .post(format!("http://{addr}/api/session-recording"))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"action": "list", "org_id": org.to_string()}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let recs = list["data"]["recordings"].as_array().unwrap();
+    assert_eq!(recs.len(), 1, "{list}");
+    let rec = &recs[0];
+    assert_eq!(rec["status"], "completed");
+    assert_eq!(rec["session_type"], "record");
+    let last = local.events.last().unwrap().time;
+    assert_eq!(rec["duration_seconds"], last.ceil() as i64);
+    assert_eq!(rec["metadata"]["header"]["width"], local.header["width"]);
+    let chunks = rec["metadata"]["chunks"].as_array().unwrap();
+    assert!(chunks.len() > 1, "chunk_max_bytes is honoured: {chunks:?}");
+    let mut text = String::new();
+    for c in chunks {
+        let key = format!(
+            "recordings/{}/{}/chunk-{}.cast",
+            rec["org_id"].as_str().unwrap(),
+            rec["id"].as_str().unwrap(),
+            c["index"]
+        );
+        let chunk =
+            std::fs::read_to_string(dir.path().join("server").join("objects").join(key)).unwrap();
+        assert!(chunk.len() <= 80 || chunk.lines().count() == 1);
+        text.push_str(&chunk);
+    }
+    let file = std::fs::read_to_string(&cast).unwrap();
+    assert_eq!(
+        text,
+        file.split_once('\n').unwrap().1,
+        "the backend has the whole cast"
+    );
+
+    // Without a server to upload to, nothing runs.
+    let bad = dir.path().join("empty.toml");
+    std::fs::write(&bad, "").unwrap();
+    let out = StdCommand::new(BIN)
+        .args(["record", "-q", "--upload", "--config"])
+        .arg(&bad)
+        .args(["-c", "touch ran"])
+        .arg(dir.path().join("never.cast"))
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("server_url"));
+    assert!(!dir.path().join("ran").exists());
+    server.abort();
+}
