@@ -52,6 +52,7 @@ fi
 mapfile -t DEBS < <(PACKAGING_RPM=1 packaging/build.sh)
 AGENT_DEB=${DEBS[0]} SERVER_DEB=${DEBS[1]} AGENT_RPM=${DEBS[2]} SERVER_RPM=${DEBS[3]}
 log "built $(basename "$AGENT_DEB") ($(du -k "$AGENT_DEB" | cut -f1) KiB), $(basename "$SERVER_DEB") ($(du -k "$SERVER_DEB" | cut -f1) KiB)"
+log "built $(basename "$AGENT_RPM") ($(du -k "$AGENT_RPM" | cut -f1) KiB), $(basename "$SERVER_RPM") ($(du -k "$SERVER_RPM" | cut -f1) KiB)"
 
 # --- file lists --------------------------------------------------------------------------
 # expect_entry LISTING MODE PATH: the `dpkg-deb -c` listing has PATH with MODE (ls -l style).

@@ -1017,6 +1017,7 @@ async fn sshd_interactive_session_is_recorded() {
     assert!(m["tty"].as_str().unwrap().starts_with("/dev/pts/"), "{m}");
     assert!(m.get("command").is_none() || m["command"].is_null());
     assert_eq!(rec["machine_name"], "Linux-C");
+    assert_eq!(m["machine_name"], "Linux-C");
     let events = backend.events_text(rec);
     assert!(output_of(&events).contains("hello-42"));
     let last: Value = serde_json::from_str(events.lines().last().unwrap()).unwrap();

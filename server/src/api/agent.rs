@@ -263,6 +263,9 @@ async fn apply(app: &App, machine: &MachineAuth, action: Action) -> Result<Succe
                 return Err(Failure::recording_disabled());
             }
             metadata.insert("header".into(), Value::Object(header));
+            // As with `report`: the recording says which machine reported it, even after the
+            // machine is deleted and its row's `machine_name` goes null.
+            metadata.insert("machine_name".into(), Value::String(machine.name.clone()));
             let id = Uuid::new_v4();
             meta.insert_recording(&NewRecording {
                 id,
