@@ -762,6 +762,42 @@ async fn status_json_and_bad_config() {
     backend.stop().await;
 }
 
+/// Under systemd (`Type=notify`) the daemon says READY=1 only once its socket accepts
+/// sessions, and STOPPING=1 when it is told to stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_notifies_systemd_when_ready_and_stopping() {
+    let mut backend = Backend::new(true).await;
+    let agent = Agent::new(&backend, "");
+    let notify_path = agent.dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut daemon = DaemonProc(
+        Command::new(BIN)
+            .args(["daemon", "--config"])
+            .arg(agent.config())
+            .env("NOTIFY_SOCKET", &notify_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut buf = [0u8; 256];
+    let n = notify.recv(&mut buf).expect("no READY=1 from the daemon");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
+    // Ready means ready: the socket answers at once.
+    ztna_recorder::status::query(&agent.socket()).unwrap();
+    kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);
+    let n = notify
+        .recv(&mut buf)
+        .expect("no STOPPING=1 from the daemon");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
+    assert!(daemon.wait().unwrap().success());
+    backend.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------
 // With OpenSSH: a real sshd on a loopback port whose ForceCommand is our `shell`, and the
 // real ssh, scp and sftp clients.

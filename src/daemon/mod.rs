@@ -210,12 +210,18 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         server = %server_url,
         "daemon ready"
     );
+    // Type=notify: systemd starts sshd's users on us only once the socket exists. Outside
+    // systemd there is no NOTIFY_SOCKET and this does nothing.
+    if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(error = %e, "could not tell systemd we are ready");
+    }
 
     let config_task = tokio::spawn(uploader::refresh_config_loop(shared.clone()));
     let scheduler = tokio::spawn(watcher::run(shared.clone()));
     let accept = tokio::spawn(socket::accept_loop(shared.clone(), listener));
 
     shutdown.await;
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     let _ = stop_tx.send(true);
     accept.abort();
     let _ = std::fs::remove_file(&shared.config.socket);
