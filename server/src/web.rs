@@ -124,15 +124,6 @@ fn failure(f: Failure) -> Response {
     (status, Json(Envelope::err(f.code, f.message))).into_response()
 }
 
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = v.trim().split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim())
-        .filter(|t| !t.is_empty())
-}
-
 async fn cast(
     State(app): State<App>,
     headers: HeaderMap,
@@ -189,7 +180,7 @@ async fn authorize(
                 })?,
         ),
     };
-    let user = bearer(headers)
+    let user = crate::api::user::bearer(headers)
         .and_then(|t| app.inner.jwt.verify(t))
         .ok_or_else(Failure::unauthorized)?;
     let access = app

@@ -164,7 +164,8 @@ impl Action {
     }
 }
 
-fn bearer(headers: &HeaderMap) -> Option<&str> {
+/// The token of an `Authorization: Bearer …` header; the cast endpoint checks it the same way.
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
     let v = headers
         .get(axum::http::header::AUTHORIZATION)?
         .to_str()
