@@ -180,6 +180,22 @@ pub fn validate_events(text: &str) -> Result<EventsSummary, ParseError> {
     Ok(summary)
 }
 
+/// Validates text made only of event lines and returns it as stored: one event a line, each
+/// ending in `\n`, with blank lines and `\r` dropped.
+pub fn normalise_events(text: &str) -> Result<(String, EventsSummary), ParseError> {
+    let summary = validate_events(text)?;
+    let mut out = String::with_capacity(text.len() + 1);
+    for line in text.split('\n') {
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        if line.trim().is_empty() {
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    Ok((out, summary))
+}
+
 /// A transcript: an optional header line followed by event lines.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Transcript {
@@ -209,16 +225,7 @@ pub fn parse_transcript(text: &str) -> Result<Transcript, ParseError> {
     } else {
         (None, trimmed)
     };
-    let summary = validate_events(rest)?;
-    let mut events_text = String::with_capacity(rest.len() + 1);
-    for line in rest.split('\n') {
-        let line = line.strip_suffix('\r').unwrap_or(line);
-        if line.trim().is_empty() {
-            continue;
-        }
-        events_text.push_str(line);
-        events_text.push('\n');
-    }
+    let (events_text, summary) = normalise_events(rest)?;
     Ok(Transcript {
         header,
         events_text,

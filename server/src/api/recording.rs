@@ -12,21 +12,15 @@ use crate::app::App;
 use crate::meta::{ChunkOutcome, ChunkRow, Completion, Recording};
 use crate::timefmt;
 
-/// Validates chunk text as asciicast v2 event lines and normalises it to what is stored:
-/// one event per line, each ending in `\n`, blank lines and `\r` dropped.
-pub fn normalise_events(text: &str) -> Result<(String, asciicast::EventsSummary), Failure> {
-    let summary = asciicast::validate_events(text)
+/// Validates `chunk_data` (asciicast v2 event lines, at least one) and normalises it to what
+/// is stored: one event a line, each ending in `\n`. Both routes' `upload_chunk` take this.
+pub fn chunk_events(text: &str) -> Result<(String, asciicast::EventsSummary), Failure> {
+    let (events, summary) = asciicast::normalise_events(text)
         .map_err(|e| Failure::invalid_chunk(format!("not asciicast v2 event lines: {e}")))?;
-    let mut out = String::with_capacity(text.len() + 1);
-    for line in text.split('\n') {
-        let line = line.strip_suffix('\r').unwrap_or(line);
-        if line.trim().is_empty() {
-            continue;
-        }
-        out.push_str(line);
-        out.push('\n');
+    if summary.events == 0 {
+        return Err(Failure::invalid_chunk("chunk_data holds no event"));
     }
-    Ok((out, summary))
+    Ok((events, summary))
 }
 
 pub fn sha256_hex(data: &[u8]) -> String {
