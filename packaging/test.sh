@@ -66,6 +66,7 @@ dpkg-deb -c "$AGENT_DEB" >"$WORK/agent.list"
 dpkg-deb -c "$SERVER_DEB" >"$WORK/server.list"
 for f in \
   "-rwxr-xr-x usr/bin/ztna-recorder" \
+  "-rwxr-xr-x usr/libexec/ztna-recorder/ztna-recorderd" \
   "-rw-r----- etc/ztna-recorder/config.toml" \
   "-rw-r--r-- usr/lib/systemd/system/ztna-recorder.service" \
   "-rw-r--r-- usr/lib/tmpfiles.d/ztna-recorder.conf" \
@@ -121,6 +122,7 @@ rpm_files "$AGENT_RPM" >"$WORK/agent-rpm.list"
 rpm_files "$SERVER_RPM" >"$WORK/server-rpm.list"
 for f in \
   "-rwxr-xr-x /usr/bin/ztna-recorder" \
+  "-rwxr-xr-x /usr/libexec/ztna-recorder/ztna-recorderd" \
   "-rw-r----- /etc/ztna-recorder/config.toml" \
   "-rw-r--r-- /usr/lib/systemd/system/ztna-recorder.service" \
   "-rw-r--r-- /usr/lib/tmpfiles.d/ztna-recorder.conf" \
@@ -168,6 +170,7 @@ check_file() {
   [ "$m" = "$2 root" ] || fail "scratch root: /$1 is $m, expected $2 root"
 }
 check_file usr/bin/ztna-recorder 755
+check_file usr/libexec/ztna-recorder/ztna-recorderd 755
 check_file etc/ztna-recorder/config.toml 640
 check_file usr/lib/systemd/system/ztna-recorder.service 644
 check_file usr/lib/tmpfiles.d/ztna-recorder.conf 644

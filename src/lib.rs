@@ -2,10 +2,12 @@
 //! built on it (`record`, `shell`, `daemon`, `status`).
 
 pub mod check;
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod ipc;
+pub mod logging;
 pub mod record;
 pub mod recorder;
 pub mod shell;

@@ -65,13 +65,36 @@ pub struct RecordArgs {
     pub config: crate::config::ConfigArgs,
 }
 
+/// Records without uploading (`ztna-recorder` routes `--upload` to the companion binary, which
+/// runs [`run_and_upload`]).
 pub fn run(args: RecordArgs) -> anyhow::Result<u8> {
+    if args.upload {
+        anyhow::bail!("--upload is handled by ztna-recorderd");
+    }
+    Ok(record(&args)?.1.status.code())
+}
+
+/// Records, then with `--upload` ships the recording to the backend.
+pub fn run_and_upload(args: RecordArgs) -> anyhow::Result<u8> {
     // With --upload, a missing server or key is an error before anything runs.
     let uploader = if args.upload {
         Some(Uploader::from_config(&args)?)
     } else {
         None
     };
+    let (file, outcome) = record(&args)?;
+    if let Some(up) = uploader {
+        let session = up
+            .upload(&file, &args, &outcome)
+            .with_context(|| format!("cannot upload {} (the file is kept)", file.display()))?;
+        if !args.quiet {
+            eprintln!("ztna-recorder: uploaded as session {session}");
+        }
+    }
+    Ok(outcome.status.code())
+}
+
+fn record(args: &RecordArgs) -> anyhow::Result<(PathBuf, crate::recorder::Outcome)> {
     if !(args.chunk_max_secs.is_finite() && args.chunk_max_secs > 0.0) {
         anyhow::bail!("--chunk-max-secs must be a positive number of seconds");
     }
@@ -139,15 +162,7 @@ pub fn run(args: RecordArgs) -> anyhow::Result<u8> {
     if !args.quiet {
         eprintln!("ztna-recorder: recording finished: {}", file.display());
     }
-    if let Some(up) = uploader {
-        let session = up
-            .upload(&file, &args, &outcome)
-            .with_context(|| format!("cannot upload {} (the file is kept)", file.display()))?;
-        if !args.quiet {
-            eprintln!("ztna-recorder: uploaded as session {session}");
-        }
-    }
-    Ok(outcome.status.code())
+    Ok((file, outcome))
 }
 
 /// `--upload`: the finished recording goes to the backend's agent route as one session:

@@ -250,7 +250,7 @@ fn refuse(why: &str) -> u8 {
 }
 
 pub fn run(args: ShellArgs) -> anyhow::Result<u8> {
-    crate::daemon::init_logging("off");
+    crate::logging::init("off");
     let cfg = match Config::load(args.config.config.as_deref(), Vec::new()) {
         Ok(l) => {
             for w in &l.warnings {

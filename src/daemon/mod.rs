@@ -58,19 +58,8 @@ impl DaemonArgs {
     }
 }
 
-/// Sets up `tracing` on stderr; `ZTNA_RECORDER_LOG` (or `RUST_LOG`) filters.
-pub fn init_logging(default: &str) {
-    let filter = std::env::var("ZTNA_RECORDER_LOG")
-        .or_else(|_| std::env::var("RUST_LOG"))
-        .unwrap_or_else(|_| default.to_string());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr)
-        .try_init();
-}
-
 pub fn run(args: DaemonArgs) -> anyhow::Result<u8> {
-    init_logging("info");
+    crate::logging::init("info");
     let loaded = Config::load(args.config.config.as_deref(), args.flags())?;
     for w in &loaded.warnings {
         tracing::warn!("{w}");

@@ -5,7 +5,9 @@
 //! [`WAKE_BYTES`], when something other than bytes arrives, or [`FLUSH_DELAY`] after the first
 //! item of a quiet batch. A wake-up per read would cost two context switches per 4 KiB on a
 //! busy CPU. Producers block when [`MAX_BYTES`] or [`MAX_ITEMS`] are pending: memory stays
-//! bounded whatever the session's length, and nothing is dropped.
+//! bounded whatever the session's length, and nothing is dropped. The two batches (the one
+//! filling, the one being encoded) are allocated once at their final size: they are most of
+//! the relay's heap, and growing them by doubling would leave twice that resident.
 
 use super::event::ExitStatus;
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -13,8 +15,11 @@ use std::time::{Duration, Instant};
 use ztna_common::asciicast::TtySize;
 
 pub(crate) const WAKE_BYTES: usize = 32 * 1024;
-pub(crate) const MAX_BYTES: usize = 128 * 1024;
-pub(crate) const MAX_ITEMS: usize = 4096;
+pub(crate) const MAX_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_ITEMS: usize = 1024;
+/// The largest single push (a relay thread's read buffer), which may overshoot
+/// [`MAX_BYTES`] once.
+pub(crate) const MAX_PUSH: usize = 16 * 1024;
 pub(crate) const FLUSH_DELAY: Duration = Duration::from_millis(20);
 
 #[derive(Debug)]
@@ -50,6 +55,17 @@ pub(crate) struct Batch {
     pub(crate) items: Vec<Item>,
 }
 
+impl Batch {
+    /// A batch that never needs to grow: bytes up to one push past [`MAX_BYTES`]. Items start
+    /// small (bulk output is a few large reads; only typing-speed traffic makes many).
+    pub(crate) fn with_full_capacity() -> Self {
+        Batch {
+            bytes: Vec::with_capacity(MAX_BYTES + MAX_PUSH),
+            items: Vec::with_capacity(64),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
     batch: Batch,
@@ -65,7 +81,7 @@ struct State {
     parked: bool,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Queue {
     state: Mutex<State>,
     to_consumer: Condvar,
@@ -79,6 +95,17 @@ pub(crate) enum BytesKind {
 }
 
 impl Queue {
+    pub(crate) fn new() -> Self {
+        Queue {
+            state: Mutex::new(State {
+                batch: Batch::with_full_capacity(),
+                ..State::default()
+            }),
+            to_consumer: Condvar::new(),
+            to_producer: Condvar::new(),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic elsewhere must not stop the relay: the state stays usable.
         self.state.lock().unwrap_or_else(|e| e.into_inner())

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use ztna_common::asciicast::{encode_event, EventCode, Header, TtySize};
 
 /// One read from the PTY (the kernel hands out at most 4 KiB at a time; pipes may give more).
-const BUF_SIZE: usize = 16 * 1024;
+const BUF_SIZE: usize = super::queue::MAX_PUSH;
 const SMALL_STACK: usize = 64 * 1024;
 const RECORDER_STACK: usize = 512 * 1024;
 
@@ -448,7 +448,7 @@ impl Session {
             .map(|p| Pid::from_raw(p as i32))
             .ok_or_else(|| spawn_err("no process id".into()))?;
 
-        let queue = Arc::new(Queue::default());
+        let queue = Arc::new(Queue::new());
 
         let recorder = Recorder {
             sinks: live,
@@ -880,7 +880,7 @@ impl Recorder {
     fn run(mut self, queue: &Queue) -> Report {
         let mut out_utf8 = Utf8Repair::new();
         let mut in_utf8 = Utf8Repair::new();
-        let mut batch = Batch::default();
+        let mut batch = Batch::with_full_capacity();
         'session: loop {
             let deadline = self
                 .sinks
