@@ -212,7 +212,8 @@ def script_output(path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recorder", default="target/release/ztna-recorder")
+    ap.add_argument("--recorder", action="append", default=None,
+                    help="ztna-recorder binary; repeat as LABEL=PATH to compare builds in one run")
     ap.add_argument("--asciinema", action="append", default=None,
                     help="asciinema CLI(s) to compare (default: asciinema on PATH)")
     ap.add_argument("--mib", type=int, default=64)
@@ -242,9 +243,11 @@ def main():
         fmt = ["-f", "asciicast-v2"] if ver.startswith("asciinema 3") else []
         tools.append({"name": ver or a, "ext": ".cast",
                       "argv": (lambda a, f: lambda c, o: [a, "rec", "-q", "--overwrite"] + f + ["-c", c, o])(a, fmt)})
-    rec = os.path.abspath(args.recorder)
-    tools.append({"name": "ztna-recorder", "ext": ".cast",
-                  "argv": lambda c, o: [rec, "record", "-q", "--overwrite", "-c", c, o]})
+    for spec in args.recorder or ["target/release/ztna-recorder"]:
+        label, _, path = spec.rpartition("=")
+        rec = os.path.abspath(path)
+        tools.append({"name": "ztna-recorder" + (" " + label if label else ""), "ext": ".cast",
+                      "argv": (lambda rec: lambda c, o: [rec, "record", "-q", "--overwrite", "-c", c, o])(rec)})
 
     bulk = "stty -opost; exec cat '%s'" % payload
     echo = "stty raw -echo; printf R; exec dd bs=1 count=%d status=none" % args.echo

@@ -68,7 +68,9 @@ pub fn exec_companion() -> anyhow::Error {
     use std::os::unix::process::CommandExt as _;
     let path = companion_path();
     let mut args = std::env::args_os();
-    let arg0 = args.next().unwrap_or_else(|| OsString::from("ztna-recorder"));
+    let arg0 = args
+        .next()
+        .unwrap_or_else(|| OsString::from("ztna-recorder"));
     let err = std::process::Command::new(&path)
         .arg0(arg0)
         .args(args)

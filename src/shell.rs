@@ -386,18 +386,40 @@ impl DaemonSink {
 }
 
 impl DaemonSink {
-    fn send_events(&mut self, line: &str) -> io::Result<()> {
+    /// Adds one event line to the Events frame being built (a frame carries any number of
+    /// lines: one write and one wake-up of the daemon per batch, not per read), sending the
+    /// frame first if the line would take it over the limit.
+    fn queue_line(&mut self, line: &str) -> io::Result<()> {
         if line.len() > ipc::MAX_FRAME_BYTES {
             // One event can never be this large (reads are 16 KiB); refuse rather than split.
             return Err(io::Error::other("event over the frame limit"));
         }
-        self.buf.clear();
-        self.buf
-            .extend_from_slice(&[ipc::VERSION, Kind::Events as u8]);
-        self.buf
-            .extend_from_slice(&(line.len() as u32).to_be_bytes());
+        if !self.buf.is_empty()
+            && self.buf.len() - ipc::HEAD_BYTES + line.len() > ipc::MAX_FRAME_BYTES
+        {
+            self.send_pending()?;
+        }
+        if self.buf.is_empty() {
+            self.buf
+                .extend_from_slice(&[ipc::VERSION, Kind::Events as u8, 0, 0, 0, 0]);
+        }
         self.buf.extend_from_slice(line.as_bytes());
-        self.stream.write_all(&self.buf)
+        Ok(())
+    }
+
+    /// Sends the Events frame being built, if any.
+    fn send_pending(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let len = (self.buf.len() - ipc::HEAD_BYTES) as u32;
+        self.buf[2..ipc::HEAD_BYTES].copy_from_slice(&len.to_be_bytes());
+        let sent = self.stream.write_all(&self.buf);
+        self.buf.clear();
+        match sent {
+            Ok(()) => Ok(()),
+            Err(e) => self.tolerate(e),
+        }
     }
 }
 
@@ -428,6 +450,10 @@ impl Sink for DaemonSink {
         match event.kind {
             EventKind::Exit(_) if self.orderly.load(Ordering::SeqCst) => Ok(()),
             EventKind::Exit(status) => {
+                self.send_pending()?;
+                if self.orderly.load(Ordering::SeqCst) {
+                    return Ok(());
+                }
                 let mut meta = std::mem::take(&mut self.end_meta);
                 let code = exit_metadata(status, &mut meta);
                 self.ended.store(true, Ordering::SeqCst);
@@ -445,13 +471,18 @@ impl Sink for DaemonSink {
             }
             _ if self.orderly.load(Ordering::Relaxed) => Ok(()),
             _ => match event.asciicast_line() {
-                Some(line) => match self.send_events(line) {
-                    Ok(()) => Ok(()),
-                    Err(e) => self.tolerate(e),
-                },
+                Some(line) => self.queue_line(line),
                 None => Ok(()),
             },
         }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if self.orderly.load(Ordering::Relaxed) {
+            self.buf.clear();
+            return Ok(());
+        }
+        self.send_pending()
     }
 
     fn finish(&mut self) -> io::Result<()> {

@@ -16,6 +16,7 @@ use anyhow::Context;
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{watch, Notify, Semaphore};
@@ -106,6 +107,11 @@ pub struct Shared {
     /// The backend's last `config` answer: recording enabled, and when it was learned.
     pub recording_enabled: Mutex<Option<(bool, Instant)>>,
     pub upload_slots: Semaphore,
+    /// Set while uploads fail; the first one that gets through again clears it and wakes the
+    /// sessions waiting out their backoff (they wait for the same backend), so a spool filled
+    /// during an outage starts draining at once, not up to `retry_max_secs` later.
+    pub uploads_failing: AtomicBool,
+    pub backend_back: Notify,
     /// Turns true when the daemon stops taking sessions.
     pub stopping: watch::Receiver<bool>,
 }
@@ -191,6 +197,8 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         wake: Notify::new(),
         recording_enabled: Mutex::new(None),
         upload_slots: Semaphore::new(UPLOAD_CONCURRENCY),
+        uploads_failing: AtomicBool::new(false),
+        backend_back: Notify::new(),
         stopping: stop_rx,
     });
     tracing::info!(

@@ -9,6 +9,7 @@ use super::{lock, Shared};
 use crate::client::ClientError;
 use rand::Rng;
 use serde_json::Value;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use ztna_common::api::ErrorCode;
@@ -84,7 +85,12 @@ pub async fn run_session(shared: Arc<Shared>, id: String) {
         let result = step(&shared, &dir, &id).await;
         drop(permit);
         match result {
-            Ok(Step::Progress) => attempt = 0,
+            Ok(Step::Progress) => {
+                attempt = 0;
+                if shared.uploads_failing.swap(false, Ordering::SeqCst) {
+                    shared.backend_back.notify_waiters();
+                }
+            }
             Ok(Step::Done) => {
                 finish(&shared, &id);
                 return;
@@ -108,7 +114,11 @@ pub async fn run_session(shared: Arc<Shared>, id: String) {
                 let wait = backoff(attempt, cap);
                 attempt = attempt.saturating_add(1);
                 tracing::warn!(session = %id, attempt, wait_ms = wait.as_millis() as u64, "upload failed: {msg}");
-                tokio::time::sleep(wait).await;
+                shared.uploads_failing.store(true, Ordering::SeqCst);
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shared.backend_back.notified() => {}
+                }
                 if !dir.exists() {
                     finish(&shared, &id);
                     return;

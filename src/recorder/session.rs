@@ -922,6 +922,7 @@ impl Recorder {
                 }
             }
             batch.bytes.clear();
+            self.flush();
             self.tick(self.start.elapsed());
         }
         queue.close();
@@ -967,6 +968,19 @@ impl Recorder {
                     if self.policy == SinkPolicy::FailClosed {
                         let _ = self.ctl.send(Ctl::SinkFailed);
                     }
+                }
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        let mut i = 0;
+        while i < self.sinks.len() {
+            match self.sinks[i].flush() {
+                Ok(()) => i += 1,
+                Err(e) => {
+                    let sink = self.sinks.remove(i);
+                    self.fail(sink.name(), "flush", e, self.last);
                 }
             }
         }

@@ -35,6 +35,13 @@ pub trait Sink: Send {
         Ok(())
     }
 
+    /// After each batch of events the recorder handled at once (up to tens of KiB of output,
+    /// or what came within a few milliseconds): a sink that buffers hands it on here, so that
+    /// bulk output costs one write per batch, not one per read.
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+
     /// After the last event: flush and make durable.
     fn finish(&mut self) -> io::Result<()>;
 }
@@ -54,6 +61,9 @@ impl<S: Sink + ?Sized> Sink for Box<S> {
     }
     fn tick(&mut self, now: Duration) -> io::Result<()> {
         (**self).tick(now)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        (**self).flush()
     }
     fn finish(&mut self) -> io::Result<()> {
         (**self).finish()
@@ -76,7 +86,7 @@ pub enum SinkPolicy {
 pub struct SinkFailure {
     /// The sink's [`Sink::name`].
     pub sink: String,
-    /// Which call failed: "start", "event", "tick" or "finish".
+    /// Which call failed: "start", "event", "flush", "tick" or "finish".
     pub during: &'static str,
     pub error: String,
     /// Session time of the failure.

@@ -24,7 +24,7 @@ impl Utf8Repair {
         if self.tail_len == 0 {
             // Validate once, up to a character the read cut in two.
             let cut = incomplete_tail_start(input);
-            if let Ok(s) = std::str::from_utf8(&input[..cut]) {
+            if let Ok(s) = validate(&input[..cut]) {
                 let held = &input[cut..];
                 self.tail[..held.len()].copy_from_slice(held);
                 self.tail_len = held.len();
@@ -46,7 +46,7 @@ impl Utf8Repair {
                 self.tail_len = 0;
                 let rest = &input[need..];
                 let cut = incomplete_tail_start(rest);
-                return match std::str::from_utf8(&rest[..cut]) {
+                return match validate(&rest[..cut]) {
                     Ok(r) => {
                         self.text.push_str(r);
                         let held = &rest[cut..];
@@ -92,6 +92,14 @@ impl Utf8Repair {
         self.tail_len = 0;
         "\u{FFFD}"
     }
+}
+
+/// The fast path: every read is checked once, so this is most of the recorder's work besides
+/// escaping. simdutf8 checks 32 or 64 bytes a step (the CPU's best, picked at run time) where
+/// `std::str::from_utf8` goes character by character through non-ASCII text; on an error the
+/// caller redoes the slice with std's detailed error to find where.
+fn validate(b: &[u8]) -> Result<&str, simdutf8::basic::Utf8Error> {
+    simdutf8::basic::from_utf8(b)
 }
 
 /// Where a multi-byte character that the end of `b` cuts short begins (`b.len()` if none).
