@@ -9,6 +9,7 @@ use std::time::Duration;
 use ztna_common::api::{
     AgentConfig, ApiError, ChunkStored, Completed, Envelope, ErrorCode, Started, AGENT_ROUTE,
 };
+use ztna_common::asciicast::push_json_string;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -171,26 +172,7 @@ impl AgentClient {
         chunk_index: u64,
         chunk_data: &str,
     ) -> Result<ChunkStored, ClientError> {
-        // Serialised straight from the borrowed chunk: no copy of up to 8 MiB into a Value.
-        #[derive(serde::Serialize)]
-        struct Body<'a> {
-            action: &'static str,
-            node_key: &'a str,
-            session_id: &'a str,
-            chunk_index: u64,
-            chunk_data: &'a str,
-        }
-        let body = serde_json::to_vec(&Body {
-            action: "upload_chunk",
-            node_key: self.node_key.expose(),
-            session_id,
-            chunk_index,
-            chunk_data,
-        })
-        .map_err(|e| ClientError::Decode {
-            status: 0,
-            reason: e.to_string(),
-        })?;
+        let body = upload_chunk_body(self.node_key.expose(), session_id, chunk_index, chunk_data);
         self.post(body).await
     }
 
@@ -212,5 +194,49 @@ fn obj(v: Value) -> Map<String, Value> {
     match v {
         Value::Object(m) => m,
         _ => Map::new(),
+    }
+}
+
+/// The `upload_chunk` request body. Written by hand around the chunk: it is nearly all of the
+/// body (up to 8 MiB) and common's escaper skips clean runs eight bytes at a time where
+/// serde_json looks at every byte; this was the daemon's main cost per uploaded MiB.
+fn upload_chunk_body(
+    node_key: &str,
+    session_id: &str,
+    chunk_index: u64,
+    chunk_data: &str,
+) -> Vec<u8> {
+    let mut body = String::with_capacity(chunk_data.len() + chunk_data.len() / 8 + 256);
+    body.push_str("{\"action\":\"upload_chunk\",\"node_key\":");
+    push_json_string(&mut body, node_key);
+    body.push_str(",\"session_id\":");
+    push_json_string(&mut body, session_id);
+    body.push_str(",\"chunk_index\":");
+    body.push_str(&chunk_index.to_string());
+    body.push_str(",\"chunk_data\":");
+    push_json_string(&mut body, chunk_data);
+    body.push('}');
+    body.into_bytes()
+}
+
+#[cfg(test)]
+mod body_tests {
+    #![allow(clippy::unwrap_used)]
+
+    #[test]
+    fn upload_chunk_body_is_the_json_serde_would_write() {
+        let data = "[0.5, \"o\", \"a\\u001b[1m\\\"q\\\" \\\\ \\r\\n é 漢 🙂\"]\n\u{7f}\t\u{0}";
+        let body = super::upload_chunk_body("k\"ey", "s-1", 7, data);
+        let got: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            got,
+            serde_json::json!({
+                "action": "upload_chunk",
+                "node_key": "k\"ey",
+                "session_id": "s-1",
+                "chunk_index": 7,
+                "chunk_data": data,
+            })
+        );
     }
 }

@@ -2,7 +2,7 @@
 //! (`SO_PEERCRED`, via tokio's `peer_cred`), never from what the client says: the `uid` and
 //! `user` of a session's metadata are overwritten with the peer's.
 
-use super::spool::{ChunkWriter, EndMark};
+use super::spool::{ChunkWriter, ClosingChunk, EndMark};
 use super::{lock, now_rfc3339, Shared};
 use crate::ipc::{
     self, AckMsg, DecisionMsg, EndMsg, ErrorMsg, Frame, FrameError, Kind, LiveSession, Mode,
@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 /// Binds the socket with mode 0666 (any local user may record; who they are comes from the
 /// kernel). A stale socket file is replaced; a live daemon on it is an error.
@@ -217,6 +218,26 @@ enum Outcome {
     Stopping,
 }
 
+/// Makes a full chunk durable and puts it in place off this task: an fsync takes milliseconds,
+/// and the session's frames must keep flowing meanwhile (else its recorder, then its relay,
+/// waits). One chunk at a time per session, so chunks land in index order.
+async fn hand_off(
+    shared: &Arc<Shared>,
+    closing: &mut Option<JoinHandle<std::io::Result<()>>>,
+    chunk: ClosingChunk,
+) -> anyhow::Result<()> {
+    if let Some(prev) = closing.take() {
+        prev.await??;
+    }
+    let shared = shared.clone();
+    *closing = Some(tokio::task::spawn_blocking(move || {
+        chunk.finish()?;
+        shared.wake.notify_one();
+        Ok(())
+    }));
+    Ok(())
+}
+
 async fn record(
     shared: &Arc<Shared>,
     dir: &super::spool::SessionDir,
@@ -249,6 +270,8 @@ async fn record(
     });
 
     let mut w = ChunkWriter::new(dir.clone(), cfg.chunk_max_bytes, cfg.chunk_max_secs);
+    // The chunk being made durable on a blocking thread, while this loop goes on reading.
+    let mut closing: Option<JoinHandle<std::io::Result<()>>> = None;
     let mut stopping = shared.stopping.clone();
     let outcome = loop {
         let deadline = w.deadline();
@@ -259,8 +282,10 @@ async fn record(
                         Ok(x) => x,
                         Err(e) => break Outcome::Lost(format!("bad events: {e:#}")),
                     };
-                    if w.append(&f.payload, last, n)? {
-                        shared.wake.notify_one();
+                    if w.write(&f.payload, last, n)? {
+                        if let Some(c) = w.take() {
+                            hand_off(shared, &mut closing, c).await?;
+                        }
                         let usage = shared.spool.usage().unwrap_or_default();
                         if usage.bytes >= cfg.spool_max_bytes {
                             break Outcome::SpoolFull;
@@ -276,15 +301,20 @@ async fn record(
                 Some(Err(e)) => break Outcome::Lost(e.to_string()),
             },
             _ = sleep_until_opt(deadline) => {
-                if w.close()? {
-                    shared.wake.notify_one();
+                if let Some(c) = w.take() {
+                    hand_off(shared, &mut closing, c).await?;
                 }
             }
             _ = stopping.changed() => break Outcome::Stopping,
         }
     };
     reader.abort();
-    w.close()?;
+    if let Some(prev) = closing.take() {
+        prev.await??;
+    }
+    if w.close()? {
+        shared.wake.notify_one();
+    }
     let duration = w
         .last_time
         .map(|t| ztna_common::asciicast::duration_secs(Some(t)));

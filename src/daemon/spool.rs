@@ -360,6 +360,15 @@ impl ChunkWriter {
 
     /// Appends whole event lines; returns true when this closed a chunk.
     pub fn append(&mut self, lines: &[u8], last_time: Option<f64>, count: u64) -> io::Result<bool> {
+        if self.write(lines, last_time, count)? {
+            return self.close();
+        }
+        Ok(false)
+    }
+
+    /// Appends whole event lines to the open chunk (opening one if needed); returns true when
+    /// the chunk reached its size limit and should be [taken](Self::take) out.
+    pub fn write(&mut self, lines: &[u8], last_time: Option<f64>, count: u64) -> io::Result<bool> {
         if lines.is_empty() {
             return Ok(false);
         }
@@ -381,11 +390,7 @@ impl ChunkWriter {
         if last_time.is_some() {
             self.last_time = last_time;
         }
-        if self.bytes >= self.max_bytes {
-            self.close()?;
-            return Ok(true);
-        }
-        Ok(false)
+        Ok(self.bytes >= self.max_bytes)
     }
 
     /// When the open chunk must be closed by age.
@@ -393,22 +398,49 @@ impl ChunkWriter {
         self.opened_at.map(|t| t + self.max_age)
     }
 
-    /// Closes the open chunk (fsync, then rename); returns whether there was one.
-    pub fn close(&mut self) -> io::Result<bool> {
-        let Some(f) = self.file.take() else {
-            return Ok(false);
+    /// Takes the open chunk out, if there is one: the next write opens the next chunk at once,
+    /// while the caller makes this one durable ([`ClosingChunk::finish`]) elsewhere, so a
+    /// session's output is never held up by an fsync.
+    pub fn take(&mut self) -> Option<ClosingChunk> {
+        let file = self.file.take()?;
+        let closing = ClosingChunk {
+            file,
+            part: self.dir.part_path(self.index),
+            chunk: self.dir.chunk_path(self.index),
+            dir: self.dir.path.clone(),
         };
-        f.sync_all()?;
-        drop(f);
-        fs::rename(
-            self.dir.part_path(self.index),
-            self.dir.chunk_path(self.index),
-        )?;
-        sync_dir(&self.dir.path)?;
         self.index += 1;
         self.opened_at = None;
         self.bytes = 0;
-        Ok(true)
+        Some(closing)
+    }
+
+    /// Closes the open chunk (fsync, then rename); returns whether there was one.
+    pub fn close(&mut self) -> io::Result<bool> {
+        match self.take() {
+            Some(c) => c.finish().map(|()| true),
+            None => Ok(false),
+        }
+    }
+}
+
+/// A chunk taken out of its [`ChunkWriter`], not yet in place: until [`finish`](Self::finish)
+/// it is a part file, which recovery treats like any other after a crash.
+#[derive(Debug)]
+pub struct ClosingChunk {
+    file: fs::File,
+    part: PathBuf,
+    chunk: PathBuf,
+    dir: PathBuf,
+}
+
+impl ClosingChunk {
+    /// fsync, rename into place, fsync the folder: from then on the uploader may take it.
+    pub fn finish(self) -> io::Result<()> {
+        self.file.sync_all()?;
+        drop(self.file);
+        fs::rename(&self.part, &self.chunk)?;
+        sync_dir(&self.dir)
     }
 }
 
