@@ -375,6 +375,9 @@ def main():
             for _ in range(3):
                 for w in runs:
                     runs[w].append(throughput(env, w, a.mib, tty))
+                    # The recorded run's upload must not overlap the next measurement.
+                    while env.status()["sessions_spooled"]:
+                        time.sleep(0.2)
             base, ours = statistics.median(runs["plain"]), statistics.median(runs["recorded"])
             mode = "ssh -tt (PTY)" if tty else "ssh host cmd (no PTY)"
             rows.append((f"bulk output, {mode}, MiB/s (median of 3)", f"{base:.1f}", f"{ours:.1f}",

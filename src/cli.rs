@@ -62,19 +62,27 @@ pub fn companion_path() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(COMPANION_INSTALLED))
 }
 
+/// glibc's allocator settings for the daemon, unless the administrator set their own. The
+/// daemon handles MiB-sized buffers (chunks, request bodies) for as long as the machine runs:
+/// with a fixed mmap threshold they go back to the kernel when freed (glibc's default raises
+/// the threshold after the first such free and keeps them in its heap for good), and two
+/// arenas are enough for its two worker threads.
+const DAEMON_MALLOC: &str = "glibc.malloc.mmap_threshold=131072:glibc.malloc.arena_max=2";
+
 /// Replaces this process with the companion, passing the arguments on unchanged. Returns only
-/// when that is impossible.
-pub fn exec_companion() -> anyhow::Error {
+/// when that is impossible. `daemon` also gets [`DAEMON_MALLOC`].
+pub fn exec_companion(daemon: bool) -> anyhow::Error {
     use std::os::unix::process::CommandExt as _;
     let path = companion_path();
     let mut args = std::env::args_os();
     let arg0 = args
         .next()
         .unwrap_or_else(|| OsString::from("ztna-recorder"));
-    let err = std::process::Command::new(&path)
-        .arg0(arg0)
-        .args(args)
-        .exec();
+    let mut cmd = std::process::Command::new(&path);
+    if daemon && std::env::var_os("GLIBC_TUNABLES").is_none() {
+        cmd.env("GLIBC_TUNABLES", DAEMON_MALLOC);
+    }
+    let err = cmd.arg0(arg0).args(args).exec();
     anyhow::anyhow!(
         "this command needs {} (part of the ztna-recorder package): {err}",
         path.display()

@@ -170,9 +170,10 @@ impl AgentClient {
         &self,
         session_id: &str,
         chunk_index: u64,
-        chunk_data: &str,
+        chunk_data: String,
     ) -> Result<ChunkStored, ClientError> {
-        let body = upload_chunk_body(self.node_key.expose(), session_id, chunk_index, chunk_data);
+        let body = upload_chunk_body(self.node_key.expose(), session_id, chunk_index, &chunk_data);
+        drop(chunk_data);
         self.post(body).await
     }
 

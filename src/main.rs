@@ -11,8 +11,9 @@ fn main() -> std::process::ExitCode {
         Command::Record(a) if !a.upload => ztna_recorder::record::run(a),
         Command::Shell(a) => ztna_recorder::shell::run(a),
         Command::Status(a) => ztna_recorder::status::run(a),
-        Command::Record(_) | Command::Daemon(_) | Command::Config { .. } | Command::Docs(_) => {
-            Err(exec_companion())
+        Command::Daemon(_) => Err(exec_companion(true)),
+        Command::Record(_) | Command::Config { .. } | Command::Docs(_) => {
+            Err(exec_companion(false))
         }
     })
 }

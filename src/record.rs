@@ -227,7 +227,7 @@ impl Uploader {
             .build()?;
         rt.block_on(async {
             let started = self.client.start("record", &header, &metadata).await?;
-            for (i, chunk) in chunks.iter().enumerate() {
+            for (i, chunk) in chunks.into_iter().enumerate() {
                 self.client
                     .upload_chunk(&started.session_id, i as u64, chunk)
                     .await?;

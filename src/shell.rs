@@ -385,6 +385,9 @@ impl DaemonSink {
     }
 }
 
+/// The size at which the Events frame being built is sent without waiting for the batch's end.
+const FRAME_TARGET: usize = 32 * 1024;
+
 impl DaemonSink {
     /// Adds one event line to the Events frame being built (a frame carries any number of
     /// lines: one write and one wake-up of the daemon per batch, not per read), sending the
@@ -404,6 +407,11 @@ impl DaemonSink {
                 .extend_from_slice(&[ipc::VERSION, Kind::Events as u8, 0, 0, 0, 0]);
         }
         self.buf.extend_from_slice(line.as_bytes());
+        if self.buf.len() >= FRAME_TARGET {
+            // Frames this size already amortise the write and the daemon's wake-up; larger
+            // ones would only grow what the daemon holds per live session.
+            self.send_pending()?;
+        }
         Ok(())
     }
 

@@ -67,6 +67,9 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<u8> {
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        // Chunk fsyncs run on blocking threads; a few are enough (more would wait their turn,
+        // the sessions' ingest does not), and each thread costs memory.
+        .max_blocking_threads(4)
         .enable_all()
         .build()?;
     rt.block_on(async move {

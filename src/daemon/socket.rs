@@ -257,8 +257,10 @@ async fn record(
     )
     .await?;
 
-    // Frames are read by their own task: reading is not cancel-safe, the chunk timer is.
-    let (tx, mut rx) = mpsc::channel::<Result<Frame, FrameError>>(4);
+    // Frames are read by their own task: reading is not cancel-safe, the chunk timer is. One
+    // frame of slack: a frame is a whole batch of the recorder (tens of KiB), and with many
+    // live sessions more would be the daemon's largest use of memory.
+    let (tx, mut rx) = mpsc::channel::<Result<Frame, FrameError>>(1);
     let reader = tokio::spawn(async move {
         loop {
             let f = ipc::read_frame_async(&mut rd).await;

@@ -171,12 +171,15 @@ async fn step(shared: &Shared, dir: &SessionDir, id: &str) -> Result<Step, StepE
             }
         };
         let t0 = Instant::now();
-        match client.upload_chunk(&remote, index, &text).await {
+        let bytes = text.len();
+        // The chunk goes into the request body and is dropped before the request is sent:
+        // one copy of it in memory per upload, not two.
+        match client.upload_chunk(&remote, index, text).await {
             Ok(_) => {
                 shared.backend_answered();
                 std::fs::remove_file(&path)?;
                 lock(&shared.counters).chunks_uploaded += 1;
-                tracing::debug!(session = %id, index, bytes = text.len(), ms = t0.elapsed().as_millis() as u64, "chunk acknowledged");
+                tracing::debug!(session = %id, index, bytes, ms = t0.elapsed().as_millis() as u64, "chunk acknowledged");
                 return Ok(Step::Progress);
             }
             Err(e) => {
