@@ -257,7 +257,6 @@ pub fn encode_event(out: &mut String, time: f64, code: EventCode, data: &str) {
 /// Appends `s` as a JSON string literal, escaping what JSON requires (and DEL). The hot path
 /// of recording: clean runs are skipped eight bytes at a time.
 pub fn push_json_string(out: &mut String, s: &str) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     out.reserve(s.len() + 2);
     out.push('"');
     let bytes = s.as_bytes();
@@ -277,15 +276,11 @@ pub fn push_json_string(out: &mut String, s: &str) {
             }
         }
         let b = bytes[i];
-        let esc: &str = match b {
+        let esc = match b {
+            0x00..=0x1f => ESCAPES[b as usize],
             b'"' => "\\\"",
             b'\\' => "\\\\",
-            b'\n' => "\\n",
-            b'\r' => "\\r",
-            b'\t' => "\\t",
-            0x08 => "\\b",
-            0x0c => "\\f",
-            0x00..=0x1f | 0x7f => "",
+            0x7f => "\\u007f",
             _ => {
                 i += 1;
                 continue;
@@ -293,19 +288,23 @@ pub fn push_json_string(out: &mut String, s: &str) {
         };
         // Only ASCII bytes are escaped, so these slice bounds are char boundaries.
         out.push_str(&s[start..i]);
-        if esc.is_empty() {
-            out.push_str("\\u00");
-            out.push(HEX[(b >> 4) as usize] as char);
-            out.push(HEX[(b & 0xf) as usize] as char);
-        } else {
-            out.push_str(esc);
-        }
+        out.push_str(esc);
         i += 1;
         start = i;
     }
     out.push_str(&s[start..]);
     out.push('"');
 }
+
+/// JSON escapes of the control characters, by byte: the short forms where JSON has one.
+/// Terminal output is full of them (ESC opens every colour code, `\r\n` ends every line),
+/// so each is one copy of a ready string.
+const ESCAPES: [&str; 32] = [
+    "\\u0000", "\\u0001", "\\u0002", "\\u0003", "\\u0004", "\\u0005", "\\u0006", "\\u0007", "\\b",
+    "\\t", "\\n", "\\u000b", "\\f", "\\r", "\\u000e", "\\u000f", "\\u0010", "\\u0011", "\\u0012",
+    "\\u0013", "\\u0014", "\\u0015", "\\u0016", "\\u0017", "\\u0018", "\\u0019", "\\u001a",
+    "\\u001b", "\\u001c", "\\u001d", "\\u001e", "\\u001f",
+];
 
 /// Non-zero if any of the eight (little-endian) bytes is a control character, `"`, `\\` or
 /// DEL: the classic "has a zero byte" / "has a byte less than n" bit tricks. The lowest set
