@@ -112,7 +112,8 @@ impl Frame {
     }
 }
 
-fn head(kind: Kind, len: usize) -> Result<[u8; HEAD_BYTES], FrameError> {
+/// The head of a frame whose payload is `len` bytes (for writers that build frames in place).
+pub fn head(kind: Kind, len: usize) -> Result<[u8; HEAD_BYTES], FrameError> {
     if len > MAX_FRAME_BYTES {
         return Err(FrameError::TooLarge(len));
     }

@@ -403,8 +403,8 @@ impl DaemonSink {
             self.send_pending()?;
         }
         if self.buf.is_empty() {
-            self.buf
-                .extend_from_slice(&[ipc::VERSION, Kind::Events as u8, 0, 0, 0, 0]);
+            // The head is written once the payload's length is known (send_pending).
+            self.buf.extend_from_slice(&[0; ipc::HEAD_BYTES]);
         }
         self.buf.extend_from_slice(line.as_bytes());
         if self.buf.len() >= FRAME_TARGET {
@@ -420,8 +420,8 @@ impl DaemonSink {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let len = (self.buf.len() - ipc::HEAD_BYTES) as u32;
-        self.buf[2..ipc::HEAD_BYTES].copy_from_slice(&len.to_be_bytes());
+        let head = ipc::head(Kind::Events, self.buf.len() - ipc::HEAD_BYTES).map_err(frame_io)?;
+        self.buf[..ipc::HEAD_BYTES].copy_from_slice(&head);
         let sent = self.stream.write_all(&self.buf);
         self.buf.clear();
         match sent {
@@ -641,12 +641,11 @@ impl Recording {
         drop(last);
         line.clear();
         encode_event(line, t, EventCode::Output, text);
-        if line.len() > ipc::MAX_FRAME_BYTES {
+        let Ok(head) = ipc::head(Kind::Events, line.len()) else {
             return;
-        }
+        };
         frame.clear();
-        frame.extend_from_slice(&[ipc::VERSION, Kind::Events as u8]);
-        frame.extend_from_slice(&(line.len() as u32).to_be_bytes());
+        frame.extend_from_slice(&head);
         frame.extend_from_slice(line.as_bytes());
         if let Err(e) = s.write_all(frame) {
             self.mark_lost(&format!("recording daemon: {e}"));
