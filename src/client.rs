@@ -166,14 +166,13 @@ impl AgentClient {
         self.call("start", obj(body)).await
     }
 
-    pub async fn upload_chunk(
-        &self,
-        session_id: &str,
-        chunk_index: u64,
-        chunk_data: String,
-    ) -> Result<ChunkStored, ClientError> {
-        let body = upload_chunk_body(self.node_key.expose(), session_id, chunk_index, &chunk_data);
-        drop(chunk_data);
+    /// `upload_chunk`, in two halves so the uploader can build the next chunk's body (a
+    /// blocking read and an escape of up to 8 MiB) while this one is on the wire.
+    pub fn chunk_body(&self, session_id: &str, chunk_index: u64, chunk_data: &str) -> Vec<u8> {
+        upload_chunk_body(self.node_key.expose(), session_id, chunk_index, chunk_data)
+    }
+
+    pub async fn post_chunk(&self, body: Vec<u8>) -> Result<ChunkStored, ClientError> {
         self.post(body).await
     }
 

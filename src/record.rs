@@ -228,9 +228,11 @@ impl Uploader {
         rt.block_on(async {
             let started = self.client.start("record", &header, &metadata).await?;
             for (i, chunk) in chunks.into_iter().enumerate() {
-                self.client
-                    .upload_chunk(&started.session_id, i as u64, chunk)
-                    .await?;
+                let body = self
+                    .client
+                    .chunk_body(&started.session_id, i as u64, &chunk);
+                drop(chunk);
+                self.client.post_chunk(body).await?;
             }
             self.client
                 .complete(&started.session_id, Some(duration), &done)

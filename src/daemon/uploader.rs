@@ -6,9 +6,10 @@
 
 use super::spool::SessionDir;
 use super::{lock, Shared};
-use crate::client::ClientError;
+use crate::client::{AgentClient, ClientError};
 use rand::Rng;
 use serde_json::Value;
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -71,19 +72,74 @@ fn disposition(e: &ClientError) -> Disposition {
     }
 }
 
+/// How many chunks a session uploads back to back before it lets another session have its
+/// upload slot.
+const MAX_STREAK: u32 = 8;
+
+/// A chunk read from the spool and made into its request body.
+struct Prepared {
+    index: u64,
+    bytes: usize,
+    body: Vec<u8>,
+}
+
+enum Prepare {
+    Ready(Prepared),
+    NotUtf8,
+    /// The file is gone (the session was removed meanwhile).
+    Gone,
+}
+
+/// Reads chunk `index` and builds its `upload_chunk` body (blocking: a file read and an escape
+/// of the whole chunk). Only the body is kept.
+fn prepare(
+    client: &AgentClient,
+    remote: &str,
+    path: &Path,
+    index: u64,
+) -> std::io::Result<Prepare> {
+    let data = match std::fs::read(path) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Prepare::Gone),
+        Err(e) => return Err(e),
+    };
+    let Ok(text) = simdutf8::basic::from_utf8(&data) else {
+        return Ok(Prepare::NotUtf8);
+    };
+    Ok(Prepare::Ready(Prepared {
+        index,
+        bytes: text.len(),
+        body: client.chunk_body(remote, index, text),
+    }))
+}
+
 /// Uploads one session until nothing is left to do; at most one task per session runs.
 pub async fn run_session(shared: Arc<Shared>, id: String) {
     let dir = shared.spool.session(&id);
     let cap = Duration::from_secs(shared.config.retry_max_secs.max(1));
     let mut attempt: u32 = 0;
+    // The next chunk, read and encoded while the current one was on the wire.
+    let mut ahead: Option<Prepared> = None;
+    let mut permit = None;
+    let mut streak = 0;
     loop {
-        // A slot per request, not per task: a session waiting out its backoff holds none.
-        let Ok(permit) = shared.upload_slots.acquire().await else {
-            finish(&shared, &id);
-            return;
-        };
-        let result = step(&shared, &dir, &id).await;
-        drop(permit);
+        // A slot per run of requests, not per task: a session waiting out its backoff, or
+        // for a slot, holds none, and no prepared body either.
+        if permit.is_none() {
+            ahead = None;
+            let Ok(p) = shared.upload_slots.acquire().await else {
+                finish(&shared, &id);
+                return;
+            };
+            permit = Some(p);
+            streak = 0;
+        }
+        let result = step(&shared, &dir, &id, &mut ahead).await;
+        streak += 1;
+        // Chunks go back to back while the next one is ready, up to a fair share of the slot.
+        if ahead.is_none() || streak >= MAX_STREAK || result.is_err() {
+            permit = None;
+        }
         match result {
             Ok(Step::Progress) => {
                 attempt = 0;
@@ -132,7 +188,12 @@ fn finish(shared: &Shared, id: &str) {
     lock(&shared.uploading).remove(id);
 }
 
-async fn step(shared: &Shared, dir: &SessionDir, id: &str) -> Result<Step, StepError> {
+async fn step(
+    shared: &Shared,
+    dir: &SessionDir,
+    id: &str,
+    ahead: &mut Option<Prepared>,
+) -> Result<Step, StepError> {
     if !dir.exists() {
         return Ok(Step::Done);
     }
@@ -157,29 +218,39 @@ async fn step(shared: &Shared, dir: &SessionDir, id: &str) -> Result<Step, StepE
     let chunks = dir.closed_chunks()?;
     if let Some(&index) = chunks.first() {
         let path = dir.chunk_path(index);
-        let data = match std::fs::read(&path) {
-            Ok(d) => d,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Step::Progress),
-            Err(e) => return Err(e.into()),
+        let current = match ahead.take() {
+            Some(p) if p.index == index => p,
+            _ => match prepare(client, &remote, &path, index)? {
+                Prepare::Ready(p) => p,
+                Prepare::Gone => return Ok(Step::Progress),
+                Prepare::NotUtf8 => {
+                    tracing::error!(session = %id, index, "chunk is not UTF-8: set aside");
+                    shared.spool.quarantine_chunk(id, index)?;
+                    return Ok(Step::Progress);
+                }
+            },
         };
-        let text = match String::from_utf8(data) {
-            Ok(t) => t,
-            Err(_) => {
-                tracing::error!(session = %id, index, "chunk is not UTF-8: set aside");
-                shared.spool.quarantine_chunk(id, index)?;
-                return Ok(Step::Progress);
-            }
-        };
+        // While this chunk is on the wire (the backend's fsync is most of its time), the next
+        // one is read and encoded on a blocking thread.
+        let next = chunks.get(1).map(|&n| {
+            let (client, remote, path) = (client.clone(), remote.clone(), dir.chunk_path(n));
+            tokio::task::spawn_blocking(move || prepare(&client, &remote, &path, n))
+        });
         let t0 = Instant::now();
-        let bytes = text.len();
-        // The chunk goes into the request body and is dropped before the request is sent:
-        // one copy of it in memory per upload, not two.
-        match client.upload_chunk(&remote, index, text).await {
+        let result = client.post_chunk(current.body).await;
+        let next = match next {
+            Some(h) => h.await.ok().and_then(Result::ok),
+            None => None,
+        };
+        match result {
             Ok(_) => {
                 shared.backend_answered();
                 std::fs::remove_file(&path)?;
                 lock(&shared.counters).chunks_uploaded += 1;
-                tracing::debug!(session = %id, index, bytes, ms = t0.elapsed().as_millis() as u64, "chunk acknowledged");
+                tracing::debug!(session = %id, index, bytes = current.bytes, ms = t0.elapsed().as_millis() as u64, "chunk acknowledged");
+                if let Some(Prepare::Ready(p)) = next {
+                    *ahead = Some(p);
+                }
                 return Ok(Step::Progress);
             }
             Err(e) => {
