@@ -358,14 +358,6 @@ impl ChunkWriter {
         }
     }
 
-    /// Appends whole event lines; returns true when this closed a chunk.
-    pub fn append(&mut self, lines: &[u8], last_time: Option<f64>, count: u64) -> io::Result<bool> {
-        if self.write(lines, last_time, count)? {
-            return self.close();
-        }
-        Ok(false)
-    }
-
     /// Appends whole event lines to the open chunk (opening one if needed); returns true when
     /// the chunk reached its size limit and should be [taken](Self::take) out.
     pub fn write(&mut self, lines: &[u8], last_time: Option<f64>, count: u64) -> io::Result<bool> {
@@ -462,9 +454,15 @@ mod tests {
             )
             .unwrap();
         let mut w = ChunkWriter::new(dir.clone(), 30, 10);
-        assert!(!w.append(b"[0.1, \"o\", \"a\"]\n", Some(0.1), 1).unwrap());
-        assert!(w.append(b"[0.2, \"o\", \"b\"]\n", Some(0.2), 1).unwrap());
-        w.append(b"[0.3, \"o\", \"c\"]\n", Some(0.3), 1).unwrap();
+        // As the daemon's ingest does: write until full, take the chunk out, finish it apart.
+        assert!(!w.write(b"[0.1, \"o\", \"a\"]\n", Some(0.1), 1).unwrap());
+        assert!(w.write(b"[0.2, \"o\", \"b\"]\n", Some(0.2), 1).unwrap());
+        let closing = w.take().unwrap();
+        // The next chunk opens while the full one is still being made durable.
+        w.write(b"[0.3, \"o\", \"c\"]\n", Some(0.3), 1).unwrap();
+        assert_eq!(dir.closed_chunks().unwrap(), Vec::<u64>::new());
+        closing.finish().unwrap();
+        assert_eq!(dir.closed_chunks().unwrap(), vec![0]);
         // simulate a crash mid-line
         let mut f = fs::OpenOptions::new()
             .append(true)
