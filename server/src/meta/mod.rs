@@ -93,8 +93,9 @@ pub struct SettingsUpdate {
 }
 
 /// One stored chunk of a recording.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct ChunkRow {
+    #[sqlx(rename = "chunk_index")]
     pub index: i64,
     pub bytes: i64,
     pub sha256: String,
@@ -155,10 +156,13 @@ pub struct ListQuery {
     pub status: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+/// One row of the list's per-status totals (`SELECT status, COUNT(*) AS n, SUM(…) AS d`).
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct StatusStats {
     pub status: String,
+    #[sqlx(rename = "n")]
     pub count: i64,
+    #[sqlx(rename = "d")]
     pub total_duration: i64,
 }
 
@@ -167,6 +171,31 @@ pub struct ListPage {
     pub recordings: Vec<Recording>,
     pub stats: Vec<StatusStats>,
     pub total: i64,
+}
+
+impl ListPage {
+    /// A page from what both stores query: the recordings, their chunks (any order) and the
+    /// per-status totals (whose sum is the total).
+    fn assemble(
+        mut recordings: Vec<Recording>,
+        chunks: Vec<(Uuid, ChunkRow)>,
+        stats: Vec<StatusStats>,
+    ) -> ListPage {
+        let mut by_session: std::collections::HashMap<Uuid, Vec<ChunkRow>> =
+            std::collections::HashMap::new();
+        for (session, c) in chunks {
+            by_session.entry(session).or_default().push(c);
+        }
+        for rec in &mut recordings {
+            rec.chunks = by_session.remove(&rec.id).unwrap_or_default();
+        }
+        let total = stats.iter().map(|s| s.count).sum();
+        ListPage {
+            recordings,
+            stats,
+            total,
+        }
+    }
 }
 
 /// What became of a chunk row.

@@ -9,7 +9,7 @@ use serde_json::Value;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
-use sqlx::{Row as _, SqlitePool};
+use sqlx::{FromRow as _, Row as _, SqlitePool};
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
@@ -148,15 +148,6 @@ fn recording_from_row(row: &SqliteRow) -> Result<Recording> {
     })
 }
 
-fn chunk_from_row(row: &SqliteRow) -> Result<ChunkRow> {
-    Ok(ChunkRow {
-        index: row.try_get("chunk_index")?,
-        bytes: row.try_get("bytes")?,
-        sha256: row.try_get("sha256")?,
-        last_event_time: row.try_get("last_event_time")?,
-    })
-}
-
 impl SqliteMeta {
     pub async fn open(url: &str, max_connections: u32) -> Result<SqliteMeta> {
         let opts = SqliteConnectOptions::from_str(url)?
@@ -199,7 +190,7 @@ impl SqliteMeta {
         qb.push(") ORDER BY session_id, chunk_index");
         let rows = qb.build().fetch_all(&self.pool).await?;
         rows.iter()
-            .map(|r| Ok((uuid_col(r, "session_id")?, chunk_from_row(r)?)))
+            .map(|r| Ok((uuid_col(r, "session_id")?, ChunkRow::from_row(r)?)))
             .collect()
     }
 }
@@ -542,42 +533,23 @@ impl MetadataStore for SqliteMeta {
             .push(" OFFSET ")
             .push_bind(q.offset);
         let rows = qb.build().fetch_all(&self.pool).await?;
-        let mut recordings = rows
+        let recordings = rows
             .iter()
             .map(recording_from_row)
             .collect::<Result<Vec<_>>>()?;
         let ids: Vec<Uuid> = recordings.iter().map(|r| r.id).collect();
         let chunks = self.chunks_of(&ids).await?;
-        for rec in &mut recordings {
-            rec.chunks = chunks
-                .iter()
-                .filter(|(s, _)| *s == rec.id)
-                .map(|(_, c)| c.clone())
-                .collect();
-        }
         let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(format!(
             "SELECT status, COUNT(*) AS n, COALESCE(SUM(duration_seconds), 0) AS d \
              FROM session_recordings INDEXED BY {stats_index}"
         ));
         filters(&mut qb, "");
         qb.push(" GROUP BY status ORDER BY status DESC");
-        let stat_rows = qb.build().fetch_all(&self.pool).await?;
-        let stats = stat_rows
-            .iter()
-            .map(|r| {
-                Ok(StatusStats {
-                    status: r.try_get("status")?,
-                    count: r.try_get("n")?,
-                    total_duration: r.try_get("d")?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let total = stats.iter().map(|s| s.count).sum();
-        Ok(ListPage {
-            recordings,
-            stats,
-            total,
-        })
+        let stats = qb
+            .build_query_as::<StatusStats>()
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(ListPage::assemble(recordings, chunks, stats))
     }
 
     async fn delete_recording(&self, org: Uuid, id: Uuid, objects: &Objects) -> Result<bool> {
