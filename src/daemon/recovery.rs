@@ -4,7 +4,6 @@
 //! uploader completes it with what it holds.
 
 use super::spool::{EndMark, Spool};
-use serde_json::{Map, Value};
 
 /// Returns how many sessions were marked interrupted.
 pub fn recover(spool: &Spool) -> std::io::Result<usize> {
@@ -21,14 +20,7 @@ pub fn recover(spool: &Spool) -> std::io::Result<usize> {
         let dir = spool.session(&id);
         dir.seal_parts()?;
         if dir.end()?.is_none() {
-            let mut metadata = Map::new();
-            metadata.insert("interrupted".into(), Value::Bool(true));
-            dir.set_end(&EndMark {
-                exit_status: None,
-                interrupted: true,
-                duration_seconds: None,
-                metadata,
-            })?;
+            dir.set_end(&EndMark::interrupted())?;
             interrupted += 1;
             tracing::warn!(session = %id, "session left by an earlier run: completing it as interrupted");
         }

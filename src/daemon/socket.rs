@@ -77,13 +77,19 @@ fn user_name(uid: u32) -> Option<String> {
 /// full JSON parse: this is the hot path, and the backend validates every chunk again
 /// (`INVALID_CHUNK`), so a client that lies only spoils its own recording.
 fn check_events(payload: &[u8]) -> anyhow::Result<(Option<f64>, u64)> {
-    let text = std::str::from_utf8(payload).context("events are not UTF-8")?;
+    let text = simdutf8::basic::from_utf8(payload)
+        .ok()
+        .context("events are not UTF-8")?;
     if !text.is_empty() && !text.ends_with('\n') {
         anyhow::bail!("events frame does not end with a newline");
     }
     let mut last = None;
     let mut n = 0;
-    for line in text.split_terminator('\n') {
+    let mut start = 0;
+    for end in memchr::memchr_iter(b'\n', payload) {
+        // A newline byte is always a character boundary.
+        let line = &text[start..end];
+        start = end + 1;
         let inner = line
             .strip_prefix('[')
             .and_then(|l| l.strip_suffix(']'))
@@ -284,12 +290,13 @@ async fn record(
                         Ok(x) => x,
                         Err(e) => break Outcome::Lost(format!("bad events: {e:#}")),
                     };
-                    if w.write(&f.payload, last, n)? {
+                    let full = w.write(&f.payload, last, n)?;
+                    shared.spool.note_spooled(f.payload.len() as u64);
+                    if full {
                         if let Some(c) = w.take() {
                             hand_off(shared, &mut closing, c).await?;
                         }
-                        let usage = shared.spool.usage().unwrap_or_default();
-                        if usage.bytes >= cfg.spool_max_bytes {
+                        if shared.spool.bytes_estimate() >= cfg.spool_max_bytes {
                             break Outcome::SpoolFull;
                         }
                     }
@@ -336,14 +343,7 @@ async fn record(
             tracing::info!(session = %id, exit_status = ?end.exit_status, "session ended");
         }
         Outcome::Lost(why) => {
-            let mut metadata = serde_json::Map::new();
-            metadata.insert("interrupted".into(), Value::Bool(true));
-            dir.set_end(&EndMark {
-                exit_status: None,
-                interrupted: true,
-                duration_seconds: None,
-                metadata,
-            })?;
+            dir.set_end(&EndMark::interrupted())?;
             tracing::warn!(session = %id, "recorder connection lost ({why}): session completed as interrupted");
         }
         Outcome::SpoolFull => {

@@ -21,7 +21,9 @@ use std::fs;
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 const PART_SUFFIX: &str = ".cast.part";
 const CHUNK_SUFFIX: &str = ".cast";
@@ -29,6 +31,21 @@ const CHUNK_SUFFIX: &str = ".cast";
 #[derive(Debug, Clone)]
 pub struct Spool {
     root: PathBuf,
+    size: Arc<SizeEstimate>,
+}
+
+/// How often [`Spool::bytes_estimate`] walks the spool at most.
+const WALK_EVERY: Duration = Duration::from_secs(1);
+
+/// The spool's size between walks: the full check runs at every chunk close, and walking a
+/// spool that holds a thousand chunks (the backend down for a while) at each one would cost
+/// the ingest more than its writes.
+#[derive(Debug, Default)]
+struct SizeEstimate {
+    /// The last walk's byte count and when it was taken.
+    walked: Mutex<Option<(Instant, u64)>>,
+    /// Bytes this daemon spooled since that walk.
+    added: AtomicU64,
 }
 
 /// What the spool holds.
@@ -51,11 +68,27 @@ pub struct EndMark {
     pub metadata: Map<String, Value>,
 }
 
+impl EndMark {
+    /// The end mark of a session whose recorder went away without an `End`: completed with
+    /// what it holds, `metadata.interrupted = true`.
+    pub fn interrupted() -> EndMark {
+        let mut metadata = Map::new();
+        metadata.insert("interrupted".into(), Value::Bool(true));
+        EndMark {
+            exit_status: None,
+            interrupted: true,
+            duration_seconds: None,
+            metadata,
+        }
+    }
+}
+
 impl Spool {
     /// Opens (creating when needed) the spool at `root`, owner-only.
     pub fn open(root: &Path) -> io::Result<Spool> {
         let s = Spool {
             root: root.to_path_buf(),
+            size: Arc::default(),
         };
         for d in [root.to_path_buf(), s.sessions_dir(), s.failed_dir()] {
             fs::DirBuilder::new()
@@ -121,7 +154,10 @@ impl Spool {
         Ok(out)
     }
 
+    /// Walks the whole spool (which also refreshes [`bytes_estimate`](Self::bytes_estimate)).
     pub fn usage(&self) -> io::Result<Usage> {
+        // Reset before the walk: bytes noted while it runs may be counted twice, never missed.
+        self.size.added.store(0, Ordering::Relaxed);
         let mut u = Usage::default();
         for id in self.list_sessions()? {
             u.sessions += 1;
@@ -141,7 +177,29 @@ impl Spool {
         if let Ok(rd) = fs::read_dir(self.failed_dir()) {
             u.failed = rd.flatten().count() as u64;
         }
+        *self.walked() = Some((Instant::now(), u.bytes));
         Ok(u)
+    }
+
+    /// Counts bytes just written to a chunk towards [`bytes_estimate`](Self::bytes_estimate).
+    pub fn note_spooled(&self, bytes: u64) {
+        self.size.added.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// The spool's size for the full check: the last walk (at most [`WALK_EVERY`] old) plus
+    /// what was spooled since. Uploads since the walk are not subtracted, so it errs on full.
+    pub fn bytes_estimate(&self) -> u64 {
+        let walked = *self.walked();
+        match walked {
+            Some((at, bytes)) if at.elapsed() < WALK_EVERY => {
+                bytes + self.size.added.load(Ordering::Relaxed)
+            }
+            _ => self.usage().map(|u| u.bytes).unwrap_or_default(),
+        }
+    }
+
+    fn walked(&self) -> std::sync::MutexGuard<'_, Option<(Instant, u64)>> {
+        super::lock(&self.size.walked)
     }
 
     /// Moves a session the backend will never take to `failed/`, with the reason.
@@ -482,5 +540,25 @@ mod tests {
         assert_eq!(u.sessions, 1);
         let mode = fs::metadata(&dir.path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o700);
+    }
+
+    #[test]
+    fn size_estimate_counts_writes_since_the_walk() {
+        let t = tempfile::tempdir().unwrap();
+        let spool = Spool::open(t.path()).unwrap();
+        let id = uuid::Uuid::new_v4().to_string();
+        let dir = spool
+            .create_session(&id, &serde_json::json!({}), &serde_json::json!({}))
+            .unwrap();
+        let walked = spool.usage().unwrap().bytes;
+        assert_eq!(spool.bytes_estimate(), walked);
+        let mut w = ChunkWriter::new(dir, 1 << 20, 10);
+        let line = b"[0.1, \"o\", \"a\"]\n";
+        w.write(line, Some(0.1), 1).unwrap();
+        spool.note_spooled(line.len() as u64);
+        assert_eq!(spool.bytes_estimate(), walked + line.len() as u64);
+        // A walk counts the file itself and starts the count of notes again.
+        assert_eq!(spool.usage().unwrap().bytes, walked + line.len() as u64);
+        assert_eq!(spool.bytes_estimate(), walked + line.len() as u64);
     }
 }

@@ -1,6 +1,11 @@
 //! Finds work in the spool: a `notify` watch on `sessions/` wakes the scheduler at once, and
 //! a periodic rescan catches whatever an event missed (or a watch that could not be set up).
 //! The scheduler starts one upload task per session that has none.
+//!
+//! The watch is on `sessions/` itself, not recursive: chunks are closed by this daemon, which
+//! wakes the scheduler directly (`Shared::wake`), while a recursive watch would have the kernel
+//! queue an event for every write into every open chunk (measured: about 7% of the daemon's
+//! CPU while a session streams, plus the watcher thread's own reads).
 
 use super::{lock, uploader, Shared};
 use notify::{RecursiveMode, Watcher};
@@ -11,9 +16,7 @@ pub async fn run(shared: Arc<Shared>) {
     let wake = Arc::new(tokio::sync::Notify::new());
     let w2 = wake.clone();
     let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        // Only what means new work: a session or a closed chunk or end mark appearing (all
-        // are renames into place, or creations). Opens, reads and writes to an open chunk
-        // are not work, and reacting to them would feed on the uploader's own reads.
+        // Only what means new work: a session folder appearing (renamed into place).
         if let Ok(ev) = res {
             if matches!(
                 ev.kind,
@@ -25,7 +28,7 @@ pub async fn run(shared: Arc<Shared>) {
         }
     });
     let _watcher = match watcher {
-        Ok(mut w) => match w.watch(&shared.spool.sessions_dir(), RecursiveMode::Recursive) {
+        Ok(mut w) => match w.watch(&shared.spool.sessions_dir(), RecursiveMode::NonRecursive) {
             Ok(()) => Some(w),
             Err(e) => {
                 tracing::warn!(
