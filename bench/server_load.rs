@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use ztna_recorder_server::{App, Config, Role, S3Config, SettingsUpdate};
+use ztna_recorder_server::{App, Config, Role, S3Config, Seed};
 
 const CLIENTS: usize = 32;
 const CHUNK_BYTES: usize = 4096;
@@ -249,25 +249,13 @@ async fn seed(db_url: &str, org: &str, machine: &str, user: &str, n: i64) {
 async fn run(name: &str, args: &Args) -> Vec<String> {
     let t = target(name).await;
     let app = App::open(t.config.clone()).await.unwrap();
-    let org = app.create_org("bench", true).await.unwrap();
-    let admin = app
-        .create_user(org, "bench@bench.test", Role::Admin)
-        .await
-        .unwrap();
-    let token = app.issue_token(admin, 86_400).await.unwrap();
-    let (machine, _) = app
-        .register_machine(org, "bench-host", admin)
-        .await
-        .unwrap();
-    app.update_settings(
+    let Seed {
         org,
-        SettingsUpdate {
-            recording_enabled: Some(true),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+        admin,
+        token,
+        machine,
+        ..
+    } = app.seed("bench", "bench-host", true).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!(
         "http://{}/api/session-recording",
@@ -320,7 +308,7 @@ async fn run(name: &str, args: &Args) -> Vec<String> {
     // of chunks each, which every list page would carry in metadata.chunks).
     let org = app.create_org("listing", true).await.unwrap();
     let org_s = org.to_string();
-    app.create_user(org, "bench@bench.test", Role::Admin)
+    app.create_user(org, "admin@bench.test", Role::Admin)
         .await
         .unwrap();
     let (machine, _) = app

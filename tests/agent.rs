@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
 use ztna_recorder::ipc::{self, DecisionMsg, EndMsg, Frame, Kind, Mode, StartMsg, StatusReply};
-use ztna_recorder_server::{App, Config as ServerConfig, Role, SettingsUpdate};
+use ztna_recorder_server::{App, Config as ServerConfig, Seed};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ztna-recorder");
 
@@ -38,22 +38,16 @@ impl Backend {
         let app = App::open(ServerConfig::with_data_dir(dir.path()))
             .await
             .unwrap();
-        let org = app.create_org("acme", true).await.unwrap();
-        let admin = app
-            .create_user(org, "admin@acme.test", Role::Admin)
+        let Seed {
+            org,
+            token,
+            machine,
+            node_key,
+            ..
+        } = app
+            .seed("acme", "Linux-C", recording_enabled)
             .await
             .unwrap();
-        let token = app.issue_token(admin, 3600).await.unwrap();
-        let (machine, node_key) = app.register_machine(org, "Linux-C", admin).await.unwrap();
-        app.update_settings(
-            org,
-            SettingsUpdate {
-                recording_enabled: Some(recording_enabled),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
         let mut b = Backend {
             dir,
             app,

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
-use ztna_recorder_server::{App, Config, Role, SettingsUpdate};
+use ztna_recorder_server::{App, Config, Seed};
 
 struct Backend {
     url: String,
@@ -20,21 +20,15 @@ impl Backend {
     async fn start(recording_enabled: bool) -> Backend {
         let dir = tempfile::tempdir().unwrap();
         let app = App::open(Config::with_data_dir(dir.path())).await.unwrap();
-        let org = app.create_org("acme", true).await.unwrap();
-        let admin = app
-            .create_user(org, "a@acme.test", Role::Admin)
+        let Seed {
+            org,
+            machine,
+            node_key,
+            ..
+        } = app
+            .seed("acme", "Linux-C", recording_enabled)
             .await
             .unwrap();
-        let (machine, node_key) = app.register_machine(org, "Linux-C", admin).await.unwrap();
-        app.update_settings(
-            org,
-            SettingsUpdate {
-                recording_enabled: Some(recording_enabled),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -996,27 +996,17 @@ fn chunk_sink_in_a_library_session() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upload_ships_the_recording_to_the_backend() {
-    use ztna_recorder_server::{App, Config as ServerConfig, Role, SettingsUpdate};
+    use ztna_recorder_server::{App, Config as ServerConfig, Seed};
     let dir = tempfile::tempdir().unwrap();
     let app = App::open(ServerConfig::with_data_dir(dir.path().join("server")))
         .await
         .unwrap();
-    let org = app.create_org("acme", true).await.unwrap();
-    let admin = app
-        .create_user(org, "admin@acme.test", Role::Admin)
-        .await
-        .unwrap();
-    let token = app.issue_token(admin, 3600).await.unwrap();
-    let (_machine, node_key) = app.register_machine(org, "Linux-C", admin).await.unwrap();
-    app.update_settings(
+    let Seed {
         org,
-        SettingsUpdate {
-            recording_enabled: Some(true),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+        token,
+        node_key,
+        ..
+    } = app.seed("acme", "Linux-C", true).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(ztna_recorder_server::serve(

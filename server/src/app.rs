@@ -60,6 +60,17 @@ pub(crate) struct Inner {
     pub metrics: crate::metrics::Metrics,
 }
 
+/// What [`App::seed`] made.
+#[derive(Debug, Clone)]
+pub struct Seed {
+    pub org: Uuid,
+    pub admin: Uuid,
+    /// The admin's bearer token, valid for a day.
+    pub token: String,
+    pub machine: Uuid,
+    pub node_key: String,
+}
+
 /// The opened server. Cheap to clone; every clone shares the same stores.
 #[derive(Clone)]
 pub struct App {
@@ -191,6 +202,37 @@ impl App {
             Err(AdminRefusal::NoSuchOrg) => Err(AdminError::NoSuchOrg(org)),
             Err(AdminRefusal::NotAMember) => Err(AdminError::NotAMember { user: owner, org }),
         }
+    }
+
+    /// An org (feature on) with one admin, `admin@ORG.test`, who owns one machine, and the
+    /// org's recording switched on or off: the set-up every test and benchmark starts from.
+    pub async fn seed(
+        &self,
+        org_name: &str,
+        machine_name: &str,
+        recording_enabled: bool,
+    ) -> Result<Seed, AdminError> {
+        let org = self.create_org(org_name, true).await?;
+        let admin = self
+            .create_user(org, &format!("admin@{org_name}.test"), Role::Admin)
+            .await?;
+        let token = self.issue_token(admin, 86_400).await?;
+        let (machine, node_key) = self.register_machine(org, machine_name, admin).await?;
+        self.update_settings(
+            org,
+            SettingsUpdate {
+                recording_enabled: Some(recording_enabled),
+                ..Default::default()
+            },
+        )
+        .await?;
+        Ok(Seed {
+            org,
+            admin,
+            token,
+            machine,
+            node_key,
+        })
     }
 
     /// Deletes a machine; its recordings stay, with `machine_id` null.

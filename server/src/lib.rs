@@ -38,6 +38,7 @@
 //! | [`App::create_user`] | a user (reused by email) made admin or member of an org |
 //! | [`App::issue_token`] | an HS256 JWT for a user |
 //! | [`App::register_machine`] | a machine of an org owned by a member: `(machine_id, node_key)` |
+//! | [`App::seed`] | all of the above at once: an org, its admin and token, one machine |
 //! | [`App::delete_machine`] | delete a machine (its recordings stay, `machine_id` null) |
 //! | [`App::settings`], [`App::update_settings`] | an org's recording settings |
 //! | [`App::sweep`] | one retention sweep over every org now |
@@ -55,7 +56,7 @@ mod web;
 
 use std::future::Future;
 
-pub use app::{AdminError, App, OpenError, FEATURE_SESSION_RECORDING};
+pub use app::{AdminError, App, OpenError, Seed, FEATURE_SESSION_RECORDING};
 pub use auth::node_key_hash;
 pub use config::{Config, S3Config};
 pub use meta::{Role, Settings, SettingsUpdate};

@@ -4,7 +4,7 @@
 
 use serde_json::{json, Value};
 use std::time::Duration;
-use ztna_recorder_server::{App, Config, Role, SettingsUpdate};
+use ztna_recorder_server::{App, Config, Seed};
 
 async fn get(url: &str) -> (u16, String, String) {
     let r = reqwest::get(url).await.unwrap();
@@ -29,21 +29,7 @@ async fn healthz_and_metrics_count_what_happened() {
     let mut config = Config::with_data_dir(dir.path());
     config.sweep_interval = Duration::from_secs(1);
     let app = App::open(config).await.unwrap();
-    let org = app.create_org("acme", true).await.unwrap();
-    let admin = app
-        .create_user(org, "a@acme.test", Role::Admin)
-        .await
-        .unwrap();
-    let (_machine, node_key) = app.register_machine(org, "Linux-C", admin).await.unwrap();
-    app.update_settings(
-        org,
-        SettingsUpdate {
-            recording_enabled: Some(true),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let Seed { node_key, .. } = app.seed("acme", "Linux-C", true).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
