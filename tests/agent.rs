@@ -954,6 +954,18 @@ mod sshd {
         pub fn target(&self) -> String {
             format!("{USER}@127.0.0.1")
         }
+
+        /// An interactive login (`ssh -tt host`), every stream piped.
+        pub fn login(&self) -> Child {
+            self.ssh()
+                .arg("-tt")
+                .arg(self.target())
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        }
     }
 
     fn chmod(p: &Path, mode: u32) {
@@ -992,15 +1004,7 @@ mod sshd {
 
     /// `ssh -tt host` with commands typed ahead on stdin; returns (exit code, output).
     pub fn interactive(s: &Sshd, typed: &[&str], pause: Duration) -> (Option<i32>, String) {
-        let mut child = s
-            .ssh()
-            .arg("-tt")
-            .arg(s.target())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = s.login();
         let mut stdin = child.stdin.take().unwrap();
         for t in typed {
             stdin.write_all(t.as_bytes()).unwrap();
@@ -1276,26 +1280,11 @@ async fn sshd_daemon_killed_mid_session() {
     let agent = Agent::new(&backend, "chunk_max_secs = 1\n");
     let mut daemon = agent.daemon();
     let s = sshd::Sshd::start(&agent.config());
-    let mut child = s
-        .ssh()
-        .arg("-tt")
-        .arg(s.target())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = s.login();
     let mut stdin = child.stdin.take().unwrap();
     stdin.write_all(b"echo before-$((2*21))\n").unwrap();
     // Wait until that output is spooled (in a closed chunk or uploaded).
-    let dirs = [agent.spool(), backend.dir.path().join("objects")];
-    tokio::task::spawn_blocking(move || {
-        wait_until("the output in the spool", Duration::from_secs(20), || {
-            dirs.iter().any(|d| tree_contains(d, b"before-42"))
-        })
-    })
-    .await
-    .unwrap();
+    wait_spooled(&agent, &backend, b"before-42").await;
     kill(&mut daemon, nix::sys::signal::Signal::SIGKILL);
     daemon.wait().unwrap();
     stdin.write_all(b"echo after-$((3*3))\n").unwrap();
@@ -1313,6 +1302,18 @@ async fn sshd_daemon_killed_mid_session() {
     kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);
     daemon.wait().unwrap();
     backend.stop().await;
+}
+
+/// Waits until `needle` is in the spool or, uploaded already, among the backend's objects.
+async fn wait_spooled(agent: &Agent, backend: &Backend, needle: &'static [u8]) {
+    let dirs = [agent.spool(), backend.dir.path().join("objects")];
+    tokio::task::spawn_blocking(move || {
+        wait_until("the output in the spool", Duration::from_secs(20), || {
+            dirs.iter().any(|d| tree_contains(d, needle))
+        })
+    })
+    .await
+    .unwrap();
 }
 
 /// Whether any file under `dir` contains `needle`.
@@ -1340,25 +1341,10 @@ async fn sshd_daemon_killed_mid_session_under_enforce_ends_it() {
     let agent = Agent::new(&backend, "chunk_max_secs = 1\nenforce = true\n");
     let mut daemon = agent.daemon();
     let s = sshd::Sshd::start(&agent.config());
-    let mut child = s
-        .ssh()
-        .arg("-tt")
-        .arg(s.target())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = s.login();
     let mut stdin = child.stdin.take().unwrap();
     stdin.write_all(b"echo strict-$((2*21))\n").unwrap();
-    let dirs = [agent.spool(), backend.dir.path().join("objects")];
-    tokio::task::spawn_blocking(move || {
-        wait_until("the output in the spool", Duration::from_secs(20), || {
-            dirs.iter().any(|d| tree_contains(d, b"strict-42"))
-        })
-    })
-    .await
-    .unwrap();
+    wait_spooled(&agent, &backend, b"strict-42").await;
     kill(&mut daemon, nix::sys::signal::Signal::SIGKILL);
     daemon.wait().unwrap();
     // The user types nothing more: the session must end by itself.
@@ -1384,25 +1370,10 @@ async fn sshd_daemon_sigterm_keeps_sessions_running() {
     let agent = Agent::new(&backend, "chunk_max_secs = 1\nenforce = true\n");
     let mut daemon = agent.daemon();
     let s = sshd::Sshd::start(&agent.config());
-    let mut child = s
-        .ssh()
-        .arg("-tt")
-        .arg(s.target())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = s.login();
     let mut stdin = child.stdin.take().unwrap();
     stdin.write_all(b"echo term-$((2*21))\n").unwrap();
-    let dirs = [agent.spool(), backend.dir.path().join("objects")];
-    tokio::task::spawn_blocking(move || {
-        wait_until("the output in the spool", Duration::from_secs(20), || {
-            dirs.iter().any(|d| tree_contains(d, b"term-42"))
-        })
-    })
-    .await
-    .unwrap();
+    wait_spooled(&agent, &backend, b"term-42").await;
     kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);
     let t0 = Instant::now();
     assert!(daemon.wait().unwrap().success());
