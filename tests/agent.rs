@@ -224,6 +224,17 @@ impl Agent {
         self.dir.path().join("config.toml")
     }
 
+    /// A second config on the same socket with `enforce = true`.
+    fn strict_config(&self) -> PathBuf {
+        let strict = self.dir.path().join("strict.toml");
+        std::fs::write(
+            &strict,
+            format!("socket = \"{}\"\nenforce = true\n", self.socket().display()),
+        )
+        .unwrap();
+        strict
+    }
+
     fn socket(&self) -> PathBuf {
         self.dir.path().join("run/recorder.sock")
     }
@@ -321,6 +332,13 @@ impl Drop for DaemonProc {
             let _ = self.0.wait();
         }
     }
+}
+
+/// The end of a test: the daemon stopped as systemd stops it, then the backend.
+async fn stop_all(daemon: &mut DaemonProc, backend: &mut Backend) {
+    kill(daemon, nix::sys::signal::Signal::SIGTERM);
+    daemon.wait().unwrap();
+    backend.stop().await;
 }
 
 fn kill(child: &mut Child, sig: nix::sys::signal::Signal) {
@@ -526,9 +544,7 @@ async fn daemon_killed_mid_session_is_recovered_as_interrupted() {
     let got = backend.events_text(rec);
     assert_eq!(got, sent, "every whole line, in order, no torn line");
     assert_eq!(rec["duration_seconds"], 9); // last event at 9.0 s
-    kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);
-    daemon.wait().unwrap();
-    backend.stop().await;
+    stop_all(&mut daemon, &mut backend).await;
 }
 
 /// Bytes of the `chunk-*` files under `dir` (spooled, open, or stored by the backend).
@@ -588,9 +604,7 @@ async fn exec_without_pty_is_byte_exact_and_recorded() {
     assert!(text.contains("err\n"), "{text:?}");
     let stdout_part = text.replacen("err\n", "", 1);
     assert_eq!(stdout_part, "a\u{0}b\u{fffd}c\r\nété\nfrom-stdin");
-    kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);
-    daemon.wait().unwrap();
-    backend.stop().await;
+    stop_all(&mut daemon, &mut backend).await;
 }
 
 /// Recording switched off for the org: the session runs, nothing is recorded.
@@ -631,9 +645,7 @@ async fn recording_disabled_runs_unrecorded() {
             .count(),
         0
     );
-    kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);
-    daemon.wait().unwrap();
-    backend.stop().await;
+    stop_all(&mut daemon, &mut backend).await;
 }
 
 /// No daemon: `enforce = true` refuses the session with one line and status 1;
@@ -642,15 +654,7 @@ async fn recording_disabled_runs_unrecorded() {
 async fn no_daemon_follows_the_enforce_policy() {
     let mut backend = Backend::new(true).await;
     let agent = Agent::new(&backend, "");
-    let strict = agent.dir.path().join("strict.toml");
-    std::fs::write(
-        &strict,
-        format!(
-            "socket = \"{}\"\nenforce = true\n",
-            agent.socket().display()
-        ),
-    )
-    .unwrap();
+    let strict = agent.strict_config();
     let out = tokio::task::block_in_place(|| {
         agent.shell(Some("echo should-not-run"), b"", Some(&strict))
     });
@@ -720,9 +724,7 @@ async fn spool_full_refuses_new_sessions_and_keeps_what_it_has() {
         !got.is_empty() && sent.starts_with(&got),
         "what was spooled arrives, in order"
     );
-    kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);
-    daemon.wait().unwrap();
-    backend.stop().await;
+    stop_all(&mut daemon, &mut backend).await;
 }
 
 /// A bad config names what is wrong; `status --json` prints one JSON object.
@@ -1059,9 +1061,7 @@ async fn sshd_interactive_session_is_recorded() {
         rec["duration_seconds"],
         last[0].as_f64().unwrap().ceil() as i64
     );
-    kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);
-    daemon.wait().unwrap();
-    backend.stop().await;
+    stop_all(&mut daemon, &mut backend).await;
 }
 
 /// `ssh host 'printf …'` without a PTY: output byte-exact to the client, recorded.
@@ -1088,9 +1088,7 @@ async fn sshd_exec_without_pty_is_byte_exact() {
         output_of(&backend.events_text(rec)),
         "x\u{0}y\u{fffd}\r\n42"
     );
-    kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);
-    daemon.wait().unwrap();
-    backend.stop().await;
+    stop_all(&mut daemon, &mut backend).await;
 }
 
 /// sftp and scp (SFTP and legacy protocol) of a 10 MiB random file: identical on arrival;
@@ -1179,9 +1177,7 @@ async fn sshd_file_transfers_pass_untouched_and_record_metadata_only() {
             "file contents were recorded: {m}"
         );
     }
-    kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);
-    daemon.wait().unwrap();
-    backend.stop().await;
+    stop_all(&mut daemon, &mut backend).await;
 }
 
 /// `enforce = true` with no daemon: the login is refused with the message; `enforce =
@@ -1190,15 +1186,7 @@ async fn sshd_file_transfers_pass_untouched_and_record_metadata_only() {
 async fn sshd_enforce_policy_and_recording_disabled() {
     let mut backend = Backend::new(false).await;
     let agent = Agent::new(&backend, "");
-    let strict = agent.dir.path().join("strict.toml");
-    std::fs::write(
-        &strict,
-        format!(
-            "socket = \"{}\"\nenforce = true\n",
-            agent.socket().display()
-        ),
-    )
-    .unwrap();
+    let strict = agent.strict_config();
     let s = sshd::Sshd::start(&strict);
     let (code, text) = tokio::task::block_in_place(|| {
         sshd::interactive(&s, &["echo in\n", "exit\n"], Duration::ZERO)
@@ -1243,9 +1231,7 @@ async fn sshd_enforce_policy_and_recording_disabled() {
     assert!(text.contains("off-2"), "{text}");
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(backend.recordings().await.is_empty());
-    kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);
-    daemon.wait().unwrap();
-    backend.stop().await;
+    stop_all(&mut daemon, &mut backend).await;
 }
 
 /// The backend down for the whole SSH session, then back: every chunk arrives, in order, once.
@@ -1267,9 +1253,7 @@ async fn sshd_backend_down_then_back() {
     assert_eq!(idx, (0..idx.len() as u64).collect::<Vec<_>>());
     let expected: String = (1..=200).map(|i| format!("line-{i}\n")).collect();
     assert_eq!(output_of(&backend.events_text(rec)), expected);
-    kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);
-    daemon.wait().unwrap();
-    backend.stop().await;
+    stop_all(&mut daemon, &mut backend).await;
 }
 
 /// The daemon SIGKILLed mid-session and restarted: what it spooled before the kill is on the
@@ -1299,9 +1283,7 @@ async fn sshd_daemon_killed_mid_session() {
     let rec = &recs[0];
     assert_eq!(rec["metadata"]["interrupted"], true, "{rec:#}");
     assert!(output_of(&backend.events_text(rec)).contains("before-42"));
-    kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);
-    daemon.wait().unwrap();
-    backend.stop().await;
+    stop_all(&mut daemon, &mut backend).await;
 }
 
 /// Waits until `needle` is in the spool or, uploaded already, among the backend's objects.
@@ -1357,9 +1339,7 @@ async fn sshd_daemon_killed_mid_session_under_enforce_ends_it() {
     let mut daemon = agent.daemon();
     let recs = backend.wait_completed(1, Duration::from_secs(30)).await;
     assert_eq!(recs[0]["metadata"]["interrupted"], true);
-    kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);
-    daemon.wait().unwrap();
-    backend.stop().await;
+    stop_all(&mut daemon, &mut backend).await;
 }
 
 /// SIGTERM (an upgrade, a restart) with `enforce = true`: the daemon exits within seconds,
@@ -1389,7 +1369,5 @@ async fn sshd_daemon_sigterm_keeps_sessions_running() {
     let recs = backend.wait_completed(1, Duration::from_secs(30)).await;
     assert_eq!(recs[0]["metadata"]["interrupted"], true);
     assert!(output_of(&backend.events_text(&recs[0])).contains("term-42"));
-    kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);
-    daemon.wait().unwrap();
-    backend.stop().await;
+    stop_all(&mut daemon, &mut backend).await;
 }
