@@ -266,24 +266,16 @@ async fn apply(app: &App, machine: &MachineAuth, action: Action) -> Result<Succe
             // As with `report`: the recording says which machine reported it, even after the
             // machine is deleted and its row's `machine_name` goes null.
             metadata.insert("machine_name".into(), Value::String(machine.name.clone()));
-            let id = Uuid::new_v4();
-            meta.insert_recording(&NewRecording {
-                id,
-                org_id: machine.org_id,
-                machine_id: Some(machine.id),
-                user_id: machine.owner_id,
+            let rec = NewRecording::started(
+                machine.org_id,
+                machine.id,
+                machine.owner_id,
                 session_type,
-                status: "active".into(),
-                started_at: timefmt::now(),
-                ended_at: None,
-                duration_seconds: None,
                 metadata,
-                r2_key: None,
-                chunk0: None,
-            })
-            .await?;
+            );
+            meta.insert_recording(&rec).await?;
             Ok(Success::created(
-                json!({"session_id": id.to_string(), "status": "active"}),
+                json!({"session_id": rec.id.to_string(), "status": "active"}),
             ))
         }
         Action::UploadChunk {

@@ -13,7 +13,6 @@ use super::recording;
 use super::Success;
 use crate::app::App;
 use crate::meta::{ListQuery, NewRecording, Recording, Role, SettingsUpdate};
-use crate::timefmt;
 
 /// A request of the JWT route, parsed and validated.
 #[derive(Debug)]
@@ -268,24 +267,10 @@ async fn apply(app: &App, org: Uuid, caller: &Caller, action: Action) -> Result<
             if meta.machine_name(org, machine_id).await?.is_none() {
                 return Err(Failure::not_found("machine"));
             }
-            let id = Uuid::new_v4();
-            meta.insert_recording(&NewRecording {
-                id,
-                org_id: org,
-                machine_id: Some(machine_id),
-                user_id: caller.user,
-                session_type,
-                status: "active".into(),
-                started_at: timefmt::now(),
-                ended_at: None,
-                duration_seconds: None,
-                metadata: Map::new(),
-                r2_key: None,
-                chunk0: None,
-            })
-            .await?;
+            let rec = NewRecording::started(org, machine_id, caller.user, session_type, Map::new());
+            meta.insert_recording(&rec).await?;
             Ok(Success::created(
-                json!({"session_id": id.to_string(), "status": "active"}),
+                json!({"session_id": rec.id.to_string(), "status": "active"}),
             ))
         }
         Action::UploadChunk {

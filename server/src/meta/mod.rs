@@ -138,6 +138,32 @@ pub struct NewRecording {
     pub chunk0: Option<ChunkRow>,
 }
 
+impl NewRecording {
+    /// What `start` inserts: a new id, active, started now, no chunk yet.
+    pub fn started(
+        org_id: Uuid,
+        machine_id: Uuid,
+        user_id: Uuid,
+        session_type: String,
+        metadata: Map<String, Value>,
+    ) -> NewRecording {
+        NewRecording {
+            id: Uuid::new_v4(),
+            org_id,
+            machine_id: Some(machine_id),
+            user_id,
+            session_type,
+            status: "active".into(),
+            started_at: crate::timefmt::now(),
+            ended_at: None,
+            duration_seconds: None,
+            metadata,
+            r2_key: None,
+            chunk0: None,
+        }
+    }
+}
+
 /// What `complete` writes.
 #[derive(Debug, Clone)]
 pub struct Completion {
