@@ -156,8 +156,9 @@ impl Spool {
 
     /// Walks the whole spool (which also refreshes [`bytes_estimate`](Self::bytes_estimate)).
     pub fn usage(&self) -> io::Result<Usage> {
-        // Reset before the walk: bytes noted while it runs may be counted twice, never missed.
-        self.size.added.store(0, Ordering::Relaxed);
+        // Bytes noted before the walk are in what it finds (a note follows its write); those
+        // noted while it runs stay counted, maybe twice: the estimate errs on full.
+        let noted = self.size.added.load(Ordering::Relaxed);
         let mut u = Usage::default();
         for id in self.list_sessions()? {
             u.sessions += 1;
@@ -177,7 +178,15 @@ impl Spool {
         if let Ok(rd) = fs::read_dir(self.failed_dir()) {
             u.failed = rd.flatten().count() as u64;
         }
-        *self.walked() = Some((Instant::now(), u.bytes));
+        let mut walked = self.walked();
+        *walked = Some((Instant::now(), u.bytes));
+        let _ = self
+            .size
+            .added
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |a| {
+                Some(a.saturating_sub(noted))
+            });
+        drop(walked);
         Ok(u)
     }
 
