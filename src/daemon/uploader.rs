@@ -124,12 +124,20 @@ pub async fn run_session(shared: Arc<Shared>, id: String) {
     let mut streak = 0;
     loop {
         // A slot per run of requests, not per task: a session waiting out its backoff, or
-        // for a slot, holds none, and no prepared body either.
+        // for a slot, holds none, and no prepared body either. A slot given up after a run
+        // goes to a waiting session first (the semaphore is fair); when none waits it is
+        // taken straight back and the chunk read ahead is kept.
         if permit.is_none() {
-            ahead = None;
-            let Ok(p) = shared.upload_slots.acquire().await else {
-                finish(&shared, &id);
-                return;
+            let p = match shared.upload_slots.try_acquire() {
+                Ok(p) => p,
+                Err(_) => {
+                    ahead = None;
+                    let Ok(p) = shared.upload_slots.acquire().await else {
+                        finish(&shared, &id);
+                        return;
+                    };
+                    p
+                }
             };
             permit = Some(p);
             streak = 0;
