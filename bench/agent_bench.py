@@ -394,7 +394,7 @@ def main():
                              f"{base:.1f}", f"{ref:.1f}", f"{ref / base:.3f}"))
             else:
                 ref = statistics.median(runs["tee"])
-                rows.append(("  reference: `cmd | tee FILE` as the ForceCommand (pipe relay, a raw copy on local disk)",
+                rows.append(("  reference: the command piped into `tee FILE` as the ForceCommand (pipe relay, a raw copy on local disk)",
                              f"{base:.1f}", f"{ref:.1f}", f"{ref / base:.3f}"))
         # Quiet machine for latency: let the throughput runs' uploads finish first.
         while env.status()["sessions_spooled"]:
