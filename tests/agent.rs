@@ -689,26 +689,7 @@ async fn spool_full_refuses_new_sessions_and_keeps_what_it_has() {
     let mut daemon = agent.daemon();
     let (mut c, d) = FrameClient::start(&agent.socket());
     assert_eq!(d.mode, Mode::Record);
-    let mut sent = String::new();
-    let mut stopped = None;
-    for i in 0..40 {
-        let l = event_line(i as f64 * 0.1, &format!("fill {i:02} {}\n", "z".repeat(50)));
-        if ipc::write_frame(&mut c.s, Kind::Events, l.as_bytes()).is_err() {
-            break;
-        }
-        sent.push_str(&l);
-        c.s.set_nonblocking(true).unwrap();
-        let r = ipc::read_frame(&mut c.s);
-        c.s.set_nonblocking(false).unwrap();
-        if let Ok(f) = r {
-            stopped = Some(f);
-            break;
-        }
-    }
-    let f = match stopped {
-        Some(f) => f,
-        None => ipc::read_frame(&mut c.s).unwrap(),
-    };
+    let (sent, f) = fill_until_stopped(&mut c, 40, 50);
     assert_eq!(f.kind, Kind::Error);
     assert!(f.parse::<ipc::ErrorMsg>().unwrap().message.contains("full"));
     let (_c2, d2) = FrameClient::start(&agent.socket());
@@ -723,6 +704,118 @@ async fn spool_full_refuses_new_sessions_and_keeps_what_it_has() {
     assert!(
         !got.is_empty() && sent.starts_with(&got),
         "what was spooled arrives, in order"
+    );
+    stop_all(&mut daemon, &mut backend).await;
+}
+
+/// Sends event lines of `width` bytes of text, up to `max`, until the daemon says something
+/// (it stops recording); returns what was sent and that frame.
+fn fill_until_stopped(c: &mut FrameClient, max: usize, width: usize) -> (String, Frame) {
+    let mut sent = String::new();
+    for i in 0..max {
+        let l = event_line(
+            i as f64 * 0.1,
+            &format!("fill {i:04} {}\n", "z".repeat(width)),
+        );
+        if ipc::write_frame(&mut c.s, Kind::Events, l.as_bytes()).is_err() {
+            break;
+        }
+        sent.push_str(&l);
+        // Only a readable socket is read (a frame whole, blocking): a non-blocking read
+        // could take half a frame and lose its place in the stream.
+        let mut fds = [nix::poll::PollFd::new(
+            std::os::fd::AsFd::as_fd(&c.s),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        if nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO).unwrap() > 0 {
+            return (sent, ipc::read_frame(&mut c.s).unwrap());
+        }
+    }
+    let f = ipc::read_frame(&mut c.s).unwrap();
+    (sent, f)
+}
+
+/// A tmpfs of a fixed size mounted over a folder, unmounted when dropped (needs root, as the
+/// sshd tests do).
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        let st = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(at)
+            .status()
+            .unwrap();
+        assert!(
+            st.success(),
+            "mounting a tmpfs on {} (root needed)",
+            at.display()
+        );
+        Tmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// The spool's disk full (a 64 KiB tmpfs, the spool limit far above it): the live session is
+/// told and stops being recorded, a new session is refused, and once the backend is back
+/// everything spooled before the disk filled arrives, whole lines in order, and the session
+/// is completed, marked truncated or interrupted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spool_disk_full_keeps_what_it_has() {
+    let mut backend = Backend::new_down(true).await;
+    let agent = Agent::new(
+        &backend,
+        "chunk_max_bytes = 4096
+",
+    );
+    let _disk = Tmpfs::mount(&agent.spool(), "64k");
+    let mut daemon = agent.daemon();
+    let (mut c, d) = FrameClient::start(&agent.socket());
+    assert_eq!(d.mode, Mode::Record);
+    let (sent, f) = fill_until_stopped(&mut c, 10_000, 500);
+    assert_eq!(f.kind, Kind::Error, "{f:?}");
+    let msg = f.parse::<ipc::ErrorMsg>().unwrap().message;
+    assert!(msg.contains("spool"), "{msg}");
+    let (_c2, d2) = FrameClient::start(&agent.socket());
+    assert_eq!(d2.mode, Mode::Refused, "{d2:?}");
+    assert!(d2.reason.contains("spool"), "{d2:?}");
+    assert!(
+        agent.status().chunks_waiting > 0,
+        "the daemon survives a full disk"
+    );
+
+    backend.start().await;
+    let recs = backend.wait_completed(1, Duration::from_secs(30)).await;
+    let rec = &recs[0];
+    let m = &rec["metadata"];
+    assert!(
+        m["truncated"] == true || m["interrupted"] == true,
+        "{rec:#}"
+    );
+    let got = backend.events_text(rec);
+    assert!(
+        got.len() > 16 * 1024 && sent.starts_with(&got),
+        "what was spooled before the disk filled arrives, whole lines in order ({} of {} bytes)",
+        got.len(),
+        sent.len()
+    );
+    assert_eq!(
+        agent.status().sessions_failed,
+        0,
+        "no chunk set aside: {}",
+        agent.log()
     );
     stop_all(&mut daemon, &mut backend).await;
 }

@@ -170,8 +170,11 @@ async fn handle(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
         return Ok(());
     }
     let usage = shared.spool.usage().unwrap_or_default();
-    if usage.bytes >= shared.config.spool_max_bytes {
-        tracing::warn!(bytes = usage.bytes, max = shared.config.spool_max_bytes, %user, "spool full: refusing to record a new session");
+    // The disk itself may be full before the spool reaches its limit: a session that could
+    // not spool its first chunk would be lost, so it is refused as well.
+    let disk_free = shared.spool.disk_free().unwrap_or(u64::MAX);
+    if usage.bytes >= shared.config.spool_max_bytes || disk_free < shared.config.chunk_max_bytes {
+        tracing::warn!(bytes = usage.bytes, max = shared.config.spool_max_bytes, disk_free, %user, "spool full: refusing to record a new session");
         send_json(
             &mut wr,
             Kind::Decision,
@@ -192,10 +195,8 @@ async fn handle(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
         .to_string();
     let header = serde_json::to_value(&start.header)?;
     let meta_v = Value::Object(metadata);
-    let dir = shared
-        .spool
-        .create_session(&id, &header, &meta_v)
-        .context("creating the session's spool folder")?;
+    // Live before its folder appears: the uploader completes a session that is neither live
+    // nor marked ended as interrupted.
     lock(&shared.live).insert(
         id.clone(),
         LiveSession {
@@ -207,6 +208,23 @@ async fn handle(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
             started_at: now_rfc3339(),
         },
     );
+    let dir = match shared.spool.create_session(&id, &header, &meta_v) {
+        Ok(dir) => dir,
+        Err(e) => {
+            lock(&shared.live).remove(&id);
+            tracing::error!(%user, "cannot create the session's spool folder: {e}");
+            send_json(
+                &mut wr,
+                Kind::Decision,
+                &decide(
+                    Mode::Refused,
+                    &format!("the recording spool cannot be written: {e}"),
+                ),
+            )
+            .await?;
+            return Ok(());
+        }
+    };
     shared.wake.notify_one();
     tracing::info!(session = %id, %user, uid, "session started");
 
@@ -220,7 +238,8 @@ async fn handle(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
 enum Outcome {
     Ended(EndMsg),
     Lost(String),
-    SpoolFull,
+    /// At `spool_max_bytes`, or the spool's disk refused a write (the reason).
+    SpoolFull(Option<String>),
     Stopping,
 }
 
@@ -290,14 +309,19 @@ async fn record(
                         Ok(x) => x,
                         Err(e) => break Outcome::Lost(format!("bad events: {e:#}")),
                     };
-                    let full = w.write(&f.payload, last, n)?;
+                    let full = match w.write(&f.payload, last, n) {
+                        Ok(full) => full,
+                        Err(e) => break Outcome::SpoolFull(Some(e.to_string())),
+                    };
                     shared.spool.note_spooled(f.payload.len() as u64);
                     if full {
                         if let Some(c) = w.take() {
-                            hand_off(shared, &mut closing, c).await?;
+                            if let Err(e) = hand_off(shared, &mut closing, c).await {
+                                break Outcome::SpoolFull(Some(format!("{e:#}")));
+                            }
                         }
                         if shared.spool.bytes_estimate() >= cfg.spool_max_bytes {
-                            break Outcome::SpoolFull;
+                            break Outcome::SpoolFull(None);
                         }
                     }
                 }
@@ -311,18 +335,28 @@ async fn record(
             },
             _ = sleep_until_opt(deadline) => {
                 if let Some(c) = w.take() {
-                    hand_off(shared, &mut closing, c).await?;
+                    if let Err(e) = hand_off(shared, &mut closing, c).await {
+                        break Outcome::SpoolFull(Some(format!("{e:#}")));
+                    }
                 }
             }
             _ = stopping.changed() => break Outcome::Stopping,
         }
     };
     reader.abort();
+    // What was written is kept whatever happens next: a chunk that cannot be made durable now
+    // stays a part file, which recovery seals at the next start.
     if let Some(prev) = closing.take() {
-        prev.await??;
+        match prev.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(session = %id, "closing a chunk: {e}"),
+            Err(e) => tracing::error!(session = %id, "closing a chunk: {e}"),
+        }
     }
-    if w.close()? {
-        shared.wake.notify_one();
+    match w.close() {
+        Ok(true) => shared.wake.notify_one(),
+        Ok(false) => {}
+        Err(e) => tracing::error!(session = %id, "closing the last chunk: {e}"),
     }
     let duration = w
         .last_time
@@ -346,26 +380,38 @@ async fn record(
             dir.set_end(&EndMark::interrupted())?;
             tracing::warn!(session = %id, "recorder connection lost ({why}): session completed as interrupted");
         }
-        Outcome::SpoolFull => {
+        Outcome::SpoolFull(write_error) => {
+            // Tell the shell first: it follows its enforce policy whether or not the end mark
+            // below can be written.
+            let message = match &write_error {
+                None => "the recording spool is full".to_string(),
+                Some(e) => format!("the recording spool cannot be written: {e}"),
+            };
+            let _ = send_json(
+                wr,
+                Kind::Error,
+                &ErrorMsg {
+                    message,
+                    code: ipc::ERROR_SPOOL_FULL.into(),
+                },
+            )
+            .await;
             let mut metadata = serde_json::Map::new();
             metadata.insert("truncated".into(), Value::Bool(true));
-            metadata.insert("truncated_reason".into(), Value::from("spool full"));
+            let reason = match &write_error {
+                None => "spool full".to_string(),
+                Some(e) => format!("spool write failed: {e}"),
+            };
+            metadata.insert("truncated_reason".into(), Value::from(reason));
+            tracing::warn!(session = %id, ?write_error, "spool full: recording of this session stops here");
+            // On a full disk this may fail too; the uploader then completes the session as
+            // interrupted once its chunks are on the backend and their space is free.
             dir.set_end(&EndMark {
                 exit_status: None,
                 interrupted: false,
                 duration_seconds: duration,
                 metadata,
             })?;
-            tracing::warn!(session = %id, "spool full: recording of this session stops here");
-            let _ = send_json(
-                wr,
-                Kind::Error,
-                &ErrorMsg {
-                    message: "the recording spool is full".into(),
-                    code: ipc::ERROR_SPOOL_FULL.into(),
-                },
-            )
-            .await;
         }
         Outcome::Stopping => {
             // No end mark: the next start completes it as interrupted with what it holds.

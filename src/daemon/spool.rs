@@ -130,11 +130,22 @@ impl Spool {
         let dir = self.session(id);
         let tmp = self.sessions_dir().join(format!(".new-{id}"));
         fs::DirBuilder::new().mode(0o700).create(&tmp)?;
-        write_atomic(&tmp.join("header.json"), &serde_json::to_vec(header)?)?;
-        write_atomic(&tmp.join("metadata.json"), &serde_json::to_vec(metadata)?)?;
-        fs::rename(&tmp, &dir.path)?;
+        let built = write_atomic(&tmp.join("header.json"), &serde_json::to_vec(header)?)
+            .and_then(|()| write_atomic(&tmp.join("metadata.json"), &serde_json::to_vec(metadata)?))
+            .and_then(|()| fs::rename(&tmp, &dir.path));
+        if let Err(e) = built {
+            // Recovery would remove it at the next start; the disk may be full now.
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
         sync_dir(&self.sessions_dir())?;
         Ok(dir)
+    }
+
+    /// Bytes free for the spool on its filesystem (for an unprivileged writer).
+    pub fn disk_free(&self) -> io::Result<u64> {
+        let st = nix::sys::statvfs::statvfs(&self.root).map_err(io::Error::from)?;
+        Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
     }
 
     /// The ids of the sessions in the spool.
@@ -442,7 +453,12 @@ impl ChunkWriter {
             self.bytes = 0;
         }
         if let Some(f) = self.file.as_mut() {
-            f.write_all(lines)?;
+            if let Err(e) = f.write_all(lines) {
+                // A frame written in part (the disk filled up) would leave a torn line in the
+                // chunk: cut it off, so the chunk still ends on a whole event line.
+                let _ = f.set_len(self.bytes);
+                return Err(e);
+            }
         }
         self.bytes += lines.len() as u64;
         self.lines += count;
@@ -462,6 +478,14 @@ impl ChunkWriter {
     /// session's output is never held up by an fsync.
     pub fn take(&mut self) -> Option<ClosingChunk> {
         let file = self.file.take()?;
+        if self.bytes == 0 {
+            // Only a failed first write (a full disk) leaves an open chunk empty: an empty
+            // chunk is not a chunk the backend takes, so there is nothing to close.
+            drop(file);
+            let _ = fs::remove_file(self.dir.part_path(self.index));
+            self.opened_at = None;
+            return None;
+        }
         let closing = ClosingChunk {
             file,
             part: self.dir.part_path(self.index),

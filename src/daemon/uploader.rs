@@ -4,7 +4,7 @@
 //! backend may recover from are retried with capped full-jitter backoff; answers that will
 //! never change set the session (or the chunk) aside in `failed/`.
 
-use super::spool::SessionDir;
+use super::spool::{EndMark, SessionDir};
 use super::{lock, Shared};
 use crate::client::{AgentClient, ClientError};
 use rand::Rng;
@@ -120,6 +120,9 @@ pub async fn run_session(shared: Arc<Shared>, id: String) {
     let mut attempt: u32 = 0;
     // The next chunk, read and encoded while the current one was on the wire.
     let mut ahead: Option<Prepared> = None;
+    // The backend's id for this session when `remote.json` could not be written (a full
+    // disk): without it every retry would start another recording on the backend.
+    let mut remote_unsaved: Option<String> = None;
     let mut permit = None;
     let mut streak = 0;
     loop {
@@ -142,7 +145,7 @@ pub async fn run_session(shared: Arc<Shared>, id: String) {
             permit = Some(p);
             streak = 0;
         }
-        let result = step(&shared, &dir, &id, &mut ahead).await;
+        let result = step(&shared, &dir, &id, &mut ahead, &mut remote_unsaved).await;
         streak += 1;
         // Chunks go back to back while the next one is ready, up to a fair share of the slot.
         if ahead.is_none() || streak >= MAX_STREAK || result.is_err() {
@@ -201,21 +204,32 @@ async fn step(
     dir: &SessionDir,
     id: &str,
     ahead: &mut Option<Prepared>,
+    remote_unsaved: &mut Option<String>,
 ) -> Result<Step, StepError> {
     if !dir.exists() {
         return Ok(Step::Done);
     }
     let client = &shared.client;
-    let remote = match dir.remote()? {
-        Some(r) => r,
-        None => {
+    let remote = match (dir.remote()?, remote_unsaved.take()) {
+        (Some(r), _) => r,
+        (None, Some(r)) => {
+            // Saved as soon as the disk has room again (each acknowledged chunk frees some).
+            if dir.set_remote(&r).is_err() {
+                *remote_unsaved = Some(r.clone());
+            }
+            r
+        }
+        (None, None) => {
             let header = dir.header()?;
             let metadata = dir.metadata()?;
             match client.start("ssh", &header, &metadata).await {
                 Ok(s) => {
                     shared.backend_answered();
-                    dir.set_remote(&s.session_id)?;
                     tracing::info!(session = %id, remote = %s.session_id, "recording started on the backend");
+                    if let Err(e) = dir.set_remote(&s.session_id) {
+                        tracing::warn!(session = %id, "cannot save the backend's id yet ({e}): kept in memory");
+                        *remote_unsaved = Some(s.session_id);
+                    }
                     return Ok(Step::Progress);
                 }
                 Err(e) => return refused(shared, dir, id, e, "start"),
@@ -280,12 +294,17 @@ async fn step(
     if !dir.open_parts()?.is_empty() {
         return Ok(Step::Idle);
     }
-    let Some(end) = dir.end()? else {
-        return Ok(Step::Idle);
-    };
     if shared.is_live(id) {
         return Ok(Step::Idle);
     }
+    let Some(end) = dir.end()? else {
+        // Its connection ended without an end mark: the daemon could not write one (a full
+        // disk, whose space the uploads above have just freed). Complete it as interrupted,
+        // as the next start's recovery would.
+        tracing::warn!(session = %id, "session ended without an end mark: completing it as interrupted");
+        dir.set_end(&EndMark::interrupted())?;
+        return Ok(Step::Progress);
+    };
     let metadata = Value::Object(end.metadata.clone());
     match client
         .complete(&remote, end.duration_seconds, &metadata)
