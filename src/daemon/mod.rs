@@ -117,6 +117,9 @@ pub struct Shared {
     pub backend_back: Notify,
     /// Turns true when the daemon stops taking sessions.
     pub stopping: watch::Receiver<bool>,
+    /// End marks the spool's disk refused (full), by spool id: the uploader writes each once
+    /// the session's uploaded chunks have freed their space.
+    pub unwritten_ends: Mutex<HashMap<String, spool::EndMark>>,
 }
 
 /// How many sessions upload at once: each upload holds its chunk and request body (2+ MiB),
@@ -203,6 +206,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         uploads_failing: AtomicBool::new(false),
         backend_back: Notify::new(),
         stopping: stop_rx,
+        unwritten_ends: Mutex::new(HashMap::new()),
     });
     tracing::info!(
         socket = %shared.config.socket.display(),

@@ -367,17 +367,22 @@ async fn record(
             if let Some(s) = end.exit_status {
                 metadata.insert("exit_status".into(), Value::from(s));
             }
-            dir.set_end(&EndMark {
-                exit_status: end.exit_status,
-                interrupted: false,
-                duration_seconds: Some(duration.unwrap_or(0)),
-                metadata,
-            })?;
+            set_end_or_hold(
+                shared,
+                dir,
+                id,
+                EndMark {
+                    exit_status: end.exit_status,
+                    interrupted: false,
+                    duration_seconds: Some(duration.unwrap_or(0)),
+                    metadata,
+                },
+            );
             send_json(wr, Kind::Ack, &AckMsg { spooled: true }).await?;
             tracing::info!(session = %id, exit_status = ?end.exit_status, "session ended");
         }
         Outcome::Lost(why) => {
-            dir.set_end(&EndMark::interrupted())?;
+            set_end_or_hold(shared, dir, id, EndMark::interrupted());
             tracing::warn!(session = %id, "recorder connection lost ({why}): session completed as interrupted");
         }
         Outcome::SpoolFull(write_error) => {
@@ -404,14 +409,17 @@ async fn record(
             };
             metadata.insert("truncated_reason".into(), Value::from(reason));
             tracing::warn!(session = %id, ?write_error, "spool full: recording of this session stops here");
-            // On a full disk this may fail too; the uploader then completes the session as
-            // interrupted once its chunks are on the backend and their space is free.
-            dir.set_end(&EndMark {
-                exit_status: None,
-                interrupted: false,
-                duration_seconds: duration,
-                metadata,
-            })?;
+            set_end_or_hold(
+                shared,
+                dir,
+                id,
+                EndMark {
+                    exit_status: None,
+                    interrupted: false,
+                    duration_seconds: duration,
+                    metadata,
+                },
+            );
         }
         Outcome::Stopping => {
             // No end mark: the next start completes it as interrupted with what it holds.
@@ -429,6 +437,16 @@ async fn record(
     }
     shared.wake.notify_one();
     Ok(())
+}
+
+/// Writes the session's end mark, or, when the disk refuses it (full), holds it for the
+/// uploader, which writes it once the session's uploaded chunks have freed their space. What
+/// the session spooled is durable either way.
+fn set_end_or_hold(shared: &Shared, dir: &super::spool::SessionDir, id: &str, mark: EndMark) {
+    if let Err(e) = dir.set_end(&mark) {
+        tracing::warn!(session = %id, "cannot write the end mark yet ({e}): held until the disk has room");
+        lock(&shared.unwritten_ends).insert(id.to_string(), mark);
+    }
 }
 
 async fn sleep_until_opt(deadline: Option<std::time::Instant>) {

@@ -298,11 +298,18 @@ async fn step(
         return Ok(Step::Idle);
     }
     let Some(end) = dir.end()? else {
-        // Its connection ended without an end mark: the daemon could not write one (a full
-        // disk, whose space the uploads above have just freed). Complete it as interrupted,
-        // as the next start's recovery would.
-        tracing::warn!(session = %id, "session ended without an end mark: completing it as interrupted");
-        dir.set_end(&EndMark::interrupted())?;
+        // Ended without an end mark on disk: the one the disk refused (full; the uploads above
+        // have freed space since), or none at all (the connection went away, or the daemon is
+        // stopping): then interrupted, as the next start's recovery would mark it.
+        let held = lock(&shared.unwritten_ends).remove(id);
+        let mark = held.clone().unwrap_or_else(EndMark::interrupted);
+        if let Err(e) = dir.set_end(&mark) {
+            if let Some(m) = held {
+                lock(&shared.unwritten_ends).insert(id.to_string(), m);
+            }
+            return Err(e.into());
+        }
+        tracing::info!(session = %id, interrupted = mark.interrupted, "end mark written by the uploader");
         return Ok(Step::Progress);
     };
     let metadata = Value::Object(end.metadata.clone());
