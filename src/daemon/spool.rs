@@ -532,8 +532,8 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
 
-    #[test]
-    fn torn_last_line_is_dropped_whole_lines_kept() {
+    /// A spool in a temporary folder holding one new session.
+    fn spool_with_session() -> (tempfile::TempDir, Spool, SessionDir) {
         let t = tempfile::tempdir().unwrap();
         let spool = Spool::open(t.path()).unwrap();
         let id = uuid::Uuid::new_v4().to_string();
@@ -544,6 +544,12 @@ mod tests {
                 &serde_json::json!({}),
             )
             .unwrap();
+        (t, spool, dir)
+    }
+
+    #[test]
+    fn torn_last_line_is_dropped_whole_lines_kept() {
+        let (_t, spool, dir) = spool_with_session();
         let mut w = ChunkWriter::new(dir.clone(), 30, 10);
         // As the daemon's ingest does: write until full, take the chunk out, finish it apart.
         assert!(!w.write(b"[0.1, \"o\", \"a\"]\n", Some(0.1), 1).unwrap());
@@ -577,12 +583,7 @@ mod tests {
 
     #[test]
     fn size_estimate_counts_writes_since_the_walk() {
-        let t = tempfile::tempdir().unwrap();
-        let spool = Spool::open(t.path()).unwrap();
-        let id = uuid::Uuid::new_v4().to_string();
-        let dir = spool
-            .create_session(&id, &serde_json::json!({}), &serde_json::json!({}))
-            .unwrap();
+        let (_t, spool, dir) = spool_with_session();
         let walked = spool.usage().unwrap().bytes;
         assert_eq!(spool.bytes_estimate(), walked);
         let mut w = ChunkWriter::new(dir, 1 << 20, 10);

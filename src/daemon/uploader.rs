@@ -197,6 +197,8 @@ pub async fn run_session(shared: Arc<Shared>, id: String) {
 
 fn finish(shared: &Shared, id: &str) {
     lock(&shared.uploading).remove(id);
+    // A session completed, dropped or set aside needs no held end mark any more.
+    lock(&shared.unwritten_ends).remove(id);
 }
 
 async fn step(
@@ -302,10 +304,11 @@ async fn step(
         // have freed space since), or none at all (the connection went away, or the daemon is
         // stopping): then interrupted, as the next start's recovery would mark it.
         let held = lock(&shared.unwritten_ends).remove(id);
-        let mark = held.clone().unwrap_or_else(EndMark::interrupted);
+        let was_held = held.is_some();
+        let mark = held.unwrap_or_else(EndMark::interrupted);
         if let Err(e) = dir.set_end(&mark) {
-            if let Some(m) = held {
-                lock(&shared.unwritten_ends).insert(id.to_string(), m);
+            if was_held {
+                lock(&shared.unwritten_ends).insert(id.to_string(), mark);
             }
             return Err(e.into());
         }
