@@ -59,6 +59,8 @@ pub struct Config {
     pub config_refresh_secs: u64,
     /// On SIGTERM, how long the daemon keeps uploading before it exits.
     pub drain_secs: u64,
+    /// While live sessions stream bulk output, how long uploads may wait for a lull (0: never).
+    pub upload_defer_secs: u64,
     /// The command that prints `{"node_key": …}` when `node_key_file` is unset.
     pub status_command: String,
 }
@@ -80,6 +82,7 @@ impl Default for Config {
             rescan_secs: 5,
             config_refresh_secs: 60,
             drain_secs: 3,
+            upload_defer_secs: 30,
             status_command: String::from("ztna status --json"),
         }
     }
@@ -108,6 +111,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("rescan_secs", Kind::U64),
     ("config_refresh_secs", Kind::U64),
     ("drain_secs", Kind::U64),
+    ("upload_defer_secs", Kind::U64),
     ("status_command", Kind::Str),
 ];
 
@@ -333,6 +337,7 @@ fn apply(c: &mut Config, key: &str, v: toml::Value) -> anyhow::Result<()> {
         "rescan_secs" => c.rescan_secs = n(key, v)?,
         "config_refresh_secs" => c.config_refresh_secs = n(key, v)?,
         "drain_secs" => c.drain_secs = n(key, v)?,
+        "upload_defer_secs" => c.upload_defer_secs = n(key, v)?,
         "status_command" => c.status_command = s(key, v)?,
         _ => bail!("internal: unknown key {key}"),
     }

@@ -484,6 +484,54 @@ async fn backend_down_then_back_every_chunk_once_in_order() {
     backend.stop().await;
 }
 
+/// While a live session streams bulk output, the chunks it closes wait on disk instead of being
+/// uploaded alongside (`upload_defer_secs`); once it ends, every one of them arrives, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_wait_while_a_session_streams_bulk_output() {
+    let mut backend = Backend::new(true).await;
+    let agent = Agent::new(
+        &backend,
+        "chunk_max_bytes = 65536\nupload_defer_secs = 600\n",
+    );
+    let mut daemon = agent.daemon();
+    let (mut c, d) = FrameClient::start(&agent.socket());
+    assert_eq!(d.mode, Mode::Record, "{d:?}");
+    let socket = agent.socket();
+    let (sent, mid) = tokio::task::spawn_blocking(move || {
+        // About 4 MiB/s for 1.5 s: four times the bulk threshold, 64 KiB chunks.
+        let mut sent = String::new();
+        let mut mid = None;
+        let t0 = Instant::now();
+        let mut i = 0;
+        while t0.elapsed() < Duration::from_millis(1500) {
+            let l = event_line(
+                i as f64 * 0.004,
+                &format!("{i:06} {}\r\n", "b".repeat(16 << 10)),
+            );
+            c.events(&l);
+            sent.push_str(&l);
+            i += 1;
+            if mid.is_none() && t0.elapsed() > Duration::from_secs(1) {
+                mid = Some(ztna_recorder::status::query(&socket).unwrap());
+            }
+            std::thread::sleep(Duration::from_millis(4));
+        }
+        c.end(0);
+        (sent, mid.unwrap())
+    })
+    .await
+    .unwrap();
+    // A chunk or two may go before the rate is known; the rest waits.
+    assert!(mid.chunks_waiting >= 20, "{mid:?}");
+    assert!(mid.chunks_uploaded <= 6, "uploads did not wait: {mid:?}");
+    let recs = backend.wait_completed(1, Duration::from_secs(60)).await;
+    let rec = &recs[0];
+    let n = chunk_indexes(rec).len() as u64;
+    assert_eq!(chunk_indexes(rec), (0..n).collect::<Vec<u64>>());
+    assert_eq!(backend.events_text(rec), sent);
+    stop_all(&mut daemon, &mut backend).await;
+}
+
 /// The daemon is killed with SIGKILL mid-session and restarted: everything it spooled
 /// reaches the backend, the session is completed with `interrupted: true`, and a torn last
 /// line left by the crash is dropped while every whole line is kept.

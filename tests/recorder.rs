@@ -25,9 +25,21 @@ const LONG: Duration = Duration::from_secs(60);
 // Reading recordings: the asciinema CLI and our parser must both accept every file.
 
 fn asciinema() -> String {
-    std::env::var("ZTNA_TEST_ASCIINEMA").expect(
+    let bin = std::env::var("ZTNA_TEST_ASCIINEMA").expect(
         "ZTNA_TEST_ASCIINEMA is not set: it must name the asciinema CLI (scripts/test.sh sets it)",
-    )
+    );
+    // asciinema 2 saves an install id in its config folder on its first run, and two first
+    // runs at once race to create that folder: one run, alone, first.
+    static FIRST_RUN: std::sync::Once = std::sync::Once::new();
+    FIRST_RUN.call_once(|| {
+        let out = StdCommand::new(&bin)
+            .arg("--version")
+            .stdin(Stdio::null())
+            .output()
+            .expect("cannot run the asciinema CLI");
+        assert!(out.status.success(), "{bin} --version failed: {out:?}");
+    });
+    bin
 }
 
 struct Cast {

@@ -3,6 +3,7 @@
 //! ([`watcher`]) finds work, and on start completes what an earlier run left behind
 //! ([`recovery`]).
 
+pub mod pacing;
 pub mod recovery;
 pub mod socket;
 pub mod spool;
@@ -120,6 +121,8 @@ pub struct Shared {
     /// End marks the spool's disk refused (full), by spool id: the uploader writes each once
     /// the session's uploaded chunks have freed their space.
     pub unwritten_ends: Mutex<HashMap<String, spool::EndMark>>,
+    /// The live sessions' output rate: uploads give way to bulk output.
+    pub ingest: pacing::Ingest,
 }
 
 /// How many sessions upload at once: each upload holds its chunk and request body (2+ MiB),
@@ -207,6 +210,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         backend_back: Notify::new(),
         stopping: stop_rx,
         unwritten_ends: Mutex::new(HashMap::new()),
+        ingest: pacing::Ingest::default(),
     });
     tracing::info!(
         socket = %shared.config.socket.display(),

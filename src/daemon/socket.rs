@@ -314,6 +314,7 @@ async fn record(
                         Err(e) => break Outcome::SpoolFull(Some(e.to_string())),
                     };
                     shared.spool.note_spooled(f.payload.len() as u64);
+                    shared.ingest.note(f.payload.len() as u64);
                     if full {
                         if let Some(c) = w.take() {
                             if let Err(e) = hand_off(shared, &mut closing, c).await {

@@ -5,7 +5,7 @@
 //! never change set the session (or the chunk) aside in `failed/`.
 
 use super::spool::{EndMark, SessionDir};
-use super::{lock, Shared};
+use super::{lock, pacing, Shared};
 use crate::client::{AgentClient, ClientError};
 use rand::Rng;
 use serde_json::Value;
@@ -125,7 +125,21 @@ pub async fn run_session(shared: Arc<Shared>, id: String) {
     let mut remote_unsaved: Option<String> = None;
     let mut permit = None;
     let mut streak = 0;
+    let defer = Duration::from_secs(shared.config.upload_defer_secs);
+    let mut deferred_since = None;
     loop {
+        // Bulk output on the live sessions goes first (see `pacing`); what waits is on disk.
+        let busy = shared.ingest.busy() && !*shared.stopping.borrow();
+        if let Some(wait) = pacing::wait_for(busy, &mut deferred_since, Instant::now(), defer) {
+            permit = None;
+            ahead = None;
+            tokio::time::sleep(wait).await;
+            if !dir.exists() {
+                finish(&shared, &id);
+                return;
+            }
+            continue;
+        }
         // A slot per run of requests, not per task: a session waiting out its backoff, or
         // for a slot, holds none, and no prepared body either. A slot given up after a run
         // goes to a waiting session first (the semaphore is fair); when none waits it is
