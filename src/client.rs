@@ -104,7 +104,10 @@ impl AgentClient {
         self.post(bytes).await
     }
 
-    async fn post<T: DeserializeOwned>(&self, body: Vec<u8>) -> Result<T, ClientError> {
+    async fn post<T: DeserializeOwned>(
+        &self,
+        body: impl Into<reqwest::Body>,
+    ) -> Result<T, ClientError> {
         let resp = self
             .http
             .post(&self.url)
@@ -169,10 +172,30 @@ impl AgentClient {
     /// `upload_chunk`, in two halves so the uploader can build the next chunk's body (a
     /// blocking read and an escape of up to 8 MiB) while this one is on the wire.
     pub fn chunk_body(&self, session_id: &str, chunk_index: u64, chunk_data: &str) -> Vec<u8> {
-        upload_chunk_body(self.node_key.expose(), session_id, chunk_index, chunk_data)
+        self.chunk_body_into(Vec::new(), session_id, chunk_index, chunk_data)
     }
 
-    pub async fn post_chunk(&self, body: Vec<u8>) -> Result<ChunkStored, ClientError> {
+    /// [`chunk_body`](Self::chunk_body) written into `buf` (cleared first), to reuse its memory.
+    pub fn chunk_body_into(
+        &self,
+        buf: Vec<u8>,
+        session_id: &str,
+        chunk_index: u64,
+        chunk_data: &str,
+    ) -> Vec<u8> {
+        upload_chunk_body(
+            buf,
+            self.node_key.expose(),
+            session_id,
+            chunk_index,
+            chunk_data,
+        )
+    }
+
+    pub async fn post_chunk(
+        &self,
+        body: impl Into<reqwest::Body>,
+    ) -> Result<ChunkStored, ClientError> {
         self.post(body).await
     }
 
@@ -201,12 +224,16 @@ fn obj(v: Value) -> Map<String, Value> {
 /// body (up to 8 MiB) and common's escaper skips clean runs eight bytes at a time where
 /// serde_json looks at every byte; this was the daemon's main cost per uploaded MiB.
 fn upload_chunk_body(
+    mut buf: Vec<u8>,
     node_key: &str,
     session_id: &str,
     chunk_index: u64,
     chunk_data: &str,
 ) -> Vec<u8> {
-    let mut body = String::with_capacity(chunk_data.len() + chunk_data.len() / 8 + 256);
+    buf.clear();
+    // An empty buffer is valid UTF-8: this keeps its capacity.
+    let mut body = String::from_utf8(buf).unwrap_or_default();
+    body.reserve(chunk_data.len() + chunk_data.len() / 8 + 256);
     body.push_str("{\"action\":\"upload_chunk\",\"node_key\":");
     push_json_string(&mut body, node_key);
     body.push_str(",\"session_id\":");
@@ -226,7 +253,7 @@ mod body_tests {
     #[test]
     fn upload_chunk_body_is_the_json_serde_would_write() {
         let data = "[0.5, \"o\", \"a\\u001b[1m\\\"q\\\" \\\\ \\r\\n é 漢 🙂\"]\n\u{7f}\t\u{0}";
-        let body = super::upload_chunk_body("k\"ey", "s-1", 7, data);
+        let body = super::upload_chunk_body(b"left over".to_vec(), "k\"ey", "s-1", 7, data);
         let got: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(
             got,

@@ -3,6 +3,7 @@
 //! ([`watcher`]) finds work, and on start completes what an earlier run left behind
 //! ([`recovery`]).
 
+pub mod buffers;
 pub mod pacing;
 pub mod recovery;
 pub mod socket;
@@ -123,11 +124,13 @@ pub struct Shared {
     pub unwritten_ends: Mutex<HashMap<String, spool::EndMark>>,
     /// The live sessions' output rate: uploads give way to bulk output.
     pub ingest: pacing::Ingest,
+    /// Chunk and body buffers reused from one upload to the next.
+    pub buffers: Arc<buffers::Pool>,
 }
 
 /// How many sessions upload at once: each upload holds its chunk and request body (2+ MiB),
 /// which bounds the daemon's memory; four keep the bundled backend at its ingest rate.
-const UPLOAD_CONCURRENCY: usize = 4;
+pub const UPLOAD_CONCURRENCY: usize = 4;
 
 pub fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc()
@@ -211,6 +214,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         stopping: stop_rx,
         unwritten_ends: Mutex::new(HashMap::new()),
         ingest: pacing::Ingest::default(),
+        buffers: Arc::default(),
     });
     tracing::info!(
         socket = %shared.config.socket.display(),

@@ -5,10 +5,11 @@
 //! never change set the session (or the chunk) aside in `failed/`.
 
 use super::spool::{EndMark, SessionDir};
-use super::{lock, pacing, Shared};
+use super::{buffers, lock, pacing, Shared};
 use crate::client::{AgentClient, ClientError};
 use rand::Rng;
 use serde_json::Value;
+use std::io::Read;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -80,7 +81,7 @@ const MAX_STREAK: u32 = 8;
 struct Prepared {
     index: u64,
     bytes: usize,
-    body: Vec<u8>,
+    body: buffers::Body,
 }
 
 enum Prepare {
@@ -94,23 +95,30 @@ enum Prepare {
 /// of the whole chunk). Only the body is kept.
 fn prepare(
     client: &AgentClient,
+    pool: &Arc<buffers::Pool>,
     remote: &str,
     path: &Path,
     index: u64,
 ) -> std::io::Result<Prepare> {
-    let data = match std::fs::read(path) {
-        Ok(d) => d,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Prepare::Gone),
-        Err(e) => return Err(e),
+    let mut data = pool.take();
+    let read = std::fs::File::open(path).and_then(|mut f| f.read_to_end(&mut data));
+    let prepared = match read {
+        Ok(_) => match simdutf8::basic::from_utf8(&data) {
+            Ok(text) => Ok(Prepare::Ready(Prepared {
+                index,
+                bytes: text.len(),
+                body: buffers::Body::new(
+                    client.chunk_body_into(pool.take(), remote, index, text),
+                    pool.clone(),
+                ),
+            })),
+            Err(_) => Ok(Prepare::NotUtf8),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Prepare::Gone),
+        Err(e) => Err(e),
     };
-    let Ok(text) = simdutf8::basic::from_utf8(&data) else {
-        return Ok(Prepare::NotUtf8);
-    };
-    Ok(Prepare::Ready(Prepared {
-        index,
-        bytes: text.len(),
-        body: client.chunk_body(remote, index, text),
-    }))
+    pool.give(data);
+    prepared
 }
 
 /// Uploads one session until nothing is left to do; at most one task per session runs.
@@ -182,7 +190,8 @@ pub async fn run_session(shared: Arc<Shared>, id: String) {
                 if up.get(&id).copied().unwrap_or(false) {
                     up.insert(id.clone(), false);
                 } else {
-                    up.remove(&id);
+                    drop(up);
+                    stop_uploading(&shared, &id);
                     return;
                 }
             }
@@ -210,9 +219,18 @@ pub async fn run_session(shared: Arc<Shared>, id: String) {
 }
 
 fn finish(shared: &Shared, id: &str) {
-    lock(&shared.uploading).remove(id);
+    stop_uploading(shared, id);
     // A session completed, dropped or set aside needs no held end mark any more.
     lock(&shared.unwritten_ends).remove(id);
+}
+
+/// This session's uploads are done for now; with none left, the buffers go back too.
+fn stop_uploading(shared: &Shared, id: &str) {
+    let mut up = lock(&shared.uploading);
+    up.remove(id);
+    if up.is_empty() {
+        shared.buffers.clear();
+    }
 }
 
 async fn step(
@@ -258,7 +276,7 @@ async fn step(
         let path = dir.chunk_path(index);
         let current = match ahead.take() {
             Some(p) if p.index == index => p,
-            _ => match prepare(client, &remote, &path, index)? {
+            _ => match prepare(client, &shared.buffers, &remote, &path, index)? {
                 Prepare::Ready(p) => p,
                 Prepare::Gone => return Ok(Step::Progress),
                 Prepare::NotUtf8 => {
@@ -272,10 +290,11 @@ async fn step(
         // one is read and encoded on a blocking thread.
         let next = chunks.get(1).map(|&n| {
             let (client, remote, path) = (client.clone(), remote.clone(), dir.chunk_path(n));
-            tokio::task::spawn_blocking(move || prepare(&client, &remote, &path, n))
+            let pool = shared.buffers.clone();
+            tokio::task::spawn_blocking(move || prepare(&client, &pool, &remote, &path, n))
         });
         let t0 = Instant::now();
-        let result = client.post_chunk(current.body).await;
+        let result = client.post_chunk(current.body.into_bytes()).await;
         let next = match next {
             Some(h) => h.await.ok().and_then(Result::ok),
             None => None,
