@@ -532,6 +532,47 @@ async fn uploads_wait_while_a_session_streams_bulk_output() {
     stop_all(&mut daemon, &mut backend).await;
 }
 
+/// Uploads wait for bulk output only while the spool is less than half full: a burst longer
+/// than the spool holds is still recorded whole, as the uploads run alongside it past half.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_uploads_never_fill_the_spool() {
+    let mut backend = Backend::new(true).await;
+    let agent = Agent::new(
+        &backend,
+        "chunk_max_bytes = 65536\nspool_max_bytes = 4194304\nupload_defer_secs = 600\n",
+    );
+    let mut daemon = agent.daemon();
+    let (mut c, d) = FrameClient::start(&agent.socket());
+    assert_eq!(d.mode, Mode::Record, "{d:?}");
+    let sent = tokio::task::spawn_blocking(move || {
+        // About 2 MiB/s for 3 s: half again as much as the spool holds.
+        let mut sent = String::new();
+        let t0 = Instant::now();
+        let mut i = 0;
+        while t0.elapsed() < Duration::from_secs(3) {
+            let l = event_line(
+                i as f64 * 0.008,
+                &format!("{i:06} {}\r\n", "s".repeat(16 << 10)),
+            );
+            c.events(&l);
+            sent.push_str(&l);
+            i += 1;
+            std::thread::sleep(Duration::from_millis(8));
+        }
+        // Acknowledged: the daemon did not cut the session short (spool full).
+        c.end(0);
+        sent
+    })
+    .await
+    .unwrap();
+    assert!(sent.len() > 9 << 19, "sent only {} bytes", sent.len());
+    let recs = backend.wait_completed(1, Duration::from_secs(60)).await;
+    let rec = &recs[0];
+    assert_eq!(rec["metadata"]["truncated"], Value::Null, "{rec:#}");
+    assert_eq!(backend.events_text(rec), sent);
+    stop_all(&mut daemon, &mut backend).await;
+}
+
 /// The daemon is killed with SIGKILL mid-session and restarted: everything it spooled
 /// reaches the backend, the session is completed with `interrupted: true`, and a torn last
 /// line left by the crash is dropped while every whole line is kept.

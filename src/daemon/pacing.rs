@@ -1,6 +1,6 @@
 //! Uploads give way to bulk output. While live sessions stream more than [`BULK_PER_SEC`]
-//! between them, the uploader waits for a lull, at most `upload_defer_secs`, before it reads,
-//! escapes and sends the chunks already spooled.
+//! between them, the uploader waits for a lull, at most `upload_defer_secs` and only while the
+//! spool is less than half full, before it reads, escapes and sends the chunks already spooled.
 //!
 //! Why: relaying a PTY is a chain of short wake-ups (child, recorder, sshd, network), and any
 //! other work on the machine's cores lengthens it, whatever its priority. Measured with
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 const BULK_PER_SEC: u64 = 1 << 20;
 const WINDOW: Duration = Duration::from_millis(250);
 /// How often a waiting uploader looks again.
-pub const POLL: Duration = Duration::from_millis(100);
+const POLL: Duration = Duration::from_millis(100);
 
 /// The live sessions' output rate, in fixed windows of [`WINDOW`].
 #[derive(Debug)]
@@ -73,6 +73,16 @@ impl Ingest {
     fn busy_at(&self, now: Instant) -> bool {
         super::lock(&self.state).busy_until.is_some_and(|t| now < t)
     }
+}
+
+/// Whether uploads give way now: the live sessions stream bulk output, the daemon is not
+/// stopping, and the spool is less than half full. Past half, the uploads run alongside the
+/// output: a long burst must never fill the spool because uploads waited, or the session's
+/// recording would be cut short.
+pub fn yield_now(shared: &super::Shared) -> bool {
+    shared.ingest.busy()
+        && !*shared.stopping.borrow()
+        && shared.spool.bytes_estimate() < shared.config.spool_max_bytes / 2
 }
 
 /// One uploader's wait: how long to wait before its next request, given whether sessions

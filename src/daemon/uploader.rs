@@ -137,7 +137,7 @@ pub async fn run_session(shared: Arc<Shared>, id: String) {
     let mut deferred_since = None;
     loop {
         // Bulk output on the live sessions goes first (see `pacing`); what waits is on disk.
-        let busy = shared.ingest.busy() && !*shared.stopping.borrow();
+        let busy = pacing::yield_now(&shared);
         if let Some(wait) = pacing::wait_for(busy, &mut deferred_since, Instant::now(), defer) {
             permit = None;
             ahead = None;
