@@ -9,6 +9,7 @@ use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
 use ztna_recorder::ipc::{self, DecisionMsg, EndMsg, Frame, Kind, Mode, StartMsg, StatusReply};
@@ -484,6 +485,40 @@ async fn backend_down_then_back_every_chunk_once_in_order() {
     backend.stop().await;
 }
 
+/// Starts a recorded session on the daemon and streams 16 KiB output lines into it, one every
+/// `every`, for `length` (on a blocking thread: the frames are written synchronously); then
+/// ends it, which asserts the daemon's acknowledgement (a session cut short gets none).
+/// `tick` is called after each line with the time since the first. Returns what was sent.
+async fn stream_bulk(
+    agent: &Agent,
+    every: Duration,
+    length: Duration,
+    mut tick: impl FnMut(Duration) + Send + 'static,
+) -> String {
+    let (mut c, d) = FrameClient::start(&agent.socket());
+    assert_eq!(d.mode, Mode::Record, "{d:?}");
+    tokio::task::spawn_blocking(move || {
+        let mut sent = String::new();
+        let t0 = Instant::now();
+        let mut i = 0;
+        while t0.elapsed() < length {
+            let l = event_line(
+                i as f64 * every.as_secs_f64(),
+                &format!("{i:06} {}\r\n", "b".repeat(16 << 10)),
+            );
+            c.events(&l);
+            sent.push_str(&l);
+            i += 1;
+            tick(t0.elapsed());
+            std::thread::sleep(every);
+        }
+        c.end(0);
+        sent
+    })
+    .await
+    .unwrap()
+}
+
 /// While a live session streams bulk output, the chunks it closes wait on disk instead of being
 /// uploaded alongside (`upload_defer_secs`); once it ends, every one of them arrives, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -494,33 +529,23 @@ async fn uploads_wait_while_a_session_streams_bulk_output() {
         "chunk_max_bytes = 65536\nupload_defer_secs = 600\n",
     );
     let mut daemon = agent.daemon();
-    let (mut c, d) = FrameClient::start(&agent.socket());
-    assert_eq!(d.mode, Mode::Record, "{d:?}");
     let socket = agent.socket();
-    let (sent, mid) = tokio::task::spawn_blocking(move || {
-        // About 4 MiB/s for 1.5 s: four times the bulk threshold, 64 KiB chunks.
-        let mut sent = String::new();
-        let mut mid = None;
-        let t0 = Instant::now();
-        let mut i = 0;
-        while t0.elapsed() < Duration::from_millis(1500) {
-            let l = event_line(
-                i as f64 * 0.004,
-                &format!("{i:06} {}\r\n", "b".repeat(16 << 10)),
-            );
-            c.events(&l);
-            sent.push_str(&l);
-            i += 1;
-            if mid.is_none() && t0.elapsed() > Duration::from_secs(1) {
-                mid = Some(ztna_recorder::status::query(&socket).unwrap());
+    let mid = Arc::new(Mutex::new(None));
+    let seen = mid.clone();
+    // About 4 MiB/s for 1.5 s: four times the bulk threshold, 64 KiB chunks.
+    let sent = stream_bulk(
+        &agent,
+        Duration::from_millis(4),
+        Duration::from_millis(1500),
+        move |t| {
+            let mut seen = seen.lock().unwrap();
+            if seen.is_none() && t > Duration::from_secs(1) {
+                *seen = Some(ztna_recorder::status::query(&socket).unwrap());
             }
-            std::thread::sleep(Duration::from_millis(4));
-        }
-        c.end(0);
-        (sent, mid.unwrap())
-    })
-    .await
-    .unwrap();
+        },
+    )
+    .await;
+    let mid = mid.lock().unwrap().take().unwrap();
     // A chunk or two may go before the rate is known; the rest waits.
     assert!(mid.chunks_waiting >= 20, "{mid:?}");
     assert!(mid.chunks_uploaded <= 6, "uploads did not wait: {mid:?}");
@@ -542,29 +567,15 @@ async fn waiting_uploads_never_fill_the_spool() {
         "chunk_max_bytes = 65536\nspool_max_bytes = 4194304\nupload_defer_secs = 600\n",
     );
     let mut daemon = agent.daemon();
-    let (mut c, d) = FrameClient::start(&agent.socket());
-    assert_eq!(d.mode, Mode::Record, "{d:?}");
-    let sent = tokio::task::spawn_blocking(move || {
-        // About 2 MiB/s for 3 s: half again as much as the spool holds.
-        let mut sent = String::new();
-        let t0 = Instant::now();
-        let mut i = 0;
-        while t0.elapsed() < Duration::from_secs(3) {
-            let l = event_line(
-                i as f64 * 0.008,
-                &format!("{i:06} {}\r\n", "s".repeat(16 << 10)),
-            );
-            c.events(&l);
-            sent.push_str(&l);
-            i += 1;
-            std::thread::sleep(Duration::from_millis(8));
-        }
-        // Acknowledged: the daemon did not cut the session short (spool full).
-        c.end(0);
-        sent
-    })
-    .await
-    .unwrap();
+    // About 2 MiB/s for 3 s: half again as much as the spool holds. Acknowledged at the end:
+    // the daemon did not cut the session short (spool full).
+    let sent = stream_bulk(
+        &agent,
+        Duration::from_millis(8),
+        Duration::from_secs(3),
+        |_| {},
+    )
+    .await;
     assert!(sent.len() > 9 << 19, "sent only {} bytes", sent.len());
     let recs = backend.wait_completed(1, Duration::from_secs(60)).await;
     let rec = &recs[0];
