@@ -14,8 +14,8 @@ Measures, per tool:
   * peak RSS: the tool's own VmHWM (resident pages, shared ones included), sampled from
     /proc every 10 ms while it relays the bulk output (ru_maxrss is useless here: a child
     forked from this Python process inherits its high-water mark);
-  * keystroke echo latency: --echo single-byte round trips through `dd bs=1` in raw mode
-    (p50/p99);
+  * keystroke echo latency: --echo single-byte round trips through `dd bs=1` in raw mode,
+    --echo-rounds interleaved runs per tool (medians of their p50 and p99);
   * start-up: spawn-to-exit wall time of recording `true` (median of --startup runs).
 Then one unmeasured round per tool checks that the terminal got exactly the program's bytes
 and that the recording decodes back to exactly them.
@@ -219,6 +219,8 @@ def main():
     ap.add_argument("--mib", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--echo", type=int, default=3000)
+    ap.add_argument("--echo-rounds", type=int, default=5,
+                    help="interleaved echo runs per tool; the table gives the median p50 and p99")
     ap.add_argument("--startup", type=int, default=40)
     ap.add_argument("--big-gib", type=float, default=0,
                     help="also record this many GiB with ztna-recorder and report its peak RSS")
@@ -253,8 +255,9 @@ def main():
     echo = "stty raw -echo; printf R; exec dd bs=1 count=%d status=none" % args.echo
 
     res = {t["name"]: {"secs": [], "cpu": [], "hwm": [], "startup": []} for t in tools}
-    print("payload %.0f MiB, %d rounds, %d echoes, %d start-ups; affinity %s" % (
-        mib, args.rounds, args.echo, args.startup, sorted(os.sched_getaffinity(0))), file=sys.stderr)
+    print("payload %.0f MiB, %d rounds, %d echoes x %d rounds, %d start-ups; affinity %s" % (
+        mib, args.rounds, args.echo, args.echo_rounds, args.startup, sorted(os.sched_getaffinity(0))),
+        file=sys.stderr)
     for r in range(args.rounds):
         order = tools[r % len(tools):] + tools[: r % len(tools)]
         for t in order:
@@ -268,9 +271,17 @@ def main():
         for t in tools:
             argv, out = cmd_for(t, "true")
             res[t["name"]]["startup"].append(startup(argv, out))
-    for t in tools:
-        argv, _ = cmd_for(t, echo)
-        res[t["name"]]["echo"] = echo_latency(argv, args.echo)
+    # One echo run per tool said little: the same tool's p50 moved 2x between runs on one
+    # VM. Interleaved rounds, medians of each round's p50 and p99.
+    echoes = {t["name"]: [] for t in tools}
+    for r in range(args.echo_rounds):
+        order = tools[r % len(tools):] + tools[: r % len(tools)]
+        for t in order:
+            argv, _ = cmd_for(t, echo)
+            echoes[t["name"]].append(echo_latency(argv, args.echo))
+    for name, runs in echoes.items():
+        res[name]["echo"] = (statistics.median(p50 for p50, _ in runs),
+                             statistics.median(p99 for _, p99 in runs))
 
     # Unmeasured: the terminal got the exact bytes, the recording decodes to them.
     with open(payload, "rb") as f:
