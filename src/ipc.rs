@@ -266,6 +266,9 @@ pub struct StatusReply {
     pub backend_last_answer_at: Option<String>,
     pub chunks_uploaded: u64,
     pub sessions_completed: u64,
+    /// Uploads are waiting for the live sessions' bulk output to calm (`upload_defer_secs`).
+    #[serde(default)]
+    pub uploads_deferred: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

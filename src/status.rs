@@ -99,6 +99,9 @@ pub fn run(args: StatusArgs) -> anyhow::Result<u8> {
     );
     println!("sessions failed:   {}", st.sessions_failed);
     println!("chunks uploaded:   {}", st.chunks_uploaded);
+    if st.uploads_deferred {
+        println!("uploads:           waiting for the live sessions' bulk output to calm");
+    }
     println!("backend answered:  {}", opt(&st.backend_last_answer_at));
     match &st.last_upload_error {
         Some(e) => println!(

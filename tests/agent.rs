@@ -549,6 +549,7 @@ async fn uploads_wait_while_a_session_streams_bulk_output() {
     // A chunk or two may go before the rate is known; the rest waits.
     assert!(mid.chunks_waiting >= 20, "{mid:?}");
     assert!(mid.chunks_uploaded <= 6, "uploads did not wait: {mid:?}");
+    assert!(mid.uploads_deferred, "{mid:?}");
     let recs = backend.wait_completed(1, Duration::from_secs(60)).await;
     let rec = &recs[0];
     let n = chunk_indexes(rec).len() as u64;

@@ -18,7 +18,7 @@ use anyhow::Context;
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{watch, Notify, Semaphore};
@@ -124,6 +124,8 @@ pub struct Shared {
     pub unwritten_ends: Mutex<HashMap<String, spool::EndMark>>,
     /// The live sessions' output rate: uploads give way to bulk output.
     pub ingest: pacing::Ingest,
+    /// Upload tasks waiting for bulk output to calm, for `status`.
+    pub deferring: AtomicUsize,
     /// Chunk and body buffers reused from one upload to the next.
     pub buffers: Arc<buffers::Pool>,
 }
@@ -180,6 +182,7 @@ impl Shared {
             backend_last_answer_at: c.backend_last_answer_at.clone(),
             chunks_uploaded: c.chunks_uploaded,
             sessions_completed: c.sessions_completed,
+            uploads_deferred: self.deferring.load(Ordering::Relaxed) > 0,
         }
     }
 }
@@ -214,6 +217,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         stopping: stop_rx,
         unwritten_ends: Mutex::new(HashMap::new()),
         ingest: pacing::Ingest::default(),
+        deferring: AtomicUsize::new(0),
         buffers: Arc::default(),
     });
     tracing::info!(
