@@ -11,6 +11,7 @@
 //! on local disk either way, so waiting costs only how soon the backend has it; interactive
 //! sessions stay far below the threshold and upload at once.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -83,6 +84,23 @@ pub fn yield_now(shared: &super::Shared) -> bool {
     shared.ingest.busy()
         && !*shared.stopping.borrow()
         && shared.spool.bytes_estimate() < shared.config.spool_max_bytes / 2
+}
+
+/// Counts an uploader as waiting (for `status`) while it lives, so the count stays right even
+/// if the waiting task is dropped mid-sleep.
+pub struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    pub fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Waiting(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// One uploader's wait: how long to wait before its next request, given whether sessions

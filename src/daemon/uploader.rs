@@ -141,9 +141,10 @@ pub async fn run_session(shared: Arc<Shared>, id: String) {
         if let Some(wait) = pacing::wait_for(busy, &mut deferred_since, Instant::now(), defer) {
             permit = None;
             ahead = None;
-            shared.deferring.fetch_add(1, Ordering::Relaxed);
-            tokio::time::sleep(wait).await;
-            shared.deferring.fetch_sub(1, Ordering::Relaxed);
+            {
+                let _counted = pacing::Waiting::new(&shared.deferring);
+                tokio::time::sleep(wait).await;
+            }
             if !dir.exists() {
                 finish(&shared, &id);
                 return;
