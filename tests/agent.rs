@@ -648,6 +648,58 @@ async fn daemon_killed_mid_session_is_recovered_as_interrupted() {
     stop_all(&mut daemon, &mut backend).await;
 }
 
+/// The last chunk cannot be put in place when the session ends (its rename is refused): the
+/// daemon keeps it as a part file, seals and uploads it once that works again, without a
+/// restart, and the chunks still reach the backend whole and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_whose_close_failed_is_sealed_without_a_restart() {
+    let mut backend = Backend::new(true).await;
+    let agent = Agent::new(&backend, "chunk_max_bytes = 100\n");
+    let mut daemon = agent.daemon();
+    let (mut c, d) = FrameClient::start(&agent.socket());
+    assert_eq!(d.mode, Mode::Record);
+    let dir = agent.spool().join("sessions").join(d.session.unwrap());
+    // A folder holds chunk 1's name, so renaming its part file into place fails.
+    let blocker = dir.join("chunk-1.cast");
+    std::fs::create_dir(&blocker).unwrap();
+    let lines: Vec<String> = (0..3)
+        .map(|i| event_line(0.5 + i as f64, &format!("line {i} {}\r\n", "z".repeat(30))))
+        .collect();
+    for l in &lines {
+        c.events(l); // two lines fill chunk 0; the third opens chunk 1
+    }
+    c.end(0);
+    let socket = agent.socket();
+    let part = dir.join("chunk-1.cast.part");
+    tokio::task::spawn_blocking(move || {
+        // Ended, and the uploader has met the blocked chunk.
+        wait_until("an upload error", Duration::from_secs(20), || {
+            ztna_recorder::status::query(&socket)
+                .map(|s| s.sessions_live.is_empty() && s.last_upload_error.is_some())
+                .unwrap_or(false)
+        })
+    })
+    .await
+    .unwrap();
+    assert!(part.exists(), "{}", agent.log());
+    assert!(
+        agent.log().contains("closing the last chunk"),
+        "{}",
+        agent.log()
+    );
+    assert_ne!(backend.recordings().await[0]["status"], "completed");
+
+    std::fs::remove_dir(&blocker).unwrap();
+    let recs = backend.wait_completed(1, Duration::from_secs(20)).await;
+    let rec = &recs[0];
+    assert_eq!(chunk_indexes(rec), vec![0, 1]);
+    assert_eq!(backend.events_text(rec), lines.concat());
+    assert_eq!(rec["metadata"]["exit_status"], 0);
+    assert_ne!(rec["metadata"]["interrupted"], true, "{rec:#}");
+    wait_until("an empty spool", Duration::from_secs(10), || !dir.exists());
+    stop_all(&mut daemon, &mut backend).await;
+}
+
 /// Bytes of the `chunk-*` files under `dir` (spooled, open, or stored by the backend).
 fn chunk_bytes(dir: &Path) -> u64 {
     let Ok(rd) = std::fs::read_dir(dir) else {

@@ -256,6 +256,15 @@ fn parse_index(name: &str, suffix: &str) -> Option<u64> {
     n.parse().ok()
 }
 
+/// A session folder's chunk files by index.
+#[derive(Debug, Default)]
+pub struct Chunks {
+    /// Durable and in place: the uploader may take them.
+    pub closed: Vec<u64>,
+    /// Being written, or left by a close that failed or a crash.
+    pub parts: Vec<u64>,
+}
+
 /// One session's folder.
 #[derive(Debug, Clone)]
 pub struct SessionDir {
@@ -282,26 +291,21 @@ impl SessionDir {
         self.path.join(format!("chunk-{index}{PART_SUFFIX}"))
     }
 
-    fn indexed(&self, suffix: &str) -> io::Result<Vec<u64>> {
-        let mut v = Vec::new();
+    /// The closed chunks and the part files, each lowest index first, from one listing.
+    pub fn chunks(&self) -> io::Result<Chunks> {
+        let mut c = Chunks::default();
         for e in fs::read_dir(&self.path)? {
-            let e = e?;
-            if let Some(i) = parse_index(&e.file_name().to_string_lossy(), suffix) {
-                v.push(i);
+            let name = e?.file_name();
+            let name = name.to_string_lossy();
+            if let Some(i) = parse_index(&name, CHUNK_SUFFIX) {
+                c.closed.push(i);
+            } else if let Some(i) = parse_index(&name, PART_SUFFIX) {
+                c.parts.push(i);
             }
         }
-        v.sort_unstable();
-        Ok(v)
-    }
-
-    /// Closed chunks, lowest index first.
-    pub fn closed_chunks(&self) -> io::Result<Vec<u64>> {
-        self.indexed(CHUNK_SUFFIX)
-    }
-
-    /// Chunks still being written.
-    pub fn open_parts(&self) -> io::Result<Vec<u64>> {
-        self.indexed(PART_SUFFIX)
+        c.closed.sort_unstable();
+        c.parts.sort_unstable();
+        Ok(c)
     }
 
     pub fn header(&self) -> io::Result<Value> {
@@ -347,7 +351,7 @@ impl SessionDir {
     /// Turns every `.part` left by a crash into a closed chunk: the torn last line (bytes after
     /// the last `\n`) is dropped, every whole line kept; a part with no whole line is removed.
     pub fn seal_parts(&self) -> io::Result<()> {
-        for i in self.open_parts()? {
+        for i in self.chunks()?.parts {
             let part = self.part_path(i);
             let mut data = fs::read(&part)?;
             let keep = data.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
@@ -557,9 +561,9 @@ mod tests {
         let closing = w.take().unwrap();
         // The next chunk opens while the full one is still being made durable.
         w.write(b"[0.3, \"o\", \"c\"]\n", Some(0.3), 1).unwrap();
-        assert_eq!(dir.closed_chunks().unwrap(), Vec::<u64>::new());
+        assert_eq!(dir.chunks().unwrap().closed, Vec::<u64>::new());
         closing.finish().unwrap();
-        assert_eq!(dir.closed_chunks().unwrap(), vec![0]);
+        assert_eq!(dir.chunks().unwrap().closed, vec![0]);
         // simulate a crash mid-line
         let mut f = fs::OpenOptions::new()
             .append(true)
@@ -568,12 +572,12 @@ mod tests {
         f.write_all(b"[0.4, \"o\", \"d").unwrap();
         drop(w);
         dir.seal_parts().unwrap();
-        assert_eq!(dir.closed_chunks().unwrap(), vec![0, 1]);
+        assert_eq!(dir.chunks().unwrap().closed, vec![0, 1]);
         assert_eq!(
             fs::read_to_string(dir.chunk_path(1)).unwrap(),
             "[0.3, \"o\", \"c\"]\n"
         );
-        assert!(dir.open_parts().unwrap().is_empty());
+        assert!(dir.chunks().unwrap().parts.is_empty());
         let u = spool.usage().unwrap();
         assert_eq!(u.chunks_waiting, 2);
         assert_eq!(u.sessions, 1);

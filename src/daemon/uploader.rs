@@ -4,7 +4,7 @@
 //! backend may recover from are retried with capped full-jitter backoff; answers that will
 //! never change set the session (or the chunk) aside in `failed/`.
 
-use super::spool::{EndMark, SessionDir};
+use super::spool::{Chunks, EndMark, SessionDir};
 use super::{buffers, lock, pacing, Shared};
 use crate::client::{AgentClient, ClientError};
 use rand::Rng;
@@ -274,7 +274,21 @@ async fn step(
         }
     };
 
-    let chunks = dir.closed_chunks()?;
+    let Chunks { closed, parts } = dir.chunks()?;
+    if !parts.is_empty() && !shared.is_live(id) {
+        // The session is over, yet a chunk is still a part file: its close failed (fsync or
+        // rename refused, a full disk). Seal it now as the next start's recovery would, not
+        // leave the session waiting for a restart; a failure here is retried with backoff.
+        dir.seal_parts()?;
+        tracing::info!(session = %id, "part files left by a failed close sealed");
+        return Ok(Step::Progress);
+    }
+    // While the session is live, a closed chunk above a part file waits for it: chunks go to
+    // the backend in index order.
+    let chunks: &[u64] = match parts.first() {
+        Some(&p) => &closed[..closed.partition_point(|&i| i < p)],
+        None => &closed,
+    };
     if let Some(&index) = chunks.first() {
         let path = dir.chunk_path(index);
         let current = match ahead.take() {
@@ -329,10 +343,7 @@ async fn step(
             }
         }
     }
-    if !dir.open_parts()?.is_empty() {
-        return Ok(Step::Idle);
-    }
-    if shared.is_live(id) {
+    if !parts.is_empty() || shared.is_live(id) {
         return Ok(Step::Idle);
     }
     let Some(end) = dir.end()? else {
