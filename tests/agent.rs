@@ -1501,42 +1501,91 @@ async fn sshd_backend_down_then_back() {
     stop_all(&mut daemon, &mut backend).await;
 }
 
-/// The daemon SIGKILLed mid-session and restarted: what it spooled before the kill is on the
-/// backend, the session completed with `interrupted: true`; the user's session went on.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sshd_daemon_killed_mid_session() {
-    let mut backend = Backend::new(true).await;
-    let agent = Agent::new(&backend, "chunk_max_secs = 1\n");
-    let mut daemon = agent.daemon();
-    let s = sshd::Sshd::start(&agent.config());
-    let mut child = s.login();
-    let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(b"echo before-$((2*21))\n").unwrap();
-    // Wait until that output is spooled (in a closed chunk or uploaded).
-    wait_spooled(&agent, &backend, b"before-42").await;
-    kill(&mut daemon, nix::sys::signal::Signal::SIGKILL);
-    daemon.wait().unwrap();
-    stdin.write_all(b"echo after-$((3*3))\n").unwrap();
-    stdin.write_all(b"exit 5\n").unwrap();
-    let out = tokio::task::block_in_place(|| child.wait_with_output().unwrap());
-    drop(stdin);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(5), "{text}");
-    assert!(text.contains("after-9"), "the session went on: {text}");
+/// An interactive SSH login through the agent, once its first command's output
+/// (`echo WORD-$((2*21))`) is spooled: where the tests of a daemon failing mid-session begin.
+struct SpooledLogin {
+    backend: Backend,
+    agent: Agent,
+    daemon: DaemonProc,
+    _sshd: sshd::Sshd,
+    child: Child,
+    stdin: std::process::ChildStdin,
+}
+
+impl SpooledLogin {
+    async fn start(extra_config: &str, word: &str) -> SpooledLogin {
+        let backend = Backend::new(true).await;
+        let agent = Agent::new(&backend, extra_config);
+        let daemon = agent.daemon();
+        let sshd = sshd::Sshd::start(&agent.config());
+        let mut child = sshd.login();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin
+            .write_all(format!("echo {word}-$((2*21))\n").as_bytes())
+            .unwrap();
+        let needle = format!("{word}-42").into_bytes();
+        wait_spooled(&agent, &backend, needle).await;
+        SpooledLogin {
+            backend,
+            agent,
+            daemon,
+            _sshd: sshd,
+            child,
+            stdin,
+        }
+    }
+
+    /// Types `lines`, then waits for the login to end: its exit status and all it printed.
+    fn finish(self, lines: &[&str]) -> (Option<i32>, String, Backend, Agent) {
+        let SpooledLogin {
+            backend,
+            agent,
+            child,
+            mut stdin,
+            ..
+        } = self;
+        for l in lines {
+            stdin.write_all(l.as_bytes()).unwrap();
+        }
+        // stdin stays open until the login ends: an EOF from the user would end it too.
+        let out = tokio::task::block_in_place(|| child.wait_with_output().unwrap());
+        drop(stdin);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.code(), text, backend, agent)
+    }
+}
+
+/// The daemon back after a failure: the session is completed as interrupted, with `needle` in
+/// what was recorded.
+async fn restart_and_expect_interrupted(agent: &Agent, mut backend: Backend, needle: &str) {
     let mut daemon = agent.daemon();
     let recs = backend.wait_completed(1, Duration::from_secs(30)).await;
     let rec = &recs[0];
     assert_eq!(rec["metadata"]["interrupted"], true, "{rec:#}");
-    assert!(output_of(&backend.events_text(rec)).contains("before-42"));
+    assert!(output_of(&backend.events_text(rec)).contains(needle));
     stop_all(&mut daemon, &mut backend).await;
 }
 
+/// The daemon SIGKILLed mid-session and restarted: what it spooled before the kill is on the
+/// backend, the session completed with `interrupted: true`; the user's session went on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sshd_daemon_killed_mid_session() {
+    let mut l = SpooledLogin::start("chunk_max_secs = 1\n", "before").await;
+    kill(&mut l.daemon, nix::sys::signal::Signal::SIGKILL);
+    l.daemon.wait().unwrap();
+    let (code, text, backend, agent) = l.finish(&["echo after-$((3*3))\n", "exit 5\n"]);
+    assert_eq!(code, Some(5), "{text}");
+    assert!(text.contains("after-9"), "the session went on: {text}");
+    restart_and_expect_interrupted(&agent, backend, "before-42").await;
+}
+
 /// Waits until `needle` is in the spool or, uploaded already, among the backend's objects.
-async fn wait_spooled(agent: &Agent, backend: &Backend, needle: &'static [u8]) {
+async fn wait_spooled(agent: &Agent, backend: &Backend, needle: Vec<u8>) {
     let dirs = [agent.spool(), backend.dir.path().join("objects")];
     tokio::task::spawn_blocking(move || {
         wait_until("the output in the spool", Duration::from_secs(20), || {
-            dirs.iter().any(|d| tree_contains(d, needle))
+            dirs.iter().any(|d| tree_contains(d, &needle))
         })
     })
     .await
@@ -1564,55 +1613,27 @@ fn tree_contains(dir: &Path, needle: &[u8]) -> bool {
 /// exit status 1; what was spooled is completed as interrupted once the daemon is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sshd_daemon_killed_mid_session_under_enforce_ends_it() {
-    let mut backend = Backend::new(true).await;
-    let agent = Agent::new(&backend, "chunk_max_secs = 1\nenforce = true\n");
-    let mut daemon = agent.daemon();
-    let s = sshd::Sshd::start(&agent.config());
-    let mut child = s.login();
-    let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(b"echo strict-$((2*21))\n").unwrap();
-    wait_spooled(&agent, &backend, b"strict-42").await;
-    kill(&mut daemon, nix::sys::signal::Signal::SIGKILL);
-    daemon.wait().unwrap();
+    let mut l = SpooledLogin::start("chunk_max_secs = 1\nenforce = true\n", "strict").await;
+    kill(&mut l.daemon, nix::sys::signal::Signal::SIGKILL);
+    l.daemon.wait().unwrap();
     // The user types nothing more: the session must end by itself.
-    let out = tokio::task::block_in_place(|| child.wait_with_output().unwrap());
-    drop(stdin);
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{text}");
+    let (code, text, backend, agent) = l.finish(&[]);
+    assert_eq!(code, Some(1), "{text}");
     assert!(text.contains("session ended"), "{text}");
-    let mut daemon = agent.daemon();
-    let recs = backend.wait_completed(1, Duration::from_secs(30)).await;
-    assert_eq!(recs[0]["metadata"]["interrupted"], true);
-    stop_all(&mut daemon, &mut backend).await;
+    restart_and_expect_interrupted(&agent, backend, "strict-42").await;
 }
 
 /// SIGTERM (an upgrade, a restart) with `enforce = true`: the daemon exits within seconds,
 /// the user's session keeps running, and what was recorded is completed after the restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sshd_daemon_sigterm_keeps_sessions_running() {
-    let mut backend = Backend::new(true).await;
-    let agent = Agent::new(&backend, "chunk_max_secs = 1\nenforce = true\n");
-    let mut daemon = agent.daemon();
-    let s = sshd::Sshd::start(&agent.config());
-    let mut child = s.login();
-    let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(b"echo term-$((2*21))\n").unwrap();
-    wait_spooled(&agent, &backend, b"term-42").await;
-    kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);
+    let mut l = SpooledLogin::start("chunk_max_secs = 1\nenforce = true\n", "term").await;
+    kill(&mut l.daemon, nix::sys::signal::Signal::SIGTERM);
     let t0 = Instant::now();
-    assert!(daemon.wait().unwrap().success());
+    assert!(l.daemon.wait().unwrap().success());
     assert!(t0.elapsed() < Duration::from_secs(5));
-    stdin.write_all(b"echo still-$((3*3))\n").unwrap();
-    stdin.write_all(b"exit 6\n").unwrap();
-    let out = tokio::task::block_in_place(|| child.wait_with_output().unwrap());
-    drop(stdin);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert_eq!(out.status.code(), Some(6), "{text}");
+    let (code, text, backend, agent) = l.finish(&["echo still-$((3*3))\n", "exit 6\n"]);
+    assert_eq!(code, Some(6), "{text}");
     assert!(text.contains("still-9"), "{text}");
-    let mut daemon = agent.daemon();
-    let recs = backend.wait_completed(1, Duration::from_secs(30)).await;
-    assert_eq!(recs[0]["metadata"]["interrupted"], true);
-    assert!(output_of(&backend.events_text(&recs[0])).contains("term-42"));
-    stop_all(&mut daemon, &mut backend).await;
+    restart_and_expect_interrupted(&agent, backend, "term-42").await;
 }
