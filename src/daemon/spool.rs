@@ -348,25 +348,33 @@ impl SessionDir {
         sync_dir(&self.path)
     }
 
-    /// Turns every `.part` left by a crash into a closed chunk: the torn last line (bytes after
-    /// the last `\n`) is dropped, every whole line kept; a part with no whole line is removed.
+    /// Turns every `.part` (left by a crash, or by a close that failed) into a closed chunk: the
+    /// torn last line (bytes after the last `\n`) is cut off, every whole line kept; a part with
+    /// no whole line is removed. In place, so that a full disk does not stop it: cutting frees
+    /// space and renaming takes none.
     pub fn seal_parts(&self) -> io::Result<()> {
         for i in self.chunks()?.parts {
             let part = self.part_path(i);
-            let mut data = fs::read(&part)?;
+            let data = fs::read(&part)?;
             let keep = data.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
-            data.truncate(keep);
-            // A line cut inside a multi-byte character cannot be kept either.
-            if std::str::from_utf8(&data).is_err() {
-                let text = String::from_utf8_lossy(&data).into_owned();
-                data = text.into_bytes();
-            }
-            if data.is_empty() {
+            if keep == 0 {
                 fs::remove_file(&part)?;
                 continue;
             }
-            write_atomic(&self.chunk_path(i), &data)?;
-            fs::remove_file(&part)?;
+            if std::str::from_utf8(&data[..keep]).is_err() {
+                // Whole lines we wrote are UTF-8: only a damaged disk gets here. Keep what can
+                // be read, with the bad bytes replaced.
+                let text = String::from_utf8_lossy(&data[..keep]).into_owned();
+                write_atomic(&self.chunk_path(i), text.as_bytes())?;
+                fs::remove_file(&part)?;
+                continue;
+            }
+            let f = fs::OpenOptions::new().write(true).open(&part)?;
+            if keep < data.len() {
+                f.set_len(keep as u64)?;
+            }
+            f.sync_all()?;
+            fs::rename(&part, self.chunk_path(i))?;
         }
         sync_dir(&self.path)
     }
@@ -535,6 +543,7 @@ impl ClosingChunk {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+    use std::os::unix::fs::MetadataExt;
 
     /// A spool in a temporary folder holding one new session.
     fn spool_with_session() -> (tempfile::TempDir, Spool, SessionDir) {
@@ -571,8 +580,11 @@ mod tests {
             .unwrap();
         f.write_all(b"[0.4, \"o\", \"d").unwrap();
         drop(w);
+        let inode = fs::metadata(dir.part_path(1)).unwrap().ino();
         dir.seal_parts().unwrap();
         assert_eq!(dir.chunks().unwrap().closed, vec![0, 1]);
+        // Sealed in place (cut and renamed, not copied): a full disk cannot stop it.
+        assert_eq!(fs::metadata(dir.chunk_path(1)).unwrap().ino(), inode);
         assert_eq!(
             fs::read_to_string(dir.chunk_path(1)).unwrap(),
             "[0.3, \"o\", \"c\"]\n"

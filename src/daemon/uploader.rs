@@ -278,10 +278,18 @@ async fn step(
     if !parts.is_empty() && !shared.is_live(id) {
         // The session is over, yet a chunk is still a part file: its close failed (fsync or
         // rename refused, a full disk). Seal it now as the next start's recovery would, not
-        // leave the session waiting for a restart; a failure here is retried with backoff.
-        dir.seal_parts()?;
-        tracing::info!(session = %id, "part files left by a failed close sealed");
-        return Ok(Step::Progress);
+        // leave the session waiting for a restart.
+        match dir.seal_parts() {
+            Ok(()) => {
+                tracing::info!(session = %id, "part files left by a failed close sealed");
+                return Ok(Step::Progress);
+            }
+            // Uploading the chunks before it frees space: those go first, then it is retried.
+            Err(e) if closed.first().is_some_and(|c| Some(c) < parts.first()) => {
+                tracing::warn!(session = %id, "sealing part files: {e}; uploading the chunks before them first");
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
     // While the session is live, a closed chunk above a part file waits for it: chunks go to
     // the backend in index order.
