@@ -948,6 +948,18 @@ async fn spool_disk_full_keeps_what_it_has() {
         agent.status().chunks_waiting > 0,
         "the daemon survives a full disk"
     );
+    // The end mark is on the full disk at once (in the space the session set aside), so it
+    // would survive a restart of the daemon; the backend is still down.
+    let end = agent
+        .spool()
+        .join("sessions")
+        .join(d.session.as_deref().unwrap())
+        .join("end.json");
+    wait_until("the end mark on disk", Duration::from_secs(10), || {
+        end.exists()
+    });
+    let mark: Value = serde_json::from_slice(&std::fs::read(&end).unwrap()).unwrap();
+    assert_eq!(mark["metadata"]["truncated"], true, "{mark}");
 
     backend.start().await;
     let recs = backend.wait_completed(1, Duration::from_secs(30)).await;

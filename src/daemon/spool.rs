@@ -27,6 +27,12 @@ use std::time::{Duration, Instant};
 
 const PART_SUFFIX: &str = ".cast.part";
 const CHUNK_SUFFIX: &str = ".cast";
+/// Space each session sets aside when it is created, for its small files (the backend's id,
+/// the end mark) on a disk that has filled up since: given back a block at a time, just
+/// before such a file is written again. Not counted as spooled bytes.
+const RESERVE: &str = "reserve";
+const RESERVE_BYTES: usize = 8192;
+const RESERVE_STEP: u64 = 4096;
 
 #[derive(Debug, Clone)]
 pub struct Spool {
@@ -132,6 +138,7 @@ impl Spool {
         fs::DirBuilder::new().mode(0o700).create(&tmp)?;
         let built = write_atomic(&tmp.join("header.json"), &serde_json::to_vec(header)?)
             .and_then(|()| write_atomic(&tmp.join("metadata.json"), &serde_json::to_vec(metadata)?))
+            .and_then(|()| fs::write(tmp.join(RESERVE), [0u8; RESERVE_BYTES]))
             .and_then(|()| fs::rename(&tmp, &dir.path));
         if let Err(e) = built {
             // Recovery would remove it at the next start; the disk may be full now.
@@ -180,6 +187,9 @@ impl Spool {
             for e in rd.flatten() {
                 let name = e.file_name();
                 let name = name.to_string_lossy();
+                if name == RESERVE {
+                    continue;
+                }
                 if parse_index(&name, CHUNK_SUFFIX).is_some() {
                     u.chunks_waiting += 1;
                 }
@@ -331,8 +341,7 @@ impl SessionDir {
 
     pub fn set_remote(&self, session_id: &str) -> io::Result<()> {
         let body = serde_json::to_vec(&serde_json::json!({ "session_id": session_id }))?;
-        write_atomic(&self.path.join("remote.json"), &body)?;
-        sync_dir(&self.path)
+        self.write_small("remote.json", &body)
     }
 
     pub fn end(&self) -> io::Result<Option<EndMark>> {
@@ -344,8 +353,37 @@ impl SessionDir {
     }
 
     pub fn set_end(&self, end: &EndMark) -> io::Result<()> {
-        write_atomic(&self.path.join("end.json"), &serde_json::to_vec(end)?)?;
-        sync_dir(&self.path)
+        self.write_small("end.json", &serde_json::to_vec(end)?)
+    }
+
+    /// Writes one of the session's small files durably; when that fails (a full disk), once
+    /// more after giving back a block of the session's reserve.
+    fn write_small(&self, name: &str, data: &[u8]) -> io::Result<()> {
+        let path = self.path.join(name);
+        match write_atomic(&path, data) {
+            Err(e) if self.release_reserve() => {
+                tracing::info!(
+                    file = name,
+                    "disk full ({e}): written in the session's reserve"
+                );
+                write_atomic(&path, data)
+            }
+            r => r,
+        }
+    }
+
+    /// Gives a block of the reserve back to the filesystem; false when none is left.
+    fn release_reserve(&self) -> bool {
+        let Ok(f) = fs::OpenOptions::new()
+            .write(true)
+            .open(self.path.join(RESERVE))
+        else {
+            return false;
+        };
+        match f.metadata() {
+            Ok(m) if m.len() > 0 => f.set_len(m.len().saturating_sub(RESERVE_STEP)).is_ok(),
+            _ => false,
+        }
     }
 
     /// Turns every `.part` (left by a crash, or by a close that failed) into a closed chunk: the
