@@ -291,8 +291,8 @@ async fn step(
             Err(e) => return Err(e.into()),
         }
     }
-    // While the session is live, a closed chunk above a part file waits for it: chunks go to
-    // the backend in index order.
+    // A closed chunk above a part file (the session still writing it, or sealing it failed)
+    // waits for it: chunks go to the backend in index order.
     let chunks: &[u64] = match parts.first() {
         Some(&p) => &closed[..closed.partition_point(|&i| i < p)],
         None => &closed,

@@ -14,7 +14,7 @@ use super::recording;
 use super::Success;
 use crate::app::App;
 use crate::auth;
-use crate::meta::{ChunkRow, MachineAuth, NewRecording, Recording};
+use crate::meta::{ChunkRow, MachineAuth, Recording};
 use crate::timefmt;
 
 #[derive(Debug)]
@@ -200,7 +200,7 @@ async fn apply(app: &App, machine: &MachineAuth, action: Action) -> Result<Succe
             let org = machine.org_id.to_string();
             let session = id.to_string();
             let now = timefmt::now();
-            let chunk0 = if t.summary.events > 0 {
+            let chunks: Vec<ChunkRow> = if t.summary.events > 0 {
                 let row = ChunkRow {
                     index: 0,
                     bytes: t.events_text.len() as i64,
@@ -211,11 +211,10 @@ async fn apply(app: &App, machine: &MachineAuth, action: Action) -> Result<Succe
                     .objects
                     .put(&chunk_key(&org, &session, 0), Bytes::from(t.events_text))
                     .await?;
-                Some(row)
+                vec![row]
             } else {
-                None
+                Vec::new()
             };
-            let chunks: Vec<ChunkRow> = chunk0.iter().cloned().collect();
             let key = summary_key(&org, &session);
             let summary = recording::summary_json(
                 &session,
@@ -235,7 +234,7 @@ async fn apply(app: &App, machine: &MachineAuth, action: Action) -> Result<Succe
             }
             metadata.insert("reported_by_agent".into(), Value::Bool(true));
             metadata.insert("machine_name".into(), Value::String(machine.name.clone()));
-            meta.insert_recording(&NewRecording {
+            meta.insert_recording(&Recording {
                 id,
                 org_id: machine.org_id,
                 machine_id: Some(machine.id),
@@ -247,7 +246,8 @@ async fn apply(app: &App, machine: &MachineAuth, action: Action) -> Result<Succe
                 duration_seconds: Some(duration),
                 metadata,
                 r2_key: Some(key),
-                chunk0,
+                machine_name: None,
+                chunks,
             })
             .await?;
             Ok(Success::created(
@@ -266,7 +266,7 @@ async fn apply(app: &App, machine: &MachineAuth, action: Action) -> Result<Succe
             // As with `report`: the recording says which machine reported it, even after the
             // machine is deleted and its row's `machine_name` goes null.
             metadata.insert("machine_name".into(), Value::String(machine.name.clone()));
-            let rec = NewRecording::started(
+            let rec = Recording::started(
                 machine.org_id,
                 machine.id,
                 machine.owner_id,

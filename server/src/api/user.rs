@@ -12,7 +12,7 @@ use super::fields::{self, Fields};
 use super::recording;
 use super::Success;
 use crate::app::App;
-use crate::meta::{ListQuery, NewRecording, Recording, Role, SettingsUpdate};
+use crate::meta::{ListQuery, Recording, Role, SettingsUpdate};
 
 /// A request of the JWT route, parsed and validated.
 #[derive(Debug)]
@@ -267,7 +267,7 @@ async fn apply(app: &App, org: Uuid, caller: &Caller, action: Action) -> Result<
             if meta.machine_name(org, machine_id).await?.is_none() {
                 return Err(Failure::not_found("machine"));
             }
-            let rec = NewRecording::started(org, machine_id, caller.user, session_type, Map::new());
+            let rec = Recording::started(org, machine_id, caller.user, session_type, Map::new());
             meta.insert_recording(&rec).await?;
             Ok(Success::created(
                 json!({"session_id": rec.id.to_string(), "status": "active"}),

@@ -103,7 +103,8 @@ pub struct ChunkRow {
     pub last_event_time: Option<f64>,
 }
 
-/// A row of `session_recordings` with its machine's name and its chunks.
+/// A row of `session_recordings` with its machine's name and its chunks. Inserting one writes
+/// the row and its chunks; `machine_name` is read from the machine (a join), never written.
 #[derive(Debug, Clone)]
 pub struct Recording {
     pub id: Uuid,
@@ -121,24 +122,7 @@ pub struct Recording {
     pub chunks: Vec<ChunkRow>,
 }
 
-/// A recording to insert (`start`, or an agent `report` that is complete at once).
-#[derive(Debug, Clone)]
-pub struct NewRecording {
-    pub id: Uuid,
-    pub org_id: Uuid,
-    pub machine_id: Option<Uuid>,
-    pub user_id: Uuid,
-    pub session_type: String,
-    pub status: String,
-    pub started_at: OffsetDateTime,
-    pub ended_at: Option<OffsetDateTime>,
-    pub duration_seconds: Option<i64>,
-    pub metadata: Map<String, Value>,
-    pub r2_key: Option<String>,
-    pub chunk0: Option<ChunkRow>,
-}
-
-impl NewRecording {
+impl Recording {
     /// What `start` inserts: a new id, active, started now, no chunk yet.
     pub fn started(
         org_id: Uuid,
@@ -146,8 +130,8 @@ impl NewRecording {
         user_id: Uuid,
         session_type: String,
         metadata: Map<String, Value>,
-    ) -> NewRecording {
-        NewRecording {
+    ) -> Recording {
+        Recording {
             id: Uuid::new_v4(),
             org_id,
             machine_id: Some(machine_id),
@@ -159,7 +143,8 @@ impl NewRecording {
             duration_seconds: None,
             metadata,
             r2_key: None,
-            chunk0: None,
+            machine_name: None,
+            chunks: Vec::new(),
         }
     }
 }
@@ -281,7 +266,7 @@ pub trait MetadataStore: Send + Sync {
     async fn settings(&self, org: Uuid) -> Result<Option<Settings>>;
     async fn update_settings(&self, org: Uuid, update: &SettingsUpdate) -> Result<()>;
 
-    async fn insert_recording(&self, rec: &NewRecording) -> Result<()>;
+    async fn insert_recording(&self, rec: &Recording) -> Result<()>;
     /// The recording with this id in this org; its `chunks` only when `with_chunks` (an
     /// upload does not need them, and a long recording has many).
     async fn recording(&self, org: Uuid, id: Uuid, with_chunks: bool) -> Result<Option<Recording>>;

@@ -274,7 +274,7 @@ impl MetadataStore for PgMeta {
         Ok(())
     }
 
-    async fn insert_recording(&self, rec: &NewRecording) -> Result<()> {
+    async fn insert_recording(&self, rec: &Recording) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO session_recordings (id, org_id, machine_id, user_id, session_type, \
@@ -294,7 +294,7 @@ impl MetadataStore for PgMeta {
         .bind(rec.r2_key.as_deref())
         .execute(&mut *tx)
         .await?;
-        if let Some(c) = &rec.chunk0 {
+        for c in &rec.chunks {
             sqlx::query(
                 "INSERT INTO session_recording_chunks \
                  (session_id, chunk_index, bytes, sha256, last_event_time) \
