@@ -10,7 +10,10 @@ use uuid::Uuid;
 struct Claims {
     sub: String,
     exp: u64,
-    iat: u64,
+    /// Ours always carry it; the contract asks only for `sub` and `exp`, so a token signed
+    /// elsewhere with the server's secret need not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    iat: Option<u64>,
 }
 
 /// Signs and checks tokens with the server's secret. Debug never shows the secret.
@@ -49,6 +52,8 @@ impl JwtKeys {
         validation.leeway = 0;
         validation.validate_exp = true;
         validation.validate_nbf = true;
+        // Our tokens name no audience; one that does is not refused for it.
+        validation.validate_aud = false;
         validation.set_required_spec_claims(&["exp", "sub"]);
         JwtKeys {
             encoding: EncodingKey::from_secret(secret.as_bytes()),
@@ -62,7 +67,7 @@ impl JwtKeys {
         let now = unix_now()?;
         let claims = Claims {
             sub: user.to_string(),
-            iat: now,
+            iat: Some(now),
             exp: now.saturating_add(ttl_secs),
         };
         Ok(jsonwebtoken::encode(
@@ -119,7 +124,7 @@ mod tests {
             &Claims {
                 sub: u.to_string(),
                 exp: unix_now().unwrap() + 60,
-                iat: 0,
+                iat: None,
             },
             &EncodingKey::from_secret(b"secret"),
         )

@@ -74,6 +74,9 @@ struct Global {
     /// S3 region [default: auto]
     #[arg(long, env = "S3_REGION", global = true, value_name = "REGION")]
     s3_region: Option<String>,
+    /// Address to listen on (`serve`).
+    #[arg(long, env = "ZTNA_LISTEN", global = true, default_value = config::DEFAULT_LISTEN)]
+    listen: SocketAddr,
 }
 
 #[derive(Subcommand, Debug)]
@@ -92,9 +95,6 @@ enum Command {
 
 #[derive(Args, Debug)]
 struct ServeArgs {
-    /// Address to listen on.
-    #[arg(long, env = "ZTNA_LISTEN", default_value = config::DEFAULT_LISTEN)]
-    listen: SocketAddr,
     /// Seconds between retention sweeps.
     #[arg(long, env = "ZTNA_SWEEP_INTERVAL_SECS", default_value_t = config::DEFAULT_SWEEP_SECS,
           value_parser = clap::value_parser!(u64).range(1..))]
@@ -226,7 +226,10 @@ enum SettingsCommand {
 
 fn build_config(g: &Global) -> Result<Config, String> {
     let data_dir = match &g.data_dir {
-        Some(d) => d.clone(),
+        // Absolute, so the default `file://<data-dir>/objects` is a valid URL and a relative
+        // directory means the same to every part of the server.
+        Some(d) => std::path::absolute(d)
+            .map_err(|e| format!("bad data directory {}: {e}", d.display()))?,
         None => Config::default_data_dir().ok_or_else(|| {
             "cannot find the platform data directory (no home directory?): pass --data-dir"
                 .to_string()
@@ -236,6 +239,7 @@ fn build_config(g: &Global) -> Result<Config, String> {
     c.database_url = g.database.clone();
     c.store_url = g.store.clone();
     c.jwt_secret = g.jwt_secret.clone();
+    c.listen = g.listen;
     c.s3 = S3Config {
         endpoint: g.s3_endpoint.clone(),
         access_key: g.s3_access_key.clone(),
@@ -278,7 +282,6 @@ async fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
         Command::Serve(args) => {
             init_tracing("info");
-            config.listen = args.listen;
             config.sweep_interval = Duration::from_secs(args.sweep_interval_secs);
             tracing::info!(?config, "starting");
             let app = App::open(config.clone()).await.map_err(|e| e.to_string())?;

@@ -639,12 +639,14 @@ mod scenarios {
             400,
             "MISSING_FIELDS",
         );
-        assert_err(
-            s.member(json!({"action": "complete", "org_id": org, "session_id": id2, "duration_seconds": -1}))
-                .await,
-            400,
-            "INVALID_FIELD",
-        );
+        for bad in [json!(-1), json!(12.5), json!("12")] {
+            assert_err(
+                s.member(json!({"action": "complete", "org_id": org, "session_id": id2, "duration_seconds": bad}))
+                    .await,
+                400,
+                "INVALID_FIELD",
+            );
+        }
         // An admin may complete a member's recording.
         let (st, _) = s
             .admin(json!({"action": "complete", "org_id": org, "session_id": id2, "duration_seconds": 5}))
@@ -1027,7 +1029,7 @@ mod scenarios {
         );
         let header = json!({"version": 2, "width": 100, "height": 30, "timestamp": 1});
         let (st, b) = s
-            .agent(json!({"action": "start", "node_key": key, "session_type": "ssh", "header": header, "metadata": {"user": "alice", "kind": "interactive"}}))
+            .agent(json!({"action": "start", "node_key": key, "session_type": "ssh", "header": header, "metadata": {"user": "alice", "kind": "interactive", "tty": "/dev/pts/1", "ssh": {"port": 22, "addr": "192.0.2.1"}, "machine_name": "spoofed"}}))
             .await;
         assert_eq!(st, 201, "{b}");
         assert_eq!(b["data"]["status"], "active");
@@ -1054,16 +1056,25 @@ mod scenarios {
         );
         // Without duration: last event of the highest-index chunk, rounded up (7.2 → 8).
         let (st, b) = s
-            .agent(json!({"action": "complete", "node_key": key, "session_id": id, "metadata": {"exit_status": 0}}))
+            .agent(json!({"action": "complete", "node_key": key, "session_id": id, "metadata": {
+                "exit_status": 0, "tty": null, "ssh": {"port": 2222},
+                "header": {"version": 2, "width": 1, "height": 1}, "machine_name": "spoofed", "reported_by_agent": true}}))
             .await;
         assert_eq!(st, 200, "{b}");
         assert_eq!(b["data"]["completed"], id.as_str());
         let d = s.get(&id).await;
         let r = &d["recording"];
         assert_eq!(r["duration_seconds"], 8);
+        // The metadata merge is shallow on both backends: a key given replaces the stored
+        // value (null included); the keys the server owns are not the agent's to write.
         assert_eq!(r["metadata"]["header"], header);
+        assert_eq!(r["metadata"]["machine_name"], r["machine_name"]);
+        assert!(r["metadata"].get("reported_by_agent").is_none(), "{r}");
         assert_eq!(r["metadata"]["user"], "alice");
         assert_eq!(r["metadata"]["exit_status"], 0);
+        assert_eq!(r["metadata"]["tty"], Value::Null);
+        assert!(r["metadata"].as_object().unwrap().contains_key("tty"));
+        assert_eq!(r["metadata"]["ssh"], json!({"port": 2222}));
         assert_eq!(r["user_id"], s.fx.member.as_str());
         assert_eq!(r["metadata"]["chunks"].as_array().unwrap().len(), 3);
         assert_eq!(d["r2_data"]["chunks"].as_array().unwrap().len(), 3);
@@ -1183,6 +1194,11 @@ mod scenarios {
             403,
             "FEATURE_DISABLED",
         );
+        // …but `config` always answers, and says not to record.
+        let (st, b) = s.agent(json!({"action": "config", "node_key": key})).await;
+        assert_eq!(st, 200, "{b}");
+        assert_eq!(b["data"]["recording_enabled"], false);
+        assert_eq!(b["data"]["org_id"], org.as_str());
     }
 
     pub async fn error_codes_and_order(s: &Server) {
@@ -1341,19 +1357,27 @@ mod scenarios {
         let sign = |alg, exp: u64, key: &[u8]| {
             encode(
                 &Header::new(alg),
-                &json!({"sub": s.fx.admin, "exp": exp, "iat": now}),
+                &json!({"sub": s.fx.admin, "exp": exp}),
                 &EncodingKey::from_secret(key),
             )
             .unwrap()
         };
-        // A token we sign ourselves with the server's secret works…
-        let good = sign(Algorithm::HS256, now + 60, secret.trim().as_bytes());
+        // A token we sign ourselves with the server's secret works, with only the contract's
+        // `sub` and `exp`, or with more claims than ours carry…
+        let good = sign(Algorithm::HS256, now + 60, secret.as_bytes());
         assert_eq!(s.user(Some(&good), body.clone()).await.0, 200);
+        let more = encode(
+            &Header::new(Algorithm::HS256),
+            &json!({"sub": s.fx.admin, "exp": now + 60, "iat": now, "aud": "ztna", "iss": "tests"}),
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap();
+        assert_eq!(s.user(Some(&more), body.clone()).await.0, 200);
         // …expired (no leeway), wrong secret, other algorithm, alg none, malformed: 401.
         for bad in [
-            sign(Algorithm::HS256, now - 1, secret.trim().as_bytes()),
+            sign(Algorithm::HS256, now - 1, secret.as_bytes()),
             sign(Algorithm::HS256, now + 60, b"not the secret"),
-            sign(Algorithm::HS512, now + 60, secret.trim().as_bytes()),
+            sign(Algorithm::HS512, now + 60, secret.as_bytes()),
             format!(
                 "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{}.",
                 good.split('.').nth(1).unwrap()
@@ -2063,8 +2087,9 @@ async fn binary_on_defaults_and_sigterm() {
     let stores = Stores::new(Backend::Sqlite).await;
     let data = stores.dir.path().join("nested/data");
     let bin = env!("CARGO_BIN_EXE_ztna-recorder-server");
+    // Settings go before or after the command (`--listen` included).
     let mut child = tokio::process::Command::new(bin)
-        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(["--listen", "127.0.0.1:0", "serve"])
         .env("ZTNA_DATA_DIR", &data)
         .env_remove("DATABASE_URL")
         .env_remove("STORE_URL")
@@ -2101,6 +2126,29 @@ async fn binary_on_defaults_and_sigterm() {
     assert!(out.status.success());
     assert!(stores.dir.path().join("flag/recordings.db").exists());
     assert!(!stores.dir.path().join("env").exists());
+    // A relative data directory is taken from the working directory, objects included.
+    let out = std::process::Command::new(bin)
+        .args([
+            "admin",
+            "org",
+            "create",
+            "--name",
+            "x",
+            "--data-dir",
+            "rel/data",
+        ])
+        .current_dir(stores.dir.path())
+        .env_remove("DATABASE_URL")
+        .env_remove("STORE_URL")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stores.dir.path().join("rel/data/recordings.db").exists());
+    assert!(stores.dir.path().join("rel/data/objects").is_dir());
     // A bad setting names what is wrong.
     let out = std::process::Command::new(bin)
         .args([

@@ -50,10 +50,15 @@ fn unknown_action() -> Failure {
     )
 }
 
+/// Keys of a recording's metadata that only the server writes.
+const SERVER_KEYS: [&str; 4] = ["chunks", "header", "machine_name", "reported_by_agent"];
+
 /// Caller-supplied metadata, minus the keys the server owns.
 fn caller_metadata(m: Option<&Map<String, Value>>) -> Map<String, Value> {
     let mut m = m.cloned().unwrap_or_default();
-    m.remove("chunks");
+    for k in SERVER_KEYS {
+        m.remove(k);
+    }
     m
 }
 
@@ -133,7 +138,9 @@ pub async fn handle(app: &App, body: Map<String, Value>) -> Result<Success, Fail
         .machine_by_key_hash(&node_key)
         .await?
         .ok_or_else(Failure::unauthorized)?;
-    if !machine.feature_enabled {
+    // `config` always answers (the contract): an agent whose org has the feature off learns
+    // that it should not record, instead of an error it would retry.
+    if !machine.feature_enabled && !matches!(action, Action::Config) {
         return Err(Failure::feature_disabled());
     }
     apply(app, &machine, action).await
@@ -177,7 +184,7 @@ async fn apply(app: &App, machine: &MachineAuth, action: Action) -> Result<Succe
             Ok(Success::ok(json!({
                 "org_id": machine.org_id.to_string(),
                 "machine_id": machine.id.to_string(),
-                "recording_enabled": s.recording_enabled,
+                "recording_enabled": s.recording_enabled && machine.feature_enabled,
                 "retention_days": s.retention_days,
                 "storage_mode": s.storage_mode,
             })))

@@ -101,15 +101,16 @@ impl<'a> Fields<'a> {
         }
     }
 
-    /// A duration in seconds: a number `>= 0`, fractions rounded up to whole seconds.
+    /// A duration in seconds: a whole number `>= 0`.
     pub fn opt_seconds(&self, k: &str) -> Result<Option<i64>, Failure> {
         match self.get(k) {
             None => Ok(None),
+            // The contract: `duration_seconds` is a whole number (`12.0` is one, `12.5` not).
             Some(Value::Number(n)) => match n.as_f64() {
-                Some(f) if (0.0..9e15).contains(&f) => Ok(Some(f.ceil() as i64)),
+                Some(f) if (0.0..9e15).contains(&f) && f.fract() == 0.0 => Ok(Some(f as i64)),
                 _ => Err(Failure::invalid_field(
                     k,
-                    "must be a number of seconds >= 0",
+                    "must be a whole number of seconds >= 0",
                 )),
             },
             Some(_) => Err(Failure::invalid_field(k, "must be a number")),

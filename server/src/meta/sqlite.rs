@@ -126,10 +126,13 @@ const RECORDING_COLUMNS: &str = "r.id, r.org_id, r.machine_id, r.user_id, r.sess
      r.status, r.started_at, r.ended_at, r.duration_seconds, r.metadata, r.r2_key, \
      m.name AS machine_name";
 
-fn recording_from_row(row: &SqliteRow) -> Result<Recording> {
+fn metadata_col(row: &SqliteRow) -> Result<Value> {
     let metadata: String = row.try_get("metadata")?;
-    let metadata = serde_json::from_str(&metadata)
-        .map_err(|e| MetaError::Corrupt(format!("metadata: {e}")))?;
+    serde_json::from_str(&metadata).map_err(|e| MetaError::Corrupt(format!("metadata: {e}")))
+}
+
+fn recording_from_row(row: &SqliteRow) -> Result<Recording> {
+    let metadata = metadata_col(row)?;
     Ok(Recording {
         id: uuid_col(row, "id")?,
         org_id: uuid_col(row, "org_id")?,
@@ -478,19 +481,32 @@ impl MetadataStore for SqliteMeta {
     }
 
     async fn complete(&self, id: Uuid, c: &Completion) -> Result<bool> {
-        let r = sqlx::query(
+        // A shallow merge, as PostgreSQL's `||` does: each given key replaces the stored value
+        // (`json_patch` would merge objects deeply and delete keys given as null). The write
+        // pool has one connection: nothing writes between the read and the update.
+        let mut tx = self.write.begin().await?;
+        let row = sqlx::query(
+            "SELECT metadata FROM session_recordings WHERE id = ? AND status = 'active'",
+        )
+        .bind(id.to_string())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else { return Ok(false) };
+        let mut metadata = metadata_object(metadata_col(&row)?);
+        metadata.extend(c.metadata_merge.clone());
+        sqlx::query(
             "UPDATE session_recordings SET status = 'completed', ended_at = ?, \
-             duration_seconds = ?, r2_key = ?, metadata = json_patch(metadata, ?) \
-             WHERE id = ? AND status = 'active'",
+             duration_seconds = ?, r2_key = ?, metadata = ? WHERE id = ?",
         )
         .bind(timefmt::format(c.ended_at))
         .bind(c.duration_seconds)
         .bind(&c.r2_key)
-        .bind(Value::Object(c.metadata_merge.clone()).to_string())
+        .bind(Value::Object(metadata).to_string())
         .bind(id.to_string())
-        .execute(&self.write)
+        .execute(&mut *tx)
         .await?;
-        Ok(r.rows_affected() > 0)
+        tx.commit().await?;
+        Ok(true)
     }
 
     async fn list(&self, org: Uuid, q: &ListQuery) -> Result<ListPage> {
