@@ -67,7 +67,7 @@ dpkg-deb -c "$SERVER_DEB" >"$WORK/server.list"
 for f in \
   "-rwxr-xr-x usr/bin/ztna-recorder" \
   "-rwxr-xr-x usr/libexec/ztna-recorder/ztna-recorderd" \
-  "-rw-r----- etc/ztna-recorder/config.toml" \
+  "-rw-r--r-- etc/ztna-recorder/config.toml" \
   "-rw-r--r-- usr/lib/systemd/system/ztna-recorder.service" \
   "-rw-r--r-- usr/lib/tmpfiles.d/ztna-recorder.conf" \
   "-rw-r--r-- usr/share/ztna-recorder/sshd_config.d/50-ztna-recorder.conf" \
@@ -123,7 +123,7 @@ rpm_files "$SERVER_RPM" >"$WORK/server-rpm.list"
 for f in \
   "-rwxr-xr-x /usr/bin/ztna-recorder" \
   "-rwxr-xr-x /usr/libexec/ztna-recorder/ztna-recorderd" \
-  "-rw-r----- /etc/ztna-recorder/config.toml" \
+  "-rw-r--r-- /etc/ztna-recorder/config.toml" \
   "-rw-r--r-- /usr/lib/systemd/system/ztna-recorder.service" \
   "-rw-r--r-- /usr/lib/tmpfiles.d/ztna-recorder.conf" \
   "-rw-r--r-- /usr/share/ztna-recorder/sshd_config.d/50-ztna-recorder.conf" \
@@ -171,7 +171,7 @@ check_file() {
 }
 check_file usr/bin/ztna-recorder 755
 check_file usr/libexec/ztna-recorder/ztna-recorderd 755
-check_file etc/ztna-recorder/config.toml 640
+check_file etc/ztna-recorder/config.toml 644
 check_file usr/lib/systemd/system/ztna-recorder.service 644
 check_file usr/lib/tmpfiles.d/ztna-recorder.conf 644
 check_file usr/share/ztna-recorder/sshd_config.d/50-ztna-recorder.conf 644
@@ -195,6 +195,13 @@ if ZTNA_RECORDER_CONFIG="$R/etc/ztna-recorder/config.toml" "$R/usr/bin/ztna-reco
 fi
 grep -q 'server_url is not set' "$WORK/check.out" || { cat "$WORK/check.out" >&2; fail "config check on the example config does not name server_url"; }
 grep -q 'unknown key' "$WORK/check.out" && fail "the example config has unknown keys: $(cat "$WORK/check.out")"
+# `shell` runs as the user who logs in and must read the installed config: a user's login
+# on the shipped config (enforce off, no daemon yet) runs, unrecorded.
+chmod 755 "$WORK"
+out=$(cd / && setpriv --reuid=nobody --regid=nogroup --clear-groups env SSH_ORIGINAL_COMMAND='echo login-ok' \
+  ZTNA_RECORDER_CONFIG="$R/etc/ztna-recorder/config.toml" ZTNA_RECORDER_SOCKET="$WORK/no-daemon.sock" \
+  "$R/usr/bin/ztna-recorder" shell 2>"$WORK/login.err") || true
+[ "$out" = login-ok ] || fail "a user's session on the installed config did not run: $out $(cat "$WORK/login.err")"
 # Uncommenting every example key must give a valid config (keys and types as the agent reads them).
 sed -E 's/^#([a-z_]+ = )/\1/' "$R/etc/ztna-recorder/config.toml" >"$WORK/all-keys.toml"
 echo "$(printf 'ab%.0s' $(seq 64))" >"$WORK/node-key"

@@ -145,6 +145,11 @@ pub struct Loaded {
     pub file: Option<PathBuf>,
 }
 
+fn readable_by_others(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o044 != 0)
+}
+
 impl Config {
     /// Loads from the process environment, the given explicit file and flags.
     pub fn load(file: Option<&Path>, flags: Vec<(&'static str, String)>) -> anyhow::Result<Loaded> {
@@ -168,6 +173,15 @@ impl Config {
             Ok(text) => {
                 let table: toml::Table = toml::from_str(&text)
                     .with_context(|| format!("config file {}: not valid TOML", path.display()))?;
+                // The file is world-readable by design (`shell` reads it as the user): a key in
+                // it is everybody's.
+                if table.contains_key("node_key") && readable_by_others(&path) {
+                    warnings.push(format!(
+                        "config file {}: `node_key` in a file other users can read; put the key \
+                         in `node_key_file` (mode 0600) instead",
+                        path.display()
+                    ));
+                }
                 for (k, v) in table {
                     match KEYS.iter().find(|(name, _)| *name == k) {
                         Some((name, _)) => {
@@ -182,6 +196,11 @@ impl Config {
                 used_file = Some(path);
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must_exist => {}
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => bail!(
+                "config file {}: {e} (`shell` reads it as the user who logs in: it must be \
+                 readable by everyone, mode 0644)",
+                path.display()
+            ),
             Err(e) => bail!("config file {}: {e}", path.display()),
         }
 
@@ -372,10 +391,27 @@ mod tests {
         assert_eq!(l.config.server_url.as_deref(), Some("http://a"));
         assert!(!l.config.enforce);
         assert_eq!(l.config.chunk_max_secs, 5);
-        assert_eq!(l.warnings.len(), 2, "{:?}", l.warnings);
+        // `bogus`, ZTNA_RECORDER_NOPE, and the key in a file others can read.
+        assert_eq!(l.warnings.len(), 3, "{:?}", l.warnings);
+        assert!(l.warnings.iter().any(|w| w.contains("node_key_file")));
         let dbg = format!("{:?}", l.config);
         assert!(!dbg.contains("abcd"), "{dbg}");
         assert!(dbg.contains("redacted"));
+    }
+
+    #[test]
+    fn a_key_in_a_private_file_is_not_warned_about() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(&f, "node_key = \"abcd\"\n").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let l = Config::load_from(Sources {
+            file: Some(f),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(l.warnings.is_empty(), "{:?}", l.warnings);
     }
 
     #[test]

@@ -36,8 +36,9 @@ pub struct RecordArgs {
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     pub rows: Option<u16>,
 
-    /// Also record what is typed (`i` events).
-    #[arg(short = 'I', long, env = "ZTNA_RECORDER_CAPTURE_INPUT")]
+    /// Also record what is typed (`i` events) [default: `capture_input` of the agent's
+    /// configuration, false].
+    #[arg(short = 'I', long)]
     pub capture_input: bool,
 
     /// The recording's title.
@@ -71,18 +72,37 @@ pub fn run(args: RecordArgs) -> anyhow::Result<u8> {
     if args.upload {
         anyhow::bail!("--upload is handled by ztna-recorderd");
     }
-    Ok(record(&args)?.1.status.code())
+    let config = load_config(&args)?;
+    Ok(record(&args, &config)?.1.status.code())
+}
+
+/// The agent's configuration (defaults, file, `ZTNA_RECORDER_*`), `--capture-input` on top:
+/// `record` follows `capture_input` as `shell` does.
+fn load_config(args: &RecordArgs) -> anyhow::Result<crate::config::Config> {
+    let flags = if args.capture_input {
+        vec![("capture_input", "true".to_string())]
+    } else {
+        Vec::new()
+    };
+    let loaded = crate::config::Config::load(args.config.config.as_deref(), flags)?;
+    if !args.quiet {
+        for w in &loaded.warnings {
+            eprintln!("ztna-recorder: {w}");
+        }
+    }
+    Ok(loaded.config)
 }
 
 /// Records, then with `--upload` ships the recording to the backend.
 pub fn run_and_upload(args: RecordArgs) -> anyhow::Result<u8> {
+    let config = load_config(&args)?;
     // With --upload, a missing server or key is an error before anything runs.
     let uploader = if args.upload {
-        Some(Uploader::from_config(&args)?)
+        Some(Uploader::from_config(&config)?)
     } else {
         None
     };
-    let (file, outcome) = record(&args)?;
+    let (file, outcome) = record(&args, &config)?;
     if let Some(up) = uploader {
         let session = up
             .upload(&file, &args, &outcome)
@@ -94,7 +114,10 @@ pub fn run_and_upload(args: RecordArgs) -> anyhow::Result<u8> {
     Ok(outcome.status.code())
 }
 
-fn record(args: &RecordArgs) -> anyhow::Result<(PathBuf, crate::recorder::Outcome)> {
+fn record(
+    args: &RecordArgs,
+    agent: &crate::config::Config,
+) -> anyhow::Result<(PathBuf, crate::recorder::Outcome)> {
     if !(args.chunk_max_secs.is_finite() && args.chunk_max_secs > 0.0) {
         anyhow::bail!("--chunk-max-secs must be a positive number of seconds");
     }
@@ -137,7 +160,7 @@ fn record(args: &RecordArgs) -> anyhow::Result<(PathBuf, crate::recorder::Outcom
     let mut config = SessionConfig::new(command);
     config.header_command = args.command.clone();
     config.title = args.title.clone();
-    config.capture_input = args.capture_input;
+    config.capture_input = agent.capture_input;
     config.size = match (args.cols, args.rows) {
         (None, None) => None,
         (cols, rows) => {
@@ -173,12 +196,7 @@ struct Uploader {
 }
 
 impl Uploader {
-    fn from_config(args: &RecordArgs) -> anyhow::Result<Self> {
-        let loaded = crate::config::Config::load(args.config.config.as_deref(), Vec::new())?;
-        for w in &loaded.warnings {
-            eprintln!("ztna-recorder: {w}");
-        }
-        let config = loaded.config;
+    fn from_config(config: &crate::config::Config) -> anyhow::Result<Self> {
         let url = config
             .server_url
             .clone()

@@ -128,6 +128,10 @@ struct PtyRun {
 
 impl PtyRun {
     fn start(args: &[&str], dir: &Path, size: TtySize) -> PtyRun {
+        PtyRun::start_with_env(args, dir, size, &[])
+    }
+
+    fn start_with_env(args: &[&str], dir: &Path, size: TtySize, env: &[(&str, &str)]) -> PtyRun {
         let pair = native_pty_system()
             .openpty(PtySize {
                 rows: size.rows,
@@ -140,6 +144,9 @@ impl PtyRun {
         cmd.args(args);
         cmd.cwd(dir);
         cmd.env("TERM", "xterm-256color");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
         let child = pair.slave.spawn_command(cmd).unwrap();
         drop(pair.slave);
         let mut reader = pair.master.try_clone_reader().unwrap();
@@ -672,18 +679,28 @@ fn overwrite_quiet_and_command() {
 
 #[test]
 fn input_is_recorded_only_with_capture_input() {
-    for capture in [false, true] {
+    // Off by default; on by the flag, the environment (any of the config's true words) or
+    // the configuration file, as for `shell`.
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], bool);
+    let cases: [Case; 5] = [
+        (&[], &[], false),
+        (&["--capture-input"], &[], true),
+        (&[], &[("ZTNA_RECORDER_CAPTURE_INPUT", "1")], true),
+        (&["--config", "on.toml"], &[], true),
+        (&["--config", "off.toml"], &[], false),
+    ];
+    for (extra, env, capture) in cases {
         let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("on.toml"), "capture_input = true\n").unwrap();
+        std::fs::write(dir.path().join("off.toml"), "capture_input = false\n").unwrap();
         let mut args = vec!["record", "-q"];
-        if capture {
-            args.push("--capture-input");
-        }
+        args.extend(extra);
         args.extend([
             "-c",
             "echo ready; read line; echo \"got:$line\"",
             "out.cast",
         ]);
-        let mut run = PtyRun::start(&args, dir.path(), size(80, 24));
+        let mut run = PtyRun::start_with_env(&args, dir.path(), size(80, 24), env);
         run.wait_for("ready");
         run.write(b"s3cret\r");
         run.wait_for("got:s3cret");
@@ -691,9 +708,9 @@ fn input_is_recorded_only_with_capture_input() {
         let cast = read_cast(&dir.path().join("out.cast"));
         assert!(cast.output().contains("got:s3cret"));
         if capture {
-            assert_eq!(cast.data(EventCode::Input), "s3cret\r");
+            assert_eq!(cast.data(EventCode::Input), "s3cret\r", "{extra:?} {env:?}");
         } else {
-            assert_eq!(cast.count(EventCode::Input), 0);
+            assert_eq!(cast.count(EventCode::Input), 0, "{extra:?} {env:?}");
         }
     }
 }
