@@ -196,9 +196,13 @@ fi
 grep -q 'server_url is not set' "$WORK/check.out" || { cat "$WORK/check.out" >&2; fail "config check on the example config does not name server_url"; }
 grep -q 'unknown key' "$WORK/check.out" && fail "the example config has unknown keys: $(cat "$WORK/check.out")"
 # `shell` runs as the user who logs in and must read the installed config: a user's login
-# on the shipped config (enforce off, no daemon yet) runs, unrecorded.
+# on the shipped config (enforce off, no daemon yet) runs, unrecorded. A throwaway user with a
+# real shell (`nobody`'s is nologin, which `shell` would run).
 chmod 755 "$WORK"
-out=$(cd / && setpriv --reuid=nobody --regid=nogroup --clear-groups env SSH_ORIGINAL_COMMAND='echo login-ok' \
+LOGIN_USER=ztna-pkg-login
+id -u "$LOGIN_USER" >/dev/null 2>&1 || as_root useradd --system --no-create-home --shell /bin/sh "$LOGIN_USER"
+trap 'rm -rf "$WORK"; as_root userdel "$LOGIN_USER" 2>/dev/null || true' EXIT
+out=$(cd / && setpriv --reuid="$LOGIN_USER" --regid="$LOGIN_USER" --clear-groups env SSH_ORIGINAL_COMMAND='echo login-ok' \
   ZTNA_RECORDER_CONFIG="$R/etc/ztna-recorder/config.toml" ZTNA_RECORDER_SOCKET="$WORK/no-daemon.sock" \
   "$R/usr/bin/ztna-recorder" shell 2>"$WORK/login.err") || true
 [ "$out" = login-ok ] || fail "a user's session on the installed config did not run: $out $(cat "$WORK/login.err")"
