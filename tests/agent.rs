@@ -437,6 +437,14 @@ async fn backend_down_then_back_every_chunk_once_in_order() {
         c.events(&l);
         sent.push_str(&l);
     }
+    // One frame of four short lines (22 bytes each) is cut at a line boundary under the
+    // limit: two chunks of two lines.
+    let short: String = (0..4)
+        .map(|k| event_line(3.125 + k as f64 * 0.125, "ab"))
+        .collect();
+    assert_eq!(short.len(), 88);
+    c.events(&short);
+    sent.push_str(&short);
     c.end(0);
     let spool = agent.spool();
     tokio::task::spawn_blocking({
@@ -447,7 +455,7 @@ async fn backend_down_then_back_every_chunk_once_in_order() {
                 Duration::from_secs(20),
                 || {
                     ztna_recorder::status::query(&socket)
-                        .map(|s| s.last_upload_error.is_some() && s.chunks_waiting == 12)
+                        .map(|s| s.last_upload_error.is_some() && s.chunks_waiting == 14)
                         .unwrap_or(false)
                 },
             )
@@ -459,9 +467,17 @@ async fn backend_down_then_back_every_chunk_once_in_order() {
     let recs = backend.wait_completed(1, Duration::from_secs(30)).await;
     assert_eq!(recs.len(), 1);
     let rec = &recs[0];
-    assert_eq!(chunk_indexes(rec), (0..12).collect::<Vec<u64>>());
+    assert_eq!(chunk_indexes(rec), (0..14).collect::<Vec<u64>>());
+    let bytes: Vec<u64> = rec["metadata"]["chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["bytes"].as_u64().unwrap())
+        .collect();
+    assert!(bytes[12] <= 64 && bytes[13] <= 64, "{bytes:?}");
+    assert_eq!(bytes[12] + bytes[13], short.len() as u64);
     assert_eq!(backend.events_text(rec), sent);
-    assert_eq!(rec["duration_seconds"], 3); // last event at 2.75 s
+    assert_eq!(rec["duration_seconds"], 4); // last event at 3.5 s
     assert_eq!(rec["metadata"]["exit_status"], 0);
     assert_eq!(rec["metadata"]["uid"], nix::unistd::getuid().as_raw());
     assert_ne!(rec["metadata"]["user"], "mallory-claims-root");
@@ -654,7 +670,7 @@ async fn daemon_killed_mid_session_is_recovered_as_interrupted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunk_whose_close_failed_is_sealed_without_a_restart() {
     let mut backend = Backend::new(true).await;
-    let agent = Agent::new(&backend, "chunk_max_bytes = 100\n");
+    let agent = Agent::new(&backend, "chunk_max_bytes = 130\n");
     let mut daemon = agent.daemon();
     let (mut c, d) = FrameClient::start(&agent.socket());
     assert_eq!(d.mode, Mode::Record);
@@ -665,8 +681,9 @@ async fn a_chunk_whose_close_failed_is_sealed_without_a_restart() {
     let lines: Vec<String> = (0..3)
         .map(|i| event_line(0.5 + i as f64, &format!("line {i} {}\r\n", "z".repeat(30))))
         .collect();
+    assert!(lines.iter().all(|l| l.len() == 61));
     for l in &lines {
-        c.events(l); // two lines fill chunk 0; the third opens chunk 1
+        c.events(l); // two lines fill chunk 0; the third does not fit and opens chunk 1
     }
     c.end(0);
     let socket = agent.socket();
@@ -1508,6 +1525,9 @@ async fn sshd_backend_down_then_back() {
     let rec = &recs[0];
     let idx = chunk_indexes(rec);
     assert_eq!(idx, (0..idx.len() as u64).collect::<Vec<_>>());
+    for c in rec["metadata"]["chunks"].as_array().unwrap() {
+        assert!(c["bytes"].as_u64().unwrap() <= 256, "{c}");
+    }
     let expected: String = (1..=200).map(|i| format!("line-{i}\n")).collect();
     assert_eq!(output_of(&backend.events_text(rec)), expected);
     stop_all(&mut daemon, &mut backend).await;

@@ -73,10 +73,10 @@ fn user_name(uid: u32) -> Option<String> {
 }
 
 /// Checks that an `Events` payload is whole asciicast event lines (`[time, "c", …]`, one a
-/// line); returns the time of the last one and how many there are. A structural check, not a
+/// line); returns the time of the last one. A structural check, not a
 /// full JSON parse: this is the hot path, and the backend validates every chunk again
 /// (`INVALID_CHUNK`), so a client that lies only spoils its own recording.
-fn check_events(payload: &[u8]) -> anyhow::Result<(Option<f64>, u64)> {
+fn check_events(payload: &[u8]) -> anyhow::Result<Option<f64>> {
     let text = simdutf8::basic::from_utf8(payload)
         .ok()
         .context("events are not UTF-8")?;
@@ -84,7 +84,6 @@ fn check_events(payload: &[u8]) -> anyhow::Result<(Option<f64>, u64)> {
         anyhow::bail!("events frame does not end with a newline");
     }
     let mut last = None;
-    let mut n = 0;
     let mut start = 0;
     for end in memchr::memchr_iter(b'\n', payload) {
         // A newline byte is always a character boundary.
@@ -111,9 +110,8 @@ fn check_events(payload: &[u8]) -> anyhow::Result<(Option<f64>, u64)> {
             anyhow::bail!("not an asciicast event line");
         }
         last = Some(t);
-        n += 1;
     }
-    Ok((last, n))
+    Ok(last)
 }
 
 async fn handle(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
@@ -305,25 +303,46 @@ async fn record(
         tokio::select! {
             f = rx.recv() => match f {
                 Some(Ok(f)) if f.kind == Kind::Events => {
-                    let (last, n) = match check_events(&f.payload) {
+                    let last = match check_events(&f.payload) {
                         Ok(x) => x,
                         Err(e) => break Outcome::Lost(format!("bad events: {e:#}")),
                     };
-                    let full = match w.write(&f.payload, last, n) {
-                        Ok(full) => full,
-                        Err(e) => break Outcome::SpoolFull(Some(e.to_string())),
-                    };
-                    shared.spool.note_spooled(f.payload.len() as u64);
-                    shared.ingest.note(f.payload.len() as u64);
-                    if full {
-                        if let Some(c) = w.take() {
-                            if let Err(e) = hand_off(shared, &mut closing, c).await {
-                                break Outcome::SpoolFull(Some(format!("{e:#}")));
+                    // A frame may fill a chunk part-way: the rest goes into the next one, so
+                    // no chunk passes `chunk_max_bytes` (unless one line does).
+                    let mut rest = &f.payload[..];
+                    let mut stop = None;
+                    while !rest.is_empty() {
+                        let (took, full) = match w.write(rest) {
+                            Ok(x) => x,
+                            Err(e) => {
+                                stop = Some(Outcome::SpoolFull(Some(e.to_string())));
+                                break;
+                            }
+                        };
+                        rest = &rest[took..];
+                        shared.spool.note_spooled(took as u64);
+                        shared.ingest.note(took as u64);
+                        if full {
+                            if let Some(c) = w.take() {
+                                if let Err(e) = hand_off(shared, &mut closing, c).await {
+                                    stop = Some(Outcome::SpoolFull(Some(format!("{e:#}"))));
+                                    break;
+                                }
+                            }
+                            if shared.spool.bytes_estimate() >= cfg.spool_max_bytes {
+                                stop = Some(Outcome::SpoolFull(None));
+                                break;
                             }
                         }
-                        if shared.spool.bytes_estimate() >= cfg.spool_max_bytes {
-                            break Outcome::SpoolFull(None);
-                        }
+                    }
+                    // The time of the last event written (a stop may leave part unwritten).
+                    let written = &f.payload[..f.payload.len() - rest.len()];
+                    let last = if rest.is_empty() { last } else { check_events(written).ok().flatten() };
+                    if last.is_some() {
+                        w.last_time = last;
+                    }
+                    if let Some(o) = stop {
+                        break o;
                     }
                 }
                 Some(Ok(f)) if f.kind == Kind::End => match f.parse::<EndMsg>() {
@@ -463,9 +482,9 @@ mod tests {
 
     #[test]
     fn event_lines_are_checked() {
-        let (t, n) =
+        let t =
             check_events(b"[0.5, \"o\", \"a\"]\n[1.25, \"r\", \"80x24\"]\n").unwrap_or_default();
-        assert_eq!((t, n), (Some(1.25), 2));
+        assert_eq!(t, Some(1.25));
         for bad in [
             &b"[0.5, \"o\", \"a\"]"[..],
             b"{\"a\": 1}\n",

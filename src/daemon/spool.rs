@@ -468,7 +468,6 @@ pub struct ChunkWriter {
     max_age: std::time::Duration,
     /// Time of the last event written, seconds since the start of the recording.
     pub last_time: Option<f64>,
-    pub lines: u64,
 }
 
 impl ChunkWriter {
@@ -482,16 +481,29 @@ impl ChunkWriter {
             max_bytes,
             max_age: std::time::Duration::from_secs(max_secs),
             last_time: None,
-            lines: 0,
         }
     }
 
-    /// Appends whole event lines to the open chunk (opening one if needed); returns true when
-    /// the chunk reached its size limit and should be [taken](Self::take) out.
-    pub fn write(&mut self, lines: &[u8], last_time: Option<f64>, count: u64) -> io::Result<bool> {
+    /// Appends as many of `lines` (whole event lines) to the open chunk as fit under the size
+    /// limit, opening a chunk if needed; a line longer than the limit gets a chunk of its own.
+    /// Returns how many bytes it took, and true when the chunk is full and should be
+    /// [taken](Self::take) out; the caller then writes the rest into the next one.
+    pub fn write(&mut self, lines: &[u8]) -> io::Result<(usize, bool)> {
         if lines.is_empty() {
-            return Ok(false);
+            return Ok((0, false));
         }
+        let room = usize::try_from(self.max_bytes.saturating_sub(self.bytes)).unwrap_or(usize::MAX);
+        let take = if lines.len() <= room {
+            lines.len()
+        } else {
+            match memchr::memrchr(b'\n', &lines[..room]) {
+                Some(i) => i + 1,
+                // The next line alone is over what is left: it starts the next chunk, or,
+                // in an empty one, has it to itself.
+                None if self.file.is_some() && self.bytes > 0 => return Ok((0, true)),
+                None => memchr::memchr(b'\n', lines).map_or(lines.len(), |i| i + 1),
+            }
+        };
         if self.file.is_none() {
             let f = fs::OpenOptions::new()
                 .append(true)
@@ -503,19 +515,15 @@ impl ChunkWriter {
             self.bytes = 0;
         }
         if let Some(f) = self.file.as_mut() {
-            if let Err(e) = f.write_all(lines) {
-                // A frame written in part (the disk filled up) would leave a torn line in the
+            if let Err(e) = f.write_all(&lines[..take]) {
+                // Lines written in part (the disk filled up) would leave a torn line in the
                 // chunk: cut it off, so the chunk still ends on a whole event line.
                 let _ = f.set_len(self.bytes);
                 return Err(e);
             }
         }
-        self.bytes += lines.len() as u64;
-        self.lines += count;
-        if last_time.is_some() {
-            self.last_time = last_time;
-        }
-        Ok(self.bytes >= self.max_bytes)
+        self.bytes += take as u64;
+        Ok((take, take < lines.len() || self.bytes >= self.max_bytes))
     }
 
     /// When the open chunk must be closed by age.
@@ -601,13 +609,13 @@ mod tests {
     #[test]
     fn torn_last_line_is_dropped_whole_lines_kept() {
         let (_t, spool, dir) = spool_with_session();
-        let mut w = ChunkWriter::new(dir.clone(), 30, 10);
+        let mut w = ChunkWriter::new(dir.clone(), 32, 10);
         // As the daemon's ingest does: write until full, take the chunk out, finish it apart.
-        assert!(!w.write(b"[0.1, \"o\", \"a\"]\n", Some(0.1), 1).unwrap());
-        assert!(w.write(b"[0.2, \"o\", \"b\"]\n", Some(0.2), 1).unwrap());
+        assert_eq!(w.write(b"[0.1, \"o\", \"a\"]\n").unwrap(), (16, false));
+        assert_eq!(w.write(b"[0.2, \"o\", \"b\"]\n").unwrap(), (16, true));
         let closing = w.take().unwrap();
         // The next chunk opens while the full one is still being made durable.
-        w.write(b"[0.3, \"o\", \"c\"]\n", Some(0.3), 1).unwrap();
+        w.write(b"[0.3, \"o\", \"c\"]\n").unwrap();
         assert_eq!(dir.chunks().unwrap().closed, Vec::<u64>::new());
         closing.finish().unwrap();
         assert_eq!(dir.chunks().unwrap().closed, vec![0]);
@@ -636,13 +644,40 @@ mod tests {
     }
 
     #[test]
+    fn chunks_are_cut_at_line_boundaries_under_the_limit() {
+        let (_t, _spool, dir) = spool_with_session();
+        let mut w = ChunkWriter::new(dir.clone(), 40, 10);
+        let line = b"[0.1, \"o\", \"a\"]\n"; // 16 bytes
+        let frame = line.repeat(4);
+        // Two lines fit; the frame's other two go to the next chunk.
+        assert_eq!(w.write(&frame).unwrap(), (32, true));
+        w.take().unwrap().finish().unwrap();
+        assert_eq!(w.write(&frame[32..]).unwrap(), (32, false));
+        // A line longer than the limit closes the chunk it does not fit in, then has one of
+        // its own.
+        let long = format!("[0.2, \"o\", \"{}\"]\n", "x".repeat(40));
+        assert_eq!(w.write(long.as_bytes()).unwrap(), (0, true));
+        w.take().unwrap().finish().unwrap();
+        assert_eq!(w.write(long.as_bytes()).unwrap(), (long.len(), true));
+        w.take().unwrap().finish().unwrap();
+        assert_eq!(dir.chunks().unwrap().closed, vec![0, 1, 2]);
+        for (i, want) in [
+            (0, line.repeat(2)),
+            (1, line.repeat(2)),
+            (2, long.into_bytes()),
+        ] {
+            assert_eq!(fs::read(dir.chunk_path(i)).unwrap(), want);
+        }
+    }
+
+    #[test]
     fn size_estimate_counts_writes_since_the_walk() {
         let (_t, spool, dir) = spool_with_session();
         let walked = spool.usage().unwrap().bytes;
         assert_eq!(spool.bytes_estimate(), walked);
         let mut w = ChunkWriter::new(dir, 1 << 20, 10);
         let line = b"[0.1, \"o\", \"a\"]\n";
-        w.write(line, Some(0.1), 1).unwrap();
+        w.write(line).unwrap();
         spool.note_spooled(line.len() as u64);
         assert_eq!(spool.bytes_estimate(), walked + line.len() as u64);
         // A walk counts the file itself and starts the count of notes again.
