@@ -71,9 +71,13 @@ pub fn check(file: Option<&Path>, reach_backend: bool) -> Report {
     };
     let Loaded {
         config,
+        unknown_keys,
         warnings,
         file: used,
     } = loaded;
+    // The commands only warn about an unknown key; a check fails on one: it is most likely a
+    // typo of a key that then keeps its default (`enfroce = true` leaves enforcement off).
+    r.problems.extend(unknown_keys);
     r.warnings.extend(warnings);
     let source = match &used {
         Some(p) => p.display().to_string(),

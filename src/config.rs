@@ -137,12 +137,22 @@ pub struct Sources {
     pub flags: Vec<(&'static str, String)>,
 }
 
-/// What loading found worth a warning (unknown keys), for the caller to log once logging is up.
+/// What loading found worth a warning, for the caller to log once logging is up.
 #[derive(Debug, Default)]
 pub struct Loaded {
     pub config: Config,
+    /// Keys the agent does not know (a typo of `enforce` would silently fail open): warned
+    /// about by the commands, errors for `config check`.
+    pub unknown_keys: Vec<String>,
     pub warnings: Vec<String>,
     pub file: Option<PathBuf>,
+}
+
+impl Loaded {
+    /// Everything worth a warning.
+    pub fn notices(&self) -> impl Iterator<Item = &String> {
+        self.unknown_keys.iter().chain(&self.warnings)
+    }
 }
 
 fn readable_by_others(path: &Path) -> bool {
@@ -162,6 +172,7 @@ impl Config {
 
     pub fn load_from(src: Sources) -> anyhow::Result<Loaded> {
         let mut warnings = Vec::new();
+        let mut unknown_keys = Vec::new();
         let mut values: BTreeMap<&'static str, toml::Value> = BTreeMap::new();
 
         let (path, must_exist) = match &src.file {
@@ -187,7 +198,7 @@ impl Config {
                         Some((name, _)) => {
                             values.insert(name, v);
                         }
-                        None => warnings.push(format!(
+                        None => unknown_keys.push(format!(
                             "config file {}: unknown key `{k}` ignored",
                             path.display()
                         )),
@@ -216,7 +227,9 @@ impl Config {
                 Some((k, kind)) => {
                     values.insert(k, parse_text(k, *kind, val, name)?);
                 }
-                None => warnings.push(format!("environment variable {name}: unknown key ignored")),
+                None => {
+                    unknown_keys.push(format!("environment variable {name}: unknown key ignored"))
+                }
             }
         }
         for (k, val) in &src.flags {
@@ -237,6 +250,7 @@ impl Config {
         c.validate()?;
         Ok(Loaded {
             config: c,
+            unknown_keys,
             warnings,
             file: used_file,
         })
@@ -246,7 +260,8 @@ impl Config {
         if self.chunk_max_bytes == 0 {
             bail!("chunk_max_bytes must be at least 1");
         }
-        // The backend refuses chunks over 8 MiB; a chunk may overshoot the limit by one frame.
+        // The backend refuses chunks over 8 MiB (and bodies over 16 MiB, which escaping can
+        // reach first): keep a frame's worth of margin.
         let limit = (ztna_common::api::MAX_CHUNK_BYTES - crate::ipc::MAX_FRAME_BYTES) as u64;
         if self.chunk_max_bytes > limit {
             bail!("chunk_max_bytes must be at most {limit} (the backend takes chunks up to 8 MiB)");
@@ -391,9 +406,11 @@ mod tests {
         assert_eq!(l.config.server_url.as_deref(), Some("http://a"));
         assert!(!l.config.enforce);
         assert_eq!(l.config.chunk_max_secs, 5);
-        // `bogus`, ZTNA_RECORDER_NOPE, and the key in a file others can read.
-        assert_eq!(l.warnings.len(), 3, "{:?}", l.warnings);
-        assert!(l.warnings.iter().any(|w| w.contains("node_key_file")));
+        assert_eq!(l.unknown_keys.len(), 2, "{:?}", l.unknown_keys); // bogus, NOPE
+        assert!(l.unknown_keys[0].contains("bogus"), "{:?}", l.unknown_keys);
+        // The key in a file others can read.
+        assert_eq!(l.warnings.len(), 1, "{:?}", l.warnings);
+        assert!(l.warnings[0].contains("node_key_file"));
         let dbg = format!("{:?}", l.config);
         assert!(!dbg.contains("abcd"), "{dbg}");
         assert!(dbg.contains("redacted"));
@@ -411,7 +428,7 @@ mod tests {
             ..Default::default()
         })
         .unwrap();
-        assert!(l.warnings.is_empty(), "{:?}", l.warnings);
+        assert_eq!(l.notices().count(), 0, "{:?}", l.warnings);
     }
 
     #[test]

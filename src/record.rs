@@ -86,7 +86,7 @@ fn load_config(args: &RecordArgs) -> anyhow::Result<crate::config::Config> {
     };
     let loaded = crate::config::Config::load(args.config.config.as_deref(), flags)?;
     if !args.quiet {
-        for w in &loaded.warnings {
+        for w in loaded.notices() {
             eprintln!("ztna-recorder: {w}");
         }
     }

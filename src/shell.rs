@@ -253,7 +253,7 @@ pub fn run(args: ShellArgs) -> anyhow::Result<u8> {
     crate::logging::init("off");
     let cfg = match Config::load(args.config.config.as_deref(), Vec::new()) {
         Ok(l) => {
-            for w in &l.warnings {
+            for w in l.notices() {
                 syslog_warn(w);
             }
             l.config

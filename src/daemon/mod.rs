@@ -64,7 +64,7 @@ impl DaemonArgs {
 pub fn run(args: DaemonArgs) -> anyhow::Result<u8> {
     crate::logging::init("info");
     let loaded = Config::load(args.config.config.as_deref(), args.flags())?;
-    for w in &loaded.warnings {
+    for w in loaded.notices() {
         tracing::warn!("{w}");
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
