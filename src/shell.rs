@@ -170,21 +170,16 @@ fn metadata(
     m
 }
 
-/// Logs to syslog (journald picks it up); falls back to stderr when there is no syslog.
+/// Logs a warning for the administrator to syslog (journald takes it from `/dev/log`).
+/// Without a syslog socket it is dropped, as sshd's own messages are: stderr is the user's
+/// session (their terminal, or the stream `ssh host cmd` hands back), and the relay must not
+/// add to it.
 pub fn syslog_warn(msg: &str) {
-    if !syslog(msg) {
-        eprintln!("ztna-recorder: warning: {msg}");
-    }
-}
-
-/// Sends one warning to syslog; false when there is no syslog to take it.
-fn syslog(msg: &str) -> bool {
     tracing::warn!("{msg}");
     // facility user (1), severity warning (4): <12>
     let line = format!("<12>ztna-recorder[{}]: {msg}", std::process::id());
-    std::os::unix::net::UnixDatagram::unbound()
-        .and_then(|s| s.send_to(line.as_bytes(), "/dev/log"))
-        .is_ok()
+    let _ = std::os::unix::net::UnixDatagram::unbound()
+        .and_then(|s| s.send_to(line.as_bytes(), "/dev/log"));
 }
 
 /// Connects to the daemon, announces the session and reads its decision.
@@ -233,7 +228,7 @@ fn plan(cfg: &Config, start: &StartMsg) -> Plan {
 fn unrecordable(cfg: &Config, why: &str) -> Plan {
     if cfg.enforce {
         // The user sees the refusal itself; syslog gets the reason.
-        syslog(&format!("session refused (enforce = true): {why}"));
+        syslog_warn(&format!("session refused (enforce = true): {why}"));
         Plan::Refuse(why.to_string())
     } else {
         syslog_warn(&format!("session runs unrecorded: {why}"));
