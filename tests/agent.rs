@@ -210,8 +210,14 @@ impl Agent {
             format!("{}\n", backend.node_key),
         )
         .unwrap();
+        // A short drain unless the test sets its own.
+        let drain = if extra.contains("drain_secs") {
+            ""
+        } else {
+            "drain_secs = 1\n"
+        };
         let cfg = format!(
-            "server_url = \"{}\"\nnode_key_file = \"{}\"\nspool_dir = \"{}\"\nsocket = \"{}\"\nrescan_secs = 1\nretry_max_secs = 1\nconfig_refresh_secs = 1\ndrain_secs = 1\n{extra}\n",
+            "server_url = \"{}\"\nnode_key_file = \"{}\"\nspool_dir = \"{}\"\nsocket = \"{}\"\nrescan_secs = 1\nretry_max_secs = 1\nconfig_refresh_secs = 1\n{drain}{extra}\n",
             backend.base(),
             dir.path().join("node.key").display(),
             dir.path().join("spool").display(),
@@ -499,6 +505,38 @@ async fn backend_down_then_back_every_chunk_once_in_order() {
         "the node key reached the log"
     );
     backend.stop().await;
+}
+
+/// SIGTERM while the backend is down: the daemon does not wait out `drain_secs` for uploads
+/// that cannot get through; what it spooled stays for the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_the_backend_down_does_not_wait_for_the_drain() {
+    let backend = Backend::new_down(true).await;
+    let agent = Agent::new(&backend, "drain_secs = 60\n");
+    let mut daemon = agent.daemon();
+    let (mut c, d) = FrameClient::start(&agent.socket());
+    assert_eq!(d.mode, Mode::Record);
+    c.events(&event_line(0.5, "kept"));
+    c.end(0);
+    let socket = agent.socket();
+    tokio::task::spawn_blocking(move || {
+        wait_until("an upload error", Duration::from_secs(20), || {
+            ztna_recorder::status::query(&socket)
+                .map(|s| s.last_upload_error.is_some())
+                .unwrap_or(false)
+        })
+    })
+    .await
+    .unwrap();
+    kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);
+    let t0 = Instant::now();
+    assert!(daemon.wait().unwrap().success(), "{}", agent.log());
+    // Far below the 60 s drain it would otherwise wait out.
+    assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
+    let sessions = std::fs::read_dir(agent.spool().join("sessions"))
+        .unwrap()
+        .count();
+    assert_eq!(sessions, 1, "the session stays spooled");
 }
 
 /// Starts a recorded session on the daemon and streams 16 KiB output lines into it, one every

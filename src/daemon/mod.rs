@@ -247,12 +247,14 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     while !lock(&shared.live).is_empty() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // Upload what is closed, for a bounded time.
+    // Upload what is closed, for a bounded time, unless the backend is not answering: what
+    // waits is durable in the spool, and the next start sends it.
     shared.wake.notify_one();
     let drain = Instant::now() + Duration::from_secs(shared.config.drain_secs);
     loop {
         let busy = !lock(&shared.uploading).is_empty();
-        if !busy || Instant::now() >= drain {
+        let failing = shared.uploads_failing.load(Ordering::SeqCst);
+        if !busy || failing || Instant::now() >= drain {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
