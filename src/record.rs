@@ -231,13 +231,16 @@ impl Uploader {
         if !cur.is_empty() {
             chunks.push(cur);
         }
-        let mut metadata = serde_json::json!({
-            "kind": if args.command.is_some() { "exec" } else { "interactive" },
-            "recorded_by": "ztna-recorder record",
-        });
-        if let (Some(cmd), Some(m)) = (&args.command, metadata.as_object_mut()) {
-            m.insert("command".into(), cmd.clone().into());
-        }
+        // The same metadata as an SSH session's (user, uid, hostname, tty…), so the backend
+        // lists a manual recording like any other.
+        let kind = match args.command {
+            Some(_) => crate::shell::SessionKind::Exec,
+            None => crate::shell::SessionKind::Interactive,
+        };
+        let tty = crate::recorder::stdin_is_tty();
+        let mut metadata = crate::shell::session_metadata(kind, args.command.as_deref(), tty);
+        metadata.insert("recorded_by".into(), "ztna-recorder record".into());
+        let metadata = serde_json::Value::Object(metadata);
         let duration = ztna_common::asciicast::duration_secs(cast.summary.last_time);
         let done = serde_json::json!({"exit_status": outcome.status.code()});
         let rt = tokio::runtime::Builder::new_current_thread()

@@ -127,6 +127,16 @@ impl Account {
     }
 }
 
+/// The contract's session metadata of a session of this process's user (`record --upload`
+/// uses it too).
+pub(crate) fn session_metadata(
+    kind: SessionKind,
+    command: Option<&str>,
+    tty: bool,
+) -> Map<String, Value> {
+    metadata(&account(), kind, command, tty)
+}
+
 /// The session metadata of the contract, from the environment sshd gives us.
 fn metadata(
     acct: &Account,

@@ -1098,6 +1098,17 @@ async fn upload_ships_the_recording_to_the_backend() {
     let last = local.events.last().unwrap().time;
     assert_eq!(rec["duration_seconds"], last.ceil() as i64);
     assert_eq!(rec["metadata"]["header"]["width"], local.header["width"]);
+    // The session metadata of the contract, as for an SSH session.
+    assert_eq!(rec["metadata"]["kind"], "exec");
+    assert_eq!(rec["metadata"]["uid"], nix::unistd::getuid().as_raw());
+    assert!(
+        rec["metadata"]["user"]
+            .as_str()
+            .is_some_and(|u| !u.is_empty()),
+        "{rec}"
+    );
+    assert!(rec["metadata"]["hostname"].is_string(), "{rec}");
+    assert!(rec["metadata"]["command"].is_string(), "{rec}");
     let chunks = rec["metadata"]["chunks"].as_array().unwrap();
     assert!(chunks.len() > 1, "chunk_max_bytes is honoured: {chunks:?}");
     let mut text = String::new();
