@@ -73,9 +73,9 @@ fn user_name(uid: u32) -> Option<String> {
 }
 
 /// Checks that an `Events` payload is whole asciicast event lines (`[time, "c", …]`, one a
-/// line); returns the time of the last one. A structural check, not a
-/// full JSON parse: this is the hot path, and the backend validates every chunk again
-/// (`INVALID_CHUNK`), so a client that lies only spoils its own recording.
+/// line); returns the time of the last one. A structural check, not a full JSON parse: this
+/// is the hot path, and the backend validates every chunk again (`INVALID_CHUNK`), so a
+/// client that lies only spoils its own recording.
 fn check_events(payload: &[u8]) -> anyhow::Result<Option<f64>> {
     let text = simdutf8::basic::from_utf8(payload)
         .ok()
