@@ -43,8 +43,15 @@ const UPSERT_CHUNK: &str = "INSERT INTO session_recording_chunks \
      ON CONFLICT (session_id, chunk_index) DO UPDATE SET bytes = excluded.bytes, \
      sha256 = excluded.sha256, last_event_time = excluded.last_event_time";
 
+/// A write transaction that takes the database's write lock at once. A deferred one that
+/// reads first fails (SQLITE_BUSY_SNAPSHOT, not retried by the busy timeout) when another
+/// process (an `admin` command beside `serve`) commits between its read and its write.
+async fn begin_write(pool: &SqlitePool) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
+    Ok(pool.begin_with("BEGIN IMMEDIATE").await?)
+}
+
 async fn write_chunk_batch(write: &SqlitePool, jobs: &[ChunkJob]) -> Result<Vec<ChunkOutcome>> {
-    let mut tx = write.begin().await?;
+    let mut tx = begin_write(write).await?;
     let mut out = Vec::with_capacity(jobs.len());
     for (session, c, _) in jobs {
         let r = sqlx::query(UPSERT_CHUNK)
@@ -201,7 +208,7 @@ impl SqliteMeta {
 #[async_trait::async_trait]
 impl MetadataStore for SqliteMeta {
     async fn create_org(&self, id: Uuid, name: &str, feature: bool) -> Result<()> {
-        let mut tx = self.write.begin().await?;
+        let mut tx = begin_write(&self.write).await?;
         sqlx::query(
             "INSERT INTO orgs (id, name, feature_session_recording, created_at) VALUES (?, ?, ?, ?)",
         )
@@ -235,7 +242,7 @@ impl MetadataStore for SqliteMeta {
         email: &str,
         role: Role,
     ) -> Result<std::result::Result<Uuid, AdminRefusal>> {
-        let mut tx = self.write.begin().await?;
+        let mut tx = begin_write(&self.write).await?;
         let exists = sqlx::query("SELECT 1 FROM orgs WHERE id = ?")
             .bind(org.to_string())
             .fetch_optional(&mut *tx)
@@ -283,7 +290,7 @@ impl MetadataStore for SqliteMeta {
         owner: Uuid,
         node_key_hash: &str,
     ) -> Result<std::result::Result<(), AdminRefusal>> {
-        let mut tx = self.write.begin().await?;
+        let mut tx = begin_write(&self.write).await?;
         if sqlx::query("SELECT 1 FROM orgs WHERE id = ?")
             .bind(org.to_string())
             .fetch_optional(&mut *tx)
@@ -409,7 +416,7 @@ impl MetadataStore for SqliteMeta {
     }
 
     async fn insert_recording(&self, rec: &Recording) -> Result<()> {
-        let mut tx = self.write.begin().await?;
+        let mut tx = begin_write(&self.write).await?;
         sqlx::query(
             "INSERT INTO session_recordings (id, org_id, machine_id, user_id, session_type, \
              status, started_at, ended_at, duration_seconds, metadata, r2_key) \
@@ -482,9 +489,9 @@ impl MetadataStore for SqliteMeta {
 
     async fn complete(&self, id: Uuid, c: &Completion) -> Result<bool> {
         // A shallow merge, as PostgreSQL's `||` does: each given key replaces the stored value
-        // (`json_patch` would merge objects deeply and delete keys given as null). The write
-        // pool has one connection: nothing writes between the read and the update.
-        let mut tx = self.write.begin().await?;
+        // (`json_patch` would merge objects deeply and delete keys given as null). The
+        // transaction holds the write lock: nothing writes between the read and the update.
+        let mut tx = begin_write(&self.write).await?;
         let row = sqlx::query(
             "SELECT metadata FROM session_recordings WHERE id = ? AND status = 'active'",
         )
