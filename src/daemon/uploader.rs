@@ -176,13 +176,15 @@ pub async fn run_session(shared: Arc<Shared>, id: String) {
         if ahead.is_none() || streak >= MAX_STREAK || result.is_err() {
             permit = None;
         }
+        // Any step that got an answer through (a chunk, a completion, a refusal that settles
+        // the session) means uploads are not failing any more.
+        if matches!(result, Ok(Step::Progress | Step::Done))
+            && shared.uploads_failing.swap(false, Ordering::SeqCst)
+        {
+            shared.backend_back.notify_waiters();
+        }
         match result {
-            Ok(Step::Progress) => {
-                attempt = 0;
-                if shared.uploads_failing.swap(false, Ordering::SeqCst) {
-                    shared.backend_back.notify_waiters();
-                }
-            }
+            Ok(Step::Progress) => attempt = 0,
             Ok(Step::Done) => {
                 finish(&shared, &id);
                 return;
