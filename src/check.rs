@@ -79,6 +79,15 @@ pub fn check(file: Option<&Path>, reach_backend: bool) -> Report {
     // typo of a key that then keeps its default (`enfroce = true` leaves enforcement off).
     r.problems.extend(unknown_keys);
     r.warnings.extend(warnings);
+    if let Some(p) = &used {
+        if let Some(why) = unreadable_by_users(p) {
+            r.problems.push(format!(
+                "{}: {why}: `shell` reads it as the user who logs in, so every login would be \
+                 refused (chmod 0644; keep the node key in node_key_file)",
+                p.display()
+            ));
+        }
+    }
     let source = match &used {
         Some(p) => p.display().to_string(),
         None => {
@@ -244,4 +253,18 @@ fn one_line(e: &anyhow::Error) -> String {
         .split_whitespace()
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// Why other users could not read `file` (the file's or a folder's mode), if they could not.
+fn unreadable_by_users(file: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = |p: &Path| std::fs::metadata(p).map(|m| m.permissions().mode()).ok();
+    if mode(file).is_some_and(|m| m & 0o004 == 0) {
+        return Some("other users cannot read it".into());
+    }
+    let abs = std::path::absolute(file).ok()?;
+    abs.ancestors()
+        .skip(1)
+        .find(|d| mode(d).is_some_and(|m| m & 0o001 == 0))
+        .map(|d| format!("other users cannot enter {}", d.display()))
 }

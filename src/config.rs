@@ -115,8 +115,9 @@ const KEYS: &[(&str, Kind)] = &[
     ("status_command", Kind::Str),
 ];
 
-/// Environment variables with the prefix that are not configuration keys.
-const NON_KEY_ENV: &[&str] = &["CONFIG", "LOG"];
+/// Environment variables with the prefix that are not configuration keys (`FORCE_REMOVE` is
+/// the package scripts').
+const NON_KEY_ENV: &[&str] = &["CONFIG", "LOG", "FORCE_REMOVE"];
 
 /// `--config FILE`, shared by the agent's subcommands.
 #[derive(clap::Args, Debug, Clone, Default)]

@@ -54,6 +54,15 @@ impl Drop for Backend {
     }
 }
 
+/// A folder for a config, readable by every user as `/etc/ztna-recorder` is (`shell` reads
+/// the config as the user who logs in, and `config check` says so when it could not).
+fn config_dir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
 /// Writes `config.toml` (and the node key file, when given) into `dir`.
 fn write_config(dir: &Path, server_url: &str, node_key: Option<&str>) -> PathBuf {
     let mut text = format!("server_url = \"{server_url}\"\n");
@@ -101,7 +110,7 @@ fn assert_one_error(out: &Output, needle: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn good_config_says_ok_and_never_prints_the_key() {
     let b = Backend::start(true).await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = config_dir();
     let f = write_config(dir.path(), &b.url, Some(&b.node_key));
     let out = check(&f).await;
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
@@ -124,7 +133,7 @@ async fn good_config_says_ok_and_never_prints_the_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recording_switched_off_is_ok_with_a_warning() {
     let b = Backend::start(false).await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = config_dir();
     let f = write_config(dir.path(), &b.url, Some(&b.node_key));
     let out = check(&f).await;
     let stderr = text(&out.stderr);
@@ -137,7 +146,7 @@ async fn recording_switched_off_is_ok_with_a_warning() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_node_key_is_one_line() {
     let b = Backend::start(true).await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = config_dir();
     let wrong = "0".repeat(128);
     let f = write_config(dir.path(), &b.url, Some(&wrong));
     let line = assert_one_error(&check(&f).await, "rejected the node key (UNAUTHORIZED)");
@@ -154,7 +163,7 @@ async fn unreachable_url_is_one_line() {
         l.local_addr().unwrap().port()
     };
     let url = format!("http://127.0.0.1:{port}");
-    let dir = tempfile::tempdir().unwrap();
+    let dir = config_dir();
     let f = write_config(dir.path(), &url, Some(&b.node_key));
     let line = assert_one_error(&check(&f).await, "cannot reach the backend at");
     assert!(line.contains(&url), "{line}");
@@ -163,7 +172,7 @@ async fn unreachable_url_is_one_line() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_file_is_one_line_with_its_position() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = config_dir();
     let f = dir.path().join("config.toml");
     std::fs::write(&f, "server_url = \"http://127.0.0.1:1\"\nenforce = \n").unwrap();
     let line = assert_one_error(&check(&f).await, "not valid TOML at line 2");
@@ -172,7 +181,7 @@ async fn malformed_file_is_one_line_with_its_position() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_problem_gets_its_own_line() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = config_dir();
     let f = dir.path().join("config.toml");
     // No server_url (a misspelt key instead) and a missing node key file: three independent
     // problems (a wrongly typed value is caught by the loader first).
@@ -216,4 +225,18 @@ async fn every_problem_gets_its_own_line() {
     // A wrong type is the loader's one error, naming the key.
     std::fs::write(&f, "server_url = \"http://x\"\nchunk_max_secs = \"ten\"\n").unwrap();
     assert_one_error(&check(&f).await, "chunk_max_secs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_other_users_cannot_read_is_an_error() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let b = Backend::start(true).await;
+    let dir = config_dir();
+    let f = write_config(dir.path(), &b.url, Some(&b.node_key));
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert_one_error(&check(&f).await, "other users cannot read it");
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let line = assert_one_error(&check(&f).await, "other users cannot enter");
+    assert!(line.contains(&dir.path().display().to_string()), "{line}");
 }
