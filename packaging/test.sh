@@ -200,9 +200,11 @@ grep -q 'unknown key' "$WORK/check.out" && fail "the example config has unknown 
 # real shell (`nobody`'s is nologin, which `shell` would run).
 chmod 755 "$WORK"
 LOGIN_USER=ztna-pkg-login
-id -u "$LOGIN_USER" >/dev/null 2>&1 || as_root useradd --system --no-create-home --shell /bin/sh "$LOGIN_USER"
-trap 'rm -rf "$WORK"; as_root userdel "$LOGIN_USER" 2>/dev/null || true' EXIT
-out=$(cd / && setpriv --reuid="$LOGIN_USER" --regid="$LOGIN_USER" --clear-groups env SSH_ORIGINAL_COMMAND='echo login-ok' \
+if ! id -u "$LOGIN_USER" >/dev/null 2>&1; then
+  as_root useradd --system --user-group --no-create-home --shell /bin/sh "$LOGIN_USER"
+  trap 'rm -rf "$WORK"; as_root userdel "$LOGIN_USER" 2>/dev/null || true' EXIT
+fi
+out=$(cd / && as_root setpriv --reuid="$LOGIN_USER" --regid="$(id -g "$LOGIN_USER")" --clear-groups env SSH_ORIGINAL_COMMAND='echo login-ok' \
   ZTNA_RECORDER_CONFIG="$R/etc/ztna-recorder/config.toml" ZTNA_RECORDER_SOCKET="$WORK/no-daemon.sock" \
   "$R/usr/bin/ztna-recorder" shell 2>"$WORK/login.err") || true
 [ "$out" = login-ok ] || fail "a user's session on the installed config did not run: $out $(cat "$WORK/login.err")"

@@ -72,7 +72,21 @@ pub fn run(args: RecordArgs) -> anyhow::Result<u8> {
     if args.upload {
         anyhow::bail!("--upload is handled by ztna-recorderd");
     }
-    let config = load_config(&args)?;
+    // A local recording needs nothing from the agent's configuration but `capture_input`:
+    // a system config this user cannot use does not stop it (one given by name must load).
+    let config = match load_config(&args) {
+        Ok(c) => c,
+        Err(e) if args.config.config.is_none() => {
+            if !args.quiet {
+                eprintln!("ztna-recorder: ignoring the agent configuration: {e:#}");
+            }
+            crate::config::Config {
+                capture_input: args.capture_input,
+                ..Default::default()
+            }
+        }
+        Err(e) => return Err(e),
+    };
     Ok(record(&args, &config)?.1.status.code())
 }
 

@@ -675,6 +675,39 @@ fn overwrite_quiet_and_command() {
         .unwrap();
     assert_ne!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--cols"));
+    // The agent's configuration unusable (here a bad ZTNA_RECORDER_* value): a local
+    // recording still runs, and says why the configuration was ignored…
+    let out = StdCommand::new(BIN)
+        .args(["record", "--overwrite", "-c", "echo still"])
+        .arg(&file)
+        .env("ZTNA_RECORDER_CHUNK_MAX_SECS", "soon")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(out.stdout, b"still\r\n");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("ignoring the agent configuration") && err.contains("chunk_max_secs"),
+        "{err}"
+    );
+    // …but a configuration named with --config must load.
+    let out = StdCommand::new(BIN)
+        .args([
+            "record",
+            "-q",
+            "--overwrite",
+            "--config",
+            "/nonexistent/agent.toml",
+            "-c",
+            "echo no",
+        ])
+        .arg(&file)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/agent.toml"));
 }
 
 #[test]
