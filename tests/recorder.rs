@@ -715,8 +715,10 @@ fn input_is_recorded_only_with_capture_input() {
     // Off by default; on by the flag, the environment (any of the config's true words) or
     // the configuration file, as for `shell`.
     type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], bool);
+    // (An empty file for "default": the machine's own /etc/ztna-recorder/config.toml is not
+    // the test's.)
     let cases: [Case; 5] = [
-        (&[], &[], false),
+        (&["--config", "empty.toml"], &[], false),
         (&["--capture-input"], &[], true),
         (&[], &[("ZTNA_RECORDER_CAPTURE_INPUT", "1")], true),
         (&["--config", "on.toml"], &[], true),
@@ -726,6 +728,7 @@ fn input_is_recorded_only_with_capture_input() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("on.toml"), "capture_input = true\n").unwrap();
         std::fs::write(dir.path().join("off.toml"), "capture_input = false\n").unwrap();
+        std::fs::write(dir.path().join("empty.toml"), "").unwrap();
         let mut args = vec!["record", "-q"];
         args.extend(extra);
         args.extend([
