@@ -21,10 +21,19 @@ pub fn format(t: OffsetDateTime) -> String {
         .unwrap_or_else(|_| t.unix_timestamp().to_string())
 }
 
+/// SQLite's own `datetime()` text (`2026-03-17 10:00:00`, UTC), maybe with a fraction.
+const SQLITE_FORMAT: &[FormatItem<'static>] =
+    format_description!("[year]-[month]-[day] [hour]:[minute]:[second][optional [.[subsecond]]]");
+
+/// What we write, and also what a person or a script puts in the SQLite file by hand (any
+/// RFC 3339 time, or SQLite's `datetime('now', '-100 days')`): a row edited so must not make
+/// `get` and `list` fail.
 pub fn parse(s: &str) -> Option<OffsetDateTime> {
     PrimitiveDateTime::parse(s, FORMAT)
-        .ok()
         .map(|p| p.assume_utc())
+        .or_else(|_| OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339))
+        .or_else(|_| PrimitiveDateTime::parse(s, SQLITE_FORMAT).map(|p| p.assume_utc()))
+        .ok()
 }
 
 #[cfg(test)]
@@ -36,5 +45,20 @@ mod tests {
         assert_eq!(s.len(), 27);
         assert!(s.ends_with('Z'));
         assert_eq!(super::parse(&s), Some(t));
+    }
+
+    #[test]
+    fn hand_written_times_parse() {
+        let want = time::macros::datetime!(2020-01-02 03:04:05 UTC);
+        for s in [
+            "2020-01-02T03:04:05Z",
+            "2020-01-02T03:04:05.000Z",
+            "2020-01-02T04:04:05+01:00",
+            "2020-01-02 03:04:05",
+            "2020-01-02 03:04:05.000",
+        ] {
+            assert_eq!(super::parse(s), Some(want), "{s}");
+        }
+        assert_eq!(super::parse("yesterday"), None);
     }
 }

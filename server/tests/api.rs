@@ -223,28 +223,13 @@ impl Stores {
                     self.dir.path().join("recordings.db").display()
                 );
                 let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
-                let row = sqlx::query("SELECT started_at FROM session_recordings WHERE id = ?")
-                    .bind(session)
-                    .fetch_one(&pool)
-                    .await
-                    .unwrap();
-                let started: String = row.get(0);
-                let t = time::PrimitiveDateTime::parse(
-                    &started,
-                    time::macros::format_description!(
-                        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
-                    ),
+                // As a person would with the sqlite3 shell: SQLite's own time format
+                // (`2026-03-17 10:00:00`), which the server must read back.
+                sqlx::query(
+                    "UPDATE session_recordings SET started_at = datetime(started_at, ?) WHERE id = ?",
                 )
-                .unwrap()
-                    - time::Duration::days(days);
-                let s = t
-                    .format(time::macros::format_description!(
-                        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
-                    ))
-                    .unwrap();
-                sqlx::query("UPDATE session_recordings SET started_at = ? WHERE id = ?")
-                    .bind(s)
-                    .bind(session)
+                .bind(format!("-{days} days"))
+                .bind(session)
                     .execute(&pool)
                     .await
                     .unwrap();
