@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use sha2::{Digest as _, Sha256};
-use sqlx::Row as _;
 use ztna_recorder_server::{App, Config, Role, S3Config, SettingsUpdate};
 
 // ---------------------------------------------------------------------------------------
