@@ -776,11 +776,14 @@ fn input_loop(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(_) => break,
         };
-        if pty.write_all(&buf[..n]).is_err() {
-            break;
-        }
+        // Recorded before it is delivered: once the program has it, it may answer and exit,
+        // and the session's end may close the queue before a push made after the write (the
+        // last keys typed were lost that way when this thread was preempted in between).
         if let Some(rec) = &rec {
             rec.push_bytes(BytesKind::Input, &buf[..n], start.elapsed());
+        }
+        if pty.write_all(&buf[..n]).is_err() {
+            break;
         }
     }
     let _ = ctl.send(Ctl::InputEof(pty));
