@@ -72,33 +72,33 @@ pub fn run(args: RecordArgs) -> anyhow::Result<u8> {
     if args.upload {
         anyhow::bail!("--upload is handled by ztna-recorderd");
     }
-    // A local recording needs nothing from the agent's configuration but `capture_input`:
-    // a system config this user cannot use does not stop it (one given by name must load).
-    let config = match load_config(&args) {
-        Ok(c) => c,
-        Err(e) if args.config.config.is_none() => {
-            if !args.quiet {
-                eprintln!("ztna-recorder: ignoring the agent configuration: {e:#}");
-            }
-            crate::config::Config {
-                capture_input: args.capture_input,
-                ..Default::default()
-            }
-        }
-        Err(e) => return Err(e),
-    };
+    let config = load_config(&args)?;
     Ok(record(&args, &config)?.1.status.code())
 }
 
 /// The agent's configuration (defaults, file, `ZTNA_RECORDER_*`), `--capture-input` on top:
-/// `record` follows `capture_input` as `shell` does.
+/// `record` follows `capture_input` as `shell` does. A local recording needs nothing else
+/// from it, so a system configuration this user cannot use does not stop one; `--upload`
+/// needs it, and a file named with `--config` must load either way.
 fn load_config(args: &RecordArgs) -> anyhow::Result<crate::config::Config> {
     let flags = if args.capture_input {
         vec![("capture_input", "true".to_string())]
     } else {
         Vec::new()
     };
-    let loaded = crate::config::Config::load(args.config.config.as_deref(), flags)?;
+    let loaded = match crate::config::Config::load(args.config.config.as_deref(), flags) {
+        Ok(l) => l,
+        Err(e) if !args.upload && args.config.config.is_none() => {
+            if !args.quiet {
+                eprintln!("ztna-recorder: ignoring the agent configuration: {e:#}");
+            }
+            return Ok(crate::config::Config {
+                capture_input: args.capture_input,
+                ..Default::default()
+            });
+        }
+        Err(e) => return Err(e),
+    };
     if !args.quiet {
         for w in loaded.notices() {
             eprintln!("ztna-recorder: {w}");
