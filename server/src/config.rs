@@ -4,7 +4,6 @@
 
 use std::fmt;
 use std::io::Write as _;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -36,8 +35,9 @@ impl fmt::Debug for S3Config {
 /// Everything the server needs. Build with [`Config::with_data_dir`] and adjust fields.
 #[derive(Clone)]
 pub struct Config {
-    /// `--listen` / `ZTNA_LISTEN`, used by the binary's `serve` (library callers pass a listener).
-    pub listen: SocketAddr,
+    /// `--listen` / `ZTNA_LISTEN` (`HOST:PORT`), used by the binary's `serve` (library
+    /// callers pass a listener).
+    pub listen: String,
     /// `--data-dir` / `ZTNA_DATA_DIR`: holds the SQLite file, the objects and the JWT secret
     /// unless those are configured elsewhere.
     pub data_dir: PathBuf,
@@ -98,7 +98,7 @@ impl Config {
     /// Defaults for everything, with `data_dir` as given.
     pub fn with_data_dir(data_dir: impl Into<PathBuf>) -> Self {
         Config {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            listen: DEFAULT_LISTEN.to_string(),
             data_dir: data_dir.into(),
             database_url: None,
             store_url: None,

@@ -74,9 +74,12 @@ struct Global {
     /// S3 region [default: auto]
     #[arg(long, env = "S3_REGION", global = true, value_name = "REGION")]
     s3_region: Option<String>,
-    /// Address to listen on (`serve`).
-    #[arg(long, env = "ZTNA_LISTEN", global = true, default_value = config::DEFAULT_LISTEN)]
-    listen: SocketAddr,
+    /// Address to listen on (`serve`): HOST:PORT, the host a name or an IP address.
+    // A string, resolved only by `serve`: a stray ZTNA_LISTEN in the environment must not
+    // stop `admin` commands, which listen on nothing.
+    #[arg(long, env = "ZTNA_LISTEN", global = true, default_value = config::DEFAULT_LISTEN,
+          value_name = "HOST:PORT")]
+    listen: String,
 }
 
 #[derive(Subcommand, Debug)]
@@ -239,7 +242,7 @@ fn build_config(g: &Global) -> Result<Config, String> {
     c.database_url = g.database.clone();
     c.store_url = g.store.clone();
     c.jwt_secret = g.jwt_secret.clone();
-    c.listen = g.listen;
+    c.listen = g.listen.clone();
     c.s3 = S3Config {
         endpoint: g.s3_endpoint.clone(),
         access_key: g.s3_access_key.clone(),
@@ -284,8 +287,13 @@ async fn run(cli: Cli) -> Result<(), String> {
             init_tracing("info");
             config.sweep_interval = Duration::from_secs(args.sweep_interval_secs);
             tracing::info!(?config, "starting");
+            // Resolved before anything is opened, so a bad address creates no data directory.
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host(config.listen.as_str())
+                .await
+                .map_err(|e| format!("bad --listen / ZTNA_LISTEN {:?}: {e}", config.listen))?
+                .collect();
             let app = App::open(config.clone()).await.map_err(|e| e.to_string())?;
-            let listener = tokio::net::TcpListener::bind(config.listen)
+            let listener = tokio::net::TcpListener::bind(addrs.as_slice())
                 .await
                 .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
             let addr = listener.local_addr().map_err(|e| e.to_string())?;

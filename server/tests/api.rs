@@ -2073,7 +2073,7 @@ async fn binary_on_defaults_and_sigterm() {
     let bin = env!("CARGO_BIN_EXE_ztna-recorder-server");
     // Settings go before or after the command (`--listen` included).
     let mut child = tokio::process::Command::new(bin)
-        .args(["--listen", "127.0.0.1:0", "serve"])
+        .args(["--listen", "localhost:0", "serve"])
         .env("ZTNA_DATA_DIR", &data)
         .env_remove("DATABASE_URL")
         .env_remove("STORE_URL")
@@ -2150,6 +2150,27 @@ async fn binary_on_defaults_and_sigterm() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("mysql://x"));
+    // The listen address matters to `serve` only: a bad one stops `serve` before it creates
+    // anything, and leaves `admin` working.
+    let out = std::process::Command::new(bin)
+        .args(["admin", "org", "create", "--name", "x", "--data-dir"])
+        .arg(stores.dir.path().join("flag"))
+        .env("ZTNA_LISTEN", "no-port-here")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = std::process::Command::new(bin)
+        .args(["serve", "--listen", "no-port-here", "--data-dir"])
+        .arg(stores.dir.path().join("never"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no-port-here"));
+    assert!(!stores.dir.path().join("never").exists());
 }
 
 /// `serve` runs the retention sweep by itself every `sweep_interval`.
