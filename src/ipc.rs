@@ -155,6 +155,27 @@ pub fn read_frame<R: Read>(r: &mut R) -> Result<Frame, FrameError> {
     Ok(Frame { kind, payload })
 }
 
+/// Waits until `s` has input (or is closed), then reads one frame. For a thread that only
+/// listens on a socket another thread writes: a reader blocked in `read` shares the socket's
+/// one wait queue with the writer's side, so it was woken each time the daemon drained a
+/// frame (thousands of useless wake-ups in a session of bulk output), while
+/// `poll` for input is woken by input only.
+pub fn read_frame_when_readable(
+    s: &mut std::os::unix::net::UnixStream,
+) -> Result<Frame, FrameError> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd as _;
+    loop {
+        let mut fds = [PollFd::new(s.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => break,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(std::io::Error::from(e).into()),
+        }
+    }
+    read_frame(s)
+}
+
 /// Writes one frame (async).
 pub async fn write_frame_async<W: AsyncWrite + Unpin>(
     w: &mut W,

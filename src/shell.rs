@@ -545,7 +545,7 @@ fn run_pty(
             .stack_size(64 * 1024)
             .spawn(move || {
                 let mut stopping = false;
-                let r = match ipc::read_frame(&mut watch) {
+                let r = match ipc::read_frame_when_readable(&mut watch) {
                     Ok(f) if f.kind == Kind::Ack => Ok(()),
                     Ok(f) if f.kind == Kind::Error => Err(match f.parse::<ipc::ErrorMsg>() {
                         Ok(m) => {
@@ -717,7 +717,7 @@ fn run_piped(
             .stack_size(64 * 1024)
             .spawn(move || {
                 let mut stopping = false;
-                let why = match ipc::read_frame(&mut watch) {
+                let why = match ipc::read_frame_when_readable(&mut watch) {
                     Ok(f) if f.kind == Kind::Error => match f.parse::<ipc::ErrorMsg>() {
                         Ok(m) => {
                             stopping = m.code == ipc::ERROR_STOPPING;
