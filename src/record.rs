@@ -38,8 +38,12 @@ pub struct RecordArgs {
 
     /// Also record what is typed (`i` events) [default: `capture_input` of the agent's
     /// configuration, false].
-    #[arg(short = 'I', long)]
+    #[arg(short = 'I', long, overrides_with = "no_capture_input")]
     pub capture_input: bool,
+
+    /// Do not record what is typed, whatever the agent's configuration says.
+    #[arg(long, overrides_with = "capture_input")]
+    pub no_capture_input: bool,
 
     /// The recording's title.
     #[arg(short = 't', long)]
@@ -76,15 +80,16 @@ pub fn run(args: RecordArgs) -> anyhow::Result<u8> {
     Ok(record(&args, &config)?.1.status.code())
 }
 
-/// The agent's configuration (defaults, file, `ZTNA_RECORDER_*`), `--capture-input` on top:
-/// `record` follows `capture_input` as `shell` does. A local recording needs nothing else
+/// The agent's configuration (defaults, file, `ZTNA_RECORDER_*`), `--[no-]capture-input` on
+/// top: `record` follows `capture_input` as `shell` does. A local recording needs nothing else
 /// from it, so a system configuration this user cannot use does not stop one; `--upload`
 /// needs it, and a file named with `--config` must load either way.
 fn load_config(args: &RecordArgs) -> anyhow::Result<crate::config::Config> {
-    let flags = if args.capture_input {
-        vec![("capture_input", "true".to_string())]
-    } else {
-        Vec::new()
+    // clap keeps only the last of the two flags.
+    let flags = match (args.capture_input, args.no_capture_input) {
+        (true, _) => vec![("capture_input", "true".to_string())],
+        (_, true) => vec![("capture_input", "false".to_string())],
+        _ => Vec::new(),
     };
     let loaded = match crate::config::Config::load(args.config.config.as_deref(), flags) {
         Ok(l) => l,

@@ -717,12 +717,16 @@ fn input_is_recorded_only_with_capture_input() {
     type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], bool);
     // (An empty file for "default": the machine's own /etc/ztna-recorder/config.toml is not
     // the test's.)
-    let cases: [Case; 5] = [
+    // `--no-capture-input` turns it off over the configuration; the last of the two flags wins.
+    let cases: [Case; 8] = [
         (&["--config", "empty.toml"], &[], false),
         (&["--capture-input"], &[], true),
         (&[], &[("ZTNA_RECORDER_CAPTURE_INPUT", "1")], true),
         (&["--config", "on.toml"], &[], true),
         (&["--config", "off.toml"], &[], false),
+        (&["--config", "on.toml", "--no-capture-input"], &[], false),
+        (&["--no-capture-input", "--capture-input"], &[], true),
+        (&["--capture-input", "--no-capture-input"], &[], false),
     ];
     for (extra, env, capture) in cases {
         let dir = tempfile::tempdir().unwrap();
