@@ -1942,6 +1942,74 @@ impl Proc {
     }
 }
 
+/// Two servers on one SQLite file (as `serve` and an `admin` command, or two `serve`s, would
+/// be): recordings completed on one while chunks land through the other. `complete` reads
+/// the metadata, then writes it: begun as a plain (deferred) transaction, it failed with
+/// SQLITE_BUSY_SNAPSHOT, without waiting, whenever the other server committed in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_share_one_sqlite_file() {
+    let s = Server::start(Backend::Sqlite).await;
+    let second = App::open(s.stores.config()).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let other = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(ztna_recorder_server::serve(listener, second, async {
+        let _ = stopped.await;
+    }));
+    let streaming = s.start_recording().await;
+    let mut done = Vec::new();
+    for _ in 0..30 {
+        done.push(s.start_recording().await);
+    }
+    let send = |base: &str, body: Value| {
+        let req = s
+            .http
+            .post(format!("{base}/api/session-recording-agent"))
+            .json(&body);
+        tokio::spawn(async move {
+            let r = req.send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.text().await.unwrap())
+        })
+    };
+    let mut tasks = Vec::new();
+    for i in 0..60 {
+        tasks.push(send(
+            &other,
+            json!({"action": "upload_chunk", "node_key": s.fx.node_key,
+            "session_id": streaming, "chunk_index": i,
+            "chunk_data": format!("[{i}.5, \"o\", \"chunk {i}\"]\n")}),
+        ));
+        if let Some(rec) = done.get(i / 2).filter(|_| i % 2 == 0) {
+            tasks.push(send(
+                &s.base,
+                json!({"action": "complete", "node_key": s.fx.node_key,
+                "session_id": rec, "duration_seconds": 1, "metadata": {"exit_status": 0}}),
+            ));
+        }
+    }
+    for t in tasks {
+        let (status, body) = t.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+    let d = s.get(&streaming).await;
+    assert_eq!(
+        d["recording"]["metadata"]["chunks"]
+            .as_array()
+            .unwrap()
+            .len(),
+        60
+    );
+    for rec in &done {
+        let d = s.get(rec).await;
+        assert_eq!(d["recording"]["status"], "completed");
+        assert_eq!(d["recording"]["metadata"]["exit_status"], 0);
+    }
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+    s.stop().await;
+}
+
 /// Two `serve` processes on one PostgreSQL and one bucket: chunks alternately to both, then a
 /// retention sweep on each at once. Nothing lost, nothing deleted twice, no error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
