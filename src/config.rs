@@ -161,12 +161,29 @@ fn readable_by_others(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o044 != 0)
 }
 
+/// The `ZTNA_RECORDER_*` variables. Only ours are read: any other variable may hold bytes that
+/// are not UTF-8 (an SSH client may send a Latin-1 `LANG` or `LC_*`), and `std::env::vars`
+/// panics on those.
+fn our_env() -> anyhow::Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for (name, val) in std::env::vars_os() {
+        let Some(name) = name.to_str().filter(|n| n.starts_with(ENV_PREFIX)) else {
+            continue;
+        };
+        let Some(val) = val.to_str() else {
+            bail!("environment variable {name}: the value is not valid UTF-8");
+        };
+        out.push((name.to_string(), val.to_string()));
+    }
+    Ok(out)
+}
+
 impl Config {
     /// Loads from the process environment, the given explicit file and flags.
     pub fn load(file: Option<&Path>, flags: Vec<(&'static str, String)>) -> anyhow::Result<Loaded> {
         Self::load_from(Sources {
             file: file.map(Path::to_path_buf),
-            env: std::env::vars().collect(),
+            env: our_env()?,
             flags,
         })
     }

@@ -267,7 +267,12 @@ pub fn run(args: ShellArgs) -> anyhow::Result<u8> {
         Err(e) => return Ok(refuse(&format!("configuration: {e:#}"))),
     };
     let acct = account();
-    let command = std::env::var("SSH_ORIGINAL_COMMAND").ok();
+    // Run byte for byte as sent (a file name may be Latin-1); the recording's metadata and
+    // header are JSON, so they carry it with U+FFFD for what is not UTF-8.
+    let raw_command = std::env::var_os("SSH_ORIGINAL_COMMAND");
+    let command = raw_command
+        .as_ref()
+        .map(|c| c.to_string_lossy().into_owned());
     let kind = classify(command.as_deref());
     let tty = io::stdin().is_terminal();
     let meta = metadata(&acct, kind, command.as_deref(), tty);
@@ -290,13 +295,19 @@ pub fn run(args: ShellArgs) -> anyhow::Result<u8> {
         metadata: meta,
     };
 
-    let program = program_for(&acct, kind, command.as_deref());
+    let program = program_for(&acct, kind, command.as_deref(), raw_command.as_deref());
     match plan(&cfg, &start) {
         Plan::Refuse(why) => Ok(refuse(&why)),
         Plan::Unrecorded => Err(exec_unrecorded(&acct, &program)),
         Plan::Record(stream) => match (kind, tty) {
             (SessionKind::FileTransfer, _) => run_piped(&cfg, stream, &program, false),
-            (_, true) => run_pty(&cfg, stream, &acct, command.as_deref()),
+            (_, true) => run_pty(
+                &cfg,
+                stream,
+                &acct,
+                command.as_deref(),
+                raw_command.as_deref(),
+            ),
             (_, false) => run_piped(&cfg, stream, &program, true),
         },
     }
@@ -316,7 +327,13 @@ struct Program {
     args: Vec<OsString>,
 }
 
-fn program_for(acct: &Account, kind: SessionKind, command: Option<&str>) -> Program {
+/// `command` is `raw` as text (for matching); `raw` is what runs.
+fn program_for(
+    acct: &Account,
+    kind: SessionKind,
+    command: Option<&str>,
+    raw: Option<&std::ffi::OsStr>,
+) -> Program {
     match command {
         None => {
             let base = Path::new(&acct.shell)
@@ -346,7 +363,7 @@ fn program_for(acct: &Account, kind: SessionKind, command: Option<&str>) -> Prog
             Program {
                 path: acct.shell.clone().into(),
                 arg0: acct.shell.clone().into(),
-                args: vec!["-c".into(), c.into()],
+                args: vec!["-c".into(), raw.map_or_else(|| c.into(), OsString::from)],
             }
         }
     }
@@ -508,14 +525,16 @@ fn run_pty(
     stream: UnixStream,
     acct: &Account,
     command: Option<&str>,
+    raw: Option<&std::ffi::OsStr>,
 ) -> anyhow::Result<u8> {
-    let cmd = match command {
-        None => {
+    let cmd = match (command, raw) {
+        (Some(_), Some(r)) => Command::shell_command(&acct.shell, r),
+        (Some(c), None) => Command::shell_command(&acct.shell, c),
+        (None, _) => {
             let mut c = Command::login_shell();
             c.env("SHELL", &acct.shell);
             c
         }
-        Some(c) => Command::shell_command(&acct.shell, c),
     };
     let mut sc = SessionConfig::new(cmd);
     sc.header_command = command.map(str::to_string);

@@ -812,6 +812,38 @@ async fn exec_without_pty_is_byte_exact_and_recorded() {
     assert!(text.contains("err\n"), "{text:?}");
     let stdout_part = text.replacen("err\n", "", 1);
     assert_eq!(stdout_part, "a\u{0}b\u{fffd}c\r\nété\nfrom-stdin");
+
+    // Bytes that are not UTF-8 in the command (a Latin-1 file name) and in a variable the
+    // client sent (Debian's sshd has `AcceptEnv LANG LC_*`): run as sent, recorded with
+    // U+FFFD. Reading the environment used to panic on them.
+    use std::os::unix::ffi::OsStrExt as _;
+    let out = tokio::task::block_in_place(|| {
+        Command::new(BIN)
+            .arg("shell")
+            .env("ZTNA_RECORDER_CONFIG", agent.config())
+            .env(
+                "SSH_ORIGINAL_COMMAND",
+                std::ffi::OsStr::from_bytes(b"printf '%s' 'caf\xe9'"),
+            )
+            .env("LC_FOO", std::ffi::OsStr::from_bytes(b"\xe9t\xe9"))
+            .env_remove("ZTNA_RECORDER_LOG")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    });
+    assert_eq!(
+        out.stdout,
+        b"caf\xe9",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(0));
+    let recs = backend.wait_completed(2, Duration::from_secs(20)).await;
+    let rec = recs
+        .iter()
+        .find(|r| r["metadata"]["command"] == "printf '%s' 'caf\u{fffd}'")
+        .expect("the Latin-1 command's recording");
+    assert_eq!(output_of(&backend.events_text(rec)), "caf\u{fffd}");
     stop_all(&mut daemon, &mut backend).await;
 }
 

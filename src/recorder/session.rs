@@ -58,7 +58,7 @@ impl Command {
     }
 
     /// `shell -c command`, as sshd runs a remote command.
-    pub fn shell_command(shell: impl AsRef<OsStr>, command: &str) -> Self {
+    pub fn shell_command(shell: impl AsRef<OsStr>, command: impl AsRef<OsStr>) -> Self {
         let mut c = Command::new(shell);
         c.arg("-c").arg(command);
         c
