@@ -1011,6 +1011,43 @@ impl Drop for Tmpfs {
     }
 }
 
+/// `record` on a disk that fills up (a 64 KiB tmpfs): the session runs to its end and keeps
+/// its exit status, and the file stops at the last whole line, so it still plays. A write
+/// cut short by the full disk used to leave half a line.
+#[test]
+fn record_on_a_full_disk_keeps_a_playable_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk");
+    std::fs::create_dir(&disk).unwrap();
+    let _disk = Tmpfs::mount(&disk, "64k");
+    let file = disk.join("full.cast");
+    let out = Command::new(BIN)
+        .args([
+            "record",
+            "-q",
+            "-c",
+            "seq -f 'line %g of a session that fills the disk' 1 5000; exit 5",
+        ])
+        .arg(&file)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(5));
+    assert!(
+        !out.stderr.is_empty(),
+        "the recorder says the recording is incomplete"
+    );
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(
+        text.len() > 30_000 && text.ends_with('\n'),
+        "{} bytes",
+        text.len()
+    );
+    let cast = ztna_common::asciicast::parse_transcript(&text).unwrap();
+    assert!(cast.header.is_some());
+    assert!(cast.events_text.contains("line 1 of a session"));
+}
+
 /// The spool's disk full (a 64 KiB tmpfs, the spool limit far above it): the live session is
 /// told and stops being recorded, a new session is refused, and once the backend is back
 /// everything spooled before the disk filled arrives, whole lines in order, and the session

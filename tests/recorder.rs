@@ -710,6 +710,40 @@ fn overwrite_quiet_and_command() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/agent.toml"));
 }
 
+/// What the recorder has handled is in the file while the session runs, so a recorder killed
+/// mid-session (SIGKILL, the OOM killer) leaves a playable recording of it, and the file can
+/// be followed. It used to reach the file only when a buffer filled or the session ended.
+#[test]
+fn the_file_holds_the_session_while_it_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("live.cast");
+    let go = dir.path().join("go");
+    let cmd = format!(
+        "echo output-$((6*7)); while [ ! -e '{}' ]; do sleep 0.05; done",
+        go.display()
+    );
+    let mut child = StdCommand::new(BIN)
+        .args(["record", "-q", "-c", &cmd])
+        .arg(&file)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + LONG;
+    // (Not the command's own text: the header holds that from the start.)
+    while !std::fs::read(&file).is_ok_and(|b| find(&b, b"output-42")) {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the output never reached the file");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    std::fs::write(&go, "").unwrap();
+    assert!(read_cast(&file).output().contains("output-42"));
+}
+
 #[test]
 fn input_is_recorded_only_with_capture_input() {
     // Off by default; on by the flag, the environment (any of the config's true words) or
