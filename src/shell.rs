@@ -24,7 +24,7 @@ use std::ffi::OsString;
 use std::io::{self, IsTerminal, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -65,21 +65,41 @@ const SFTP_SERVERS: &[&str] = &[
     "/usr/lib/sftp-server",
 ];
 
+/// Where a file transfer's program may come from when the command names it without a path.
+const TRUSTED_DIRS: &[&str] = &["/usr/bin", "/bin", "/usr/local/bin"];
+
 /// How a remote command is classified.
 pub fn classify(command: Option<&str>) -> SessionKind {
-    let Some(cmd) = command else {
-        return SessionKind::Interactive;
-    };
+    match command {
+        None => SessionKind::Interactive,
+        Some(c) if c.trim().is_empty() => SessionKind::Interactive,
+        Some(c) if transfer_program(c).is_some() => SessionKind::FileTransfer,
+        Some(_) => SessionKind::Exec,
+    }
+}
+
+/// The system program a file-transfer command runs, when `cmd` is exactly one: an sftp server,
+/// `scp -t`/`-f` or `rsync --server`, as the clients send them. A transfer's contents are not
+/// recorded, so nothing else may pass for one: no shell syntax at all (`scp -f x; bash -i`
+/// would otherwise be an unrecorded shell), and the program is the system's, never one the
+/// user put first in a path or defined in their shell's startup files. The program is run
+/// directly, without the user's shell. Anything else is an ordinary command, recorded.
+fn transfer_program(cmd: &str) -> Option<PathBuf> {
+    transfer_program_in(cmd, &|p| p.is_file())
+}
+
+/// [`transfer_program`] with `present` saying which programs the system has.
+fn transfer_program_in(cmd: &str, present: &dyn Fn(&Path) -> bool) -> Option<PathBuf> {
+    let plain = |c: char| c.is_ascii_alphanumeric() || " \t_-./:,=+@%".contains(c);
+    if !cmd.chars().all(plain) {
+        return None;
+    }
     let words: Vec<&str> = cmd.split_whitespace().collect();
-    let Some(first) = words.first() else {
-        return SessionKind::Interactive;
-    };
-    let prog = Path::new(first)
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or(first);
-    let transfer = match prog {
-        "internal-sftp" | "sftp-server" => true,
+    let first = *words.first()?;
+    let name = Path::new(first).file_name()?.to_str()?;
+    let transfer = match name {
+        "internal-sftp" => first == name,
+        "sftp-server" => true,
         "scp" => words[1..]
             .iter()
             .take_while(|w| w.starts_with('-'))
@@ -87,11 +107,24 @@ pub fn classify(command: Option<&str>) -> SessionKind {
         "rsync" => words.get(1) == Some(&"--server"),
         _ => false,
     };
-    if transfer {
-        SessionKind::FileTransfer
-    } else {
-        SessionKind::Exec
+    if !transfer {
+        return None;
     }
+    let candidates: Vec<PathBuf> = if name == "internal-sftp" || name == "sftp-server" {
+        SFTP_SERVERS.iter().map(PathBuf::from).collect()
+    } else {
+        TRUSTED_DIRS
+            .iter()
+            .map(|d| Path::new(d).join(name))
+            .collect()
+    };
+    let found = |p: &PathBuf| present(p);
+    if first.contains('/') {
+        // A path: only one of the system's own.
+        let p = PathBuf::from(first);
+        return candidates.contains(&p).then_some(p).filter(found);
+    }
+    candidates.into_iter().find(found)
 }
 
 /// The user the session runs as.
@@ -347,17 +380,22 @@ fn program_for(
             }
         }
         Some(c) => {
-            // `internal-sftp` only exists inside sshd: run the standalone server instead.
+            // A transfer runs its system program directly (`internal-sftp` only exists inside
+            // sshd: the standalone server stands in for it).
             if kind == SessionKind::FileTransfer {
-                let mut words = c.split_whitespace();
-                if words.next() == Some("internal-sftp") {
-                    if let Some(server) = SFTP_SERVERS.iter().find(|p| Path::new(p).exists()) {
-                        return Program {
-                            path: (*server).into(),
-                            arg0: (*server).into(),
-                            args: words.map(OsString::from).collect(),
-                        };
-                    }
+                if let Some(path) = transfer_program(c) {
+                    let mut words = c.split_whitespace();
+                    let first = words.next().unwrap_or_default();
+                    let arg0 = if first == "internal-sftp" {
+                        path.clone().into_os_string()
+                    } else {
+                        first.into()
+                    };
+                    return Program {
+                        path: path.into_os_string(),
+                        arg0,
+                        args: words.map(OsString::from).collect(),
+                    };
                 }
             }
             Program {
@@ -964,5 +1002,53 @@ mod tests {
         );
         assert_eq!(classify(Some("printf hi")), SessionKind::Exec);
         assert_eq!(classify(Some("rsync -a a b")), SessionKind::Exec);
+    }
+
+    /// Only the exact commands the clients send, with the system's programs, pass for a
+    /// transfer (whose contents are not recorded); everything else is recorded.
+    #[test]
+    fn nothing_else_passes_for_a_transfer() {
+        let system = |p: &Path| {
+            [
+                "/usr/bin/scp",
+                "/usr/bin/rsync",
+                "/usr/lib/openssh/sftp-server",
+            ]
+            .contains(&p.to_str().unwrap_or_default())
+        };
+        let t = |c: &str| transfer_program_in(c, &system);
+        assert_eq!(t("scp -t /tmp/x"), Some("/usr/bin/scp".into()));
+        assert_eq!(t("/usr/bin/scp -f a.txt"), Some("/usr/bin/scp".into()));
+        assert_eq!(
+            t("rsync --server -logDtpre.iLsfxCIvu . d/"),
+            Some("/usr/bin/rsync".into())
+        );
+        assert_eq!(
+            t("internal-sftp"),
+            Some("/usr/lib/openssh/sftp-server".into())
+        );
+        assert_eq!(
+            t("/usr/lib/openssh/sftp-server -l INFO"),
+            Some("/usr/lib/openssh/sftp-server".into())
+        );
+        for evasion in [
+            "rsync --server --version >/dev/null; exec bash -i",
+            "scp -f /etc/hostname; echo x",
+            "scp -t /tmp/x$(touch /tmp/y)",
+            "scp -t /tmp/`id`",
+            "scp -t\necho x",
+            "sftp-server -h; echo x",
+            "scp -t a && bash",
+            "scp -t a | bash",
+            "scp -t '/tmp/a b'",
+            // Programs of the user's, not the system's.
+            "/home/u/bin/scp -t x",
+            "./sftp-server",
+            "/tmp/internal-sftp",
+            "/usr/bin/../../home/u/scp -t x",
+        ] {
+            assert_eq!(t(evasion), None, "{evasion:?}");
+        }
+        assert_eq!(classify(Some("scp -f x; bash -i")), SessionKind::Exec);
     }
 }

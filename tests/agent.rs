@@ -176,6 +176,10 @@ impl Backend {
     }
 }
 
+fn find_bytes(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
 fn chunk_indexes(rec: &Value) -> Vec<u64> {
     rec["metadata"]["chunks"]
         .as_array()
@@ -1472,6 +1476,23 @@ async fn sshd_exec_without_pty_is_byte_exact() {
         output_of(&backend.events_text(rec)),
         "x\u{0}y\u{fffd}\r\n42"
     );
+
+    // A command that only starts like a file transfer (whose contents are not recorded) is an
+    // ordinary command: recorded. It used to run unrecorded, a whole shell included.
+    let sneaky = "scp -f /etc/hostname; echo after-$((6*7))";
+    let out = tokio::task::block_in_place(|| s.ssh().arg(s.target()).arg(sneaky).output().unwrap());
+    assert!(
+        find_bytes(&out.stdout, b"after-42"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let recs = backend.wait_completed(2, Duration::from_secs(20)).await;
+    let rec = recs
+        .iter()
+        .find(|r| r["metadata"]["command"] == sneaky)
+        .expect("the sneaky command's recording");
+    assert_eq!(rec["metadata"]["kind"], "exec");
+    assert!(output_of(&backend.events_text(rec)).contains("after-42"));
     stop_all(&mut daemon, &mut backend).await;
 }
 
