@@ -395,12 +395,16 @@ impl FrameClient {
         ipc::write_frame(&mut self.s, Kind::Events, lines.as_bytes()).unwrap();
     }
 
+    /// The end, with metadata a client may add (`bytes_in`) and some only the daemon may set
+    /// (who the user is, and how the session ended), which it must drop.
     fn end(mut self, code: i32) {
+        let metadata = json!({"bytes_in": 7, "user": "mallory-claims-root", "uid": 0xdead,
+                              "exit_status": 99, "interrupted": false, "hostname": "linux-c"});
         let f = Frame::json(
             Kind::End,
             &EndMsg {
                 exit_status: Some(code),
-                metadata: Default::default(),
+                metadata: metadata.as_object().unwrap().clone(),
             },
         )
         .unwrap();
@@ -489,8 +493,15 @@ async fn backend_down_then_back_every_chunk_once_in_order() {
     assert_eq!(backend.events_text(rec), sent);
     assert_eq!(rec["duration_seconds"], 4); // last event at 3.5 s
     assert_eq!(rec["metadata"]["exit_status"], 0);
+    // Who and where come from the kernel and this machine, not from the client's start or end
+    // (the end's metadata used to overwrite them).
     assert_eq!(rec["metadata"]["uid"], nix::unistd::getuid().as_raw());
     assert_ne!(rec["metadata"]["user"], "mallory-claims-root");
+    assert_eq!(
+        rec["metadata"]["hostname"].as_str(),
+        nix::unistd::gethostname().unwrap().to_str()
+    );
+    assert_eq!(rec["metadata"]["bytes_in"], 7);
     assert_eq!(rec["machine_id"], backend.machine.to_string());
     // Nothing left in the spool once the backend has everything.
     wait_until("an empty spool", Duration::from_secs(10), || {

@@ -1,6 +1,6 @@
 //! The Unix socket `shell` and `status` connect to. Who connected comes from the kernel
 //! (`SO_PEERCRED`, via tokio's `peer_cred`), never from what the client says: the `uid` and
-//! `user` of a session's metadata are overwritten with the peer's.
+//! `user` of a session's metadata are the peer's, whatever the client sends (see [`OWNED_KEYS`]).
 
 use super::spool::{ChunkWriter, ClosingChunk, EndMark};
 use super::{lock, now_rfc3339, Shared};
@@ -63,6 +63,25 @@ async fn send_json<T: serde::Serialize>(
 ) -> Result<(), FrameError> {
     let f = Frame::json(kind, v)?;
     ipc::write_frame_async(w, f.kind, &f.payload).await
+}
+
+/// Metadata the daemon sets itself, from what it knows (the peer's credentials, this machine,
+/// how the session ended): a client's values for them are dropped, at the start and at the
+/// end (an `End` frame's metadata is merged into the recording's).
+const OWNED_KEYS: &[&str] = &[
+    "uid",
+    "user",
+    "hostname",
+    "exit_status",
+    "interrupted",
+    "truncated",
+    "truncated_reason",
+];
+
+fn drop_owned(m: &mut serde_json::Map<String, Value>) {
+    for k in OWNED_KEYS {
+        m.remove(*k);
+    }
 }
 
 fn user_name(uid: u32) -> Option<String> {
@@ -184,8 +203,15 @@ async fn handle(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
 
     let id = uuid::Uuid::new_v4().to_string();
     let mut metadata = start.metadata;
+    drop_owned(&mut metadata);
     metadata.insert("uid".into(), Value::from(uid));
     metadata.insert("user".into(), Value::from(user.clone()));
+    if let Some(h) = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+    {
+        metadata.insert("hostname".into(), Value::from(h));
+    }
     let kind = metadata
         .get("kind")
         .and_then(Value::as_str)
@@ -384,6 +410,7 @@ async fn record(
     match outcome {
         Outcome::Ended(end) => {
             let mut metadata = end.metadata;
+            drop_owned(&mut metadata);
             if let Some(s) = end.exit_status {
                 metadata.insert("exit_status".into(), Value::from(s));
             }
