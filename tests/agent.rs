@@ -939,17 +939,23 @@ async fn no_daemon_follows_the_enforce_policy() {
 
 /// The spool at `spool_max_bytes`: the live session stops being recorded (the shell is told),
 /// new sessions are refused (the shell then follows its enforce policy), and nothing already
-/// spooled is dropped.
+/// spooled is dropped. The limit holds while the session's chunk is still open (it was only
+/// checked when a chunk closed full, so chunks closed by time went past it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spool_full_refuses_new_sessions_and_keeps_what_it_has() {
     let mut backend = Backend::new_down(true).await;
-    let agent = Agent::new(&backend, "chunk_max_bytes = 64\nspool_max_bytes = 900\n");
+    let agent = Agent::new(
+        &backend,
+        "chunk_max_bytes = 100000\nchunk_max_secs = 1\nspool_max_bytes = 900\n",
+    );
     let mut daemon = agent.daemon();
     let (mut c, d) = FrameClient::start(&agent.socket());
     assert_eq!(d.mode, Mode::Record);
     let (sent, f) = fill_until_stopped(&mut c, 40, 50);
     assert_eq!(f.kind, Kind::Error);
     assert!(f.parse::<ipc::ErrorMsg>().unwrap().message.contains("full"));
+    let spooled = chunk_bytes(&agent.spool());
+    assert!(spooled > 0 && spooled <= 900, "{spooled} bytes spooled");
     let (_c2, d2) = FrameClient::start(&agent.socket());
     assert_eq!(d2.mode, Mode::Refused, "{d2:?}");
     assert!(d2.reason.contains("full"));

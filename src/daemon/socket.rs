@@ -333,6 +333,11 @@ async fn record(
                         Ok(x) => x,
                         Err(e) => break Outcome::Lost(format!("bad events: {e:#}")),
                     };
+                    // Before every frame, not only when a chunk closes: a chunk open for
+                    // seconds may hold megabytes.
+                    if shared.spool.bytes_estimate() + f.payload.len() as u64 > cfg.spool_max_bytes {
+                        break Outcome::SpoolFull(None);
+                    }
                     // A frame may fill a chunk part-way: the rest goes into the next one, so
                     // no chunk passes `chunk_max_bytes` (unless one line does).
                     let mut rest = &f.payload[..];
@@ -354,10 +359,6 @@ async fn record(
                                     stop = Some(Outcome::SpoolFull(Some(format!("{e:#}"))));
                                     break;
                                 }
-                            }
-                            if shared.spool.bytes_estimate() >= cfg.spool_max_bytes {
-                                stop = Some(Outcome::SpoolFull(None));
-                                break;
                             }
                         }
                     }
