@@ -214,14 +214,14 @@ impl Agent {
             format!("{}\n", backend.node_key),
         )
         .unwrap();
-        // A short drain unless the test sets its own.
-        let drain = if extra.contains("drain_secs") {
-            ""
-        } else {
-            "drain_secs = 1\n"
-        };
+        // Short waits, unless the test sets its own.
+        let quick: String = [("drain_secs", "1"), ("config_refresh_secs", "1")]
+            .iter()
+            .filter(|(k, _)| !extra.contains(k))
+            .map(|(k, v)| format!("{k} = {v}\n"))
+            .collect();
         let cfg = format!(
-            "server_url = \"{}\"\nnode_key_file = \"{}\"\nspool_dir = \"{}\"\nsocket = \"{}\"\nrescan_secs = 1\nretry_max_secs = 1\nconfig_refresh_secs = 1\n{drain}{extra}\n",
+            "server_url = \"{}\"\nnode_key_file = \"{}\"\nspool_dir = \"{}\"\nsocket = \"{}\"\nrescan_secs = 1\nretry_max_secs = 1\n{quick}{extra}\n",
             backend.base(),
             dir.path().join("node.key").display(),
             dir.path().join("spool").display(),
@@ -866,7 +866,8 @@ async fn exec_without_pty_is_byte_exact_and_recorded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recording_disabled_runs_unrecorded() {
     let mut backend = Backend::new(false).await;
-    let agent = Agent::new(&backend, "enforce = true\n");
+    // The daemon's periodic refresh of the org's settings never comes in this test.
+    let agent = Agent::new(&backend, "enforce = true\nconfig_refresh_secs = 3600\n");
     let mut daemon = agent.daemon();
     let sock = agent.socket();
     tokio::task::spawn_blocking(move || {
@@ -900,6 +901,24 @@ async fn recording_disabled_runs_unrecorded() {
             .count(),
         0
     );
+
+    // Switched back on: the next session is recorded, not only those after the next refresh
+    // (a cached "off" is asked again when a session starts).
+    backend
+        .app
+        .update_settings(
+            backend.org,
+            ztna_recorder_server::SettingsUpdate {
+                recording_enabled: Some(true),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let out = tokio::task::block_in_place(|| agent.shell(Some("printf recorded"), b"", None));
+    assert_eq!(out.stdout, b"recorded");
+    let recs = backend.wait_completed(1, Duration::from_secs(20)).await;
+    assert_eq!(output_of(&backend.events_text(&recs[0])), "recorded");
     stop_all(&mut daemon, &mut backend).await;
 }
 

@@ -65,6 +65,34 @@ async fn send_json<T: serde::Serialize>(
     ipc::write_frame_async(w, f.kind, &f.payload).await
 }
 
+/// A cached "recording is off" older than this is asked again when a session starts.
+const RECHECK_OFF: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long a session's start waits for that answer before it goes with the cached one.
+const RECHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Whether the org has switched recording off. Switching off takes effect at once anyway (the
+/// backend refuses `start`), but switching back on must reach the next session, not only those
+/// after the next periodic refresh: while the cached answer is "off", a session's start asks
+/// again (at most once per [`RECHECK_OFF`]).
+async fn recording_off(shared: &Shared) -> bool {
+    let cached = *lock(&shared.recording_enabled);
+    match cached {
+        Some((false, at)) if at.elapsed() >= RECHECK_OFF => {
+            match tokio::time::timeout(RECHECK_TIMEOUT, shared.client.config()).await {
+                Ok(Ok(c)) => {
+                    shared.backend_answered();
+                    *lock(&shared.recording_enabled) =
+                        Some((c.recording_enabled, std::time::Instant::now()));
+                    !c.recording_enabled
+                }
+                _ => true,
+            }
+        }
+        Some((enabled, _)) => !enabled,
+        None => false,
+    }
+}
+
 /// Metadata the daemon sets itself, from what it knows (the peer's credentials, this machine,
 /// how the session ended): a client's values for them are dropped, at the start and at the
 /// end (an `End` frame's metadata is merged into the recording's).
@@ -173,7 +201,7 @@ async fn handle(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
         .await?;
         return Ok(());
     }
-    if lock(&shared.recording_enabled).is_some_and(|(enabled, _)| !enabled) {
+    if recording_off(&shared).await {
         tracing::info!(%user, "recording is switched off for this org: session runs unrecorded");
         send_json(
             &mut wr,
