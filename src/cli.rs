@@ -14,7 +14,12 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 #[derive(Parser, Debug)]
-#[command(name = "ztna-recorder", version, about = "SSH session recorder agent")]
+#[command(
+    name = "ztna-recorder",
+    version,
+    propagate_version = true,
+    about = "SSH session recorder agent"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

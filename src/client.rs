@@ -17,7 +17,7 @@ pub enum ClientError {
     #[error("backend unreachable: {0}")]
     Transport(String),
     /// The backend answered with an error envelope (or a bare HTTP error).
-    #[error("backend answered {status} {}: {message}", code.map(|c| format!("{c:?}")).unwrap_or_default())]
+    #[error("backend answered {status} {}: {message}", code.map(|c| c.as_str()).unwrap_or_default())]
     Api {
         status: u16,
         code: Option<ErrorCode>,

@@ -77,8 +77,15 @@ pub fn run(args: RecordArgs) -> anyhow::Result<u8> {
         anyhow::bail!("--upload is handled by ztna-recorderd");
     }
     let config = load_config(&args)?;
-    Ok(record(&args, &config)?.1.status.code())
+    Ok(match record(&args, &config)? {
+        Some((_, outcome)) => outcome.status.code(),
+        None => NOT_STARTED,
+    })
 }
+
+/// The exit status when the command could not be started, as a shell answers for a command
+/// it cannot run.
+const NOT_STARTED: u8 = 127;
 
 /// The agent's configuration (defaults, file, `ZTNA_RECORDER_*`), `--[no-]capture-input` on
 /// top: `record` follows `capture_input` as `shell` does. A local recording needs nothing else
@@ -121,60 +128,56 @@ pub fn run_and_upload(args: RecordArgs) -> anyhow::Result<u8> {
     } else {
         None
     };
-    let (file, outcome) = record(&args, &config)?;
+    let Some((file, outcome)) = record(&args, &config)? else {
+        return Ok(NOT_STARTED);
+    };
     if let Some(up) = uploader {
-        let session = up
-            .upload(&file, &args, &outcome)
-            .with_context(|| format!("cannot upload {} (the file is kept)", file.display()))?;
-        if !args.quiet {
-            eprintln!("ztna-recorder: uploaded as session {session}");
+        // The command's exit status stays ours whatever the upload does (the contract); a
+        // failed upload is said on stderr, and the file is there to send again.
+        match up.upload(&file, &args, &outcome) {
+            Ok(session) if !args.quiet => eprintln!("ztna-recorder: uploaded as session {session}"),
+            Ok(_) => {}
+            Err(e) => eprintln!(
+                "ztna-recorder: cannot upload {} (the file is kept): {e:#}",
+                file.display()
+            ),
         }
     }
     Ok(outcome.status.code())
 }
 
+/// Records to FILE (and `--chunk-dir`). `None` when the command could not be started: the
+/// error is said, and no recording is left behind.
 fn record(
     args: &RecordArgs,
     agent: &crate::config::Config,
-) -> anyhow::Result<(PathBuf, crate::recorder::Outcome)> {
+) -> anyhow::Result<Option<(PathBuf, crate::recorder::Outcome)>> {
     if !(args.chunk_max_secs.is_finite() && args.chunk_max_secs > 0.0) {
         anyhow::bail!("--chunk-max-secs must be a positive number of seconds");
     }
-    let file = match &args.file {
-        Some(f) => f.clone(),
-        None => {
-            let ts = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or_default();
-            PathBuf::from(format!("ztna-{ts}.cast"))
+    // The chunk directory first: when it cannot be used, no FILE is left behind.
+    let chunks = match &args.chunk_dir {
+        Some(dir) => {
+            clear_chunk_dir(dir, args.overwrite)?;
+            let limits = ChunkLimits {
+                max_bytes: args.chunk_max_bytes,
+                max_age: Duration::from_secs_f64(args.chunk_max_secs),
+            };
+            let writer = ChunkWriter::new(dir, limits)
+                .with_context(|| format!("cannot use chunk directory {}", dir.display()))?;
+            Some(ChunkSink::new(writer))
         }
+        None => None,
     };
-
-    let file_sink = match FileSink::create(&file, args.overwrite) {
-        // Like `script` and asciinema: written through to the kernel, not fsynced (that would
-        // cost milliseconds per recording); the daemon's chunks are fsynced.
-        Ok(s) => s.durable(false),
-        Err(e) if e.kind() == ErrorKind::AlreadyExists => anyhow::bail!(
-            "{} already exists; pass --overwrite to replace it",
-            file.display()
-        ),
-        Err(e) => return Err(e).with_context(|| format!("cannot create {}", file.display())),
-    };
+    let (file, file_sink) = create_file(args)?;
     let mut sinks: Vec<Box<dyn Sink>> = vec![Box::new(file_sink)];
-    if let Some(dir) = &args.chunk_dir {
-        let limits = ChunkLimits {
-            max_bytes: args.chunk_max_bytes,
-            max_age: Duration::from_secs_f64(args.chunk_max_secs),
-        };
-        let writer = ChunkWriter::new(dir, limits)
-            .with_context(|| format!("cannot use chunk directory {}", dir.display()))?;
-        sinks.push(Box::new(ChunkSink::new(writer)));
+    if let Some(c) = chunks {
+        sinks.push(Box::new(c));
     }
 
     let command = match &args.command {
         Some(cmd) => Command::shell_command("/bin/sh", cmd),
-        None => Command::new(std::env::var_os("SHELL").unwrap_or_else(|| "/bin/sh".into())),
+        None => Command::new(crate::recorder::user_shell()),
     };
     let mut config = SessionConfig::new(command);
     config.header_command = args.command.clone();
@@ -197,14 +200,91 @@ fn record(
             file.display()
         );
     }
-    let outcome = Session::new(config).run(sinks)?;
+    let outcome = match Session::new(config).run(sinks) {
+        Ok(o) => o,
+        Err(e @ crate::recorder::Error::Spawn { .. }) => {
+            // Nothing ran: no recording of nothing is left in the way of the next attempt.
+            let _ = std::fs::remove_file(&file);
+            if let Some(dir) = &args.chunk_dir {
+                let _ = clear_chunk_dir(dir, true);
+            }
+            eprintln!("ztna-recorder: {e}");
+            return Ok(None);
+        }
+        Err(e) => return Err(e.into()),
+    };
     for failure in &outcome.sink_failures {
         eprintln!("ztna-recorder: recording incomplete: {failure}");
     }
     if !args.quiet {
         eprintln!("ztna-recorder: recording finished: {}", file.display());
     }
-    Ok((file, outcome))
+    Ok(Some((file, outcome)))
+}
+
+/// Creates FILE, or with no FILE given a new `ztna-SECONDS.cast` in the working directory
+/// (`-N` added while one of that name exists: two recordings started in the same second must
+/// not collide).
+fn create_file(args: &RecordArgs) -> anyhow::Result<(PathBuf, FileSink)> {
+    // Like `script` and asciinema: written through to the kernel, not fsynced (that would
+    // cost milliseconds per recording); the daemon's chunks are fsynced.
+    if let Some(file) = &args.file {
+        return match FileSink::create(file, args.overwrite) {
+            Ok(s) => Ok((file.clone(), s.durable(false))),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => anyhow::bail!(
+                "{} already exists; pass --overwrite to replace it",
+                file.display()
+            ),
+            Err(e) => Err(e).with_context(|| format!("cannot create {}", file.display())),
+        };
+    }
+    let ts = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    for n in 1..1000 {
+        let file = PathBuf::from(match n {
+            1 => format!("ztna-{ts}.cast"),
+            n => format!("ztna-{ts}-{n}.cast"),
+        });
+        match FileSink::create(&file, false) {
+            Ok(s) => return Ok((file, s.durable(false))),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e).with_context(|| format!("cannot create {}", file.display())),
+        }
+    }
+    anyhow::bail!("cannot find a free name for the recording: name one (FILE)")
+}
+
+/// A chunk directory holding an earlier recording's header or chunks: an error, unless
+/// `overwrite`, which removes them (leftover chunks would join the new recording's).
+fn clear_chunk_dir(dir: &std::path::Path, overwrite: bool) -> anyhow::Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot use chunk directory {}", dir.display()))
+        }
+    };
+    let ours = |name: &str| {
+        name.starts_with(crate::recorder::CHUNK_HEADER_FILE)
+            || (name.starts_with("chunk-") && (name.ends_with(".cast") || name.ends_with(".part")))
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if !ours(&name.to_string_lossy()) {
+            continue;
+        }
+        if !overwrite {
+            anyhow::bail!(
+                "chunk directory {} already holds a recording; pass --overwrite to replace it",
+                dir.display()
+            );
+        }
+        std::fs::remove_file(entry.path())
+            .with_context(|| format!("cannot remove {}", entry.path().display()))?;
+    }
+    Ok(())
 }
 
 /// `--upload`: the finished recording goes to the backend's agent route as one session:

@@ -282,7 +282,7 @@ fn unrecordable(cfg: &Config, why: &str) -> Plan {
 /// The one line a refused user sees.
 fn refuse(why: &str) -> u8 {
     eprintln!(
-        "ztna-recorder: this session must be recorded and cannot be ({why}); access refused.\r"
+        "ztna-recorder: this session must be recorded and cannot be ({why}); access refused."
     );
     1
 }

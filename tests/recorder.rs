@@ -629,6 +629,198 @@ fn record_without_a_terminal() {
         cast.output()
     );
     assert_eq!(cast.played, out.stdout);
+
+    // Input whose last line has no newline still ends (it used to hang there for good).
+    let mut child = StdCommand::new(BIN)
+        .args(["record", "-q", "--overwrite", "-c", "wc -c"])
+        .arg(&file)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"a\nb").unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = rx
+        .recv_timeout(LONG)
+        .expect("the program never saw the end of its input")
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains('3'),
+        "{out:?}"
+    );
+}
+
+/// What `record` leaves when things go wrong, and what it picks when nothing is said.
+#[test]
+fn failures_leave_nothing_in_the_way() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let run = |args: &[&str], env: &[(&str, &str)], stdin: &[u8]| {
+        let mut c = StdCommand::new(BIN);
+        c.arg("record")
+            .args(args)
+            .current_dir(d)
+            .env("ZTNA_RECORDER_CONFIG", d.join("empty.toml"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let mut child = c.spawn().unwrap();
+        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            err,
+        )
+    };
+    std::fs::write(d.join("empty.toml"), "").unwrap();
+
+    // A program that cannot start: 127, as from a shell, and no recording of nothing (which
+    // would stand in the way of the next attempt).
+    let (code, _, err) = run(&["-q", "a.cast"], &[("SHELL", "/nonexistent")], b"");
+    assert_eq!(code, Some(127), "{err}");
+    assert!(err.contains("/nonexistent"), "{err}");
+    assert!(!d.join("a.cast").exists());
+
+    // An unusable chunk directory is refused before FILE is created.
+    std::fs::write(d.join("not-a-dir"), "").unwrap();
+    let (code, _, err) = run(
+        &["-q", "--chunk-dir", "not-a-dir", "-c", "true", "b.cast"],
+        &[],
+        b"",
+    );
+    assert_ne!(code, Some(0));
+    assert!(err.contains("not-a-dir"), "{err}");
+    assert!(!d.join("b.cast").exists());
+
+    // A chunk directory holding a recording: kept unless --overwrite, which replaces it whole
+    // (leftover chunks used to join the new recording).
+    // Six events, each past the chunk limit: a chunk each.
+    let six = "for i in 1 2 3 4 5 6; do printf 'line %s %0120d\\n' $i 0; sleep 0.05; done";
+    let many = [
+        "-q",
+        "--chunk-dir",
+        "ch",
+        "--chunk-max-bytes",
+        "100",
+        "-c",
+        six,
+    ];
+    let (code, _, err) = run(&[&many[..], &["one.cast"]].concat(), &[], b"");
+    assert_eq!(code, Some(0), "{err}");
+    assert!(d.join("ch/chunk-3.cast").exists());
+    let (code, _, err) = run(
+        &["-q", "--chunk-dir", "ch", "-c", "echo two", "two.cast"],
+        &[],
+        b"",
+    );
+    assert_ne!(code, Some(0));
+    assert!(err.contains("--overwrite"), "{err}");
+    assert!(!d.join("two.cast").exists());
+    let (code, _, err) = run(
+        &[
+            "-q",
+            "--overwrite",
+            "--chunk-dir",
+            "ch",
+            "-c",
+            "echo two",
+            "two.cast",
+        ],
+        &[],
+        b"",
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let mut rebuilt = std::fs::read_to_string(d.join("ch/header.json")).unwrap();
+    rebuilt.push_str(&std::fs::read_to_string(d.join("ch/chunk-0.cast")).unwrap());
+    assert!(!d.join("ch/chunk-1.cast").exists());
+    assert_eq!(
+        rebuilt,
+        std::fs::read_to_string(d.join("two.cast")).unwrap()
+    );
+
+    // No FILE: a new name each time, even within one second.
+    let sub = d.join("names");
+    std::fs::create_dir(&sub).unwrap();
+    for _ in 0..2 {
+        let out = StdCommand::new(BIN)
+            .args(["record", "-q", "-c", "true"])
+            .current_dir(&sub)
+            .env("ZTNA_RECORDER_CONFIG", d.join("empty.toml"))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(std::fs::read_dir(&sub).unwrap().count(), 2);
+
+    // No SHELL: the user's shell from the password database, not /bin/sh.
+    let shell = nix::unistd::User::from_uid(nix::unistd::getuid())
+        .unwrap()
+        .unwrap()
+        .shell;
+    let mut c = StdCommand::new(BIN);
+    c.args(["record", "-q", "shell.cast"])
+        .current_dir(d)
+        .env("ZTNA_RECORDER_CONFIG", d.join("empty.toml"))
+        .env_remove("SHELL")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"echo \"running:$0\"; exit\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("running:{}", shell.display())),
+        "{text}"
+    );
+
+    // --upload that fails: the command's exit status all the same (the contract), the error on
+    // stderr, the file kept.
+    std::fs::write(d.join("node.key"), "ab".repeat(64)).unwrap();
+    std::fs::write(
+        d.join("upload.toml"),
+        format!(
+            "server_url = \"http://127.0.0.1:9\"\nnode_key_file = \"{}\"\n",
+            d.join("node.key").display()
+        ),
+    )
+    .unwrap();
+    let upload_cfg = d.join("upload.toml");
+    let (code, _, err) = run(
+        &[
+            "-q",
+            "--upload",
+            "--config",
+            upload_cfg.to_str().unwrap(),
+            "-c",
+            "exit 4",
+            "up.cast",
+        ],
+        &[],
+        b"",
+    );
+    assert_eq!(code, Some(4), "{err}");
+    assert!(err.contains("cannot upload"), "{err}");
+    read_cast(&d.join("up.cast"));
 }
 
 #[test]

@@ -69,6 +69,25 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// The code as it is on the wire (`RECORDING_DISABLED`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidJson => "INVALID_JSON",
+            ErrorCode::UnknownAction => "UNKNOWN_ACTION",
+            ErrorCode::MissingFields => "MISSING_FIELDS",
+            ErrorCode::InvalidField => "INVALID_FIELD",
+            ErrorCode::InvalidChunk => "INVALID_CHUNK",
+            ErrorCode::Unauthorized => "UNAUTHORIZED",
+            ErrorCode::Forbidden => "FORBIDDEN",
+            ErrorCode::FeatureDisabled => "FEATURE_DISABLED",
+            ErrorCode::RecordingDisabled => "RECORDING_DISABLED",
+            ErrorCode::NotFound => "NOT_FOUND",
+            ErrorCode::Conflict => "CONFLICT",
+            ErrorCode::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
+            ErrorCode::InternalError => "INTERNAL_ERROR",
+        }
+    }
+
     /// The HTTP status that goes with the code.
     pub fn http_status(self) -> u16 {
         match self {
@@ -90,6 +109,12 @@ impl ErrorCode {
     /// or give the request up (retrying would get the same answer).
     pub fn is_retryable(self) -> bool {
         matches!(self, ErrorCode::InternalError)
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -159,5 +184,24 @@ mod tests {
         assert_eq!(e["success"], false);
         assert_eq!(e["data"], serde_json::Value::Null);
         assert_eq!(e["error"]["code"], "NOT_FOUND");
+        // `as_str` (messages) spells every code as serde does (the wire).
+        use ErrorCode::*;
+        for c in [
+            InvalidJson,
+            UnknownAction,
+            MissingFields,
+            InvalidField,
+            InvalidChunk,
+            Unauthorized,
+            Forbidden,
+            FeatureDisabled,
+            RecordingDisabled,
+            NotFound,
+            Conflict,
+            PayloadTooLarge,
+            InternalError,
+        ] {
+            assert_eq!(serde_json::to_value(c).unwrap(), c.as_str());
+        }
     }
 }

@@ -16,6 +16,7 @@ use ztna_recorder_server::{config, App, Config, Role, S3Config, SettingsUpdate};
 #[command(
     name = "ztna-recorder-server",
     version,
+    propagate_version = true,
     about = "The session-recording backend of ztna-recorder: metadata in SQLite or PostgreSQL, \
              recordings on local disk or any S3-compatible store"
 )]

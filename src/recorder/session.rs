@@ -67,7 +67,7 @@ impl Command {
     pub fn arg(&mut self, arg: impl AsRef<OsStr>) -> &mut Self {
         if self.argv.is_empty() {
             // A login shell takes no arguments; make it an explicit program instead.
-            self.argv.push(OsString::from(login_shell_path()));
+            self.argv.push(user_shell());
         }
         self.argv.push(arg.as_ref().to_owned());
         self
@@ -149,8 +149,17 @@ impl Command {
     }
 }
 
-fn login_shell_path() -> String {
-    std::env::var("SHELL").unwrap_or_else(|_| String::from("/bin/sh"))
+/// The user's shell: `SHELL`, else the password database's, else `/bin/sh`.
+pub fn user_shell() -> OsString {
+    if let Some(s) = std::env::var_os("SHELL").filter(|s| !s.is_empty()) {
+        return s;
+    }
+    nix::unistd::User::from_uid(nix::unistd::getuid())
+        .ok()
+        .flatten()
+        .map(|u| u.shell.into_os_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "/bin/sh".into())
 }
 
 /// Where the session's user is.
@@ -260,7 +269,8 @@ pub enum Error {
 enum Ctl {
     ChildExited(ExitStatus),
     OutputEof,
-    InputEof(Box<dyn Write + Send>),
+    /// End of input; whether it stopped in the middle of a line.
+    InputEof(Box<dyn Write + Send>, bool),
     Signal(i32),
     Resize(TtySize),
     Marker(String),
@@ -482,7 +492,7 @@ impl Session {
                 input_loop(input, writer, buf, rec, ctl, start)
             })?;
         } else {
-            let _ = ctl_tx.send(Ctl::InputEof(writer));
+            let _ = ctl_tx.send(Ctl::InputEof(writer, false));
         }
         {
             let ctl = ctl_tx.clone();
@@ -626,9 +636,9 @@ impl ControlLoop {
                     drain_until = Some(Instant::now() + drain_timeout);
                 }
                 Some(Ctl::OutputEof) => output_eof = true,
-                Some(Ctl::InputEof(mut w)) => {
+                Some(Ctl::InputEof(mut w, mid_line)) => {
                     if !self.tty && self.stdio && status.is_none() {
-                        self.send_eof(&mut w);
+                        self.send_eof(&mut w, mid_line);
                     }
                     self.held_writer = Some(w);
                 }
@@ -712,15 +722,18 @@ impl ControlLoop {
     }
 
     /// End of input without a terminal: like `script`, pass it on as the PTY's end-of-file
-    /// character when the program reads lines (canonical mode).
-    fn send_eof(&self, w: &mut Box<dyn Write + Send>) {
+    /// character when the program reads lines (canonical mode). After a last line with no
+    /// newline it takes two, as at a keyboard: the first hands the program that line, the
+    /// second is the end of file (with one, `printf 'a' | record -c 'wc -c'` never ended).
+    fn send_eof(&self, w: &mut Box<dyn Write + Send>, mid_line: bool) {
         use nix::sys::termios::{LocalFlags, SpecialCharacterIndices};
         if let Some(t) = self.master.get_termios() {
             let veof = t.control_chars[SpecialCharacterIndices::VEOF as usize];
             // portable-pty speaks another nix version: compare the raw flag bits.
             let canonical = t.local_flags.bits() & LocalFlags::ICANON.bits() != 0;
             if canonical && veof != 0 {
-                let _ = w.write_all(&[veof]);
+                let eof = [veof, veof];
+                let _ = w.write_all(&eof[..if mid_line { 2 } else { 1 }]);
             }
         }
     }
@@ -769,6 +782,7 @@ fn input_loop(
     ctl: Sender<Ctl>,
     start: Instant,
 ) {
+    let mut mid_line = false;
     loop {
         let n = match input.read(&mut buf) {
             Ok(0) => break,
@@ -785,8 +799,9 @@ fn input_loop(
         if pty.write_all(&buf[..n]).is_err() {
             break;
         }
+        mid_line = buf[n - 1] != b'\n';
     }
-    let _ = ctl.send(Ctl::InputEof(pty));
+    let _ = ctl.send(Ctl::InputEof(pty, mid_line));
 }
 
 fn wait_loop(pid: Pid, ctl: Sender<Ctl>) {
