@@ -679,6 +679,9 @@ struct Recording {
     lost_why: Mutex<String>,
     /// The daemon said it was stopping (not a failure: the session keeps running).
     stopped_orderly: AtomicBool,
+    /// Under enforce, the recording was lost: the relays stop showing output at once (the
+    /// program is ended meanwhile).
+    cut: AtomicBool,
     last_time: Mutex<f64>,
 }
 
@@ -738,6 +741,7 @@ fn run_piped(
         lost: AtomicBool::new(false),
         lost_why: Mutex::new(String::new()),
         stopped_orderly: AtomicBool::new(false),
+        cut: AtomicBool::new(false),
         last_time: Mutex::new(0.0),
     });
     let mut child = match std::process::Command::new(&p.path)
@@ -769,6 +773,7 @@ fn run_piped(
     {
         let rec = rec.clone();
         let mut watch = watch;
+        let enforce = cfg.enforce;
         std::thread::Builder::new()
             .name("daemon-watch".into())
             .stack_size(64 * 1024)
@@ -786,14 +791,16 @@ fn run_piped(
                     Ok(f) => format!("unexpected {:?} frame", f.kind),
                     Err(e) => format!("recording daemon: {e}"),
                 };
-                if rec.lost.load(Ordering::SeqCst) {
-                    return;
-                }
-                rec.mark_lost(&why);
+                // (A relay's write may have found the daemon gone first: the decision is
+                // made here either way.)
                 if stopping {
                     // An orderly stop (upgrade, restart) keeps users' sessions running.
                     rec.stopped_orderly.store(true, Ordering::SeqCst);
-                } else {
+                } else if enforce {
+                    rec.cut.store(true, Ordering::SeqCst);
+                }
+                rec.mark_lost(&why);
+                if !stopping {
                     let _ = lost_tx.send(why);
                 }
             })?;
@@ -961,6 +968,11 @@ fn relay_out<R: Read + Send + 'static, W: Write + Send + 'static>(
                     Err(_) => break,
                 };
                 counter.fetch_add(k as u64, Ordering::Relaxed);
+                if rec.cut.load(Ordering::Relaxed) {
+                    // Under enforce with the recording lost: nothing more reaches the client
+                    // (closing the pipe stops the program, as the session is being ended).
+                    break;
+                }
                 let delivered = to.write_all(&buf[..k]).and_then(|_| to.flush()).is_ok();
                 if record_output {
                     let text = utf8.push(&buf[..k]);

@@ -992,6 +992,27 @@ async fn spool_full_refuses_new_sessions_and_keeps_what_it_has() {
     stop_all(&mut daemon, &mut backend).await;
 }
 
+/// Under enforce, a session whose recording stops part-way (here the spool fills up) is
+/// ended, and what the program prints meanwhile does not reach the user unrecorded (all of
+/// 3 MB used to, while the program was being stopped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enforce_ends_a_session_whose_recording_stops_without_showing_more() {
+    let mut backend = Backend::new_down(true).await;
+    let agent = Agent::new(&backend, "enforce = true\nspool_max_bytes = 300000\n");
+    let mut daemon = agent.daemon();
+    let cmd = "echo first; sleep 0.5; head -c 3000000 /dev/zero | tr '\\0' d; echo; exit 3";
+    let out = tokio::task::block_in_place(|| agent.shell(Some(cmd), b"", None));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("session ended"), "{err}");
+    assert!(
+        out.stdout.starts_with(b"first\n") && out.stdout.len() < 1_000_000,
+        "{} bytes reached the user",
+        out.stdout.len()
+    );
+    stop_all(&mut daemon, &mut backend).await;
+}
+
 /// Sends event lines of `width` bytes of text, up to `max`, until the daemon says something
 /// (it stops recording); returns what was sent and that frame.
 fn fill_until_stopped(c: &mut FrameClient, max: usize, width: usize) -> (String, Frame) {

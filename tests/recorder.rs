@@ -1240,8 +1240,12 @@ fn fail_closed_refuses_or_ends_the_session() {
     assert!(err.to_string().contains("refused at start"), "{err}");
     assert!(!dir.path().join("ran").exists());
 
-    // A sink that fails later: the program is hung up on.
-    let mut c = custom_config("echo one; trap '' HUP; sleep 30", &out);
+    // A sink that fails later: the program is hung up on, and what it prints after that
+    // (it ignores the hang-up) no longer reaches the user.
+    let mut c = custom_config(
+        "trap '' HUP; echo one; sleep 0.1; echo after-the-failure; sleep 30",
+        &out,
+    );
     c.sink_policy = SinkPolicy::FailClosed;
     c.hangup_grace = Duration::from_millis(300);
     let t0 = Instant::now();
@@ -1253,6 +1257,11 @@ fn fail_closed_refuses_or_ends_the_session() {
     assert_eq!(
         outcome.termination,
         Some(ztna_recorder::recorder::Termination::SinkFailed)
+    );
+    let shown = String::from_utf8_lossy(&out.0.lock().unwrap()).into_owned();
+    assert!(
+        shown.contains("one") && !shown.contains("after-the-failure"),
+        "{shown:?}"
     );
 }
 

@@ -16,6 +16,7 @@ use std::fs::File;
 use std::io::{self, IsTerminal, Read, Write};
 use std::os::fd::AsFd;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::thread;
@@ -282,6 +283,7 @@ enum Ctl {
 #[derive(Clone)]
 pub struct Control {
     tx: Sender<Ctl>,
+    cut: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Control {
@@ -301,8 +303,11 @@ impl Control {
         self.tx.send(Ctl::Resize(size)).is_ok()
     }
 
-    /// Hangs up on the program (`SIGHUP`, then `SIGKILL` after the grace period).
+    /// Hangs up on the program (`SIGHUP`, then `SIGKILL` after the grace period). What it
+    /// prints from now on reaches no one, as after a terminal's hang-up: a session ended
+    /// because it can no longer be recorded must not go on showing output meanwhile.
     pub fn terminate(&self) -> bool {
+        self.cut.store(true, Ordering::SeqCst);
         self.tx.send(Ctl::Terminate).is_ok()
     }
 }
@@ -312,6 +317,8 @@ pub struct Session {
     config: SessionConfig,
     ctl_tx: Sender<Ctl>,
     ctl_rx: Receiver<Ctl>,
+    /// Set once the session is being hung up: the relay stops showing output.
+    cut: Arc<AtomicBool>,
 }
 
 impl Session {
@@ -321,6 +328,7 @@ impl Session {
             config,
             ctl_tx,
             ctl_rx,
+            cut: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -328,6 +336,7 @@ impl Session {
     pub fn control(&self) -> Control {
         Control {
             tx: self.ctl_tx.clone(),
+            cut: self.cut.clone(),
         }
     }
 
@@ -339,6 +348,7 @@ impl Session {
             config,
             ctl_tx,
             ctl_rx,
+            cut,
         } = self;
         let SessionConfig {
             command,
@@ -471,6 +481,7 @@ impl Session {
             events: 0,
             output_bytes: 0,
             start,
+            cut: cut.clone(),
         };
         let q = queue.clone();
         let recorder = spawn("ztna-recorder", RECORDER_STACK, move || recorder.run(&q))?;
@@ -479,8 +490,9 @@ impl Session {
             let q = queue.clone();
             let ctl = ctl_tx.clone();
             let buf = vec![0u8; BUF_SIZE];
+            let cut = cut.clone();
             spawn("ztna-pty-out", SMALL_STACK, move || {
-                output_loop(reader, output, buf, q, ctl, start)
+                output_loop(reader, output, buf, q, ctl, start, &cut)
             })?
         };
         if let Some(input) = input {
@@ -511,6 +523,7 @@ impl Session {
             hangup_grace,
             termination: None,
             held_writer: None,
+            cut,
         };
         let (status, output_eof) = lp.run(&ctl_rx, drain_timeout);
 
@@ -588,6 +601,7 @@ struct ControlLoop {
     /// The PTY writer once input has ended: dropping it writes an end-of-file to the PTY, so
     /// it is kept until the session is over.
     held_writer: Option<Box<dyn Write + Send>>,
+    cut: Arc<AtomicBool>,
 }
 
 impl ControlLoop {
@@ -682,6 +696,7 @@ impl ControlLoop {
             return;
         }
         self.termination.get_or_insert(why);
+        self.cut.store(true, Ordering::SeqCst);
         self.signal_program(Signal::SIGHUP);
         if self.kill_at.is_none() {
             self.kill_at = Some(Instant::now() + self.hangup_grace);
@@ -746,6 +761,7 @@ fn output_loop(
     queue: Arc<Queue>,
     ctl: Sender<Ctl>,
     start: Instant,
+    cut: &AtomicBool,
 ) {
     let mut out_ok = true;
     let mut recording = true;
@@ -762,7 +778,10 @@ fn output_loop(
         }
         let time = start.elapsed();
         // The user gets the bytes first; a terminal that went away stops the relay to it,
-        // not the recording.
+        // not the recording. So does a hang-up (one relaxed load per read).
+        if out_ok && cut.load(Ordering::Relaxed) {
+            out_ok = false;
+        }
         if out_ok && out.write_all(&buf[..n]).is_err() {
             out_ok = false;
         }
@@ -892,6 +911,7 @@ struct Recorder {
     events: u64,
     output_bytes: u64,
     start: Instant,
+    cut: Arc<AtomicBool>,
 }
 
 impl Recorder {
@@ -1035,6 +1055,8 @@ impl Recorder {
             at,
         });
         if self.policy == SinkPolicy::FailClosed {
+            // No more output for the user of a session that can no longer be recorded.
+            self.cut.store(true, Ordering::SeqCst);
             let _ = self.ctl.send(Ctl::SinkFailed);
         }
     }
