@@ -374,12 +374,21 @@ fn apply(c: &mut Config, key: &str, v: toml::Value) -> anyhow::Result<()> {
             other => bail!("`{key}` must be a whole number >= 0, got {other}"),
         }
     }
+    // Absolute: `shell` runs in the user's home directory and the daemon in `/`, so a
+    // relative path would name two different places (and an empty one none).
+    fn p(key: &str, v: toml::Value) -> anyhow::Result<PathBuf> {
+        let text = s(key, v)?;
+        if !text.starts_with('/') {
+            bail!("`{key}` must be an absolute path, got {text:?}");
+        }
+        Ok(PathBuf::from(text))
+    }
     match key {
         "server_url" => c.server_url = Some(s(key, v)?.trim_end_matches('/').to_string()),
-        "node_key_file" => c.node_key_file = Some(PathBuf::from(s(key, v)?)),
+        "node_key_file" => c.node_key_file = Some(p(key, v)?),
         "node_key" => c.node_key = Some(Secret::new(s(key, v)?)),
-        "spool_dir" => c.spool_dir = PathBuf::from(s(key, v)?),
-        "socket" => c.socket = PathBuf::from(s(key, v)?),
+        "spool_dir" => c.spool_dir = p(key, v)?,
+        "socket" => c.socket = p(key, v)?,
         "enforce" => c.enforce = b(key, v)?,
         "capture_input" => c.capture_input = b(key, v)?,
         "chunk_max_bytes" => c.chunk_max_bytes = n(key, v)?,
@@ -464,5 +473,23 @@ mod tests {
         })
         .unwrap_err();
         assert!(format!("{e:#}").contains("/nonexistent/x.toml"));
+        // Paths must be absolute (an empty socket used to pass `config check`).
+        for (k, v) in [
+            ("SOCKET", ""),
+            ("SPOOL_DIR", "spool"),
+            ("NODE_KEY_FILE", "key"),
+        ] {
+            let e = Config::load_from(Sources {
+                file: None,
+                env: vec![(format!("ZTNA_RECORDER_{k}"), v.into())],
+                flags: vec![],
+            })
+            .unwrap_err();
+            let e = format!("{e:#}");
+            assert!(
+                e.contains(&k.to_ascii_lowercase()) && e.contains("absolute"),
+                "{e}"
+            );
+        }
     }
 }
