@@ -1179,16 +1179,48 @@ async fn status_json_and_bad_config() {
     let mut backend = Backend::new(true).await;
     let agent = Agent::new(&backend, "");
     let mut daemon = agent.daemon();
-    let out = Command::new(BIN)
-        .args(["status", "--json", "--config"])
-        .arg(agent.config())
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    // A live session of root's: root sees it; another user sees the totals, not who is
+    // logged in (the socket is open to everyone).
+    let (_live, d) = FrameClient::start(&agent.socket());
+    assert_eq!(d.mode, Mode::Record);
+    let status_as = |user: Option<&str>| {
+        let mut c = match user {
+            None => Command::new(BIN),
+            Some(u) => {
+                let mut c = Command::new("setpriv");
+                c.args(["--reuid", u, "--regid", u, "--clear-groups", "--", BIN]);
+                c
+            }
+        };
+        let out = c
+            .args(["status", "--json", "--config"])
+            .arg(agent.config())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let v = status_as(None);
     assert_eq!(v["running"], true);
-    assert!(v["sessions_live"].is_array());
+    assert_eq!(v["sessions_live"].as_array().unwrap().len(), 1, "{v}");
     assert!(v["chunks_waiting"].is_u64());
+    sshd::ensure_user();
+    let socket = agent.socket();
+    for p in [agent.dir.path(), socket.parent().unwrap()] {
+        std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    std::fs::set_permissions(
+        agent.config(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
+    let v = status_as(Some(sshd::USER));
+    assert_eq!(v["running"], true, "{v}");
+    assert_eq!(v["sessions_live"].as_array().unwrap().len(), 0, "{v}");
     kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);
     daemon.wait().unwrap();
 
@@ -1260,7 +1292,7 @@ mod sshd {
     }
 
     /// The test user, with a usable (not locked) account: sshd without PAM refuses locked ones.
-    fn ensure_user() {
+    pub fn ensure_user() {
         static ONCE: std::sync::Once = std::sync::Once::new();
         ONCE.call_once(|| {
             let exists = Command::new("id")

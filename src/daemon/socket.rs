@@ -169,7 +169,12 @@ async fn handle(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
         .context("no first frame within 10 s")??;
     match first.kind {
         Kind::StatusRequest => {
-            let st = shared.status();
+            let mut st = shared.status();
+            // The socket is open to every user: who else is logged in, and as what, is for
+            // root to see. Others see their own sessions and the totals.
+            if cred.uid() != 0 {
+                st.sessions_live.retain(|s| s.uid == cred.uid());
+            }
             send_json(&mut wr, Kind::StatusReply, &st).await?;
             return Ok(());
         }
