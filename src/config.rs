@@ -150,9 +150,13 @@ pub struct Loaded {
 }
 
 impl Loaded {
-    /// Everything worth a warning.
-    pub fn notices(&self) -> impl Iterator<Item = &String> {
-        self.unknown_keys.iter().chain(&self.warnings)
+    /// Everything worth a warning, for the commands that go on regardless (an unknown key is
+    /// ignored by them; `config check` reports `unknown_keys` as errors).
+    pub fn notices(&self) -> impl Iterator<Item = String> + '_ {
+        self.unknown_keys
+            .iter()
+            .map(|k| format!("{k} (ignored)"))
+            .chain(self.warnings.iter().cloned())
     }
 }
 
@@ -216,10 +220,8 @@ impl Config {
                         Some((name, _)) => {
                             values.insert(name, v);
                         }
-                        None => unknown_keys.push(format!(
-                            "config file {}: unknown key `{k}` ignored",
-                            path.display()
-                        )),
+                        None => unknown_keys
+                            .push(format!("config file {}: unknown key `{k}`", path.display())),
                     }
                 }
                 used_file = Some(path);
@@ -245,9 +247,7 @@ impl Config {
                 Some((k, kind)) => {
                     values.insert(k, parse_text(k, *kind, val, name)?);
                 }
-                None => {
-                    unknown_keys.push(format!("environment variable {name}: unknown key ignored"))
-                }
+                None => unknown_keys.push(format!("environment variable {name}: unknown key")),
             }
         }
         for (k, val) in &src.flags {

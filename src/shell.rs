@@ -292,7 +292,7 @@ pub fn run(args: ShellArgs) -> anyhow::Result<u8> {
     let cfg = match Config::load(args.config.config.as_deref(), Vec::new()) {
         Ok(l) => {
             for w in l.notices() {
-                syslog_warn(w);
+                syslog_warn(&w);
             }
             l.config
         }
