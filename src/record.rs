@@ -54,11 +54,12 @@ pub struct RecordArgs {
     pub chunk_dir: Option<PathBuf>,
 
     /// With --chunk-dir: close a chunk at this many bytes.
-    #[arg(long, default_value_t = 1_048_576, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 1_048_576, value_parser = clap::value_parser!(u64).range(1..),
+          requires = "chunk_dir")]
     pub chunk_max_bytes: u64,
 
     /// With --chunk-dir: close a chunk this many seconds after its first event.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 10.0, value_parser = positive_secs, requires = "chunk_dir")]
     pub chunk_max_secs: f64,
 
     /// Also ship the recording to the backend (`server_url` and the node key from the agent's
@@ -146,15 +147,19 @@ pub fn run_and_upload(args: RecordArgs) -> anyhow::Result<u8> {
     Ok(outcome.status.code())
 }
 
+fn positive_secs(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x.is_finite() && x > 0.0 => Ok(x),
+        _ => Err(format!("{s:?} is not a positive number of seconds")),
+    }
+}
+
 /// Records to FILE (and `--chunk-dir`). `None` when the command could not be started: the
 /// error is said, and no recording is left behind.
 fn record(
     args: &RecordArgs,
     agent: &crate::config::Config,
 ) -> anyhow::Result<Option<(PathBuf, crate::recorder::Outcome)>> {
-    if !(args.chunk_max_secs.is_finite() && args.chunk_max_secs > 0.0) {
-        anyhow::bail!("--chunk-max-secs must be a positive number of seconds");
-    }
     // The chunk directory first: when it cannot be used, no FILE is left behind.
     let chunks = match &args.chunk_dir {
         Some(dir) => {
