@@ -328,19 +328,13 @@ pub fn run(args: ShellArgs) -> anyhow::Result<u8> {
         metadata: meta,
     };
 
-    let program = program_for(&acct, kind, command.as_deref(), raw_command.as_deref());
+    let program = program_for(&acct, kind, raw_command.as_deref());
     match plan(&cfg, &start) {
         Plan::Refuse(why) => Ok(refuse(&why)),
         Plan::Unrecorded => Err(exec_unrecorded(&acct, &program)),
         Plan::Record(stream) => match (kind, tty) {
             (SessionKind::FileTransfer, _) => run_piped(&cfg, stream, &program, false),
-            (_, true) => run_pty(
-                &cfg,
-                stream,
-                &acct,
-                command.as_deref(),
-                raw_command.as_deref(),
-            ),
+            (_, true) => run_pty(&cfg, stream, &acct, raw_command.as_deref()),
             (_, false) => run_piped(&cfg, stream, &program, true),
         },
     }
@@ -360,13 +354,7 @@ struct Program {
     args: Vec<OsString>,
 }
 
-/// `command` is `raw` as text (for matching); `raw` is what runs.
-fn program_for(
-    acct: &Account,
-    kind: SessionKind,
-    command: Option<&str>,
-    raw: Option<&std::ffi::OsStr>,
-) -> Program {
+fn program_for(acct: &Account, kind: SessionKind, command: Option<&std::ffi::OsStr>) -> Program {
     match command {
         None => {
             let base = Path::new(&acct.shell)
@@ -379,10 +367,10 @@ fn program_for(
                 args: Vec::new(),
             }
         }
-        Some(c) => {
+        Some(raw) => {
             // A transfer runs its system program directly (`internal-sftp` only exists inside
-            // sshd: the standalone server stands in for it).
-            if kind == SessionKind::FileTransfer {
+            // sshd: the standalone server stands in for it). Its command is plain ASCII.
+            if let (SessionKind::FileTransfer, Some(c)) = (kind, raw.to_str()) {
                 if let Some(path) = transfer_program(c) {
                     let mut words = c.split_whitespace();
                     let first = words.next().unwrap_or_default();
@@ -401,7 +389,7 @@ fn program_for(
             Program {
                 path: acct.shell.clone().into(),
                 arg0: acct.shell.clone().into(),
-                args: vec!["-c".into(), raw.map_or_else(|| c.into(), OsString::from)],
+                args: vec!["-c".into(), raw.to_owned()],
             }
         }
     }
@@ -562,20 +550,18 @@ fn run_pty(
     cfg: &Config,
     stream: UnixStream,
     acct: &Account,
-    command: Option<&str>,
-    raw: Option<&std::ffi::OsStr>,
+    command: Option<&std::ffi::OsStr>,
 ) -> anyhow::Result<u8> {
-    let cmd = match (command, raw) {
-        (Some(_), Some(r)) => Command::shell_command(&acct.shell, r),
-        (Some(c), None) => Command::shell_command(&acct.shell, c),
-        (None, _) => {
+    let cmd = match command {
+        Some(c) => Command::shell_command(&acct.shell, c),
+        None => {
             let mut c = Command::login_shell();
             c.env("SHELL", &acct.shell);
             c
         }
     };
     let mut sc = SessionConfig::new(cmd);
-    sc.header_command = command.map(str::to_string);
+    sc.header_command = command.map(|c| c.to_string_lossy().into_owned());
     sc.capture_input = cfg.capture_input;
     sc.sink_policy = if cfg.enforce {
         SinkPolicy::FailClosed

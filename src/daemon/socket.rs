@@ -67,8 +67,10 @@ async fn send_json<T: serde::Serialize>(
 
 /// A cached "recording is off" older than this is asked again when a session starts.
 const RECHECK_OFF: std::time::Duration = std::time::Duration::from_secs(1);
-/// How long a session's start waits for that answer before it goes with the cached one.
-const RECHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+/// How long a session's start waits for that answer before it goes with the cached one (a
+/// backend that does not answer delays a login by this much, at most once per
+/// [`RECHECK_OFF`]).
+const RECHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Whether the org has switched recording off. Switching off takes effect at once anyway (the
 /// backend refuses `start`), but switching back on must reach the next session, not only those
@@ -78,15 +80,17 @@ async fn recording_off(shared: &Shared) -> bool {
     let cached = *lock(&shared.recording_enabled);
     match cached {
         Some((false, at)) if at.elapsed() >= RECHECK_OFF => {
-            match tokio::time::timeout(RECHECK_TIMEOUT, shared.client.config()).await {
+            let answer = tokio::time::timeout(RECHECK_TIMEOUT, shared.client.config()).await;
+            let enabled = match answer {
                 Ok(Ok(c)) => {
                     shared.backend_answered();
-                    *lock(&shared.recording_enabled) =
-                        Some((c.recording_enabled, std::time::Instant::now()));
-                    !c.recording_enabled
+                    c.recording_enabled
                 }
-                _ => true,
-            }
+                // No answer: still off, and not asked again for a while.
+                _ => false,
+            };
+            *lock(&shared.recording_enabled) = Some((enabled, std::time::Instant::now()));
+            !enabled
         }
         Some((enabled, _)) => !enabled,
         None => false,
