@@ -27,6 +27,7 @@ AGENT_BIN=$BIN/ztna-recorder
 
 DIR=${ZTNA_QUICKSTART_DIR:-$(mktemp -d /tmp/ztna-quickstart.XXXXXX)}
 mkdir -p "$DIR/server" "$DIR/agent"
+DIR=$(cd "$DIR" && pwd) # the agent's paths must be absolute
 echo "scratch directory: $DIR"
 
 PIDS=()
