@@ -10,6 +10,8 @@
 # ZTNA_QUICKSTART_DIR=DIR keeps everything in DIR; ZTNA_QUICKSTART_KEEP=1 leaves the server
 # and daemon running at the end.
 set -euo pipefail
+# A scratch directory named relative to where the script was started from.
+case "${ZTNA_QUICKSTART_DIR:-/}" in /*) ;; *) ZTNA_QUICKSTART_DIR=$PWD/$ZTNA_QUICKSTART_DIR ;; esac
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
@@ -27,7 +29,6 @@ AGENT_BIN=$BIN/ztna-recorder
 
 DIR=${ZTNA_QUICKSTART_DIR:-$(mktemp -d /tmp/ztna-quickstart.XXXXXX)}
 mkdir -p "$DIR/server" "$DIR/agent"
-DIR=$(cd "$DIR" && pwd) # the agent's paths must be absolute
 echo "scratch directory: $DIR"
 
 PIDS=()
