@@ -416,6 +416,9 @@ struct DaemonSink {
     /// Set by the watch thread when the daemon stopped in order: from then on events are
     /// dropped without failing the session, whatever the enforce policy.
     orderly: Arc<AtomicBool>,
+    /// Set by the watch thread when the daemon stopped recording this session (its spool is
+    /// full) or went away: events are no longer sent, only the End (for the exit status).
+    stopped: Arc<AtomicBool>,
 }
 
 impl DaemonSink {
@@ -525,7 +528,9 @@ impl Sink for DaemonSink {
                     Err(_) => Err(io::Error::other("no answer from the recording daemon")),
                 }
             }
-            _ if self.orderly.load(Ordering::Relaxed) => Ok(()),
+            _ if self.orderly.load(Ordering::Relaxed) || self.stopped.load(Ordering::Relaxed) => {
+                Ok(())
+            }
             _ => match event.asciicast_line() {
                 Some(line) => self.queue_line(line),
                 None => Ok(()),
@@ -534,7 +539,7 @@ impl Sink for DaemonSink {
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        if self.orderly.load(Ordering::Relaxed) {
+        if self.orderly.load(Ordering::Relaxed) || self.stopped.load(Ordering::Relaxed) {
             self.buf.clear();
             return Ok(());
         }
@@ -572,6 +577,7 @@ fn run_pty(
     let control = session.control();
     let ended = Arc::new(AtomicBool::new(false));
     let orderly = Arc::new(AtomicBool::new(false));
+    let stopped = Arc::new(AtomicBool::new(false));
     let lost = Arc::new(Mutex::new(None::<String>));
     let (ack_tx, acks) = mpsc::channel();
     {
@@ -581,6 +587,7 @@ fn run_pty(
         let mut watch = stream.try_clone()?;
         let ended = ended.clone();
         let orderly = orderly.clone();
+        let stopped = stopped.clone();
         let lost = lost.clone();
         let enforce = cfg.enforce;
         std::thread::Builder::new()
@@ -608,6 +615,7 @@ fn run_pty(
                             "recording stopped, session goes on unrecorded: {why}"
                         ));
                     } else if !ended.load(Ordering::SeqCst) {
+                        stopped.store(true, Ordering::SeqCst);
                         if let Ok(mut l) = lost.lock() {
                             *l = Some(why.clone());
                         }
@@ -630,6 +638,7 @@ fn run_pty(
         acks,
         ended,
         orderly: orderly.clone(),
+        stopped,
     };
     let outcome = match session.run(vec![Box::new(sink)]) {
         Ok(o) => o,
@@ -668,6 +677,9 @@ struct Recording {
     /// Under enforce, the recording was lost: the relays stop showing output at once (the
     /// program is ended meanwhile).
     cut: AtomicBool,
+    /// The daemon stopped recording this session (its spool is full) but still listens: it
+    /// gets the End, for the exit status.
+    listening: AtomicBool,
     last_time: Mutex<f64>,
 }
 
@@ -728,6 +740,7 @@ fn run_piped(
         lost_why: Mutex::new(String::new()),
         stopped_orderly: AtomicBool::new(false),
         cut: AtomicBool::new(false),
+        listening: AtomicBool::new(false),
         last_time: Mutex::new(0.0),
     });
     let mut child = match std::process::Command::new(&p.path)
@@ -769,6 +782,9 @@ fn run_piped(
                     Ok(f) if f.kind == Kind::Error => match f.parse::<ipc::ErrorMsg>() {
                         Ok(m) => {
                             stopping = m.code == ipc::ERROR_STOPPING;
+                            if m.code == ipc::ERROR_SPOOL_FULL {
+                                rec.listening.store(true, Ordering::SeqCst);
+                            }
                             m.message
                         }
                         Err(e) => e.to_string(),
@@ -897,6 +913,9 @@ fn run_piped(
         syslog_warn(&format!(
             "recording stopped, session went on unrecorded: {why}"
         ));
+        if rec.listening.load(Ordering::SeqCst) {
+            finish_piped(&rec, code, meta);
+        }
     } else {
         finish_piped(&rec, code, meta);
     }

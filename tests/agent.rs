@@ -976,6 +976,8 @@ async fn spool_full_refuses_new_sessions_and_keeps_what_it_has() {
     assert!(f.parse::<ipc::ErrorMsg>().unwrap().message.contains("full"));
     let spooled = chunk_bytes(&agent.spool());
     assert!(spooled > 0 && spooled <= 900, "{spooled} bytes spooled");
+    // The session goes on unrecorded; its end still reaches the daemon, for the exit status.
+    c.end(3);
     let (_c2, d2) = FrameClient::start(&agent.socket());
     assert_eq!(d2.mode, Mode::Refused, "{d2:?}");
     assert!(d2.reason.contains("full"));
@@ -984,6 +986,7 @@ async fn spool_full_refuses_new_sessions_and_keeps_what_it_has() {
     let recs = backend.wait_completed(1, Duration::from_secs(30)).await;
     let rec = &recs[0];
     assert_eq!(rec["metadata"]["truncated"], true, "{rec:#}");
+    assert_eq!(rec["metadata"]["exit_status"], 3, "{rec:#}");
     let got = backend.events_text(rec);
     assert!(
         !got.is_empty() && sent.starts_with(&got),
@@ -1010,6 +1013,25 @@ async fn enforce_ends_a_session_whose_recording_stops_without_showing_more() {
         "{} bytes reached the user",
         out.stdout.len()
     );
+    stop_all(&mut daemon, &mut backend).await;
+}
+
+/// Without enforce, a session whose spool fills up runs to its end unrecorded from there, and
+/// its recording (truncated) still gets its exit status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_past_a_full_spool_keeps_its_exit_status() {
+    let mut backend = Backend::new_down(true).await;
+    let agent = Agent::new(&backend, "spool_max_bytes = 300000\n");
+    let mut daemon = agent.daemon();
+    let cmd = "head -c 600000 /dev/zero | tr '\\0' e; exit 5";
+    let out = tokio::task::block_in_place(|| agent.shell(Some(cmd), b"", None));
+    assert_eq!(out.status.code(), Some(5));
+    assert_eq!(out.stdout.len(), 600_000);
+    backend.start().await;
+    let recs = backend.wait_completed(1, Duration::from_secs(30)).await;
+    let m = &recs[0]["metadata"];
+    assert_eq!(m["truncated"], true, "{m}");
+    assert_eq!(m["exit_status"], 5, "{m}");
     stop_all(&mut daemon, &mut backend).await;
 }
 
@@ -1137,8 +1159,10 @@ async fn spool_disk_full_keeps_what_it_has() {
         agent.status().chunks_waiting > 0,
         "the daemon survives a full disk"
     );
-    // The end mark is on the full disk at once (in the space the session set aside), so it
-    // would survive a restart of the daemon; the backend is still down.
+    // The session ends (it went on unrecorded). Its end mark is on the full disk at once (in
+    // the space the session set aside), so it would survive a restart of the daemon; the
+    // backend is still down.
+    c.end(4);
     let end = agent
         .spool()
         .join("sessions")
@@ -1149,6 +1173,7 @@ async fn spool_disk_full_keeps_what_it_has() {
     });
     let mark: Value = serde_json::from_slice(&std::fs::read(&end).unwrap()).unwrap();
     assert_eq!(mark["metadata"]["truncated"], true, "{mark}");
+    assert_eq!(mark["metadata"]["exit_status"], 4, "{mark}");
 
     backend.start().await;
     let recs = backend.wait_completed(1, Duration::from_secs(30)).await;

@@ -427,7 +427,11 @@ async fn record(
             _ = stopping.changed() => break Outcome::Stopping,
         }
     };
-    reader.abort();
+    // After a full spool the session goes on (unrecorded, or being ended under enforce): its
+    // frames are still read, below, for its end.
+    if !matches!(outcome, Outcome::SpoolFull(_)) {
+        reader.abort();
+    }
     // What was written is kept whatever happens next: a chunk that cannot be made durable now
     // stays a part file, which recovery seals at the next start.
     if let Some(prev) = closing.take() {
@@ -494,17 +498,28 @@ async fn record(
             };
             metadata.insert("truncated_reason".into(), Value::from(reason));
             tracing::warn!(session = %id, ?write_error, "spool full: recording of this session stops here");
+            // Its exit status still belongs on the recording: wait for the session's end,
+            // dropping what it sends meanwhile.
+            let end = drain_to_end(&mut rx, &mut stopping).await;
+            reader.abort();
+            let exit_status = end.as_ref().and_then(|e| e.exit_status);
+            if let Some(s) = exit_status {
+                metadata.insert("exit_status".into(), Value::from(s));
+            }
             set_end_or_hold(
                 shared,
                 dir,
                 id,
                 EndMark {
-                    exit_status: None,
+                    exit_status,
                     interrupted: false,
                     duration_seconds: duration,
                     metadata,
                 },
             );
+            if end.is_some() {
+                let _ = send_json(wr, Kind::Ack, &AckMsg { spooled: true }).await;
+            }
         }
         Outcome::Stopping => {
             // No end mark: the next start completes it as interrupted with what it holds.
@@ -522,6 +537,24 @@ async fn record(
     }
     shared.wake.notify_one();
     Ok(())
+}
+
+/// Reads a session's frames, dropping them, until its End (`None` when the connection closes
+/// first or the daemon stops).
+async fn drain_to_end(
+    rx: &mut mpsc::Receiver<Result<Frame, FrameError>>,
+    stopping: &mut tokio::sync::watch::Receiver<bool>,
+) -> Option<EndMsg> {
+    loop {
+        tokio::select! {
+            f = rx.recv() => match f {
+                Some(Ok(f)) if f.kind == Kind::End => return f.parse::<EndMsg>().ok(),
+                Some(Ok(_)) => {}
+                _ => return None,
+            },
+            _ = stopping.changed() => return None,
+        }
+    }
 }
 
 /// Writes the session's end mark, or, when the disk refuses it (full), holds it for the
