@@ -1779,6 +1779,39 @@ async fn sshd_backend_down_then_back() {
     stop_all(&mut daemon, &mut backend).await;
 }
 
+/// `ssh -tt` (the PTY path) past a full spool, without enforce: the session runs to its end,
+/// and its truncated recording keeps the exit status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sshd_pty_session_past_a_full_spool_keeps_its_exit_status() {
+    let mut backend = Backend::new_down(true).await;
+    let agent = Agent::new(&backend, "spool_max_bytes = 300000\n");
+    let mut daemon = agent.daemon();
+    let s = sshd::Sshd::start(&agent.config());
+    let cmd = "head -c 600000 /dev/zero | tr '\\0' e; echo; exit 5";
+    let out = tokio::task::block_in_place(|| {
+        s.ssh()
+            .arg("-tt")
+            .arg(s.target())
+            .arg(cmd)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    });
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stdout.len() >= 600_000, "{} bytes", out.stdout.len());
+    backend.start().await;
+    let recs = backend.wait_completed(1, Duration::from_secs(30)).await;
+    let m = &recs[0]["metadata"];
+    assert_eq!(m["truncated"], true, "{m}");
+    assert_eq!(m["exit_status"], 5, "{m}");
+    stop_all(&mut daemon, &mut backend).await;
+}
+
 /// An interactive SSH login through the agent, once its first command's output
 /// (`echo WORD-$((2*21))`) is spooled: where the tests of a daemon failing mid-session begin.
 struct SpooledLogin {
