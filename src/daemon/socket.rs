@@ -347,7 +347,9 @@ async fn record(
     // frame of slack: a frame is a whole batch of the recorder (tens of KiB), and with many
     // live sessions more would be the daemon's largest use of memory.
     let (tx, mut rx) = mpsc::channel::<Result<Frame, FrameError>>(1);
-    let reader = tokio::spawn(async move {
+    // Stopped whichever way this function returns (a full spool reads on to the session's
+    // end, further down).
+    let _reader = AbortOnDrop(tokio::spawn(async move {
         loop {
             let f = ipc::read_frame_async(&mut rd).await;
             let stop = f.is_err() || matches!(&f, Ok(fr) if fr.kind == Kind::End);
@@ -355,7 +357,7 @@ async fn record(
                 break;
             }
         }
-    });
+    }));
 
     let mut w = ChunkWriter::new(dir.clone(), cfg.chunk_max_bytes, cfg.chunk_max_secs);
     // The chunk being made durable on a blocking thread, while this loop goes on reading.
@@ -427,11 +429,6 @@ async fn record(
             _ = stopping.changed() => break Outcome::Stopping,
         }
     };
-    // After a full spool the session goes on (unrecorded, or being ended under enforce): its
-    // frames are still read, below, for its end.
-    if !matches!(outcome, Outcome::SpoolFull(_)) {
-        reader.abort();
-    }
     // What was written is kept whatever happens next: a chunk that cannot be made durable now
     // stays a part file, which recovery seals at the next start.
     if let Some(prev) = closing.take() {
@@ -451,24 +448,20 @@ async fn record(
         .map(|t| ztna_common::asciicast::duration_secs(Some(t)));
     match outcome {
         Outcome::Ended(end) => {
-            let mut metadata = end.metadata;
-            drop_owned(&mut metadata);
-            if let Some(s) = end.exit_status {
-                metadata.insert("exit_status".into(), Value::from(s));
-            }
+            let (exit_status, metadata) = end_metadata(end);
             set_end_or_hold(
                 shared,
                 dir,
                 id,
                 EndMark {
-                    exit_status: end.exit_status,
+                    exit_status,
                     interrupted: false,
                     duration_seconds: Some(duration.unwrap_or(0)),
                     metadata,
                 },
             );
             send_json(wr, Kind::Ack, &AckMsg { spooled: true }).await?;
-            tracing::info!(session = %id, exit_status = ?end.exit_status, "session ended");
+            tracing::info!(session = %id, ?exit_status, "session ended");
         }
         Outcome::Lost(why) => {
             set_end_or_hold(shared, dir, id, EndMark::interrupted());
@@ -498,14 +491,13 @@ async fn record(
             };
             metadata.insert("truncated_reason".into(), Value::from(reason));
             tracing::warn!(session = %id, ?write_error, "spool full: recording of this session stops here");
-            // Its exit status still belongs on the recording: wait for the session's end,
-            // dropping what it sends meanwhile.
+            // The session goes on (unrecorded, or being ended under enforce), and its exit
+            // status still belongs on the recording: wait for its end, dropping what it sends
+            // meanwhile.
             let end = drain_to_end(&mut rx, &mut stopping).await;
-            reader.abort();
-            let exit_status = end.as_ref().and_then(|e| e.exit_status);
-            if let Some(s) = exit_status {
-                metadata.insert("exit_status".into(), Value::from(s));
-            }
+            let ended = end.is_some();
+            let (exit_status, end_meta) = end.map(end_metadata).unwrap_or_default();
+            metadata.extend(end_meta);
             set_end_or_hold(
                 shared,
                 dir,
@@ -517,7 +509,7 @@ async fn record(
                     metadata,
                 },
             );
-            if end.is_some() {
+            if ended {
                 let _ = send_json(wr, Kind::Ack, &AckMsg { spooled: true }).await;
             }
         }
@@ -537,6 +529,25 @@ async fn record(
     }
     shared.wake.notify_one();
     Ok(())
+}
+
+/// A task aborted when its handle is dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// What an `End` adds to the recording's metadata: the client's own keys and the exit status.
+fn end_metadata(end: EndMsg) -> (Option<i32>, serde_json::Map<String, Value>) {
+    let mut metadata = end.metadata;
+    drop_owned(&mut metadata);
+    if let Some(s) = end.exit_status {
+        metadata.insert("exit_status".into(), Value::from(s));
+    }
+    (end.exit_status, metadata)
 }
 
 /// Reads a session's frames, dropping them, until its End (`None` when the connection closes
