@@ -226,13 +226,9 @@ pub fn syslog_warn(msg: &str) {
 }
 
 /// Connects to the daemon, announces the session and reads its decision.
-fn open_session(cfg: &Config, start: &StartMsg) -> Result<(UnixStream, DecisionMsg), String> {
-    let mut s = UnixStream::connect(&cfg.socket).map_err(|e| {
-        format!(
-            "recording daemon unreachable at {}: {e}",
-            cfg.socket.display()
-        )
-    })?;
+fn open_session(socket: &Path, start: &StartMsg) -> Result<(UnixStream, DecisionMsg), String> {
+    let mut s = UnixStream::connect(socket)
+        .map_err(|e| format!("recording daemon unreachable at {}: {e}", socket.display()))?;
     let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
     let _ = s.set_write_timeout(Some(Duration::from_secs(10)));
     let f = Frame::json(Kind::Start, start).map_err(|e| e.to_string())?;
@@ -252,15 +248,16 @@ fn open_session(cfg: &Config, start: &StartMsg) -> Result<(UnixStream, DecisionM
 
 /// Whether to record, run unrecorded, or refuse.
 enum Plan {
-    Record(UnixStream),
+    /// The connection, and the daemon's local id of the recording.
+    Record(UnixStream, Option<String>),
     Unrecorded,
     Refuse(String),
 }
 
 fn plan(cfg: &Config, start: &StartMsg) -> Plan {
-    match open_session(cfg, start) {
+    match open_session(&cfg.socket, start) {
         Ok((s, d)) => match d.mode {
-            Mode::Record => Plan::Record(s),
+            Mode::Record => Plan::Record(s, d.session),
             Mode::Unrecorded => Plan::Unrecorded,
             Mode::Refused => unrecordable(cfg, &d.reason),
         },
@@ -332,10 +329,10 @@ pub fn run(args: ShellArgs) -> anyhow::Result<u8> {
     match plan(&cfg, &start) {
         Plan::Refuse(why) => Ok(refuse(&why)),
         Plan::Unrecorded => Err(exec_unrecorded(&acct, &program)),
-        Plan::Record(stream) => match (kind, tty) {
-            (SessionKind::FileTransfer, _) => run_piped(&cfg, stream, &program, false),
-            (_, true) => run_pty(&cfg, stream, &acct, raw_command.as_deref()),
-            (_, false) => run_piped(&cfg, stream, &program, true),
+        Plan::Record(stream, id) => match (kind, tty) {
+            (SessionKind::FileTransfer, _) => run_piped(&cfg, stream, id, &start, &program, false),
+            (_, true) => run_pty(&cfg, stream, id, &start, &acct, raw_command.as_deref()),
+            (_, false) => run_piped(&cfg, stream, id, &start, &program, true),
         },
     }
 }
@@ -405,20 +402,217 @@ fn exec_unrecorded(_acct: &Account, p: &Program) -> anyhow::Error {
 }
 
 /// Events to the daemon over the session's socket (PTY sessions).
+///
+/// When the daemon stops in order (a restart, a package upgrade) the session goes on, and the
+/// sink reconnects to the next daemon as soon as it answers: the rest of the session becomes
+/// a new recording whose `continues` names the first one's `agent_session`, with the output
+/// of the gap kept (up to [`GAP_MAX_BYTES`]).
 struct DaemonSink {
-    stream: UnixStream,
+    link: Link,
     buf: Vec<u8>,
-    end_meta: Map<String, Value>,
-    /// The daemon's answer to End, read by the watch thread.
-    acks: mpsc::Receiver<Result<(), String>>,
     /// Set once End is sent: the daemon closing after that is no loss.
     ended: Arc<AtomicBool>,
-    /// Set by the watch thread when the daemon stopped in order: from then on events are
-    /// dropped without failing the session, whatever the enforce policy.
+    /// What a watch thread needs, for the link of a resumed recording.
+    watch: WatchCtx,
+    socket: PathBuf,
+    /// The Start of the session, resent (with `continues`) to resume.
+    start: StartMsg,
+    size: TtySize,
+    /// Session time that is time zero of the current recording (zero until a resume).
+    rebase: Duration,
+    /// Reconnecting after an orderly stop.
+    resume: Option<Resume>,
+    /// The daemon stopped in order and will not record the rest (recording switched off).
+    given_up: bool,
+    /// An event line re-encoded against `rebase`.
+    line: String,
+}
+
+/// One connection to the daemon, and what its watch thread tells about it.
+struct Link {
+    stream: UnixStream,
+    /// The daemon's local id of the recording.
+    session: Option<String>,
+    /// The daemon's answer to End, read by the watch thread.
+    acks: mpsc::Receiver<Result<(), String>>,
+    /// Set by the watch thread when the daemon stopped in order: events go to the gap buffer
+    /// until a daemon takes the session again, whatever the enforce policy.
     orderly: Arc<AtomicBool>,
     /// Set by the watch thread when the daemon stopped recording this session (its spool is
     /// full) or went away: events are no longer sent, only the End (for the exit status).
     stopped: Arc<AtomicBool>,
+}
+
+/// Shared by every watch thread of a session.
+#[derive(Clone)]
+struct WatchCtx {
+    control: recorder::Control,
+    ended: Arc<AtomicBool>,
+    lost: Arc<Mutex<Option<String>>>,
+    enforce: bool,
+}
+
+/// Output kept while no daemon records the session, at most this much.
+const GAP_MAX_BYTES: usize = 1024 * 1024;
+/// How long the exit waits for a daemon that stopped in order, when output is waiting for it.
+const RESUME_AT_EXIT: Duration = Duration::from_secs(2);
+
+/// Reconnecting to the daemon after it stopped in order: when to try next, and the output
+/// kept meanwhile for the recording that continues the session.
+struct Resume {
+    /// Previous recording's local id.
+    continues: Option<String>,
+    next_try: Duration,
+    wait: Duration,
+    gap: Vec<(Duration, EventCode, String)>,
+    gap_bytes: usize,
+    dropped_bytes: u64,
+}
+
+/// What a daemon said to a resumed session.
+enum Resumed {
+    Record(UnixStream, Option<String>),
+    /// Recording is switched off: the rest of the session goes unrecorded.
+    Off,
+    /// No daemon yet, or it refused (stopping again, spool full): try later.
+    Later,
+}
+
+impl Resume {
+    fn new(continues: Option<String>, now: Duration) -> Resume {
+        Resume {
+            continues,
+            next_try: now,
+            wait: Duration::from_millis(100),
+            gap: Vec::new(),
+            gap_bytes: 0,
+            dropped_bytes: 0,
+        }
+    }
+
+    /// Whether an attempt is due (always when `force`); if so, the next one is scheduled
+    /// (100 ms, doubling, at most 5 s apart: a restart takes a second or two).
+    fn due(&mut self, now: Duration, force: bool) -> bool {
+        if !force && now < self.next_try {
+            return false;
+        }
+        self.next_try = now + self.wait;
+        self.wait = (self.wait * 2).min(Duration::from_secs(5));
+        true
+    }
+
+    fn keep(&mut self, t: Duration, code: EventCode, data: &str) {
+        if self.gap_bytes + data.len() > GAP_MAX_BYTES {
+            self.dropped_bytes += data.len() as u64;
+        } else {
+            self.gap_bytes += data.len();
+            self.gap.push((t, code, data.to_owned()));
+        }
+    }
+
+    /// Time zero of the recording that continues the session: its first event, or now.
+    fn base(&self, now: Duration) -> Duration {
+        self.gap.first().map(|g| g.0).unwrap_or(now)
+    }
+
+    /// Asks the daemon at `socket` to record the rest of the session: the session's Start,
+    /// with a header from time zero `base` (the wall clock of that moment, the current size)
+    /// and `continues` naming the previous recording.
+    fn ask(&self, socket: &Path, start: &StartMsg, size: TtySize, now: Duration) -> Resumed {
+        let mut start = start.clone();
+        let mut header = Header::new(size, None);
+        header.env = start.header.env.take();
+        header.command = start.header.command.take();
+        let ago = now.saturating_sub(self.base(now)).as_secs() as i64;
+        header.timestamp = Some(unix_now() - ago);
+        start.header = header;
+        if let Some(c) = &self.continues {
+            start
+                .metadata
+                .insert("continues".into(), Value::from(c.clone()));
+        }
+        if self.dropped_bytes > 0 {
+            start
+                .metadata
+                .insert("gap_dropped_bytes".into(), Value::from(self.dropped_bytes));
+        }
+        match open_session(socket, &start) {
+            Ok((s, d)) => match d.mode {
+                Mode::Record => {
+                    syslog_warn(&format!(
+                        "recording resumed after the daemon's restart ({} bytes of output lost meanwhile)",
+                        self.dropped_bytes
+                    ));
+                    Resumed::Record(s, d.session)
+                }
+                Mode::Unrecorded => Resumed::Off,
+                Mode::Refused => Resumed::Later,
+            },
+            Err(_) => Resumed::Later,
+        }
+    }
+}
+
+impl Link {
+    /// Starts the thread that reads what the daemon says before our End: anything (an Error
+    /// frame, end of file) means it is gone or stopped recording. Under enforce the session
+    /// ends then, even if the program is silent and no write would notice.
+    fn open(stream: UnixStream, session: Option<String>, ctx: &WatchCtx) -> io::Result<Link> {
+        let orderly = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::new(AtomicBool::new(false));
+        let (ack_tx, acks) = mpsc::channel();
+        let mut watch = stream.try_clone()?;
+        let ctx = ctx.clone();
+        let (o, s) = (orderly.clone(), stopped.clone());
+        std::thread::Builder::new()
+            .name("daemon-watch".into())
+            .stack_size(64 * 1024)
+            .spawn(move || {
+                let mut stopping = false;
+                let r = match ipc::read_frame_when_readable(&mut watch) {
+                    Ok(f) if f.kind == Kind::Ack => Ok(()),
+                    Ok(f) if f.kind == Kind::Error => Err(match f.parse::<ipc::ErrorMsg>() {
+                        Ok(m) => {
+                            stopping = m.code == ipc::ERROR_STOPPING;
+                            m.message
+                        }
+                        Err(e) => e.to_string(),
+                    }),
+                    Ok(f) => Err(format!("unexpected {:?} frame", f.kind)),
+                    Err(e) => Err(format!("recording daemon: {e}")),
+                };
+                if let Err(why) = &r {
+                    if stopping {
+                        // An orderly stop (upgrade, restart) keeps users' sessions running.
+                        // Closing our side tells the daemon that what we sent is all it gets;
+                        // the rest waits for the next daemon.
+                        let _ = watch.shutdown(std::net::Shutdown::Write);
+                        o.store(true, Ordering::SeqCst);
+                        syslog_warn(&format!("recording paused until the daemon is back: {why}"));
+                    } else if !ctx.ended.load(Ordering::SeqCst) {
+                        s.store(true, Ordering::SeqCst);
+                        if let Ok(mut l) = ctx.lost.lock() {
+                            *l = Some(why.clone());
+                        }
+                        if ctx.enforce {
+                            ctx.control.terminate();
+                        } else {
+                            syslog_warn(&format!(
+                                "recording stopped, session goes on unrecorded: {why}"
+                            ));
+                        }
+                    }
+                }
+                let _ = ack_tx.send(r);
+            })?;
+        Ok(Link {
+            stream,
+            session,
+            acks,
+            orderly,
+            stopped,
+        })
+    }
 }
 
 impl DaemonSink {
@@ -427,13 +621,98 @@ impl DaemonSink {
     fn tolerate(&self, e: io::Error) -> io::Result<()> {
         let t0 = Instant::now();
         while t0.elapsed() < Duration::from_millis(300) {
-            if self.orderly.load(Ordering::SeqCst) {
+            if self.link.orderly.load(Ordering::SeqCst) {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(10));
         }
         Err(e)
     }
+
+    /// Whether the current link no longer records (the daemon stopped in order): from then on
+    /// events wait in the gap buffer for the next daemon.
+    fn paused(&mut self, now: Duration) -> bool {
+        if self.given_up {
+            return true;
+        }
+        if self.resume.is_none() && self.link.orderly.load(Ordering::SeqCst) {
+            let mut r = Resume::new(self.link.session.clone(), now);
+            // The frame the stopping daemon did not take waits with the rest.
+            let unsent = std::mem::take(&mut self.buf);
+            let lines = unsent.get(ipc::HEAD_BYTES..).unwrap_or_default();
+            for (i, l) in String::from_utf8_lossy(lines).lines().enumerate() {
+                if let Ok(e) = ztna_common::asciicast::parse_event_line(l, i + 1) {
+                    let t = self.rebase + Duration::from_secs_f64(e.time);
+                    r.keep(t, e.code, &e.data);
+                }
+            }
+            self.resume = Some(r);
+        }
+        self.resume.is_some()
+    }
+
+    /// Tries to hand the rest of the session to a daemon (one attempt, when one is due).
+    fn try_resume(&mut self, now: Duration, force: bool) {
+        let Some(r) = self.resume.as_mut() else {
+            return;
+        };
+        if !r.due(now, force) {
+            return;
+        }
+        let (stream, session) = match r.ask(&self.socket, &self.start, self.size, now) {
+            Resumed::Record(s, id) => (s, id),
+            Resumed::Off => {
+                self.resume = None;
+                self.given_up = true;
+                return;
+            }
+            Resumed::Later => return,
+        };
+        let Ok(link) = Link::open(stream, session, &self.watch) else {
+            return;
+        };
+        let Some(r) = self.resume.take() else { return };
+        self.link = link;
+        self.rebase = r.base(now);
+        for (t, code, data) in &r.gap {
+            if self.queue_event(*t, *code, data).is_err() {
+                break;
+            }
+        }
+    }
+
+    /// Keeps an event for the next daemon.
+    fn keep(&mut self, ev: &Event<'_>) {
+        if let (Some(r), Some((code, data))) = (self.resume.as_mut(), code_and_data(&ev.kind)) {
+            r.keep(ev.time, code, &data);
+        }
+    }
+
+    /// Queues one event re-encoded against `rebase`.
+    fn queue_event(&mut self, t: Duration, code: EventCode, data: &str) -> io::Result<()> {
+        let mut line = std::mem::take(&mut self.line);
+        line.clear();
+        encode_event(
+            &mut line,
+            t.saturating_sub(self.rebase).as_secs_f64(),
+            code,
+            data,
+        );
+        let r = self.queue_line(&line);
+        self.line = line;
+        r
+    }
+}
+
+/// An asciicast event's code and data (`None` for the exit).
+fn code_and_data<'a>(kind: &EventKind<'a>) -> Option<(EventCode, std::borrow::Cow<'a, str>)> {
+    Some(match kind {
+        EventKind::Output(s) => (EventCode::Output, (*s).into()),
+        EventKind::Input(s) => (EventCode::Input, (*s).into()),
+        EventKind::Marker(s) => (EventCode::Marker, (*s).into()),
+        EventKind::Resize(size) => (EventCode::Resize, size.to_string().into()),
+        EventKind::Exit(_) => return None,
+    })
 }
 
 /// The size at which the Events frame being built is sent without waiting for the batch's end.
@@ -473,11 +752,14 @@ impl DaemonSink {
         }
         let head = ipc::head(Kind::Events, self.buf.len() - ipc::HEAD_BYTES).map_err(frame_io)?;
         self.buf[..ipc::HEAD_BYTES].copy_from_slice(&head);
-        let sent = self.stream.write_all(&self.buf);
-        self.buf.clear();
+        let sent = self.link.stream.write_all(&self.buf);
         match sent {
-            Ok(()) => Ok(()),
-            Err(e) => self.tolerate(e),
+            Ok(()) => {
+                self.buf.clear();
+                Ok(())
+            }
+            // Kept when the daemon stopped in order: the frame goes to the next one.
+            Err(e) => self.tolerate(e).inspect_err(|_| self.buf.clear()),
         }
     }
 }
@@ -501,19 +783,51 @@ impl Sink for DaemonSink {
         "recording daemon".into()
     }
 
-    fn start(&mut self, _header: &Header) -> io::Result<()> {
+    fn start(&mut self, header: &Header) -> io::Result<()> {
+        self.size = header.size();
         Ok(())
     }
 
     fn event(&mut self, event: &Event<'_>) -> io::Result<()> {
-        match event.kind {
-            EventKind::Exit(_) if self.orderly.load(Ordering::SeqCst) => Ok(()),
-            EventKind::Exit(status) => {
-                self.send_pending()?;
-                if self.orderly.load(Ordering::SeqCst) {
+        if let EventKind::Resize(s) = event.kind {
+            self.size = s;
+        }
+        if self.paused(event.time) {
+            match event.kind {
+                EventKind::Exit(_) => {
+                    // Output waits for a daemon: give it a moment to come back.
+                    let waiting = self.resume.as_ref().is_some_and(|r| !r.gap.is_empty());
+                    let until = Instant::now()
+                        + if waiting {
+                            RESUME_AT_EXIT
+                        } else {
+                            Duration::ZERO
+                        };
+                    loop {
+                        self.try_resume(event.time, true);
+                        if self.resume.is_none() || Instant::now() >= until {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    if self.given_up || self.resume.is_some() {
+                        return Ok(());
+                    }
+                }
+                _ => {
+                    self.keep(event);
+                    self.try_resume(event.time, false);
                     return Ok(());
                 }
-                let mut meta = std::mem::take(&mut self.end_meta);
+            }
+        }
+        match event.kind {
+            EventKind::Exit(status) => {
+                self.send_pending()?;
+                if self.link.orderly.load(Ordering::SeqCst) {
+                    return Ok(());
+                }
+                let mut meta = Map::new();
                 let code = exit_metadata(status, &mut meta);
                 self.ended.store(true, Ordering::SeqCst);
                 let end = EndMsg {
@@ -521,25 +835,40 @@ impl Sink for DaemonSink {
                     metadata: meta,
                 };
                 let f = Frame::json(Kind::End, &end).map_err(io::Error::other)?;
-                ipc::write_frame(&mut self.stream, f.kind, &f.payload).map_err(frame_io)?;
-                match self.acks.recv_timeout(Duration::from_secs(10)) {
+                ipc::write_frame(&mut self.link.stream, f.kind, &f.payload).map_err(frame_io)?;
+                match self.link.acks.recv_timeout(Duration::from_secs(10)) {
                     Ok(Ok(())) => Ok(()),
                     Ok(Err(e)) => Err(io::Error::other(e)),
                     Err(_) => Err(io::Error::other("no answer from the recording daemon")),
                 }
             }
-            _ if self.orderly.load(Ordering::Relaxed) || self.stopped.load(Ordering::Relaxed) => {
-                Ok(())
-            }
-            _ => match event.asciicast_line() {
+            _ if self.link.stopped.load(Ordering::Relaxed) => Ok(()),
+            _ if self.rebase.is_zero() => match event.asciicast_line() {
                 Some(line) => self.queue_line(line),
+                None => Ok(()),
+            },
+            ref k => match code_and_data(k) {
+                Some((code, data)) => self.queue_event(event.time, code, &data),
                 None => Ok(()),
             },
         }
     }
 
+    fn next_deadline(&self) -> Option<Duration> {
+        self.resume.as_ref().map(|r| r.next_try)
+    }
+
+    fn tick(&mut self, now: Duration) -> io::Result<()> {
+        self.try_resume(now, false);
+        Ok(())
+    }
+
     fn flush(&mut self) -> io::Result<()> {
-        if self.orderly.load(Ordering::Relaxed) || self.stopped.load(Ordering::Relaxed) {
+        if self.link.orderly.load(Ordering::Relaxed) && self.resume.is_none() && !self.given_up {
+            // Held for the next daemon (see `paused`).
+            return Ok(());
+        }
+        if self.resume.is_some() || self.given_up || self.link.stopped.load(Ordering::Relaxed) {
             self.buf.clear();
             return Ok(());
         }
@@ -554,6 +883,8 @@ impl Sink for DaemonSink {
 fn run_pty(
     cfg: &Config,
     stream: UnixStream,
+    session_id: Option<String>,
+    start: &StartMsg,
     acct: &Account,
     command: Option<&std::ffi::OsStr>,
 ) -> anyhow::Result<u8> {
@@ -574,71 +905,27 @@ fn run_pty(
         SinkPolicy::FailOpen
     };
     let session = Session::new(sc);
-    let control = session.control();
     let ended = Arc::new(AtomicBool::new(false));
-    let orderly = Arc::new(AtomicBool::new(false));
-    let stopped = Arc::new(AtomicBool::new(false));
     let lost = Arc::new(Mutex::new(None::<String>));
-    let (ack_tx, acks) = mpsc::channel();
-    {
-        // The daemon says nothing until our End: anything before (an Error frame, end of
-        // file) means it is gone or stopped recording. Under enforce the session ends then,
-        // even if the program is silent and no write would notice.
-        let mut watch = stream.try_clone()?;
-        let ended = ended.clone();
-        let orderly = orderly.clone();
-        let stopped = stopped.clone();
-        let lost = lost.clone();
-        let enforce = cfg.enforce;
-        std::thread::Builder::new()
-            .name("daemon-watch".into())
-            .stack_size(64 * 1024)
-            .spawn(move || {
-                let mut stopping = false;
-                let r = match ipc::read_frame_when_readable(&mut watch) {
-                    Ok(f) if f.kind == Kind::Ack => Ok(()),
-                    Ok(f) if f.kind == Kind::Error => Err(match f.parse::<ipc::ErrorMsg>() {
-                        Ok(m) => {
-                            stopping = m.code == ipc::ERROR_STOPPING;
-                            m.message
-                        }
-                        Err(e) => e.to_string(),
-                    }),
-                    Ok(f) => Err(format!("unexpected {:?} frame", f.kind)),
-                    Err(e) => Err(format!("recording daemon: {e}")),
-                };
-                if let Err(why) = &r {
-                    if stopping {
-                        // An orderly stop (upgrade, restart) keeps users' sessions running.
-                        orderly.store(true, Ordering::SeqCst);
-                        syslog_warn(&format!(
-                            "recording stopped, session goes on unrecorded: {why}"
-                        ));
-                    } else if !ended.load(Ordering::SeqCst) {
-                        stopped.store(true, Ordering::SeqCst);
-                        if let Ok(mut l) = lost.lock() {
-                            *l = Some(why.clone());
-                        }
-                        if enforce {
-                            control.terminate();
-                        } else {
-                            syslog_warn(&format!(
-                                "recording stopped, session goes on unrecorded: {why}"
-                            ));
-                        }
-                    }
-                }
-                let _ = ack_tx.send(r);
-            })?;
-    }
+    let watch = WatchCtx {
+        control: session.control(),
+        ended: ended.clone(),
+        lost: lost.clone(),
+        enforce: cfg.enforce,
+    };
+    let link = Link::open(stream, session_id, &watch)?;
     let sink = DaemonSink {
-        stream,
+        link,
         buf: Vec::with_capacity(32 * 1024),
-        end_meta: Map::new(),
-        acks,
         ended,
-        orderly: orderly.clone(),
-        stopped,
+        watch,
+        socket: cfg.socket.clone(),
+        start: start.clone(),
+        size: start.header.size(),
+        rebase: Duration::ZERO,
+        resume: None,
+        given_up: false,
+        line: String::new(),
     };
     let outcome = match session.run(vec![Box::new(sink)]) {
         Ok(o) => o,
@@ -646,7 +933,7 @@ fn run_pty(
         Err(e) => return Err(e.into()),
     };
     let lost = lost.lock().ok().and_then(|l| l.clone());
-    if lost.is_none() && !orderly.load(Ordering::SeqCst) {
+    if lost.is_none() {
         for f in &outcome.sink_failures {
             syslog_warn(&format!(
                 "recording stopped, session went on unrecorded: {f}"
@@ -672,7 +959,8 @@ struct Recording {
     /// Set when the daemon is gone.
     lost: AtomicBool,
     lost_why: Mutex<String>,
-    /// The daemon said it was stopping (not a failure: the session keeps running).
+    /// The daemon said it was stopping (not a failure: the session keeps running, and a
+    /// daemon that comes back records the rest).
     stopped_orderly: AtomicBool,
     /// Under enforce, the recording was lost: the relays stop showing output at once (the
     /// program is ended meanwhile).
@@ -680,30 +968,50 @@ struct Recording {
     /// The daemon stopped recording this session (its spool is full) but still listens: it
     /// gets the End, for the exit status.
     listening: AtomicBool,
-    last_time: Mutex<f64>,
+    /// Time of the last event (since `started`), and time zero of the current recording.
+    clock: Mutex<(Duration, Duration)>,
+    /// What resuming after an orderly stop needs.
+    socket: PathBuf,
+    start: StartMsg,
+    enforce: bool,
+    lost_tx: mpsc::Sender<String>,
+    /// The current recording's local id; the resume in progress, if any; and whether the
+    /// daemon said the rest is not to be recorded.
+    resume: Mutex<(Option<String>, Option<Resume>, bool)>,
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(e) => e.into_inner(),
+    }
 }
 
 impl Recording {
-    /// Sends output as one `o` event (or nothing when recording stopped).
-    fn output(&self, text: &str, line: &mut String, frame: &mut Vec<u8>) {
-        if text.is_empty() || self.lost.load(Ordering::Relaxed) {
+    /// Sends output as one `o` event (or keeps it for a daemon that stopped in order).
+    fn output(self: &Arc<Self>, text: &str, line: &mut String, frame: &mut Vec<u8>) {
+        if text.is_empty() {
             return;
         }
-        let mut guard = match self.stream.lock() {
-            Ok(g) => g,
-            Err(e) => e.into_inner(),
-        };
-        let Some(s) = guard.as_mut() else { return };
+        let mut guard = locked(&self.stream);
         // Under the lock, so times never go backwards between the stdout and stderr threads.
-        let mut last = match self.last_time.lock() {
-            Ok(g) => g,
-            Err(e) => e.into_inner(),
+        let (now, base) = {
+            let mut clock = locked(&self.clock);
+            clock.0 = clock.0.max(self.started.elapsed());
+            *clock
         };
-        let t = self.started.elapsed().as_secs_f64().max(*last);
-        *last = t;
-        drop(last);
+        if self.lost.load(Ordering::Relaxed) {
+            self.pause_and_resume(&mut guard, Some(text), now, false);
+            return;
+        }
+        let Some(s) = guard.as_mut() else { return };
         line.clear();
-        encode_event(line, t, EventCode::Output, text);
+        encode_event(
+            line,
+            now.saturating_sub(base).as_secs_f64(),
+            EventCode::Output,
+            text,
+        );
         let Ok(head) = ipc::head(Kind::Events, line.len()) else {
             return;
         };
@@ -712,6 +1020,9 @@ impl Recording {
         frame.extend_from_slice(line.as_bytes());
         if let Err(e) = s.write_all(frame) {
             self.mark_lost(&format!("recording daemon: {e}"));
+            // The daemon may have stopped in order (its watch thread is about to say so):
+            // the output waits for the next one.
+            self.pause_and_resume(&mut guard, Some(text), now, false);
         }
     }
 
@@ -722,57 +1033,81 @@ impl Recording {
             }
         }
     }
-}
 
-/// Runs the program with pipes: bytes relayed untouched; output recorded as `o` events when
-/// `record_output`, else only counted (file transfers).
-fn run_piped(
-    cfg: &Config,
-    stream: UnixStream,
-    p: &Program,
-    record_output: bool,
-) -> anyhow::Result<u8> {
-    let watch = stream.try_clone()?;
-    let rec = Arc::new(Recording {
-        stream: Mutex::new(Some(stream)),
-        started: Instant::now(),
-        lost: AtomicBool::new(false),
-        lost_why: Mutex::new(String::new()),
-        stopped_orderly: AtomicBool::new(false),
-        cut: AtomicBool::new(false),
-        listening: AtomicBool::new(false),
-        last_time: Mutex::new(0.0),
-    });
-    let mut child = match std::process::Command::new(&p.path)
-        .arg0(&p.arg0)
-        .args(&p.args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-    {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!(
-                "ztna-recorder: cannot run {}: {e}",
-                Path::new(&p.path).display()
-            );
-            let mut meta = Map::new();
-            meta.insert("error".into(), Value::from(e.to_string()));
-            finish_piped(&rec, 127, meta);
-            return Ok(127);
+    /// The daemon went away without stopping in order: nothing is resumed, and nothing is
+    /// kept for it.
+    fn give_up_resume(&self) {
+        let mut st = locked(&self.resume);
+        st.1 = None;
+        st.2 = true;
+    }
+
+    /// With the recording lost: keeps `text` for a daemon that stopped in order, and tries
+    /// (when due, or `force`) to give the rest of the session to the next daemon. Called with
+    /// the stream's lock held.
+    fn pause_and_resume(
+        self: &Arc<Self>,
+        stream: &mut Option<UnixStream>,
+        text: Option<&str>,
+        now: Duration,
+        force: bool,
+    ) {
+        let mut st = locked(&self.resume);
+        let (session, resume, off) = &mut *st;
+        if *off {
+            return;
         }
-    };
-    let bytes_in = Arc::new(AtomicU64::new(0));
-    let bytes_out = Arc::new(AtomicU64::new(0));
+        let r = resume.get_or_insert_with(|| Resume::new(session.clone(), now));
+        if let Some(t) = text {
+            r.keep(now, EventCode::Output, t);
+        }
+        if !self.stopped_orderly.load(Ordering::SeqCst) || !r.due(now, force) {
+            return;
+        }
+        let (new, id) = match r.ask(&self.socket, &self.start, TtySize::default(), now) {
+            Resumed::Record(s, id) => (s, id),
+            Resumed::Off => {
+                *off = true;
+                *resume = None;
+                return;
+            }
+            Resumed::Later => return,
+        };
+        let Ok(watch) = new.try_clone() else { return };
+        let base = r.base(now);
+        let mut body = String::new();
+        for (t, code, data) in &r.gap {
+            encode_event(&mut body, t.saturating_sub(base).as_secs_f64(), *code, data);
+        }
+        *resume = None;
+        *session = id;
+        drop(st);
+        locked(&self.clock).1 = base;
+        let mut new = new;
+        // The gap in frames under the limit (it holds at most 1 MiB, whole lines).
+        let mut rest = body.as_str();
+        while !rest.is_empty() {
+            let mut cut = rest.len().min(ipc::MAX_FRAME_BYTES);
+            if cut < rest.len() {
+                cut = rest[..cut].rfind('\n').map(|i| i + 1).unwrap_or(cut);
+            }
+            if ipc::write_frame(&mut new, Kind::Events, &rest.as_bytes()[..cut]).is_err() {
+                return;
+            }
+            rest = &rest[cut..];
+        }
+        *stream = Some(new);
+        self.stopped_orderly.store(false, Ordering::SeqCst);
+        self.listening.store(false, Ordering::SeqCst);
+        self.lost.store(false, Ordering::SeqCst);
+        let _ = self.watch(watch);
+    }
 
-    // The daemon sends nothing until our End: anything it says before (or end of file) means
-    // it is gone or stopped recording.
-    let (lost_tx, lost_rx) = mpsc::channel::<String>();
-    {
-        let rec = rec.clone();
-        let mut watch = watch;
-        let enforce = cfg.enforce;
+    /// Starts the thread that reads what the daemon says before our End: anything it says
+    /// before (or end of file) means it is gone or stopped recording.
+    fn watch(self: &Arc<Self>, mut watch: UnixStream) -> io::Result<()> {
+        let rec = self.clone();
+        let lost_tx = self.lost_tx.clone();
         std::thread::Builder::new()
             .name("daemon-watch".into())
             .stack_size(64 * 1024)
@@ -797,16 +1132,73 @@ fn run_piped(
                 // made here either way.)
                 if stopping {
                     // An orderly stop (upgrade, restart) keeps users' sessions running.
+                    let _ = watch.shutdown(std::net::Shutdown::Write);
                     rec.stopped_orderly.store(true, Ordering::SeqCst);
-                } else if enforce {
+                    syslog_warn(&format!("recording paused until the daemon is back: {why}"));
+                } else if rec.enforce {
                     rec.cut.store(true, Ordering::SeqCst);
                 }
                 rec.mark_lost(&why);
                 if !stopping {
+                    rec.give_up_resume();
                     let _ = lost_tx.send(why);
                 }
-            })?;
+            })
+            .map(|_| ())
     }
+}
+
+/// Runs the program with pipes: bytes relayed untouched; output recorded as `o` events when
+/// `record_output`, else only counted (file transfers).
+fn run_piped(
+    cfg: &Config,
+    stream: UnixStream,
+    session_id: Option<String>,
+    start: &StartMsg,
+    p: &Program,
+    record_output: bool,
+) -> anyhow::Result<u8> {
+    let watch = stream.try_clone()?;
+    let (lost_tx, lost_rx) = mpsc::channel::<String>();
+    let rec = Arc::new(Recording {
+        stream: Mutex::new(Some(stream)),
+        started: Instant::now(),
+        lost: AtomicBool::new(false),
+        lost_why: Mutex::new(String::new()),
+        stopped_orderly: AtomicBool::new(false),
+        cut: AtomicBool::new(false),
+        listening: AtomicBool::new(false),
+        clock: Mutex::new((Duration::ZERO, Duration::ZERO)),
+        socket: cfg.socket.clone(),
+        start: start.clone(),
+        enforce: cfg.enforce,
+        lost_tx,
+        resume: Mutex::new((session_id, None, false)),
+    });
+    let mut child = match std::process::Command::new(&p.path)
+        .arg0(&p.arg0)
+        .args(&p.args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!(
+                "ztna-recorder: cannot run {}: {e}",
+                Path::new(&p.path).display()
+            );
+            let mut meta = Map::new();
+            meta.insert("error".into(), Value::from(e.to_string()));
+            finish_piped(&rec, 127, meta);
+            return Ok(127);
+        }
+    };
+    let bytes_in = Arc::new(AtomicU64::new(0));
+    let bytes_out = Arc::new(AtomicU64::new(0));
+
+    rec.watch(watch)?;
 
     let mut threads = Vec::new();
     if let Some(mut cin) = child.stdin.take() {
@@ -903,6 +1295,29 @@ fn run_piped(
             Value::from(bytes_out.load(Ordering::Relaxed)),
         );
         meta.insert("file_contents_recorded".into(), Value::Bool(false));
+    }
+    if rec.stopped_orderly.load(Ordering::SeqCst) {
+        // The daemon stopped in order: the next one, if it is back (or comes back within a
+        // moment, when output is waiting for it), records the rest and the exit status.
+        let waiting = locked(&rec.resume)
+            .1
+            .as_ref()
+            .is_some_and(|r| !r.gap.is_empty());
+        let until = Instant::now()
+            + if waiting {
+                RESUME_AT_EXIT
+            } else {
+                Duration::ZERO
+            };
+        loop {
+            let mut guard = locked(&rec.stream);
+            rec.pause_and_resume(&mut guard, None, rec.started.elapsed(), true);
+            drop(guard);
+            if !rec.lost.load(Ordering::SeqCst) || Instant::now() >= until {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
     if rec.lost.load(Ordering::SeqCst) {
         let why = rec.lost_why.lock().map(|w| w.clone()).unwrap_or_default();

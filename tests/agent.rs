@@ -5,7 +5,7 @@
 //! `sshd` module below.
 
 use serde_json::{json, Value};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -302,6 +302,13 @@ impl Agent {
         stdin: &[u8],
         config: Option<&Path>,
     ) -> std::process::Output {
+        let mut child = self.shell_command(command, config).spawn().unwrap();
+        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    /// The command [`Agent::shell`] runs, every stream piped.
+    fn shell_command(&self, command: Option<&str>, config: Option<&Path>) -> Command {
         let mut c = Command::new(BIN);
         c.arg("shell")
             .env("ZTNA_RECORDER_CONFIG", config.unwrap_or(&self.config()))
@@ -314,9 +321,7 @@ impl Agent {
             Some(cmd) => c.env("SSH_ORIGINAL_COMMAND", cmd),
             None => c.env_remove("SSH_ORIGINAL_COMMAND"),
         };
-        let mut child = c.spawn().unwrap();
-        child.stdin.take().unwrap().write_all(stdin).unwrap();
-        child.wait_with_output().unwrap()
+        c
     }
 }
 
@@ -1035,6 +1040,95 @@ async fn a_session_past_a_full_spool_keeps_its_exit_status() {
     stop_all(&mut daemon, &mut backend).await;
 }
 
+/// What a child wrote so far, read on a thread: a test waits for text in it.
+struct Tail(Arc<Mutex<Vec<u8>>>);
+
+impl Tail {
+    fn new(mut r: impl Read + Send + 'static) -> Tail {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = r.read(&mut buf) {
+                s.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        Tail(seen)
+    }
+
+    fn wait_for(&self, text: &str) {
+        let seen = self.0.clone();
+        wait_until(text, Duration::from_secs(20), || {
+            find_bytes(&seen.lock().unwrap(), text.as_bytes())
+        });
+    }
+}
+
+/// The two recordings of a session the daemon's restart cut in two: (the first, the one that
+/// continues it).
+fn continued_pair(recs: &[Value]) -> (&Value, &Value) {
+    let second = recs
+        .iter()
+        .find(|r| r["metadata"]["continues"].is_string())
+        .unwrap_or_else(|| panic!("no continuation: {recs:#?}"));
+    let first = recs
+        .iter()
+        .find(|r| r["metadata"]["agent_session"] == second["metadata"]["continues"])
+        .unwrap_or_else(|| panic!("continues names no recording: {recs:#?}"));
+    (first, second)
+}
+
+/// The daemon restarted (SIGTERM, as a package upgrade does) under a piped session: the
+/// session goes on, and the next daemon records the rest, the output of the gap included, in
+/// a recording that names the first in `continues` and gets the exit status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_restart_mid_session_records_the_rest_as_a_continuation() {
+    let mut backend = Backend::new(true).await;
+    let agent = Agent::new(&backend, "");
+    let mut daemon = agent.daemon();
+    let go = agent.dir.path().join("go");
+    let wait = |n: u8| format!("while [ ! -e {}{n} ]; do sleep 0.05; done", go.display());
+    let cmd = format!(
+        "echo one; {}; echo two; {}; echo three; exit 3",
+        wait(1),
+        wait(2)
+    );
+    let mut child = agent
+        .shell_command(Some(&cmd), None)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let tail = Tail::new(child.stdout.take().unwrap());
+    let status = tokio::task::block_in_place(|| {
+        tail.wait_for("one\n");
+        kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);
+        assert!(daemon.wait().unwrap().success(), "{}", agent.log());
+        // Output while no daemon runs waits for the next one.
+        std::fs::write(go.with_file_name("go1"), "").unwrap();
+        tail.wait_for("two\n");
+        daemon = agent.daemon();
+        std::fs::write(go.with_file_name("go2"), "").unwrap();
+        tail.wait_for("three\n");
+        child.wait().unwrap()
+    });
+    assert_eq!(status.code(), Some(3));
+    assert_eq!(*tail.0.lock().unwrap(), b"one\ntwo\nthree\n");
+    let recs = backend.wait_completed(2, Duration::from_secs(30)).await;
+    let (first, second) = continued_pair(&recs);
+    assert_eq!(first["metadata"]["interrupted"], true, "{first:#}");
+    assert_eq!(output_of(&backend.events_text(first)), "one\n");
+    let m = &second["metadata"];
+    assert_eq!(output_of(&backend.events_text(second)), "two\nthree\n");
+    assert_eq!(m["exit_status"], 3, "{m}");
+    assert_eq!(m["command"], cmd.as_str());
+    assert_eq!(m["kind"], "exec");
+    assert!(
+        m.get("interrupted").is_none() || m["interrupted"] == false,
+        "{m}"
+    );
+    stop_all(&mut daemon, &mut backend).await;
+}
+
 /// Sends event lines of `width` bytes of text, up to `max`, until the daemon says something
 /// (it stops recording); returns what was sent and that frame.
 fn fill_until_stopped(c: &mut FrameClient, max: usize, width: usize) -> (String, Frame) {
@@ -1564,6 +1658,46 @@ async fn sshd_interactive_session_is_recorded() {
         rec["duration_seconds"],
         last[0].as_f64().unwrap().ceil() as i64
     );
+    stop_all(&mut daemon, &mut backend).await;
+}
+
+/// `ssh -tt` across a daemon restart: the session goes on, and what is typed and shown after
+/// (while no daemon runs, then with the next one) is in the recording that continues it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sshd_pty_session_is_recorded_across_a_daemon_restart() {
+    let mut backend = Backend::new(true).await;
+    let agent = Agent::new(&backend, "");
+    let mut daemon = agent.daemon();
+    let s = sshd::Sshd::start(&agent.config());
+    let mut child = s.login();
+    let mut stdin = child.stdin.take().unwrap();
+    let tail = Tail::new(child.stdout.take().unwrap());
+    let status = tokio::task::block_in_place(|| {
+        stdin.write_all(b"echo one-$((1+1))\n").unwrap();
+        tail.wait_for("one-2");
+        kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);
+        assert!(daemon.wait().unwrap().success(), "{}", agent.log());
+        stdin.write_all(b"echo two-$((2+2))\n").unwrap();
+        tail.wait_for("two-4");
+        daemon = agent.daemon();
+        stdin.write_all(b"echo three-$((3+3))\n").unwrap();
+        tail.wait_for("three-6");
+        stdin.write_all(b"exit 5\n").unwrap();
+        child.wait().unwrap()
+    });
+    assert_eq!(status.code(), Some(5), "{}\n{}", s.log(), agent.log());
+    let recs = backend.wait_completed(2, Duration::from_secs(30)).await;
+    let (first, second) = continued_pair(&recs);
+    assert_eq!(first["metadata"]["interrupted"], true, "{first:#}");
+    assert!(output_of(&backend.events_text(first)).contains("one-2"));
+    let out = output_of(&backend.events_text(second));
+    assert!(out.contains("two-4") && out.contains("three-6"), "{out:?}");
+    assert!(!out.contains("one-2"), "{out:?}");
+    let m = &second["metadata"];
+    assert_eq!(m["exit_status"], 5, "{m}");
+    assert_eq!(m["kind"], "interactive");
+    assert_eq!(m["user"], sshd::USER);
+    assert!(m["tty"].as_str().unwrap().starts_with("/dev/pts/"), "{m}");
     stop_all(&mut daemon, &mut backend).await;
 }
 

@@ -108,6 +108,7 @@ const OWNED_KEYS: &[&str] = &[
     "interrupted",
     "truncated",
     "truncated_reason",
+    "agent_session",
 ];
 
 fn drop_owned(m: &mut serde_json::Map<String, Value>) {
@@ -243,6 +244,9 @@ async fn handle(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
     drop_owned(&mut metadata);
     metadata.insert("uid".into(), Value::from(uid));
     metadata.insert("user".into(), Value::from(user.clone()));
+    // The local id: a session whose daemon restarted under it goes on in a new recording
+    // whose `continues` names this one.
+    metadata.insert("agent_session".into(), Value::from(id.clone()));
     if let Some(h) = nix::unistd::gethostname()
         .ok()
         .and_then(|h| h.into_string().ok())
@@ -363,6 +367,9 @@ async fn record(
     // The chunk being made durable on a blocking thread, while this loop goes on reading.
     let mut closing: Option<JoinHandle<std::io::Result<()>>> = None;
     let mut stopping = shared.stopping.clone();
+    // Once the daemon is stopping: the session was told, and what it had already sent is
+    // still read and spooled, until it closes its side (or this passes).
+    let mut draining: Option<std::time::Instant> = None;
     let outcome = loop {
         let deadline = w.deadline();
         tokio::select! {
@@ -416,6 +423,7 @@ async fn record(
                     Err(e) => break Outcome::Lost(e.to_string()),
                 },
                 Some(Ok(f)) => break Outcome::Lost(format!("unexpected {:?} frame", f.kind)),
+                Some(Err(FrameError::Closed)) | None if draining.is_some() => break Outcome::Stopping,
                 Some(Err(FrameError::Closed)) | None => break Outcome::Lost("connection closed".into()),
                 Some(Err(e)) => break Outcome::Lost(e.to_string()),
             },
@@ -426,7 +434,19 @@ async fn record(
                     }
                 }
             }
-            _ = stopping.changed() => break Outcome::Stopping,
+            _ = stopping.changed(), if draining.is_none() => {
+                let _ = send_json(
+                    wr,
+                    Kind::Error,
+                    &ErrorMsg {
+                        message: "the recording daemon is stopping".into(),
+                        code: ipc::ERROR_STOPPING.into(),
+                    },
+                )
+                .await;
+                draining = Some(std::time::Instant::now() + STOP_DRAIN);
+            }
+            _ = sleep_until_opt(draining), if draining.is_some() => break Outcome::Stopping,
         }
     };
     // What was written is kept whatever happens next: a chunk that cannot be made durable now
@@ -514,22 +534,18 @@ async fn record(
             }
         }
         Outcome::Stopping => {
-            // No end mark: the next start completes it as interrupted with what it holds.
-            let _ = send_json(
-                wr,
-                Kind::Error,
-                &ErrorMsg {
-                    message: "the recording daemon is stopping".into(),
-                    code: ipc::ERROR_STOPPING.into(),
-                },
-            )
-            .await;
+            // No end mark: the next start completes it as interrupted with what it holds
+            // (the session goes on in a new recording if it reconnects).
             tracing::info!(session = %id, "daemon stopping: session sealed, left for recovery");
         }
     }
     shared.wake.notify_one();
     Ok(())
 }
+
+/// How long a live session gets, once the daemon is stopping, to stop sending (what it sent
+/// before it heard is spooled; the rest it keeps for the next daemon).
+const STOP_DRAIN: Duration = Duration::from_millis(500);
 
 /// A task aborted when its handle is dropped.
 struct AbortOnDrop(JoinHandle<()>);
