@@ -118,7 +118,7 @@ pub enum ParseError {
     NotJson { line: usize, reason: String },
     #[error("line {line}: an event must be a 3-element array [time, code, data]")]
     NotEvent { line: usize },
-    #[error("line {line}: event time must be a finite number >= 0")]
+    #[error("line {line}: event time must be a number from 0 to {MAX_EVENT_TIME}")]
     BadTime { line: usize },
     #[error("line {line}: unknown event code {code:?}")]
     BadCode { line: usize, code: String },
@@ -142,7 +142,7 @@ pub fn parse_event_line(text: &str, line: usize) -> Result<Event, ParseError> {
     };
     let time = arr[0]
         .as_f64()
-        .filter(|t| t.is_finite() && *t >= 0.0)
+        .filter(|t| (0.0..=MAX_EVENT_TIME).contains(t))
         .ok_or(ParseError::BadTime { line })?;
     let code_s = arr[1].as_str().ok_or(ParseError::NotEvent { line })?;
     let code = EventCode::parse(code_s).ok_or_else(|| ParseError::BadCode {
@@ -232,6 +232,10 @@ pub fn parse_transcript(text: &str) -> Result<Transcript, ParseError> {
         summary,
     })
 }
+
+/// The latest event time a recording may have (68 years): durations, and their sums over many
+/// recordings, stay far inside a 64-bit integer.
+pub const MAX_EVENT_TIME: f64 = 2_147_483_647.0;
 
 /// Whole seconds of a recording whose last event is at `last_time`: rounded up.
 pub fn duration_secs(last_time: Option<f64>) -> i64 {

@@ -102,9 +102,22 @@ impl Objects {
             Some(root) => {
                 let path = root.join(key);
                 let key = key.to_string();
-                tokio::task::spawn_blocking(move || durable_write(&path, &data))
-                    .await?
-                    .map_err(|source| ObjectError::Io { key, source })
+                tokio::task::spawn_blocking(move || {
+                    // A `delete` of the recording may remove the directory between our
+                    // creating it and renaming into it: write again (the caller then finds
+                    // the recording gone and takes the object back).
+                    let mut tries = 0;
+                    loop {
+                        match durable_write(&path, &data) {
+                            Err(e) if e.kind() == std::io::ErrorKind::NotFound && tries < 3 => {
+                                tries += 1
+                            }
+                            r => return r,
+                        }
+                    }
+                })
+                .await?
+                .map_err(|source| ObjectError::Io { key, source })
             }
             None => {
                 self.store

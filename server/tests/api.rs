@@ -446,6 +446,8 @@ both!(concurrent_chunks);
 both!(delete_and_cleanup);
 both!(integrity);
 both!(admin_cli);
+both!(races);
+both!(hostile_values);
 
 // ---------------------------------------------------------------------------------------
 // Scenarios
@@ -1611,6 +1613,185 @@ mod scenarios {
             .await;
         assert_eq!(st, 200);
         assert_eq!(s.get(&rec).await["recording"]["duration_seconds"], 40);
+    }
+
+    /// Posts `body` to the agent route on its own task.
+    fn agent_task(s: &Server, body: Value) -> tokio::task::JoinHandle<(u16, Value)> {
+        let http = s.http.clone();
+        let url = format!("{}/api/session-recording-agent", s.base);
+        tokio::spawn(async move {
+            let r = http.post(url).json(&body).send().await.unwrap();
+            let st = r.status().as_u16();
+            (st, r.json().await.unwrap())
+        })
+    }
+
+    /// Starts a recording on the agent route; returns its id.
+    async fn agent_start(s: &Server) -> String {
+        let (st, b) = s
+            .agent(json!({"action": "start", "node_key": s.fx.node_key, "session_type": "ssh", "header": {"version": 2, "width": 80, "height": 24}}))
+            .await;
+        assert_eq!(st, 201, "{b}");
+        b["data"]["session_id"].as_str().unwrap().to_string()
+    }
+
+    /// Uploads racing a `complete` or a `delete`: each upload is either in the recording (and
+    /// its summary, and its duration) or refused, and a deleted recording leaves no object.
+    pub async fn races(s: &Server) {
+        let org = &s.fx.org;
+        let upload = |rec: &str, i: u64| json!({"action": "upload_chunk", "node_key": s.fx.node_key, "session_id": rec, "chunk_index": i, "chunk_data": format!("[{}.5, \"o\", \"{}\"]\n", i * 10, "x".repeat(20_000))});
+        for trial in 0..8 {
+            let rec = agent_start(s).await;
+            assert_eq!(s.agent(upload(&rec, 0)).await.0, 200);
+            let uploads: Vec<_> = (1..8).map(|i| agent_task(s, upload(&rec, i))).collect();
+            let done = agent_task(
+                s,
+                json!({"action": "complete", "node_key": s.fx.node_key, "session_id": rec}),
+            );
+            let (st, b) = done.await.unwrap();
+            assert_eq!(st, 200, "{b}");
+            let mut accepted = vec![0];
+            for (i, u) in uploads.into_iter().enumerate() {
+                let (st, b) = u.await.unwrap();
+                match st {
+                    200 => accepted.push(i as i64 + 1),
+                    409 => assert_eq!(code(&b), "CONFLICT"),
+                    _ => panic!("trial {trial}: upload answered {st}: {b}"),
+                }
+            }
+            let d = s.get(&rec).await;
+            let listed = |v: &Value| -> Vec<i64> {
+                v.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|c| c["index"].as_i64().unwrap())
+                    .collect()
+            };
+            let mut rows = listed(&d["recording"]["metadata"]["chunks"]);
+            assert_eq!(
+                rows,
+                listed(&d["r2_data"]["chunks"]),
+                "trial {trial}: {d:#}"
+            );
+            rows.sort();
+            accepted.sort();
+            assert_eq!(rows, accepted, "trial {trial}");
+            let last = *rows.last().unwrap();
+            assert_eq!(
+                d["recording"]["duration_seconds"],
+                last * 10 + 1,
+                "trial {trial}"
+            );
+            assert_eq!(d["r2_data"]["duration_seconds"], last * 10 + 1);
+            assert_eq!(d["integrity"], "ok");
+        }
+        for trial in 0..8 {
+            let rec = agent_start(s).await;
+            assert_eq!(s.agent(upload(&rec, 0)).await.0, 200);
+            let uploads: Vec<_> = (1..8).map(|i| agent_task(s, upload(&rec, i))).collect();
+            let (st, b) = s
+                .admin(json!({"action": "delete", "org_id": org, "session_id": rec}))
+                .await;
+            assert_eq!(st, 200, "{b}");
+            for u in uploads {
+                let (st, b) = u.await.unwrap();
+                assert!(
+                    st == 200 || st == 404,
+                    "trial {trial}: upload answered {st}: {b}"
+                );
+            }
+            for i in 0..8 {
+                let k = format!("recordings/{org}/{rec}/chunk-{i}.cast");
+                assert!(
+                    s.stores.get_object(&k).await.is_none(),
+                    "trial {trial}: {k} outlived its recording"
+                );
+            }
+        }
+    }
+
+    /// Values a careless or hostile client sends: refused with the contract's codes, the same
+    /// on both backends, or clamped where the contract clamps.
+    pub async fn hostile_values(s: &Server) {
+        let org = &s.fx.org;
+        let nk = &s.fx.node_key;
+        // A last event past 68 years would make a duration, and the org's sum of them, overflow.
+        let (st, b) = s
+            .agent(json!({"node_key": nk, "session_type": "ssh", "session_data": {"transcript": "[1e300, \"o\", \"x\"]"}}))
+            .await;
+        assert_eq!((st, code(&b)), (400, "INVALID_CHUNK"), "{b}");
+        let (st, b) = s
+            .agent(json!({"node_key": nk, "session_type": "ssh", "session_data": {"transcript": "[0, \"o\", \"x\"]", "duration_seconds": 9e15}}))
+            .await;
+        assert_eq!((st, code(&b)), (400, "INVALID_FIELD"), "{b}");
+        let rec = agent_start(s).await;
+        let (st, b) = s
+            .agent(json!({"action": "upload_chunk", "node_key": nk, "session_id": rec, "chunk_index": 0, "chunk_data": "[2147483648, \"o\", \"x\"]"}))
+            .await;
+        assert_eq!((st, code(&b)), (400, "INVALID_CHUNK"), "{b}");
+        let (st, _) = s
+            .agent(json!({"node_key": nk, "session_type": "ssh", "session_data": {"transcript": "[2147483647, \"o\", \"x\"]"}}))
+            .await;
+        assert_eq!(st, 201);
+        let (st, b) = s.admin(json!({"action": "list", "org_id": org})).await;
+        assert_eq!(st, 200, "{b}");
+
+        // U+0000: PostgreSQL's jsonb has no room for it; refused on both.
+        let header = json!({"version": 2, "width": 80, "height": 24});
+        for (field, header, metadata) in [
+            ("metadata", header.clone(), json!({"user": "a\u{0}b"})),
+            ("metadata", header.clone(), json!({"a\u{0}": 1})),
+            (
+                "header",
+                json!({"version": 2, "width": 80, "height": 24, "env": {"TERM": "x\u{0}"}}),
+                json!({}),
+            ),
+        ] {
+            let (st, b) = s
+                .agent(json!({"action": "start", "node_key": nk, "session_type": "ssh", "header": header, "metadata": metadata}))
+                .await;
+            assert_eq!((st, code(&b)), (400, "INVALID_FIELD"), "{b}");
+            assert!(
+                b["error"]["message"].as_str().unwrap().contains(field),
+                "{b}"
+            );
+        }
+        let (st, b) = s
+            .agent(json!({"action": "complete", "node_key": nk, "session_id": rec, "metadata": {"note": ["\u{0}"]}}))
+            .await;
+        assert_eq!((st, code(&b)), (400, "INVALID_FIELD"), "{b}");
+        let (st, b) = s
+            .agent(json!({"node_key": nk, "session_type": "ssh", "session_data": {"transcript": "{\"version\": 2, \"width\": 80, \"height\": 24, \"title\": \"\\u0000\"}\n[0, \"o\", \"x\"]"}}))
+            .await;
+        assert_eq!((st, code(&b)), (400, "INVALID_FIELD"), "{b}");
+        // NUL in terminal output is fine: it is in the chunk, not in a JSON column.
+        let (st, b) = s
+            .agent(json!({"action": "upload_chunk", "node_key": nk, "session_id": rec, "chunk_index": 0, "chunk_data": "[0.5, \"o\", \"a\\u0000b\"]"}))
+            .await;
+        assert_eq!(st, 200, "{b}");
+
+        // Numbers past 64 bits clamp like any other out-of-range value.
+        for (v, want) in [
+            ("9223372036854775808", 365),
+            ("1e20", 365),
+            ("18446744073709551616", 365),
+            ("-1e30", 1),
+        ] {
+            let body = format!(
+                "{{\"action\": \"update_settings\", \"org_id\": \"{org}\", \"retention_days\": {v}}}"
+            );
+            let (st, b) = s.raw_user(Some(&s.fx.admin_token), body.into_bytes()).await;
+            assert_eq!(st, 200, "{v}: {b}");
+            let (_, b) = s
+                .admin(json!({"action": "get_settings", "org_id": org}))
+                .await;
+            assert_eq!(b["data"]["retention_days"], want, "{v}");
+        }
+        let body = format!(
+            "{{\"action\": \"list\", \"org_id\": \"{org}\", \"limit\": 18446744073709551616}}"
+        );
+        let (st, b) = s.raw_user(Some(&s.fx.admin_token), body.into_bytes()).await;
+        assert_eq!(st, 200, "{b}");
     }
 
     pub async fn delete_and_cleanup(s: &Server) {

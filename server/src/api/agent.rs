@@ -97,10 +97,15 @@ fn parse(body: &Map<String, Value>) -> Result<Action, Failure> {
                     "must be an asciicast v2 header (version 2)",
                 ));
             }
+            let metadata = f.opt_object("metadata")?;
+            fields::no_nul("header", &body["header"])?;
+            if let Some(m) = body.get("metadata") {
+                fields::no_nul("metadata", m)?;
+            }
             Action::Start {
                 session_type: fields::session_type(&f)?,
                 header: header.clone(),
-                metadata: caller_metadata(f.opt_object("metadata")?),
+                metadata: caller_metadata(metadata),
             }
         }
         "upload_chunk" => {
@@ -113,11 +118,15 @@ fn parse(body: &Map<String, Value>) -> Result<Action, Failure> {
         }
         "complete" => {
             f.require(&["session_id"])?;
+            let metadata = f.opt_object("metadata")?;
+            if let Some(m) = body.get("metadata") {
+                fields::no_nul("metadata", m)?;
+            }
             Action::Complete {
                 session_id: f.uuid("session_id")?,
                 duration_seconds: f.opt_seconds("duration_seconds")?,
                 transcript_lines: f.opt_count("transcript_lines")?,
-                metadata: caller_metadata(f.opt_object("metadata")?),
+                metadata: caller_metadata(metadata),
             }
         }
         _ => return Err(unknown_action()),
@@ -201,6 +210,9 @@ async fn apply(app: &App, machine: &MachineAuth, action: Action) -> Result<Succe
                 Failure::invalid_chunk(format!("transcript is not asciicast v2: {e}"))
             })?;
             drop(transcript);
+            if let Some(h) = &t.header {
+                fields::no_nul("session_data.transcript", h)?;
+            }
             let duration =
                 duration_seconds.unwrap_or_else(|| asciicast::duration_secs(t.summary.last_time));
             let id = Uuid::new_v4();
@@ -304,11 +316,15 @@ async fn apply(app: &App, machine: &MachineAuth, action: Action) -> Result<Succe
             metadata,
         } => {
             let rec = machine_recording(app, machine, session_id, true).await?;
-            let duration = duration_seconds.unwrap_or_else(|| {
-                asciicast::duration_secs(rec.chunks.last().and_then(|c| c.last_event_time))
-            });
-            let data =
-                recording::complete(app, &rec, duration, None, transcript_lines, metadata).await?;
+            let data = recording::complete(
+                app,
+                &rec,
+                duration_seconds,
+                None,
+                transcript_lines,
+                metadata,
+            )
+            .await?;
             Ok(Success::ok(data))
         }
     }

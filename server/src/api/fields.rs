@@ -5,6 +5,7 @@
 use serde_json::{Map, Value};
 use uuid::Uuid;
 use ztna_common::api::ErrorCode;
+use ztna_common::asciicast;
 
 use super::error::Failure;
 
@@ -83,7 +84,9 @@ impl<'a> Fields<'a> {
             Some(Value::Number(n)) => {
                 if let Some(i) = n.as_i64() {
                     Ok(Some(i))
-                } else if let Some(f) = n.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < 9e15) {
+                } else if let Some(f) = n.as_f64().filter(|f| f.is_finite() && f.fract() == 0.0) {
+                    // Past the 64-bit range (`1e20`, 2^64): the nearest end of it, for the
+                    // fields that clamp (`limit`, `retention_days`) to clamp as for any other.
                     Ok(Some(f as i64))
                 } else {
                     Err(Failure::invalid_field(k, "must be a whole number"))
@@ -107,10 +110,12 @@ impl<'a> Fields<'a> {
             None => Ok(None),
             // The contract: `duration_seconds` is a whole number (`12.0` is one, `12.5` not).
             Some(Value::Number(n)) => match n.as_f64() {
-                Some(f) if (0.0..9e15).contains(&f) && f.fract() == 0.0 => Ok(Some(f as i64)),
+                Some(f) if (0.0..=asciicast::MAX_EVENT_TIME).contains(&f) && f.fract() == 0.0 => {
+                    Ok(Some(f as i64))
+                }
                 _ => Err(Failure::invalid_field(
                     k,
-                    "must be a whole number of seconds >= 0",
+                    "must be a whole number of seconds from 0 to 2147483647",
                 )),
             },
             Some(_) => Err(Failure::invalid_field(k, "must be a number")),
@@ -123,6 +128,24 @@ impl<'a> Fields<'a> {
             Some(Value::Object(m)) => Ok(Some(m)),
             Some(_) => Err(Failure::invalid_field(k, "must be an object")),
         }
+    }
+}
+
+/// Refuses a U+0000 anywhere in `v` (keys too): PostgreSQL's `jsonb` cannot hold one, and the
+/// answer must not depend on the backend.
+pub fn no_nul(k: &str, v: &Value) -> Result<(), Failure> {
+    let nul = || Failure::invalid_field(k, "must not contain U+0000");
+    match v {
+        Value::String(s) if s.contains('\0') => Err(nul()),
+        Value::Array(a) => a.iter().try_for_each(|x| no_nul(k, x)),
+        Value::Object(m) => m.iter().try_for_each(|(key, x)| {
+            if key.contains('\0') {
+                Err(nul())
+            } else {
+                no_nul(k, x)
+            }
+        }),
+        _ => Ok(()),
     }
 }
 

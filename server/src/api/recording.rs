@@ -9,7 +9,7 @@ use ztna_common::asciicast;
 
 use super::error::Failure;
 use crate::app::App;
-use crate::meta::{ChunkOutcome, ChunkRow, Completion, Recording};
+use crate::meta::{ChunkOutcome, ChunkRow, CompleteOutcome, Completion, Recording};
 use crate::timefmt;
 
 /// Validates `chunk_data` (asciicast v2 event lines, at least one) and normalises it to what
@@ -98,11 +98,16 @@ pub fn summary_json(
     })
 }
 
-/// Completes an active recording: writes its summary object, then marks the row.
+/// How many times `complete` rewrites its summary for chunks that arrived meanwhile.
+const COMPLETE_TRIES: usize = 5;
+
+/// Completes an active recording: writes its summary object, then marks the row, if no chunk
+/// arrived in between (else again, with them). Without a `duration`, it is the last event's
+/// time in the highest-index chunk, rounded up.
 pub async fn complete(
     app: &App,
     rec: &Recording,
-    duration: i64,
+    duration: Option<i64>,
     recording_url: Option<&str>,
     transcript_lines: Option<i64>,
     metadata_merge: Map<String, Value>,
@@ -115,37 +120,47 @@ pub async fn complete(
     }
     let org = rec.org_id.to_string();
     let session = rec.id.to_string();
-    let now = timefmt::now();
     let key = summary_key(&org, &session);
-    let summary = summary_json(
-        &session,
-        duration,
-        recording_url,
-        transcript_lines,
-        now,
-        &rec.chunks,
-    );
-    app.inner
-        .objects
-        .put(&key, Bytes::from(summary.to_string()))
-        .await?;
-    let done = app
-        .inner
-        .meta
-        .complete(
-            rec.id,
-            &Completion {
-                ended_at: now,
-                duration_seconds: duration,
-                r2_key: key,
-                metadata_merge,
-            },
-        )
-        .await?;
-    if !done {
-        return Err(Failure::conflict("recording is already completed"));
+    let mut chunks = rec.chunks.clone();
+    for _ in 0..COMPLETE_TRIES {
+        let duration = duration.unwrap_or_else(|| {
+            asciicast::duration_secs(chunks.last().and_then(|c| c.last_event_time))
+        });
+        let now = timefmt::now();
+        let summary = summary_json(
+            &session,
+            duration,
+            recording_url,
+            transcript_lines,
+            now,
+            &chunks,
+        );
+        app.inner
+            .objects
+            .put(&key, Bytes::from(summary.to_string()))
+            .await?;
+        let completion = Completion {
+            ended_at: now,
+            duration_seconds: duration,
+            r2_key: key.clone(),
+            metadata_merge: metadata_merge.clone(),
+        };
+        match app
+            .inner
+            .meta
+            .complete(rec.id, &completion, &chunks)
+            .await?
+        {
+            CompleteOutcome::Done => return Ok(json!({"completed": session})),
+            CompleteOutcome::NotActive => {
+                return Err(Failure::conflict("recording is already completed"))
+            }
+            CompleteOutcome::ChunksChanged(now) => chunks = now,
+        }
     }
-    Ok(json!({"completed": session}))
+    Err(Failure::conflict(
+        "chunks kept arriving while the recording was being completed; complete it again",
+    ))
 }
 
 /// A recording as the API shows it: every column, `metadata.chunks`, and `machine_name`.

@@ -295,7 +295,7 @@ async fn apply(app: &App, org: Uuid, caller: &Caller, action: Action) -> Result<
             let data = recording::complete(
                 app,
                 &rec,
-                duration_seconds,
+                Some(duration_seconds),
                 recording_url.as_deref(),
                 transcript_lines,
                 Map::new(),

@@ -219,6 +219,16 @@ pub enum ChunkOutcome {
     Gone,
 }
 
+/// What became of a `complete`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CompleteOutcome {
+    Done,
+    /// The recording is not `active` (completed, or gone).
+    NotActive,
+    /// Chunks were stored since the caller read them: these are the recording's chunks now.
+    ChunksChanged(Vec<ChunkRow>),
+}
+
 /// A foreign-key violation: the parent row went away under us.
 fn is_fk_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.is_foreign_key_violation())
@@ -272,8 +282,14 @@ pub trait MetadataStore: Send + Sync {
     async fn recording(&self, org: Uuid, id: Uuid, with_chunks: bool) -> Result<Option<Recording>>;
     /// Inserts or replaces a chunk, only while the recording is `active`.
     async fn put_chunk(&self, session: Uuid, chunk: &ChunkRow) -> Result<ChunkOutcome>;
-    /// Marks an `active` recording completed (`false` when it was not active).
-    async fn complete(&self, id: Uuid, c: &Completion) -> Result<bool>;
+    /// Marks an `active` recording completed, if its chunks are still `chunks` (what its
+    /// summary was written from): chunks that arrived meanwhile are handed back instead.
+    async fn complete(
+        &self,
+        id: Uuid,
+        c: &Completion,
+        chunks: &[ChunkRow],
+    ) -> Result<CompleteOutcome>;
     async fn list(&self, org: Uuid, q: &ListQuery) -> Result<ListPage>;
 
     /// Deletes every object of the recording, then its row. `false` when there is none.

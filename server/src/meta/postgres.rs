@@ -336,11 +336,23 @@ impl MetadataStore for PgMeta {
     }
 
     async fn put_chunk(&self, session: Uuid, c: &ChunkRow) -> Result<ChunkOutcome> {
+        // The recording's row is share-locked until the chunk is in: a `complete` (which
+        // locks it for update) sees every chunk stored before it, and none comes after.
+        let mut tx = self.pool.begin().await?;
+        let status: Option<String> =
+            sqlx::query_scalar("SELECT status FROM session_recordings WHERE id = $1 FOR SHARE")
+                .bind(session)
+                .fetch_optional(&mut *tx)
+                .await?;
+        match status.as_deref() {
+            None => return Ok(ChunkOutcome::Gone),
+            Some("active") => {}
+            Some(_) => return Ok(ChunkOutcome::NotActive),
+        }
         let r = sqlx::query(
             "INSERT INTO session_recording_chunks \
              (session_id, chunk_index, bytes, sha256, last_event_time) \
-             SELECT $1, $2, $3, $4, $5 WHERE EXISTS \
-             (SELECT 1 FROM session_recordings WHERE id = $1 AND status = 'active') \
+             VALUES ($1, $2, $3, $4, $5) \
              ON CONFLICT (session_id, chunk_index) DO UPDATE SET bytes = excluded.bytes, \
              sha256 = excluded.sha256, last_event_time = excluded.last_event_time",
         )
@@ -349,41 +361,59 @@ impl MetadataStore for PgMeta {
         .bind(c.bytes)
         .bind(&c.sha256)
         .bind(c.last_event_time)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await;
-        let r = match r {
-            Ok(r) => r,
+        match r {
+            Ok(_) => {}
             Err(e) if is_fk_violation(&e) => return Ok(ChunkOutcome::Gone),
             Err(e) => return Err(e.into()),
-        };
-        if r.rows_affected() > 0 {
-            return Ok(ChunkOutcome::Stored);
         }
-        let exists = sqlx::query("SELECT 1 FROM session_recordings WHERE id = $1")
-            .bind(session)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(if exists.is_some() {
-            ChunkOutcome::NotActive
-        } else {
-            ChunkOutcome::Gone
-        })
+        tx.commit().await?;
+        Ok(ChunkOutcome::Stored)
     }
 
-    async fn complete(&self, id: Uuid, c: &Completion) -> Result<bool> {
-        let r = sqlx::query(
+    async fn complete(
+        &self,
+        id: Uuid,
+        c: &Completion,
+        chunks: &[ChunkRow],
+    ) -> Result<CompleteOutcome> {
+        // Locked for update: uploads in flight (share locks) finish first, later ones find
+        // the recording completed.
+        let mut tx = self.pool.begin().await?;
+        let active = sqlx::query(
+            "SELECT 1 FROM session_recordings WHERE id = $1 AND status = 'active' FOR UPDATE",
+        )
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if active.is_none() {
+            return Ok(CompleteOutcome::NotActive);
+        }
+        let now: Vec<ChunkRow> = sqlx::query_as(
+            "SELECT chunk_index, bytes, sha256, last_event_time FROM session_recording_chunks \
+             WHERE session_id = $1 ORDER BY chunk_index",
+        )
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await?;
+        if now != chunks {
+            return Ok(CompleteOutcome::ChunksChanged(now));
+        }
+        sqlx::query(
             "UPDATE session_recordings SET status = 'completed', ended_at = $1, \
              duration_seconds = $2, r2_key = $3, metadata = metadata || $4::jsonb \
-             WHERE id = $5 AND status = 'active'",
+             WHERE id = $5",
         )
         .bind(c.ended_at)
         .bind(c.duration_seconds)
         .bind(&c.r2_key)
         .bind(Value::Object(c.metadata_merge.clone()))
         .bind(id)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
-        Ok(r.rows_affected() > 0)
+        tx.commit().await?;
+        Ok(CompleteOutcome::Done)
     }
 
     async fn list(&self, org: Uuid, q: &ListQuery) -> Result<ListPage> {

@@ -487,7 +487,12 @@ impl MetadataStore for SqliteMeta {
             .map_err(|_| MetaError::Batch("chunk writer stopped".into()))?
     }
 
-    async fn complete(&self, id: Uuid, c: &Completion) -> Result<bool> {
+    async fn complete(
+        &self,
+        id: Uuid,
+        c: &Completion,
+        chunks: &[ChunkRow],
+    ) -> Result<CompleteOutcome> {
         // A shallow merge, as PostgreSQL's `||` does: each given key replaces the stored value
         // (`json_patch` would merge objects deeply and delete keys given as null). The
         // transaction holds the write lock: nothing writes between the read and the update.
@@ -498,7 +503,20 @@ impl MetadataStore for SqliteMeta {
         .bind(id.to_string())
         .fetch_optional(&mut *tx)
         .await?;
-        let Some(row) = row else { return Ok(false) };
+        let Some(row) = row else {
+            return Ok(CompleteOutcome::NotActive);
+        };
+        // Chunk rows are written under the same write lock: what is here now is all there is.
+        let now: Vec<ChunkRow> = sqlx::query_as(
+            "SELECT chunk_index, bytes, sha256, last_event_time FROM session_recording_chunks \
+             WHERE session_id = ? ORDER BY chunk_index",
+        )
+        .bind(id.to_string())
+        .fetch_all(&mut *tx)
+        .await?;
+        if now != chunks {
+            return Ok(CompleteOutcome::ChunksChanged(now));
+        }
         let mut metadata = metadata_object(metadata_col(&row)?);
         metadata.extend(c.metadata_merge.clone());
         sqlx::query(
@@ -513,7 +531,7 @@ impl MetadataStore for SqliteMeta {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(true)
+        Ok(CompleteOutcome::Done)
     }
 
     async fn list(&self, org: Uuid, q: &ListQuery) -> Result<ListPage> {
@@ -592,7 +610,15 @@ impl MetadataStore for SqliteMeta {
             .bind(org.to_string())
             .execute(&self.write)
             .await?;
-        Ok(r.rows_affected() > 0)
+        if r.rows_affected() == 0 {
+            return Ok(false);
+        }
+        // An upload whose chunk row went in between the two deletes left its object: once the
+        // row is gone, later uploads remove their own (`ChunkOutcome::Gone`).
+        objects
+            .delete_recording(&org.to_string(), &id.to_string())
+            .await?;
+        Ok(true)
     }
 
     async fn sweep_org(&self, org: Uuid, cutoff: OffsetDateTime, objects: &Objects) -> Result<u64> {
