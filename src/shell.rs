@@ -286,6 +286,12 @@ fn refuse(why: &str) -> u8 {
 
 pub fn run(args: ShellArgs) -> anyhow::Result<u8> {
     crate::logging::init("off");
+    // We run as the user: without this, the user's own programs could ptrace us, or read our
+    // file descriptors in /proc, and write past the recording. (`execve` of the user's
+    // program makes it dumpable again.)
+    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+        syslog_warn(&format!("cannot make the recorder undumpable: {e}"));
+    }
     let cfg = match Config::load(args.config.config.as_deref(), Vec::new()) {
         Ok(l) => {
             for w in l.notices() {
@@ -456,12 +462,17 @@ struct WatchCtx {
 const GAP_MAX_BYTES: usize = 1024 * 1024;
 /// How long the exit waits for a daemon that stopped in order, when output is waiting for it.
 const RESUME_AT_EXIT: Duration = Duration::from_secs(2);
+/// Under enforce, how long a session runs while no daemon records it after an orderly stop (a
+/// restart takes a second or two); past this, or past [`GAP_MAX_BYTES`] of output, it ends.
+const ENFORCE_GRACE: Duration = Duration::from_secs(10);
 
 /// Reconnecting to the daemon after it stopped in order: when to try next, and the output
 /// kept meanwhile for the recording that continues the session.
 struct Resume {
     /// Previous recording's local id.
     continues: Option<String>,
+    /// When the daemon stopped (session time).
+    since: Duration,
     next_try: Duration,
     wait: Duration,
     gap: Vec<(Duration, EventCode, String)>,
@@ -482,6 +493,7 @@ impl Resume {
     fn new(continues: Option<String>, now: Duration) -> Resume {
         Resume {
             continues,
+            since: now,
             next_try: now,
             wait: Duration::from_millis(100),
             gap: Vec::new(),
@@ -507,6 +519,18 @@ impl Resume {
         } else {
             self.gap_bytes += data.len();
             self.gap.push((t, code, data.to_owned()));
+        }
+    }
+
+    /// Under enforce: why the session must end now (no daemon came back in time, or more
+    /// output than the gap holds), if it must.
+    fn overdue(&self, now: Duration) -> Option<String> {
+        if self.dropped_bytes > 0 {
+            Some("the recording daemon stopped, and more output came than can wait for it".into())
+        } else if now >= self.since + ENFORCE_GRACE {
+            Some("the recording daemon stopped and did not come back".into())
+        } else {
+            None
         }
     }
 
@@ -688,6 +712,23 @@ impl DaemonSink {
         }
     }
 
+    /// Under enforce, ends the session once the daemon's absence outlasts what it may.
+    fn enforce_grace(&mut self, now: Duration) {
+        if !self.watch.enforce {
+            return;
+        }
+        let Some(why) = self.resume.as_ref().and_then(|r| r.overdue(now)) else {
+            return;
+        };
+        if let Ok(mut l) = self.watch.lost.lock() {
+            *l = Some(why.clone());
+        }
+        syslog_warn(&format!("session ended (enforce = true): {why}"));
+        self.resume = None;
+        self.given_up = true;
+        self.watch.control.terminate();
+    }
+
     /// Queues one event re-encoded against `rebase`.
     fn queue_event(&mut self, t: Duration, code: EventCode, data: &str) -> io::Result<()> {
         let mut line = std::mem::take(&mut self.line);
@@ -817,6 +858,7 @@ impl Sink for DaemonSink {
                 _ => {
                     self.keep(event);
                     self.try_resume(event.time, false);
+                    self.enforce_grace(event.time);
                     return Ok(());
                 }
             }
@@ -855,11 +897,17 @@ impl Sink for DaemonSink {
     }
 
     fn next_deadline(&self) -> Option<Duration> {
-        self.resume.as_ref().map(|r| r.next_try)
+        let r = self.resume.as_ref()?;
+        Some(if self.watch.enforce {
+            r.next_try.min(r.since + ENFORCE_GRACE)
+        } else {
+            r.next_try
+        })
     }
 
     fn tick(&mut self, now: Duration) -> io::Result<()> {
         self.try_resume(now, false);
+        self.enforce_grace(now);
         Ok(())
     }
 
@@ -904,6 +952,12 @@ fn run_pty(
     } else {
         SinkPolicy::FailOpen
     };
+    // sshd's terminal is the user's, and any of the user's processes could open it and talk
+    // to the client past the recorder (after stopping it with SIGSTOP, say). In exclusive mode
+    // nobody but root can open it again; we keep the descriptors we have.
+    if let Err(e) = rustix::termios::ioctl_tiocexcl(io::stdin()) {
+        syslog_warn(&format!("cannot make the terminal exclusive: {e}"));
+    }
     let session = Session::new(sc);
     let ended = Arc::new(AtomicBool::new(false));
     let lost = Arc::new(Mutex::new(None::<String>));
@@ -1034,6 +1088,16 @@ impl Recording {
         }
     }
 
+    /// Under enforce: why the session must end now, while the daemon that stopped in order is
+    /// away (see [`Resume::overdue`]).
+    fn overdue(&self) -> Option<String> {
+        if !self.enforce || !self.stopped_orderly.load(Ordering::SeqCst) {
+            return None;
+        }
+        let st = locked(&self.resume);
+        st.1.as_ref()?.overdue(self.started.elapsed())
+    }
+
     /// The daemon went away without stopping in order: nothing is resumed, and nothing is
     /// kept for it.
     fn give_up_resume(&self) {
@@ -1060,6 +1124,11 @@ impl Recording {
         let r = resume.get_or_insert_with(|| Resume::new(session.clone(), now));
         if let Some(t) = text {
             r.keep(now, EventCode::Output, t);
+            if self.enforce && r.dropped_bytes > 0 {
+                // Output that can be neither recorded nor kept is not shown (the session
+                // ends: see `overdue`).
+                self.cut.store(true, Ordering::SeqCst);
+            }
         }
         if !self.stopped_orderly.load(Ordering::SeqCst) || !r.due(now, force) {
             return;
@@ -1133,6 +1202,13 @@ impl Recording {
                 if stopping {
                     // An orderly stop (upgrade, restart) keeps users' sessions running.
                     let _ = watch.shutdown(std::net::Shutdown::Write);
+                    {
+                        // From now on the session waits for a daemon to come back.
+                        let now = rec.started.elapsed();
+                        let mut st = locked(&rec.resume);
+                        let (session, resume, _) = &mut *st;
+                        resume.get_or_insert_with(|| Resume::new(session.clone(), now));
+                    }
                     rec.stopped_orderly.store(true, Ordering::SeqCst);
                     syslog_warn(&format!("recording paused until the daemon is back: {why}"));
                 } else if rec.enforce {
@@ -1258,7 +1334,8 @@ fn run_piped(
             break s;
         }
         if cfg.enforce {
-            if let Ok(why) = lost_rx.try_recv() {
+            if let Some(why) = lost_rx.try_recv().ok().or_else(|| rec.overdue()) {
+                rec.cut.store(true, Ordering::SeqCst);
                 let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
                 std::thread::sleep(Duration::from_millis(500));
                 let _ = child.kill();
@@ -1271,6 +1348,12 @@ fn run_piped(
     };
     for t in out_threads {
         let _ = t.join();
+    }
+    // The program may have ended because its output was cut (SIGPIPE) while the daemon that
+    // stopped was away. (A daemon lost otherwise is dealt with below.)
+    if let Some(why) = rec.overdue() {
+        eprintln!("ztna-recorder: the recording stopped ({why}); session ended.");
+        return Ok(1);
     }
     // The stdin thread may be blocked reading our stdin: it is not waited for.
     drop(threads);

@@ -1129,6 +1129,46 @@ async fn a_daemon_restart_mid_session_records_the_rest_as_a_continuation() {
     stop_all(&mut daemon, &mut backend).await;
 }
 
+/// Under `enforce`, a piped session whose daemon stopped goes on while the daemon may come
+/// back: not past more output than can wait for it (then it is cut at once), nor past 10 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enforce_gives_a_stopped_daemon_ten_seconds_and_one_mib() {
+    let mut backend = Backend::new(true).await;
+    let agent = Agent::new(&backend, "");
+    let strict = agent.strict_config();
+    let go = agent.dir.path().join("go");
+    for (flood, cmd) in [
+        (true, format!("echo one; while [ ! -e {0} ]; do sleep 0.05; done; head -c 3000000 /dev/zero | tr '\\0' z; echo; exit 3", go.display())),
+        (false, format!("echo one; while [ ! -e {0} ]; do sleep 0.05; done; echo two; sleep 30; echo never", go.display())),
+    ] {
+        let _ = std::fs::remove_file(&go);
+        let mut daemon = agent.daemon();
+        let mut child = agent.shell_command(Some(&cmd), Some(&strict)).stdin(Stdio::null()).spawn().unwrap();
+        let tail = Tail::new(child.stdout.take().unwrap());
+        let (status, took) = tokio::task::block_in_place(|| {
+            tail.wait_for("one\n");
+            kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);
+            assert!(daemon.wait().unwrap().success(), "{}", agent.log());
+            let t0 = Instant::now();
+            std::fs::write(&go, "").unwrap();
+            (child.wait().unwrap(), t0.elapsed())
+        });
+        let mut err = String::new();
+        child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+        assert_eq!(status.code(), Some(1), "{err}");
+        assert!(err.contains("session ended"), "{err}");
+        let out = tail.0.lock().unwrap().clone();
+        if flood {
+            assert!(out.len() < 1_300_000, "{} bytes reached the user", out.len());
+            assert!(took < Duration::from_secs(5), "{took:?}");
+        } else {
+            assert_eq!(out, b"one\ntwo\n");
+            assert!(took >= Duration::from_secs(9), "{took:?}");
+        }
+    }
+    backend.stop().await;
+}
+
 /// Sends event lines of `width` bytes of text, up to `max`, until the daemon says something
 /// (it stops recording); returns what was sent and that frame.
 fn fill_until_stopped(c: &mut FrameClient, max: usize, width: usize) -> (String, Frame) {
@@ -1699,6 +1739,90 @@ async fn sshd_pty_session_is_recorded_across_a_daemon_restart() {
     assert_eq!(m["user"], sshd::USER);
     assert!(m["tty"].as_str().unwrap().starts_with("/dev/pts/"), "{m}");
     stop_all(&mut daemon, &mut backend).await;
+}
+
+/// The `ztna-recorder shell` processes of the test user: (pid, what its stdin is).
+fn recorder_shells() -> Vec<(u32, PathBuf)> {
+    let uid = sshd::uid();
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        // (Its /proc files are root's: it is not dumpable.)
+        let status = std::fs::read_to_string(e.path().join("status")).unwrap_or_default();
+        let owner = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|l| l.split_whitespace().next()?.parse::<u32>().ok());
+        if owner == Some(uid)
+            && cmdline.starts_with(format!("{BIN}\0shell\0").as_bytes())
+        {
+            if let Ok(tty) = std::fs::read_link(e.path().join("fd/0")) {
+                found.push((pid, tty));
+            }
+        }
+    }
+    found
+}
+
+/// Under `enforce`, a session whose daemon stopped and stays away ends (10 s of grace, for a
+/// restart). Meanwhile the user's own processes can neither open sshd's terminal behind the
+/// recorder's back nor look at its file descriptors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sshd_enforce_ends_a_session_whose_daemon_stays_away_and_the_terminal_is_the_recorders() {
+    let mut backend = Backend::new(true).await;
+    let agent = Agent::new(&backend, "");
+    let mut daemon = agent.daemon();
+    let s = sshd::Sshd::start(&agent.strict_config());
+    let mut child = s.login();
+    let mut stdin = child.stdin.take().unwrap();
+    let tail = Tail::new(child.stdout.take().unwrap());
+    let user = sshd::USER;
+    let (status, took) = tokio::task::block_in_place(|| {
+        stdin.write_all(b"echo one-$((1+1))\n").unwrap();
+        tail.wait_for("one-2");
+        let shells = recorder_shells();
+        assert_eq!(shells.len(), 1, "{shells:?}");
+        let (pid, tty) = &shells[0];
+        assert!(tty.starts_with("/dev/pts/"), "{tty:?}");
+        let try_as_user = |script: String| {
+            Command::new("setpriv")
+                .args(["--reuid", user, "--regid", user, "--clear-groups", "--"])
+                .args(["sh", "-c", &script])
+                .output()
+                .unwrap()
+        };
+        let open = try_as_user(format!("exec 3<>{}", tty.display()));
+        assert!(!open.status.success(), "the user opened sshd's terminal");
+        assert!(
+            String::from_utf8_lossy(&open.stderr).contains("busy"),
+            "{}",
+            String::from_utf8_lossy(&open.stderr)
+        );
+        let fds = try_as_user(format!("ls /proc/{pid}/fd"));
+        assert!(
+            !fds.status.success(),
+            "the user listed the recorder's descriptors"
+        );
+
+        kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);
+        assert!(daemon.wait().unwrap().success(), "{}", agent.log());
+        let t0 = Instant::now();
+        stdin.write_all(b"echo two-$((2+2))\n").unwrap();
+        tail.wait_for("two-4");
+        let status = child.wait().unwrap();
+        (status, t0.elapsed())
+    });
+    let seen = String::from_utf8_lossy(&tail.0.lock().unwrap()).into_owned();
+    assert_eq!(status.code(), Some(1), "{seen}");
+    assert!(seen.contains("did not come back"), "{seen}");
+    assert!(
+        took >= Duration::from_secs(9) && took < Duration::from_secs(20),
+        "{took:?}"
+    );
+    backend.stop().await;
 }
 
 /// `ssh host 'printf …'` without a PTY: output byte-exact to the client, recorded.
