@@ -527,6 +527,79 @@ async fn backend_down_then_back_every_chunk_once_in_order() {
     backend.stop().await;
 }
 
+/// Files in the spool damaged while the daemon was down (a bad disk block, a careless edit)
+/// cost what is damaged, nothing more: the daemon starts, a damaged line is dropped from its
+/// chunk (not the chunk), bytes that are not UTF-8 are repaired, a damaged end mark or header
+/// still gets the session completed, and each recording says what was damaged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_spool_files_cost_only_what_is_damaged() {
+    let mut backend = Backend::new_down(true).await;
+    let agent = Agent::new(&backend, "chunk_max_bytes = 64\n");
+    let mut daemon = agent.daemon();
+    let sessions = agent.spool().join("sessions");
+    let mut ids = Vec::new();
+    let mut sent = Vec::new();
+    for code in [0, 2, 4] {
+        let (mut c, d) = FrameClient::start(&agent.socket());
+        let mut text = String::new();
+        for i in 0..3 {
+            // Over 64 bytes each: one chunk a line.
+            let l = event_line(i as f64, &format!("s{code} line {i} {}", "y".repeat(50)));
+            c.events(&l);
+            text.push_str(&l);
+        }
+        c.end(code);
+        ids.push(d.session.unwrap());
+        sent.push(text);
+    }
+    kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);
+    assert!(daemon.wait().unwrap().success());
+    let (a, b, c) = (
+        sessions.join(&ids[0]),
+        sessions.join(&ids[1]),
+        sessions.join(&ids[2]),
+    );
+    // A: chunk 1 gets a torn line after its own, chunk 2 a byte that is not UTF-8.
+    let mut chunk1 = std::fs::read(a.join("chunk-1.cast")).unwrap();
+    chunk1.extend_from_slice(b"[1.5, \"o\", \"torn\n");
+    std::fs::write(a.join("chunk-1.cast"), &chunk1).unwrap();
+    let mut chunk2 = std::fs::read(a.join("chunk-2.cast")).unwrap();
+    let y = chunk2.iter().position(|&x| x == b'y').unwrap();
+    chunk2[y] = 0xff;
+    std::fs::write(a.join("chunk-2.cast"), &chunk2).unwrap();
+    // B: its end mark cut short. C: its header.
+    std::fs::write(b.join("end.json"), b"{\"exit_status\": 2, \"interr").unwrap();
+    std::fs::write(c.join("header.json"), b"{\"version\": 2, \"wid").unwrap();
+
+    let mut daemon = agent.daemon();
+    backend.start().await;
+    let recs = backend.wait_completed(3, Duration::from_secs(30)).await;
+    let by_id = |id: &str| {
+        recs.iter()
+            .find(|r| r["metadata"]["agent_session"] == id)
+            .unwrap_or_else(|| panic!("{id} not on the backend: {recs:#?}"))
+    };
+    let ra = by_id(&ids[0]);
+    let mut lines: Vec<String> = sent[0].lines().map(|l| format!("{l}\n")).collect();
+    lines[2] = lines[2].replacen('y', "\u{fffd}", 1);
+    assert_eq!(backend.events_text(ra), lines.concat(), "{ra:#}");
+    assert_eq!(ra["metadata"]["damaged_lines"], 2, "{ra:#}");
+    assert_eq!(chunk_indexes(ra), vec![0, 1, 2]);
+    assert_eq!(ra["metadata"]["exit_status"], 0);
+    let rb = by_id(&ids[1]);
+    assert_eq!(rb["metadata"]["interrupted"], true, "{rb:#}");
+    assert_eq!(backend.events_text(rb), sent[1]);
+    let rc = by_id(&ids[2]);
+    assert_eq!(
+        rc["metadata"]["damaged_files"],
+        json!(["header.json"]),
+        "{rc:#}"
+    );
+    assert_eq!(rc["metadata"]["exit_status"], 4);
+    assert_eq!(backend.events_text(rc), sent[2]);
+    stop_all(&mut daemon, &mut backend).await;
+}
+
 /// SIGTERM while the backend is down: the daemon does not wait out `drain_secs` for uploads
 /// that cannot get through; what it spooled stays for the next start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1756,9 +1829,7 @@ fn recorder_shells() -> Vec<(u32, PathBuf)> {
             .lines()
             .find_map(|l| l.strip_prefix("Uid:"))
             .and_then(|l| l.split_whitespace().next()?.parse::<u32>().ok());
-        if owner == Some(uid)
-            && cmdline.starts_with(format!("{BIN}\0shell\0").as_bytes())
-        {
+        if owner == Some(uid) && cmdline.starts_with(format!("{BIN}\0shell\0").as_bytes()) {
             if let Ok(tty) = std::fs::read_link(e.path().join("fd/0")) {
                 found.push((pid, tty));
             }

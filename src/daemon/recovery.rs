@@ -1,9 +1,10 @@
 //! Recovery on start: sessions an earlier run left behind. Every `.part` is sealed (a torn
 //! last line dropped) and a session without an end mark (its recorder died: no live
 //! connection can exist before the socket is bound) gets one with `interrupted: true`, so the
-//! uploader completes it with what it holds.
+//! uploader completes it with what it holds. One session's trouble (a damaged file, a folder
+//! that cannot be read) never stops the daemon from starting.
 
-use super::spool::{EndMark, Spool};
+use super::spool::{damaged, EndMark, Spool};
 
 /// Returns how many sessions were marked interrupted.
 pub fn recover(spool: &Spool) -> std::io::Result<usize> {
@@ -18,11 +19,25 @@ pub fn recover(spool: &Spool) -> std::io::Result<usize> {
     }
     for id in spool.list_sessions()? {
         let dir = spool.session(&id);
-        dir.seal_parts()?;
-        if dir.end()?.is_none() {
-            dir.set_end(&EndMark::interrupted())?;
-            interrupted += 1;
-            tracing::warn!(session = %id, "session left by an earlier run: completing it as interrupted");
+        let recovered = (|| {
+            dir.seal_parts()?;
+            let end = match dir.end() {
+                Err(e) if damaged(&e) => {
+                    tracing::error!(session = %id, "end.json damaged ({e}): the session is completed as interrupted");
+                    None
+                }
+                r => r?,
+            };
+            if end.is_none() {
+                dir.set_end(&EndMark::interrupted())?;
+                interrupted += 1;
+                tracing::warn!(session = %id, "session left by an earlier run: completing it as interrupted");
+            }
+            std::io::Result::Ok(())
+        })();
+        if let Err(e) = recovered {
+            // The uploader tries it again (and says why) while everything else goes on.
+            tracing::error!(session = %id, "recovering the session: {e}");
         }
     }
     Ok(interrupted)

@@ -242,11 +242,20 @@ impl Spool {
         sync_dir(&self.failed_dir())
     }
 
-    /// Moves one chunk the backend will never take to `failed/ID-chunk-N.cast`.
+    /// Moves one chunk the backend will never take to `failed/ID-chunk-N.cast`; the session's
+    /// recording says so (`chunks_set_aside`).
     pub fn quarantine_chunk(&self, id: &str, index: u64) -> io::Result<()> {
-        let from = self.session(id).chunk_path(index);
+        let dir = self.session(id);
+        dir.note(|n| {
+            let list = n
+                .entry("chunks_set_aside")
+                .or_insert_with(|| Value::Array(Vec::new()));
+            if let Value::Array(a) = list {
+                a.push(Value::from(index));
+            }
+        })?;
         fs::rename(
-            &from,
+            dir.chunk_path(index),
             self.failed_dir().join(format!("{id}-chunk-{index}.cast")),
         )?;
         sync_dir(&self.failed_dir())
@@ -318,25 +327,103 @@ impl SessionDir {
         Ok(c)
     }
 
-    pub fn header(&self) -> io::Result<Value> {
-        read_json(&self.path.join("header.json"))
-    }
-
-    pub fn metadata(&self) -> io::Result<Value> {
-        read_json(&self.path.join("metadata.json"))
-    }
-
-    pub fn remote(&self) -> io::Result<Option<String>> {
-        match fs::read(self.path.join("remote.json")) {
-            Ok(b) => {
-                let v: Value = serde_json::from_slice(&b)?;
-                Ok(v.get("session_id")
-                    .and_then(Value::as_str)
-                    .map(str::to_string))
+    /// The header and metadata the backend's `start` gets. One damaged on disk (no longer
+    /// JSON) is replaced by a stand-in, and the metadata names it in `damaged_files`: the
+    /// chunks are still worth having.
+    pub fn start_info(&self) -> io::Result<(Value, Value)> {
+        let mut damaged_files = Vec::new();
+        let mut read = |name: &'static str, stand_in: Value| match read_json(&self.path.join(name))
+        {
+            Err(e) if damaged(&e) => {
+                tracing::error!(file = %self.path.join(name).display(), "damaged ({e}): a stand-in is used");
+                damaged_files.push(Value::from(name));
+                Ok(stand_in)
             }
+            r => r,
+        };
+        let header = read(
+            "header.json",
+            serde_json::json!({"version": 2, "width": 80, "height": 24}),
+        )?;
+        let mut metadata = read("metadata.json", Value::Object(Map::new()))?;
+        if !damaged_files.is_empty() {
+            if let Value::Object(m) = &mut metadata {
+                m.insert("damaged_files".into(), Value::Array(damaged_files));
+            }
+        }
+        Ok((header, metadata))
+    }
+
+    /// The backend's id of the recording, once it has one. A damaged file counts as none: the
+    /// recording is started again and gets every chunk still here.
+    pub fn remote(&self) -> io::Result<Option<String>> {
+        match read_json(&self.path.join("remote.json")) {
+            Ok(v) => Ok(v
+                .get("session_id")
+                .and_then(Value::as_str)
+                .map(str::to_string)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) if damaged(&e) => {
+                tracing::error!(session = %self.id(), "remote.json damaged ({e}): the recording is started again");
+                Ok(None)
+            }
             Err(e) => Err(e),
         }
+    }
+
+    /// What the uploader noted about the session (chunks set aside, damaged lines dropped),
+    /// added to the recording's metadata when it is completed.
+    pub fn notes(&self) -> io::Result<Map<String, Value>> {
+        match read_json(&self.path.join(NOTES)) {
+            Ok(Value::Object(m)) => Ok(m),
+            Ok(_) => Ok(Map::new()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound || damaged(&e) => Ok(Map::new()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn note(&self, f: impl FnOnce(&mut Map<String, Value>)) -> io::Result<()> {
+        let mut n = self.notes()?;
+        f(&mut n);
+        self.write_small(NOTES, &serde_json::to_vec(&n)?)
+    }
+
+    /// Rewrites closed chunk `index` with only the lines the backend can take (whole asciicast
+    /// event lines, UTF-8 repaired), after the backend refused it: a damaged line (a bad disk
+    /// block, an edit) costs that line, not the chunk. Returns how many lines went or were
+    /// repaired (0: none, the refusal was for something else); a chunk left with no event is
+    /// removed.
+    pub fn repair_chunk(&self, index: u64) -> io::Result<u64> {
+        let path = self.chunk_path(index);
+        let data = fs::read(&path)?;
+        let text = String::from_utf8_lossy(&data);
+        // Bytes that were not UTF-8 became U+FFFD: a line holding one counts as repaired.
+        let lossy = matches!(text, std::borrow::Cow::Owned(_));
+        let mut kept = String::with_capacity(text.len());
+        let mut damaged_lines = 0u64;
+        for (i, line) in text.split_terminator('\n').enumerate() {
+            match ztna_common::asciicast::parse_event_line(line, i + 1) {
+                Ok(_) => {
+                    kept.push_str(line);
+                    kept.push('\n');
+                    damaged_lines += u64::from(lossy && line.contains(char::REPLACEMENT_CHARACTER));
+                }
+                Err(_) => damaged_lines += 1,
+            }
+        }
+        if damaged_lines == 0 {
+            return Ok(0);
+        }
+        if kept.is_empty() {
+            fs::remove_file(&path)?;
+        } else {
+            write_atomic(&path, kept.as_bytes())?;
+        }
+        self.note(|n| {
+            let before = n.get("damaged_lines").and_then(Value::as_u64).unwrap_or(0);
+            n.insert("damaged_lines".into(), Value::from(before + damaged_lines));
+        })?;
+        Ok(damaged_lines)
     }
 
     pub fn set_remote(&self, session_id: &str) -> io::Result<()> {
@@ -425,6 +512,18 @@ impl SessionDir {
         }
     }
 }
+
+/// Whether an error reading one of our JSON files means the file is damaged (not JSON, cut
+/// short) rather than unreadable.
+pub fn damaged(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::InvalidData | io::ErrorKind::UnexpectedEof
+    )
+}
+
+/// The uploader's notes about a session (see [`SessionDir::notes`]).
+const NOTES: &str = "notes.json";
 
 fn read_json(p: &Path) -> io::Result<Value> {
     Ok(serde_json::from_slice(&fs::read(p)?)?)

@@ -54,8 +54,6 @@ enum Disposition {
     Retry,
     /// The session can never be delivered: set it aside.
     Quarantine,
-    /// The org does not want it: delete it.
-    Drop,
 }
 
 fn disposition(e: &ClientError) -> Disposition {
@@ -63,13 +61,16 @@ fn disposition(e: &ClientError) -> Disposition {
         return Disposition::Retry;
     }
     match e.code() {
-        // Configuration on the backend (machine re-registered, feature switched back on) can
-        // fix these: keep the data and keep trying, slowly.
+        // Configuration on the backend (machine re-registered, feature or recording switched
+        // back on) can fix these: keep the data and keep trying, slowly.
         Some(ErrorCode::Unauthorized)
         | Some(ErrorCode::Forbidden)
-        | Some(ErrorCode::FeatureDisabled) => Disposition::Retry,
-        Some(ErrorCode::RecordingDisabled) => Disposition::Drop,
-        _ => Disposition::Quarantine,
+        | Some(ErrorCode::FeatureDisabled)
+        | Some(ErrorCode::RecordingDisabled) => Disposition::Retry,
+        // Not the backend's own answer: something in front of it (a proxy's 404 page, its
+        // 413 for a body limit) that configuration can fix.
+        None => Disposition::Retry,
+        Some(_) => Disposition::Quarantine,
     }
 }
 
@@ -259,8 +260,7 @@ async fn step(
             r
         }
         (None, None) => {
-            let header = dir.header()?;
-            let metadata = dir.metadata()?;
+            let (header, metadata) = dir.start_info()?;
             match client.start("ssh", &header, &metadata).await {
                 Ok(s) => {
                     shared.backend_answered();
@@ -271,7 +271,7 @@ async fn step(
                     }
                     return Ok(Step::Progress);
                 }
-                Err(e) => return refused(shared, dir, id, e, "start"),
+                Err(e) => return refused(shared, id, e, "start"),
             }
         }
     };
@@ -307,8 +307,9 @@ async fn step(
                 Prepare::Ready(p) => p,
                 Prepare::Gone => return Ok(Step::Progress),
                 Prepare::NotUtf8 => {
-                    tracing::error!(session = %id, index, "chunk is not UTF-8: set aside");
-                    shared.spool.quarantine_chunk(id, index)?;
+                    // Only a damaged disk gets here: what can be read is kept.
+                    let n = dir.repair_chunk(index)?;
+                    tracing::error!(session = %id, index, damaged_lines = n, "chunk was not UTF-8: repaired");
                     return Ok(Step::Progress);
                 }
             },
@@ -341,6 +342,14 @@ async fn step(
                 if e.backend_answered() {
                     shared.backend_answered();
                 }
+                if e.code() == Some(ErrorCode::InvalidChunk) {
+                    // A damaged line costs that line, not the chunk.
+                    let n = dir.repair_chunk(index)?;
+                    if n > 0 {
+                        tracing::error!(session = %id, index, damaged_lines = n, "backend refused a damaged chunk ({e}): its damaged lines dropped, the rest sent again");
+                        return Ok(Step::Progress);
+                    }
+                }
                 if matches!(
                     e.code(),
                     Some(ErrorCode::InvalidChunk) | Some(ErrorCode::PayloadTooLarge)
@@ -349,7 +358,7 @@ async fn step(
                     shared.spool.quarantine_chunk(id, index)?;
                     return Ok(Step::Progress);
                 }
-                return refused(shared, dir, id, e, "upload_chunk");
+                return refused(shared, id, e, "upload_chunk");
             }
         }
     }
@@ -372,7 +381,9 @@ async fn step(
         tracing::info!(session = %id, interrupted = mark.interrupted, "end mark written by the uploader");
         return Ok(Step::Progress);
     };
-    let metadata = Value::Object(end.metadata.clone());
+    let mut metadata = end.metadata.clone();
+    metadata.extend(dir.notes()?);
+    let metadata = Value::Object(metadata);
     match client
         .complete(&remote, end.duration_seconds, &metadata)
         .await
@@ -382,7 +393,7 @@ async fn step(
         Err(e) if e.code() == Some(ErrorCode::Conflict) => {
             tracing::info!(session = %id, "backend says the recording is already completed");
         }
-        Err(e) => return refused(shared, dir, id, e, "complete"),
+        Err(e) => return refused(shared, id, e, "complete"),
     }
     shared.backend_answered();
     dir.remove()?;
@@ -391,13 +402,7 @@ async fn step(
     Ok(Step::Done)
 }
 
-fn refused(
-    shared: &Shared,
-    dir: &SessionDir,
-    id: &str,
-    e: ClientError,
-    action: &str,
-) -> Result<Step, StepError> {
+fn refused(shared: &Shared, id: &str, e: ClientError, action: &str) -> Result<Step, StepError> {
     if e.backend_answered() {
         shared.backend_answered();
     }
@@ -408,12 +413,6 @@ fn refused(
         Disposition::Retry => Err(StepError::Retry(format!("{action}: {e}"))),
         // A live session is still writing into its folder: decide once it has ended.
         _ if shared.is_live(id) => Err(StepError::Retry(format!("{action}: {e}"))),
-        Disposition::Drop => {
-            tracing::warn!(session = %id, "{action}: {e}: the org does not record sessions: spooled session deleted");
-            shared.upload_error(&format!("{action}: {e}"));
-            dir.remove()?;
-            Ok(Step::Done)
-        }
         Disposition::Quarantine => {
             tracing::error!(session = %id, "{action}: {e}: the backend will never take this session: moved to failed/");
             shared.upload_error(&format!("{action}: {e}"));
@@ -455,6 +454,30 @@ pub async fn refresh_config_loop(shared: Arc<Shared>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_backends_own_refusals_set_a_session_aside() {
+        let api = |status, code| ClientError::Api {
+            status,
+            code,
+            message: String::new(),
+        };
+        // Recording switched off, a proxy's HTML page: kept, tried again later.
+        for e in [
+            api(403, Some(ErrorCode::RecordingDisabled)),
+            api(404, None),
+            api(413, None),
+            api(401, Some(ErrorCode::Unauthorized)),
+        ] {
+            assert!(matches!(disposition(&e), Disposition::Retry), "{e}");
+        }
+        for e in [
+            api(400, Some(ErrorCode::InvalidField)),
+            api(404, Some(ErrorCode::NotFound)),
+        ] {
+            assert!(matches!(disposition(&e), Disposition::Quarantine), "{e}");
+        }
+    }
 
     #[test]
     fn backoff_is_capped_and_jittered() {
