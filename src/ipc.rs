@@ -188,19 +188,48 @@ pub async fn write_frame_async<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// Reads one frame (async). Cancel-safe only between frames: callers must not drop the
-/// future mid-frame and reuse the stream.
+/// How long the rest of a frame may take once its head has arrived: a client writes a frame
+/// whole, so one that stalls half-way is stuck or hostile, and its buffer is let go.
+pub const FRAME_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Reads one frame (async, on a runtime with a clock). Cancel-safe only between frames:
+/// callers must not drop the future mid-frame and reuse the stream. The payload's memory
+/// follows what arrived, not what the head announced.
 pub async fn read_frame_async<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, FrameError> {
+    let (kind, len) = read_head_async(r).await?;
+    read_body_async(r, kind, len).await
+}
+
+/// Reads a frame's head (async): its kind and the length of its payload.
+pub async fn read_head_async<R: AsyncRead + Unpin>(r: &mut R) -> Result<(Kind, usize), FrameError> {
     let mut h = [0u8; HEAD_BYTES];
     match r.read_exact(&mut h).await {
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
         Err(e) => return Err(e.into()),
     }
-    let (kind, len) = check_head(&h)?;
-    let mut payload = vec![0u8; len];
-    r.read_exact(&mut payload).await?;
-    Ok(Frame { kind, payload })
+    check_head(&h)
+}
+
+/// Reads the payload of a frame whose head said `kind` and `len` (async; see
+/// [`read_frame_async`]).
+pub async fn read_body_async<R: AsyncRead + Unpin>(
+    r: &mut R,
+    kind: Kind,
+    len: usize,
+) -> Result<Frame, FrameError> {
+    let mut payload = Vec::with_capacity(len.min(64 * 1024));
+    let mut body = (&mut *r).take(len as u64);
+    match tokio::time::timeout(FRAME_BODY_TIMEOUT, body.read_to_end(&mut payload)).await {
+        Ok(Ok(n)) if n == len => Ok(Frame { kind, payload }),
+        Ok(Ok(_)) => Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "frame not completed in time",
+        )
+        .into()),
+    }
 }
 
 /// `Start`: the asciicast header and the session's metadata (contract: "Agent: session

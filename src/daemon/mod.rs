@@ -128,6 +128,10 @@ pub struct Shared {
     pub deferring: AtomicUsize,
     /// Chunk and body buffers reused from one upload to the next.
     pub buffers: Arc<buffers::Pool>,
+    /// Open socket connections by the peer's uid (see `socket::MAX_CONNECTIONS_PER_USER`).
+    pub connections: Mutex<HashMap<u32, usize>>,
+    /// Bytes of frames being received, by the peer's uid (see `socket::FRAME_BUDGET`).
+    pub frame_budgets: Mutex<HashMap<u32, Arc<Semaphore>>>,
 }
 
 /// How many sessions upload at once: each upload holds its chunk and request body (2+ MiB),
@@ -219,6 +223,8 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         ingest: pacing::Ingest::default(),
         deferring: AtomicUsize::new(0),
         buffers: Arc::default(),
+        connections: Mutex::new(HashMap::new()),
+        frame_budgets: Mutex::new(HashMap::new()),
     });
     tracing::info!(
         socket = %shared.config.socket.display(),

@@ -166,12 +166,99 @@ fn check_events(payload: &[u8]) -> anyhow::Result<Option<f64>> {
     Ok(last)
 }
 
+/// The most connections one user (root aside) may hold open at once: each may hold a frame
+/// being received, so without a bound a local user could grow the daemon (root, shared by
+/// everyone) without end. A user with this many SSH sessions at once is refused the next.
+pub const MAX_CONNECTIONS_PER_USER: usize = 256;
+
+/// The most bytes of large frames one user's connections may be receiving at once (more
+/// waits): frames a client announced but has not finished sending are held in memory. Frames
+/// up to [`SMALL_FRAME`] (a Start, a status request, most batches) never wait: with at most
+/// [`MAX_CONNECTIONS_PER_USER`] connections they hold at most 16 MiB.
+pub const FRAME_BUDGET: usize = 8 * 1024 * 1024;
+const SMALL_FRAME: usize = 64 * 1024;
+
+/// Reads one frame from a connection of `uid`, within the user's [`FRAME_BUDGET`].
+async fn read_frame_budgeted(
+    shared: &Shared,
+    uid: u32,
+    rd: &mut tokio::net::unix::OwnedReadHalf,
+) -> Result<Frame, FrameError> {
+    let (kind, len) = ipc::read_head_async(rd).await?;
+    if len <= SMALL_FRAME {
+        return ipc::read_body_async(rd, kind, len).await;
+    }
+    let budget = lock(&shared.frame_budgets)
+        .entry(uid)
+        .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(FRAME_BUDGET)))
+        .clone();
+    // `len` is at most MAX_FRAME_BYTES (the head was checked), well under the budget.
+    let _permit = budget
+        .acquire_many(len as u32)
+        .await
+        .map_err(|e| FrameError::Io(std::io::Error::other(e)))?;
+    ipc::read_body_async(rd, kind, len).await
+}
+
+/// One open connection of a user, counted until dropped.
+struct Counted<'a> {
+    shared: &'a Shared,
+    uid: u32,
+}
+
+impl<'a> Counted<'a> {
+    fn new(shared: &'a Shared, uid: u32) -> Option<Counted<'a>> {
+        let mut c = lock(&shared.connections);
+        let n = c.entry(uid).or_insert(0);
+        if uid != 0 && *n >= MAX_CONNECTIONS_PER_USER {
+            return None;
+        }
+        *n += 1;
+        Some(Counted { shared, uid })
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        let mut c = lock(&self.shared.connections);
+        if let Some(n) = c.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                c.remove(&self.uid);
+            }
+        }
+    }
+}
+
 async fn handle(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
     let cred = stream.peer_cred().context("SO_PEERCRED")?;
+    let Some(_counted) = Counted::new(&shared, cred.uid()) else {
+        tracing::warn!(
+            uid = cred.uid(),
+            "too many connections from this user: refused"
+        );
+        let (_, mut wr) = stream.into_split();
+        let _ = send_json(
+            &mut wr,
+            Kind::Decision,
+            &DecisionMsg {
+                mode: Mode::Refused,
+                reason: format!(
+                    "this user already has {MAX_CONNECTIONS_PER_USER} sessions with the recording daemon"
+                ),
+                session: None,
+            },
+        )
+        .await;
+        return Ok(());
+    };
     let (mut rd, mut wr) = stream.into_split();
-    let first = tokio::time::timeout(Duration::from_secs(10), ipc::read_frame_async(&mut rd))
-        .await
-        .context("no first frame within 10 s")??;
+    let first = tokio::time::timeout(
+        Duration::from_secs(10),
+        read_frame_budgeted(&shared, cred.uid(), &mut rd),
+    )
+    .await
+    .context("no first frame within 10 s")??;
     match first.kind {
         Kind::StatusRequest => {
             let mut st = shared.status();
@@ -293,7 +380,7 @@ async fn handle(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
     shared.wake.notify_one();
     tracing::info!(session = %id, %user, uid, "session started");
 
-    let result = record(&shared, &dir, &id, rd, &mut wr).await;
+    let result = record(&shared, &dir, &id, uid, rd, &mut wr).await;
     lock(&shared.live).remove(&id);
     shared.wake.notify_one();
     result
@@ -332,6 +419,7 @@ async fn record(
     shared: &Arc<Shared>,
     dir: &super::spool::SessionDir,
     id: &str,
+    uid: u32,
     mut rd: tokio::net::unix::OwnedReadHalf,
     wr: &mut tokio::net::unix::OwnedWriteHalf,
 ) -> anyhow::Result<()> {
@@ -353,9 +441,10 @@ async fn record(
     let (tx, mut rx) = mpsc::channel::<Result<Frame, FrameError>>(1);
     // Stopped whichever way this function returns (a full spool reads on to the session's
     // end, further down).
+    let reading = shared.clone();
     let _reader = AbortOnDrop(tokio::spawn(async move {
         loop {
-            let f = ipc::read_frame_async(&mut rd).await;
+            let f = read_frame_budgeted(&reading, uid, &mut rd).await;
             let stop = f.is_err() || matches!(&f, Ok(fr) if fr.kind == Kind::End);
             if tx.send(f).await.is_err() || stop {
                 break;
