@@ -1339,8 +1339,17 @@ fn run_piped(
                 let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
                 std::thread::sleep(Duration::from_millis(500));
                 let _ = child.kill();
-                let _ = child.wait();
+                let ended = child.wait();
                 eprintln!("ztna-recorder: the recording stopped ({why}); session ended.");
+                if rec.listening.load(Ordering::SeqCst) {
+                    // The daemon stopped recording (its spool is full) but waits for the end:
+                    // the truncated recording gets how the program ended.
+                    let mut meta = Map::new();
+                    let code = ended
+                        .map(|s| exit_metadata(program_status(s), &mut meta))
+                        .unwrap_or(1);
+                    finish_piped(&rec, code, meta);
+                }
                 return Ok(1);
             }
         }
@@ -1358,14 +1367,7 @@ fn run_piped(
     // The stdin thread may be blocked reading our stdin: it is not waited for.
     drop(threads);
 
-    let status = match (
-        status.code(),
-        std::os::unix::process::ExitStatusExt::signal(&status),
-    ) {
-        (Some(c), _) => ExitStatus::Code(c),
-        (None, Some(s)) => ExitStatus::Signal(s),
-        _ => ExitStatus::Code(1),
-    };
+    let status = program_status(status);
     let mut meta = Map::new();
     let code = exit_metadata(status, &mut meta);
     if !record_output {
@@ -1404,6 +1406,10 @@ fn run_piped(
     }
     if rec.lost.load(Ordering::SeqCst) {
         let why = rec.lost_why.lock().map(|w| w.clone()).unwrap_or_default();
+        // A daemon that stopped recording (its spool is full) still takes the end.
+        if rec.listening.load(Ordering::SeqCst) {
+            finish_piped(&rec, code, meta);
+        }
         if cfg.enforce && !rec.stopped_orderly.load(Ordering::SeqCst) {
             eprintln!("ztna-recorder: the recording stopped ({why}); session ended.");
             return Ok(1);
@@ -1411,13 +1417,19 @@ fn run_piped(
         syslog_warn(&format!(
             "recording stopped, session went on unrecorded: {why}"
         ));
-        if rec.listening.load(Ordering::SeqCst) {
-            finish_piped(&rec, code, meta);
-        }
     } else {
         finish_piped(&rec, code, meta);
     }
     Ok(status.code())
+}
+
+/// How a piped program ended, as the recorder says it.
+fn program_status(s: std::process::ExitStatus) -> ExitStatus {
+    match (s.code(), std::os::unix::process::ExitStatusExt::signal(&s)) {
+        (Some(c), _) => ExitStatus::Code(c),
+        (None, Some(n)) => ExitStatus::Signal(n),
+        _ => ExitStatus::Code(1),
+    }
 }
 
 fn finish_piped(rec: &Recording, code: i32, meta: Map<String, Value>) {

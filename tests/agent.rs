@@ -1142,6 +1142,12 @@ async fn enforce_ends_a_session_whose_recording_stops_without_showing_more() {
         "{} bytes reached the user",
         out.stdout.len()
     );
+    // The truncated recording still says how the program ended (it was ended for us).
+    backend.start().await;
+    let recs = backend.wait_completed(1, Duration::from_secs(30)).await;
+    let m = &recs[0]["metadata"];
+    assert_eq!(m["truncated"], true, "{m}");
+    assert!(m["exit_status"].is_i64(), "{m}");
     stop_all(&mut daemon, &mut backend).await;
 }
 
