@@ -159,13 +159,20 @@ impl AgentClient {
         self.call("config", Map::new()).await
     }
 
+    /// `start`. `started_at` (RFC 3339) is when the session really started, for one that
+    /// waited in the spool (the bundled backend takes it within 30 days; others ignore it).
     pub async fn start(
         &self,
         session_type: &str,
         header: &Value,
         metadata: &Value,
+        started_at: Option<&str>,
     ) -> Result<Started, ClientError> {
-        let body = json!({"session_type": session_type, "header": header, "metadata": metadata});
+        let mut body =
+            json!({"session_type": session_type, "header": header, "metadata": metadata});
+        if let (Some(t), Some(m)) = (started_at, body.as_object_mut()) {
+            m.insert("started_at".into(), json!(t));
+        }
         self.call("start", obj(body)).await
     }
 
@@ -199,15 +206,22 @@ impl AgentClient {
         self.post(body).await
     }
 
+    /// `complete`. `ended_at` (RFC 3339) is when the session really ended (see `start`).
     pub async fn complete(
         &self,
         session_id: &str,
         duration_seconds: Option<i64>,
         metadata: &Value,
+        ended_at: Option<&str>,
     ) -> Result<Completed, ClientError> {
         let mut body = json!({"session_id": session_id, "metadata": metadata});
-        if let (Some(d), Some(m)) = (duration_seconds, body.as_object_mut()) {
-            m.insert("duration_seconds".into(), json!(d));
+        if let Some(m) = body.as_object_mut() {
+            if let Some(d) = duration_seconds {
+                m.insert("duration_seconds".into(), json!(d));
+            }
+            if let Some(t) = ended_at {
+                m.insert("ended_at".into(), json!(t));
+            }
         }
         self.call("complete", obj(body)).await
     }

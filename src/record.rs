@@ -351,7 +351,10 @@ impl Uploader {
             .enable_all()
             .build()?;
         rt.block_on(async {
-            let started = self.client.start("record", &header, &metadata).await?;
+            let started = self
+                .client
+                .start("record", &header, &metadata, None)
+                .await?;
             for (i, chunk) in chunks.into_iter().enumerate() {
                 let body = self
                     .client
@@ -360,7 +363,7 @@ impl Uploader {
                 self.client.post_chunk(body).await?;
             }
             self.client
-                .complete(&started.session_id, Some(duration), &done)
+                .complete(&started.session_id, Some(duration), &done, None)
                 .await?;
             Ok::<_, crate::client::ClientError>(started.session_id)
         })

@@ -2159,10 +2159,14 @@ async fn sshd_backend_down_then_back() {
     let mut daemon = agent.daemon();
     let s = sshd::Sshd::start(&agent.config());
     let cmd = "for i in $(seq 1 200); do echo line-$i; sleep 0.005; done";
+    let before = time::OffsetDateTime::now_utc();
     let out = tokio::task::block_in_place(|| s.ssh().arg(s.target()).arg(cmd).output().unwrap());
+    let after = time::OffsetDateTime::now_utc();
     assert!(out.status.success());
     let st = agent.status();
     assert!(st.chunks_waiting > 1, "{st:?}");
+    // The upload comes well after the session: its times must still be the session's.
+    tokio::time::sleep(Duration::from_secs(3)).await;
     backend.start().await;
     let recs = backend.wait_completed(1, Duration::from_secs(30)).await;
     let rec = &recs[0];
@@ -2173,6 +2177,23 @@ async fn sshd_backend_down_then_back() {
     }
     let expected: String = (1..=200).map(|i| format!("line-{i}\n")).collect();
     assert_eq!(output_of(&backend.events_text(rec)), expected);
+    let at = |k: &str| {
+        time::OffsetDateTime::parse(
+            rec[k].as_str().unwrap(),
+            &time::format_description::well_known::Rfc3339,
+        )
+        .unwrap()
+    };
+    // The header's time is in whole seconds.
+    let second = time::Duration::seconds(1);
+    assert!(
+        at("started_at") >= before - second && at("started_at") <= after,
+        "{rec:#}"
+    );
+    assert!(
+        at("ended_at") >= before && at("ended_at") <= after + second,
+        "{rec:#}"
+    );
     stop_all(&mut daemon, &mut backend).await;
 }
 

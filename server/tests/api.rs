@@ -448,6 +448,7 @@ both!(integrity);
 both!(admin_cli);
 both!(races);
 both!(hostile_values);
+both!(agent_times);
 
 // ---------------------------------------------------------------------------------------
 // Scenarios
@@ -1792,6 +1793,69 @@ mod scenarios {
         );
         let (st, b) = s.raw_user(Some(&s.fx.admin_token), body.into_bytes()).await;
         assert_eq!(st, 200, "{b}");
+    }
+
+    /// An agent says when a session that waited in its spool really started and ended;
+    /// the backend believes it within 30 days, never in the future, never before the start.
+    pub async fn agent_times(s: &Server) {
+        let nk = &s.fx.node_key;
+        let now = time::OffsetDateTime::now_utc();
+        let fmt = |t: time::OffsetDateTime| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .unwrap()
+        };
+        let parse = |v: &Value| {
+            time::OffsetDateTime::parse(
+                v.as_str().unwrap(),
+                &time::format_description::well_known::Rfc3339,
+            )
+            .unwrap()
+        };
+        let header = json!({"version": 2, "width": 80, "height": 24});
+        let start = |at: Option<String>| {
+            let mut b =
+                json!({"action": "start", "node_key": nk, "session_type": "ssh", "header": header});
+            if let Some(t) = at {
+                b["started_at"] = json!(t);
+            }
+            b
+        };
+        let two_days = now - time::Duration::days(2);
+        let (st, b) = s.agent(start(Some(fmt(two_days)))).await;
+        assert_eq!(st, 201, "{b}");
+        let rec = b["data"]["session_id"].as_str().unwrap().to_string();
+        let ended = two_days + time::Duration::minutes(5);
+        let (st, b) = s
+            .agent(json!({"action": "complete", "node_key": nk, "session_id": rec, "duration_seconds": 300, "ended_at": fmt(ended)}))
+            .await;
+        assert_eq!(st, 200, "{b}");
+        let r = &s.get(&rec).await["recording"];
+        let close = |a: time::OffsetDateTime, b: time::OffsetDateTime| {
+            (a - b).abs() < time::Duration::seconds(1)
+        };
+        assert!(close(parse(&r["started_at"]), two_days), "{r}");
+        assert!(close(parse(&r["ended_at"]), ended), "{r}");
+        // Not believed: in the future, 60 days back, an end before the start.
+        for at in [
+            now + time::Duration::hours(1),
+            now - time::Duration::days(60),
+        ] {
+            let (_, b) = s.agent(start(Some(fmt(at)))).await;
+            let rec = b["data"]["session_id"].as_str().unwrap();
+            let r = &s.get(rec).await["recording"];
+            assert!(
+                (parse(&r["started_at"]) - now).abs() < time::Duration::minutes(1),
+                "{r}"
+            );
+            let (st, _) = s
+                .agent(json!({"action": "complete", "node_key": nk, "session_id": rec, "ended_at": fmt(now - time::Duration::days(1))}))
+                .await;
+            assert_eq!(st, 200);
+            let r = &s.get(rec).await["recording"];
+            assert!(parse(&r["ended_at"]) >= parse(&r["started_at"]), "{r}");
+        }
+        let (st, b) = s.agent(start(Some("yesterday".into()))).await;
+        assert_eq!((st, code(&b)), (400, "INVALID_FIELD"), "{b}");
     }
 
     pub async fn delete_and_cleanup(s: &Server) {

@@ -567,6 +567,7 @@ async fn record(
                     interrupted: false,
                     duration_seconds: Some(duration.unwrap_or(0)),
                     metadata,
+                    ended_at: Some(now_rfc3339()),
                 },
             );
             send_json(wr, Kind::Ack, &AckMsg { spooled: true }).await?;
@@ -616,6 +617,7 @@ async fn record(
                     interrupted: false,
                     duration_seconds: duration,
                     metadata,
+                    ended_at: ended.then(now_rfc3339),
                 },
             );
             if ended {

@@ -72,6 +72,9 @@ pub struct EndMark {
     pub duration_seconds: Option<i64>,
     #[serde(default)]
     pub metadata: Map<String, Value>,
+    /// When the session's end reached the daemon (RFC 3339); none for an interrupted one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<String>,
 }
 
 impl EndMark {
@@ -85,6 +88,7 @@ impl EndMark {
             interrupted: true,
             duration_seconds: None,
             metadata,
+            ended_at: None,
         }
     }
 }

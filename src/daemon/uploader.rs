@@ -261,7 +261,19 @@ async fn step(
         }
         (None, None) => {
             let (header, metadata) = dir.start_info()?;
-            match client.start("ssh", &header, &metadata).await {
+            // When the session started: it may have waited in the spool for days.
+            let started_at = header
+                .get("timestamp")
+                .and_then(Value::as_i64)
+                .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok())
+                .and_then(|t| {
+                    t.format(&time::format_description::well_known::Rfc3339)
+                        .ok()
+                });
+            match client
+                .start("ssh", &header, &metadata, started_at.as_deref())
+                .await
+            {
                 Ok(s) => {
                     shared.backend_answered();
                     tracing::info!(session = %id, remote = %s.session_id, "recording started on the backend");
@@ -385,7 +397,12 @@ async fn step(
     metadata.extend(dir.notes()?);
     let metadata = Value::Object(metadata);
     match client
-        .complete(&remote, end.duration_seconds, &metadata)
+        .complete(
+            &remote,
+            end.duration_seconds,
+            &metadata,
+            end.ended_at.as_deref(),
+        )
         .await
     {
         Ok(_) => {}

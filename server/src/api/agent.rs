@@ -29,6 +29,8 @@ enum Action {
         session_type: String,
         header: Map<String, Value>,
         metadata: Map<String, Value>,
+        /// When the session really started (ours: one that waited in the agent's spool).
+        started_at: Option<time::OffsetDateTime>,
     },
     UploadChunk {
         session_id: Uuid,
@@ -40,6 +42,7 @@ enum Action {
         duration_seconds: Option<i64>,
         transcript_lines: Option<i64>,
         metadata: Map<String, Value>,
+        ended_at: Option<time::OffsetDateTime>,
     },
 }
 
@@ -106,6 +109,7 @@ fn parse(body: &Map<String, Value>) -> Result<Action, Failure> {
                 session_type: fields::session_type(&f)?,
                 header: header.clone(),
                 metadata: caller_metadata(metadata),
+                started_at: f.opt_time("started_at")?,
             }
         }
         "upload_chunk" => {
@@ -127,6 +131,7 @@ fn parse(body: &Map<String, Value>) -> Result<Action, Failure> {
                 duration_seconds: f.opt_seconds("duration_seconds")?,
                 transcript_lines: f.opt_count("transcript_lines")?,
                 metadata: caller_metadata(metadata),
+                ended_at: f.opt_time("ended_at")?,
             }
         }
         _ => return Err(unknown_action()),
@@ -277,6 +282,7 @@ async fn apply(app: &App, machine: &MachineAuth, action: Action) -> Result<Succe
             session_type,
             header,
             mut metadata,
+            started_at,
         } => {
             if !recording_enabled(app, machine).await? {
                 return Err(Failure::recording_disabled());
@@ -285,13 +291,14 @@ async fn apply(app: &App, machine: &MachineAuth, action: Action) -> Result<Succe
             // As with `report`: the recording says which machine reported it, even after the
             // machine is deleted and its row's `machine_name` goes null.
             metadata.insert("machine_name".into(), Value::String(machine.name.clone()));
-            let rec = Recording::started(
+            let mut rec = Recording::started(
                 machine.org_id,
                 machine.id,
                 machine.owner_id,
                 session_type,
                 metadata,
             );
+            rec.started_at = recording::agent_time(started_at, None, rec.started_at);
             meta.insert_recording(&rec).await?;
             Ok(Success::created(
                 json!({"session_id": rec.id.to_string(), "status": "active"}),
@@ -314,6 +321,7 @@ async fn apply(app: &App, machine: &MachineAuth, action: Action) -> Result<Succe
             duration_seconds,
             transcript_lines,
             metadata,
+            ended_at,
         } => {
             let rec = machine_recording(app, machine, session_id, true).await?;
             let data = recording::complete(
@@ -323,6 +331,7 @@ async fn apply(app: &App, machine: &MachineAuth, action: Action) -> Result<Succe
                 None,
                 transcript_lines,
                 metadata,
+                ended_at,
             )
             .await?;
             Ok(Success::ok(data))

@@ -122,6 +122,16 @@ impl<'a> Fields<'a> {
         }
     }
 
+    /// An RFC 3339 time.
+    pub fn opt_time(&self, k: &str) -> Result<Option<time::OffsetDateTime>, Failure> {
+        match self.opt_str(k)? {
+            None => Ok(None),
+            Some(s) => crate::timefmt::parse(s)
+                .map(Some)
+                .ok_or_else(|| Failure::invalid_field(k, "must be an RFC 3339 time")),
+        }
+    }
+
     pub fn opt_object(&self, k: &str) -> Result<Option<&'a Map<String, Value>>, Failure> {
         match self.get(k) {
             None => Ok(None),

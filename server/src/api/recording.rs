@@ -98,6 +98,29 @@ pub fn summary_json(
     })
 }
 
+/// How far back an agent's `started_at` is believed: a spool rarely waits longer, and a clock
+/// that is far off must not date a recording (retention deletes by it).
+const AGENT_CLOCK_BACK: time::Duration = time::Duration::days(30);
+
+/// The agent's time if it is believable (not after `latest`, not more than
+/// [`AGENT_CLOCK_BACK`] before it, not before `earliest`), else `latest`.
+pub fn agent_time(
+    given: Option<time::OffsetDateTime>,
+    earliest: Option<time::OffsetDateTime>,
+    latest: time::OffsetDateTime,
+) -> time::OffsetDateTime {
+    match given {
+        Some(t)
+            if t <= latest && t >= latest - AGENT_CLOCK_BACK && earliest.is_none_or(|e| t >= e) =>
+        {
+            // Microseconds, as both databases keep them.
+            t.replace_nanosecond(t.nanosecond() / 1000 * 1000)
+                .unwrap_or(t)
+        }
+        _ => latest,
+    }
+}
+
 /// How many times `complete` rewrites its summary for chunks that arrived meanwhile.
 const COMPLETE_TRIES: usize = 5;
 
@@ -111,6 +134,7 @@ pub async fn complete(
     recording_url: Option<&str>,
     transcript_lines: Option<i64>,
     metadata_merge: Map<String, Value>,
+    ended_at: Option<time::OffsetDateTime>,
 ) -> Result<Value, Failure> {
     if rec.status != "active" {
         return Err(Failure::conflict(format!(
@@ -140,7 +164,7 @@ pub async fn complete(
             .put(&key, Bytes::from(summary.to_string()))
             .await?;
         let completion = Completion {
-            ended_at: now,
+            ended_at: agent_time(ended_at, Some(rec.started_at), now),
             duration_seconds: duration,
             r2_key: key.clone(),
             metadata_merge: metadata_merge.clone(),

@@ -299,6 +299,7 @@ async fn apply(app: &App, org: Uuid, caller: &Caller, action: Action) -> Result<
                 recording_url.as_deref(),
                 transcript_lines,
                 Map::new(),
+                None,
             )
             .await?;
             Ok(Success::ok(data))
