@@ -377,6 +377,11 @@ impl FrameClient {
         metadata.insert("uid".into(), json!(0xdead));
         metadata.insert("kind".into(), json!("interactive"));
         metadata.insert("hostname".into(), json!("linux-c"));
+        // Not a session of ours that a restart cut.
+        metadata.insert(
+            "continues".into(),
+            json!("2f1f0a4e-0000-4000-8000-000000000000"),
+        );
         let start = StartMsg {
             session_type: "ssh".into(),
             header: ztna_common::Header::new(
@@ -502,6 +507,7 @@ async fn backend_down_then_back_every_chunk_once_in_order() {
     // (the end's metadata used to overwrite them).
     assert_eq!(rec["metadata"]["uid"], nix::unistd::getuid().as_raw());
     assert_ne!(rec["metadata"]["user"], "mallory-claims-root");
+    assert!(rec["metadata"].get("continues").is_none(), "{rec:#}");
     assert_eq!(
         rec["metadata"]["hostname"].as_str(),
         nix::unistd::gethostname().unwrap().to_str()

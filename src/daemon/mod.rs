@@ -132,6 +132,24 @@ pub struct Shared {
     pub connections: Mutex<HashMap<u32, usize>>,
     /// Bytes of frames being received, by the peer's uid (see `socket::FRAME_BUDGET`).
     pub frame_budgets: Mutex<HashMap<u32, Arc<Semaphore>>>,
+    /// Sessions an orderly stop let go (this run's, and the previous run's from
+    /// [`CONTINUABLE`]): spool id → (uid, unix time). A new session's `continues` must name
+    /// one of its own user's, else it is dropped.
+    pub continuable: Mutex<HashMap<String, (u32, i64)>>,
+}
+
+/// The sessions an orderly stop let go, kept in the spool for the next run (a day at most).
+const CONTINUABLE: &str = "continuable.json";
+
+fn load_continuable(spool: &spool::Spool) -> HashMap<String, (u32, i64)> {
+    let path = spool.root().join(CONTINUABLE);
+    let map: HashMap<String, (u32, i64)> = std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let _ = std::fs::remove_file(&path);
+    let day_ago = time::OffsetDateTime::now_utc().unix_timestamp() - 86_400;
+    map.into_iter().filter(|(_, (_, t))| *t > day_ago).collect()
 }
 
 /// How many sessions upload at once: each upload holds its chunk and request body (2+ MiB),
@@ -203,6 +221,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     let spool = spool::Spool::open(&config.spool_dir)
         .with_context(|| format!("spool_dir {}", config.spool_dir.display()))?;
     recovery::recover(&spool).context("recovering the spool")?;
+    let continuable = load_continuable(&spool);
 
     let listener = socket::bind(&config.socket)?;
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -225,6 +244,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         buffers: Arc::default(),
         connections: Mutex::new(HashMap::new()),
         frame_budgets: Mutex::new(HashMap::new()),
+        continuable: Mutex::new(continuable),
     });
     tracing::info!(
         socket = %shared.config.socket.display(),
@@ -266,6 +286,15 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     scheduler.abort();
+    let continuable = std::mem::take(&mut *lock(&shared.continuable));
+    if !continuable.is_empty() {
+        let written = serde_json::to_vec(&continuable)
+            .map_err(std::io::Error::other)
+            .and_then(|b| spool::write_atomic(&shared.spool.root().join(CONTINUABLE), &b));
+        if let Err(e) = written {
+            tracing::warn!("cannot keep the list of sessions to continue: {e}");
+        }
+    }
     tracing::info!("daemon stopped");
     Ok(())
 }

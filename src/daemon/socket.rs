@@ -334,6 +334,22 @@ async fn handle(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
     // The local id: a session whose daemon restarted under it goes on in a new recording
     // whose `continues` names this one.
     metadata.insert("agent_session".into(), Value::from(id.clone()));
+    if let Some(c) = metadata.remove("continues") {
+        // Only a session of this user that an orderly stop let go can be continued.
+        let mine = c.as_str().is_some_and(|c| {
+            let mut known = lock(&shared.continuable);
+            let mine = known.get(c).is_some_and(|(owner, _)| *owner == uid);
+            if mine {
+                known.remove(c);
+            }
+            mine
+        });
+        if mine {
+            metadata.insert("continues".into(), c);
+        } else {
+            tracing::warn!(%user, continues = %c, "`continues` names no session of this user that was let go: dropped");
+        }
+    }
     if let Some(h) = nix::unistd::gethostname()
         .ok()
         .and_then(|h| h.into_string().ok())
@@ -627,6 +643,8 @@ async fn record(
         Outcome::Stopping => {
             // No end mark: the next start completes it as interrupted with what it holds
             // (the session goes on in a new recording if it reconnects).
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            lock(&shared.continuable).insert(id.to_string(), (uid, now));
             tracing::info!(session = %id, "daemon stopping: session sealed, left for recovery");
         }
     }
