@@ -211,6 +211,7 @@ impl AgentClient {
         &self,
         session_id: &str,
         duration_seconds: Option<i64>,
+        transcript_lines: Option<u64>,
         metadata: &Value,
         ended_at: Option<&str>,
     ) -> Result<Completed, ClientError> {
@@ -218,6 +219,9 @@ impl AgentClient {
         if let Some(m) = body.as_object_mut() {
             if let Some(d) = duration_seconds {
                 m.insert("duration_seconds".into(), json!(d));
+            }
+            if let Some(n) = transcript_lines {
+                m.insert("transcript_lines".into(), json!(n));
             }
             if let Some(t) = ended_at {
                 m.insert("ended_at".into(), json!(t));

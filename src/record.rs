@@ -363,7 +363,13 @@ impl Uploader {
                 self.client.post_chunk(body).await?;
             }
             self.client
-                .complete(&started.session_id, Some(duration), &done, None)
+                .complete(
+                    &started.session_id,
+                    Some(duration),
+                    Some(cast.summary.events as u64),
+                    &done,
+                    None,
+                )
                 .await?;
             Ok::<_, crate::client::ClientError>(started.session_id)
         })

@@ -503,6 +503,10 @@ async fn backend_down_then_back_every_chunk_once_in_order() {
     assert_eq!(backend.events_text(rec), sent);
     assert_eq!(rec["duration_seconds"], 4); // last event at 3.5 s
     assert_eq!(rec["metadata"]["exit_status"], 0);
+    let got = backend
+        .user_api(json!({"action": "get", "session_id": rec["id"]}))
+        .await;
+    assert_eq!(got["data"]["r2_data"]["transcript_lines"], 16, "{got:#}");
     // Who and where come from the kernel and this machine, not from the client's start or end
     // (the end's metadata used to overwrite them).
     assert_eq!(rec["metadata"]["uid"], nix::unistd::getuid().as_raw());

@@ -127,8 +127,8 @@ fn user_name(uid: u32) -> Option<String> {
 /// Checks that an `Events` payload is whole asciicast event lines (`[time, "c", …]`, one a
 /// line); returns the time of the last one. A structural check, not a full JSON parse: this
 /// is the hot path, and the backend validates every chunk again (`INVALID_CHUNK`), so a
-/// client that lies only spoils its own recording.
-fn check_events(payload: &[u8]) -> anyhow::Result<Option<f64>> {
+/// client that lies only spoils its own recording. Also returns how many lines there are.
+fn check_events(payload: &[u8]) -> anyhow::Result<(Option<f64>, u64)> {
     let text = simdutf8::basic::from_utf8(payload)
         .ok()
         .context("events are not UTF-8")?;
@@ -136,6 +136,7 @@ fn check_events(payload: &[u8]) -> anyhow::Result<Option<f64>> {
         anyhow::bail!("events frame does not end with a newline");
     }
     let mut last = None;
+    let mut lines = 0;
     let mut start = 0;
     for end in memchr::memchr_iter(b'\n', payload) {
         // A newline byte is always a character boundary.
@@ -152,8 +153,8 @@ fn check_events(payload: &[u8]) -> anyhow::Result<Option<f64>> {
             .trim()
             .parse()
             .ok()
-            .filter(|t: &f64| t.is_finite() && *t >= 0.0)
-            .context("event time must be a number >= 0")?;
+            .filter(|t| (0.0..=ztna_common::asciicast::MAX_EVENT_TIME).contains(t))
+            .context("event time must be a number from 0 to 2^31-1")?;
         let rest = rest.trim_start();
         let code_ok = ["\"o\"", "\"i\"", "\"r\"", "\"m\""]
             .iter()
@@ -162,8 +163,9 @@ fn check_events(payload: &[u8]) -> anyhow::Result<Option<f64>> {
             anyhow::bail!("not an asciicast event line");
         }
         last = Some(t);
+        lines += 1;
     }
-    Ok(last)
+    Ok((last, lines))
 }
 
 /// The most connections one user (root aside) may hold open at once: each may hold a frame
@@ -475,12 +477,14 @@ async fn record(
     // Once the daemon is stopping: the session was told, and what it had already sent is
     // still read and spooled, until it closes its side (or this passes).
     let mut draining: Option<std::time::Instant> = None;
+    // Event lines spooled, for the backend's `transcript_lines`.
+    let mut transcript_lines = 0u64;
     let outcome = loop {
         let deadline = w.deadline();
         tokio::select! {
             f = rx.recv() => match f {
                 Some(Ok(f)) if f.kind == Kind::Events => {
-                    let last = match check_events(&f.payload) {
+                    let (last, lines) = match check_events(&f.payload) {
                         Ok(x) => x,
                         Err(e) => break Outcome::Lost(format!("bad events: {e:#}")),
                     };
@@ -515,10 +519,15 @@ async fn record(
                     }
                     // The time of the last event written (a stop may leave part unwritten).
                     let written = &f.payload[..f.payload.len() - rest.len()];
-                    let last = if rest.is_empty() { last } else { check_events(written).ok().flatten() };
+                    let (last, lines) = if rest.is_empty() {
+                        (last, lines)
+                    } else {
+                        check_events(written).unwrap_or_default()
+                    };
                     if last.is_some() {
                         w.last_time = last;
                     }
+                    transcript_lines += lines;
                     if let Some(o) = stop {
                         break o;
                     }
@@ -584,6 +593,7 @@ async fn record(
                     duration_seconds: Some(duration.unwrap_or(0)),
                     metadata,
                     ended_at: Some(now_rfc3339()),
+                    transcript_lines: Some(transcript_lines),
                 },
             );
             send_json(wr, Kind::Ack, &AckMsg { spooled: true }).await?;
@@ -634,6 +644,7 @@ async fn record(
                     duration_seconds: duration,
                     metadata,
                     ended_at: ended.then(now_rfc3339),
+                    transcript_lines: Some(transcript_lines),
                 },
             );
             if ended {
@@ -718,7 +729,7 @@ mod tests {
     fn event_lines_are_checked() {
         let t =
             check_events(b"[0.5, \"o\", \"a\"]\n[1.25, \"r\", \"80x24\"]\n").unwrap_or_default();
-        assert_eq!(t, Some(1.25));
+        assert_eq!(t, (Some(1.25), 2));
         for bad in [
             &b"[0.5, \"o\", \"a\"]"[..],
             b"{\"a\": 1}\n",

@@ -75,6 +75,9 @@ pub struct EndMark {
     /// When the session's end reached the daemon (RFC 3339); none for an interrupted one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ended_at: Option<String>,
+    /// Event lines spooled; none for an interrupted session (its count is not known).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transcript_lines: Option<u64>,
 }
 
 impl EndMark {
@@ -89,6 +92,7 @@ impl EndMark {
             duration_seconds: None,
             metadata,
             ended_at: None,
+            transcript_lines: None,
         }
     }
 }

@@ -400,6 +400,7 @@ async fn step(
         .complete(
             &remote,
             end.duration_seconds,
+            end.transcript_lines,
             &metadata,
             end.ended_at.as_deref(),
         )
