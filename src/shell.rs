@@ -480,6 +480,14 @@ struct Resume {
     dropped_bytes: u64,
 }
 
+/// Calls `attempt` (at least once) every 100 ms until it succeeds or `patience` has passed.
+fn retry_for(patience: Duration, mut attempt: impl FnMut() -> bool) {
+    let until = Instant::now() + patience;
+    while !attempt() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// What a daemon said to a resumed session.
 enum Resumed {
     Record(UnixStream, Option<String>),
@@ -531,6 +539,15 @@ impl Resume {
             Some("the recording daemon stopped and did not come back".into())
         } else {
             None
+        }
+    }
+
+    /// How long the session's end waits for a daemon: a moment when output waits for one.
+    fn patience(&self) -> Duration {
+        if self.gap.is_empty() {
+            Duration::ZERO
+        } else {
+            RESUME_AT_EXIT
         }
     }
 
@@ -837,20 +854,14 @@ impl Sink for DaemonSink {
             match event.kind {
                 EventKind::Exit(_) => {
                     // Output waits for a daemon: give it a moment to come back.
-                    let waiting = self.resume.as_ref().is_some_and(|r| !r.gap.is_empty());
-                    let until = Instant::now()
-                        + if waiting {
-                            RESUME_AT_EXIT
-                        } else {
-                            Duration::ZERO
-                        };
-                    loop {
+                    let patience = self
+                        .resume
+                        .as_ref()
+                        .map_or(Duration::ZERO, Resume::patience);
+                    retry_for(patience, || {
                         self.try_resume(event.time, true);
-                        if self.resume.is_none() || Instant::now() >= until {
-                            break;
-                        }
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
+                        self.resume.is_none()
+                    });
                     if self.given_up || self.resume.is_some() {
                         return Ok(());
                     }
@@ -1384,25 +1395,15 @@ fn run_piped(
     if rec.stopped_orderly.load(Ordering::SeqCst) {
         // The daemon stopped in order: the next one, if it is back (or comes back within a
         // moment, when output is waiting for it), records the rest and the exit status.
-        let waiting = locked(&rec.resume)
+        let patience = locked(&rec.resume)
             .1
             .as_ref()
-            .is_some_and(|r| !r.gap.is_empty());
-        let until = Instant::now()
-            + if waiting {
-                RESUME_AT_EXIT
-            } else {
-                Duration::ZERO
-            };
-        loop {
+            .map_or(Duration::ZERO, Resume::patience);
+        retry_for(patience, || {
             let mut guard = locked(&rec.stream);
             rec.pause_and_resume(&mut guard, None, rec.started.elapsed(), true);
-            drop(guard);
-            if !rec.lost.load(Ordering::SeqCst) || Instant::now() >= until {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+            !rec.lost.load(Ordering::SeqCst)
+        });
     }
     if rec.lost.load(Ordering::SeqCst) {
         let why = rec.lost_why.lock().map(|w| w.clone()).unwrap_or_default();
