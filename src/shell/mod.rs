@@ -1,0 +1,498 @@
+//! `ztna-recorder shell`, sshd's `ForceCommand`: runs the user's login shell or
+//! `SSH_ORIGINAL_COMMAND` as sshd would have, recorded through the daemon.
+//!
+//! - A terminal on stdin (the client asked for a PTY): the recorder core runs the program in
+//!   a new PTY and its events go to the daemon ([`pty`]).
+//! - No terminal (`ssh host cmd`, pipes): the program's stdin/stdout/stderr are relayed
+//!   byte-exact through pipes; its output is recorded as `o` events.
+//! - A file transfer (`internal-sftp`, `sftp-server`, `scp -t/-f`, `rsync --server`): the real
+//!   server program runs, its bytes untouched; only metadata (command, bytes each way, exit
+//!   status) is recorded.
+//!
+//! When the daemon cannot record (unreachable, spool full, gone mid-session) the `enforce`
+//! policy decides: fail open (run unrecorded, warn to syslog) or fail closed (a one-line
+//! message, exit status 1). When the org switched recording off the session runs unrecorded.
+//! When the daemon stops in order (a restart) the session goes on and the next daemon records
+//! the rest ([`resume`]).
+
+use crate::config::{Config, ConfigArgs};
+use crate::ipc::{self, DecisionMsg, EndMsg, Frame, FrameError, Kind, Mode, StartMsg};
+use crate::recorder::{
+    self, Command, Event, EventKind, ExitStatus, Session, SessionConfig, Sink, SinkPolicy,
+    Termination, Utf8Repair,
+};
+use serde_json::{Map, Value};
+use std::ffi::OsString;
+use std::io::{self, IsTerminal, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use ztna_common::asciicast::{encode_event, EventCode, Header, TtySize};
+
+mod piped;
+mod pty;
+mod resume;
+
+use piped::run_piped;
+use pty::run_pty;
+
+/// Arguments of `ztna-recorder shell`.
+#[derive(clap::Args, Debug)]
+pub struct ShellArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+}
+
+/// What kind of session this is (`metadata.kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionKind {
+    Interactive,
+    Exec,
+    FileTransfer,
+}
+
+impl SessionKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionKind::Interactive => "interactive",
+            SessionKind::Exec => "exec",
+            SessionKind::FileTransfer => "file_transfer",
+        }
+    }
+}
+
+/// Where OpenSSH's sftp server usually lives, for `internal-sftp`.
+const SFTP_SERVERS: &[&str] = &[
+    "/usr/lib/openssh/sftp-server",
+    "/usr/libexec/openssh/sftp-server",
+    "/usr/libexec/sftp-server",
+    "/usr/lib/ssh/sftp-server",
+    "/usr/lib/sftp-server",
+];
+
+/// Where a file transfer's program may come from when the command names it without a path.
+const TRUSTED_DIRS: &[&str] = &["/usr/bin", "/bin", "/usr/local/bin"];
+
+/// How a remote command is classified.
+pub fn classify(command: Option<&str>) -> SessionKind {
+    match command {
+        None => SessionKind::Interactive,
+        Some(c) if c.trim().is_empty() => SessionKind::Interactive,
+        Some(c) if transfer_program(c).is_some() => SessionKind::FileTransfer,
+        Some(_) => SessionKind::Exec,
+    }
+}
+
+/// The system program a file-transfer command runs, when `cmd` is exactly one: an sftp server,
+/// `scp -t`/`-f` or `rsync --server`, as the clients send them. A transfer's contents are not
+/// recorded, so nothing else may pass for one: no shell syntax at all (`scp -f x; bash -i`
+/// would otherwise be an unrecorded shell), and the program is the system's, never one the
+/// user put first in a path or defined in their shell's startup files. The program is run
+/// directly, without the user's shell. Anything else is an ordinary command, recorded.
+fn transfer_program(cmd: &str) -> Option<PathBuf> {
+    transfer_program_in(cmd, &|p| p.is_file())
+}
+
+/// [`transfer_program`] with `present` saying which programs the system has.
+fn transfer_program_in(cmd: &str, present: &dyn Fn(&Path) -> bool) -> Option<PathBuf> {
+    let plain = |c: char| c.is_ascii_alphanumeric() || " \t_-./:,=+@%".contains(c);
+    if !cmd.chars().all(plain) {
+        return None;
+    }
+    let words: Vec<&str> = cmd.split_whitespace().collect();
+    let first = *words.first()?;
+    let name = Path::new(first).file_name()?.to_str()?;
+    let transfer = match name {
+        "internal-sftp" => first == name,
+        "sftp-server" => true,
+        "scp" => words[1..]
+            .iter()
+            .take_while(|w| w.starts_with('-'))
+            .any(|w| w.contains('t') || w.contains('f')),
+        "rsync" => words.get(1) == Some(&"--server"),
+        _ => false,
+    };
+    if !transfer {
+        return None;
+    }
+    let candidates: Vec<PathBuf> = if name == "internal-sftp" || name == "sftp-server" {
+        SFTP_SERVERS.iter().map(PathBuf::from).collect()
+    } else {
+        TRUSTED_DIRS
+            .iter()
+            .map(|d| Path::new(d).join(name))
+            .collect()
+    };
+    let found = |p: &PathBuf| present(p);
+    if first.contains('/') {
+        // A path: only one of the system's own.
+        let p = PathBuf::from(first);
+        return candidates.contains(&p).then_some(p).filter(found);
+    }
+    candidates.into_iter().find(found)
+}
+
+/// The user the session runs as.
+struct Account {
+    name: String,
+    uid: u32,
+    shell: String,
+}
+
+fn account() -> Account {
+    let uid = nix::unistd::getuid();
+    match nix::unistd::User::from_uid(uid) {
+        Ok(Some(u)) => Account {
+            name: u.name,
+            uid: uid.as_raw(),
+            shell: u.shell.to_string_lossy().into_owned(),
+        },
+        _ => Account {
+            name: std::env::var("USER").unwrap_or_else(|_| uid.to_string()),
+            uid: uid.as_raw(),
+            shell: std::env::var("SHELL").unwrap_or_else(|_| "/bin/sh".into()),
+        },
+    }
+    .with_default_shell()
+}
+
+impl Account {
+    fn with_default_shell(mut self) -> Self {
+        if self.shell.trim().is_empty() {
+            self.shell = "/bin/sh".into();
+        }
+        self
+    }
+}
+
+/// The contract's session metadata of a session of this process's user (`record --upload`
+/// uses it too).
+pub(crate) fn session_metadata(
+    kind: SessionKind,
+    command: Option<&str>,
+    tty: bool,
+) -> Map<String, Value> {
+    metadata(&account(), kind, command, tty)
+}
+
+/// The session metadata of the contract, from the environment sshd gives us.
+fn metadata(
+    acct: &Account,
+    kind: SessionKind,
+    command: Option<&str>,
+    tty: bool,
+) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("user".into(), Value::from(acct.name.clone()));
+    m.insert("uid".into(), Value::from(acct.uid));
+    if let Ok(conn) = std::env::var("SSH_CONNECTION") {
+        let parts: Vec<&str> = conn.split_whitespace().collect();
+        if let Some(a) = parts.first() {
+            m.insert("remote_addr".into(), Value::from(*a));
+        }
+        if let Some(p) = parts.get(1).and_then(|p| p.parse::<u16>().ok()) {
+            m.insert("remote_port".into(), Value::from(p));
+        }
+    }
+    if let Ok(h) = nix::unistd::gethostname() {
+        m.insert(
+            "hostname".into(),
+            Value::from(h.to_string_lossy().into_owned()),
+        );
+    }
+    if tty {
+        let name = std::env::var("SSH_TTY").ok().or_else(|| {
+            nix::unistd::ttyname(io::stdin())
+                .ok()
+                .map(|p| p.display().to_string())
+        });
+        if let Some(t) = name {
+            m.insert("tty".into(), Value::from(t));
+        }
+    }
+    if let Some(c) = command {
+        m.insert("command".into(), Value::from(c));
+    }
+    m.insert("kind".into(), Value::from(kind.as_str()));
+    m.insert("shell".into(), Value::from(acct.shell.clone()));
+    m
+}
+
+/// Logs a warning for the administrator to syslog (journald takes it from `/dev/log`).
+/// Without a syslog socket it is dropped, as sshd's own messages are: stderr is the user's
+/// session (their terminal, or the stream `ssh host cmd` hands back), and the relay must not
+/// add to it.
+pub fn syslog_warn(msg: &str) {
+    tracing::warn!("{msg}");
+    // facility user (1), severity warning (4): <12>
+    let line = format!("<12>ztna-recorder[{}]: {msg}", std::process::id());
+    let _ = std::os::unix::net::UnixDatagram::unbound()
+        .and_then(|s| s.send_to(line.as_bytes(), "/dev/log"));
+}
+
+/// Connects to the daemon, announces the session and reads its decision.
+fn open_session(socket: &Path, start: &StartMsg) -> Result<(UnixStream, DecisionMsg), String> {
+    let mut s = UnixStream::connect(socket)
+        .map_err(|e| format!("recording daemon unreachable at {}: {e}", socket.display()))?;
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = s.set_write_timeout(Some(Duration::from_secs(10)));
+    let f = Frame::json(Kind::Start, start).map_err(|e| e.to_string())?;
+    ipc::write_frame(&mut s, f.kind, &f.payload).map_err(|e| format!("recording daemon: {e}"))?;
+    let reply = ipc::read_frame(&mut s).map_err(|e| format!("recording daemon: {e}"))?;
+    let d = match reply.kind {
+        Kind::Decision => reply.parse::<DecisionMsg>().map_err(|e| e.to_string())?,
+        Kind::Error => {
+            let m: ipc::ErrorMsg = reply.parse().map_err(|e| e.to_string())?;
+            return Err(format!("recording daemon: {}", m.message));
+        }
+        k => return Err(format!("recording daemon answered {k:?}")),
+    };
+    let _ = s.set_read_timeout(None);
+    Ok((s, d))
+}
+
+/// Whether to record, run unrecorded, or refuse.
+enum Plan {
+    /// The connection, and the daemon's local id of the recording.
+    Record(UnixStream, Option<String>),
+    Unrecorded,
+    Refuse(String),
+}
+
+fn plan(cfg: &Config, start: &StartMsg) -> Plan {
+    match open_session(&cfg.socket, start) {
+        Ok((s, d)) => match d.mode {
+            Mode::Record => Plan::Record(s, d.session),
+            Mode::Unrecorded => Plan::Unrecorded,
+            Mode::Refused => unrecordable(cfg, &d.reason),
+        },
+        Err(e) => unrecordable(cfg, &e),
+    }
+}
+
+fn unrecordable(cfg: &Config, why: &str) -> Plan {
+    if cfg.enforce {
+        // The user sees the refusal itself; syslog gets the reason.
+        syslog_warn(&format!("session refused (enforce = true): {why}"));
+        Plan::Refuse(why.to_string())
+    } else {
+        syslog_warn(&format!("session runs unrecorded: {why}"));
+        Plan::Unrecorded
+    }
+}
+
+/// The one line a refused user sees.
+fn refuse(why: &str) -> u8 {
+    eprintln!(
+        "ztna-recorder: this session must be recorded and cannot be ({why}); access refused."
+    );
+    1
+}
+
+pub fn run(args: ShellArgs) -> anyhow::Result<u8> {
+    crate::logging::init("off");
+    // We run as the user: without this, the user's own programs could ptrace us, or read our
+    // file descriptors in /proc, and write past the recording. (`execve` of the user's
+    // program makes it dumpable again.)
+    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+        syslog_warn(&format!("cannot make the recorder undumpable: {e}"));
+    }
+    let cfg = match Config::load(args.config.config.as_deref(), Vec::new()) {
+        Ok(l) => {
+            for w in l.notices() {
+                syslog_warn(&w);
+            }
+            l.config
+        }
+        // Without a configuration nobody can say whether recording is optional.
+        Err(e) => return Ok(refuse(&format!("configuration: {e:#}"))),
+    };
+    let acct = account();
+    // Run byte for byte as sent (a file name may be Latin-1); the recording's metadata and
+    // header are JSON, so they carry it with U+FFFD for what is not UTF-8.
+    let raw_command = std::env::var_os("SSH_ORIGINAL_COMMAND");
+    let command = raw_command
+        .as_ref()
+        .map(|c| c.to_string_lossy().into_owned());
+    let kind = classify(command.as_deref());
+    let tty = io::stdin().is_terminal();
+    let meta = metadata(&acct, kind, command.as_deref(), tty);
+    let size = if tty {
+        recorder::terminal_size(io::stdin()).unwrap_or_default()
+    } else {
+        TtySize::default()
+    };
+    let mut header = Header::new(size, Some(unix_now()));
+    let mut env = std::collections::BTreeMap::new();
+    env.insert("SHELL".to_string(), acct.shell.clone());
+    if let Ok(t) = std::env::var("TERM") {
+        env.insert("TERM".to_string(), t);
+    }
+    header.env = Some(env);
+    header.command = command.clone();
+    let start = StartMsg {
+        session_type: "ssh".into(),
+        header,
+        metadata: meta,
+    };
+
+    let program = program_for(&acct, kind, raw_command.as_deref());
+    match plan(&cfg, &start) {
+        Plan::Refuse(why) => Ok(refuse(&why)),
+        Plan::Unrecorded => Err(exec_unrecorded(&acct, &program)),
+        Plan::Record(stream, id) => match (kind, tty) {
+            (SessionKind::FileTransfer, _) => run_piped(&cfg, stream, id, &start, &program, false),
+            (_, true) => run_pty(&cfg, stream, id, &start, &acct, raw_command.as_deref()),
+            (_, false) => run_piped(&cfg, stream, id, &start, &program, true),
+        },
+    }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// What to run: argv[0] (as the program sees it), the program path and its arguments.
+struct Program {
+    path: OsString,
+    arg0: OsString,
+    args: Vec<OsString>,
+}
+
+fn program_for(acct: &Account, kind: SessionKind, command: Option<&std::ffi::OsStr>) -> Program {
+    match command {
+        None => {
+            let base = Path::new(&acct.shell)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "sh".into());
+            Program {
+                path: acct.shell.clone().into(),
+                arg0: format!("-{base}").into(),
+                args: Vec::new(),
+            }
+        }
+        Some(raw) => {
+            // A transfer runs its system program directly (`internal-sftp` only exists inside
+            // sshd: the standalone server stands in for it). Its command is plain ASCII.
+            if let (SessionKind::FileTransfer, Some(c)) = (kind, raw.to_str()) {
+                if let Some(path) = transfer_program(c) {
+                    let mut words = c.split_whitespace();
+                    let first = words.next().unwrap_or_default();
+                    let arg0 = if first == "internal-sftp" {
+                        path.clone().into_os_string()
+                    } else {
+                        first.into()
+                    };
+                    return Program {
+                        path: path.into_os_string(),
+                        arg0,
+                        args: words.map(OsString::from).collect(),
+                    };
+                }
+            }
+            Program {
+                path: acct.shell.clone().into(),
+                arg0: acct.shell.clone().into(),
+                args: vec!["-c".into(), raw.to_owned()],
+            }
+        }
+    }
+}
+
+/// Replaces this process with the program (nothing to record): returns only on failure.
+fn exec_unrecorded(_acct: &Account, p: &Program) -> anyhow::Error {
+    let err = std::process::Command::new(&p.path)
+        .arg0(&p.arg0)
+        .args(&p.args)
+        .exec();
+    anyhow::anyhow!("cannot run {}: {err}", Path::new(&p.path).display())
+}
+
+fn exit_metadata(status: ExitStatus, m: &mut Map<String, Value>) -> i32 {
+    if let ExitStatus::Signal(n) = status {
+        m.insert("exit_signal".into(), Value::from(n));
+    }
+    i32::from(status.code())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_transfers() {
+        assert_eq!(classify(None), SessionKind::Interactive);
+        assert_eq!(classify(Some("internal-sftp")), SessionKind::FileTransfer);
+        assert_eq!(
+            classify(Some("/usr/lib/openssh/sftp-server -l INFO")),
+            SessionKind::FileTransfer
+        );
+        assert_eq!(classify(Some("scp -t /tmp/x")), SessionKind::FileTransfer);
+        assert_eq!(
+            classify(Some("scp -v -f /tmp/x")),
+            SessionKind::FileTransfer
+        );
+        assert_eq!(
+            classify(Some("rsync --server -vlogDtpre.iLsfxCIvu . /tmp")),
+            SessionKind::FileTransfer
+        );
+        assert_eq!(classify(Some("printf hi")), SessionKind::Exec);
+        assert_eq!(classify(Some("rsync -a a b")), SessionKind::Exec);
+    }
+
+    /// Only the exact commands the clients send, with the system's programs, pass for a
+    /// transfer (whose contents are not recorded); everything else is recorded.
+    #[test]
+    fn nothing_else_passes_for_a_transfer() {
+        let system = |p: &Path| {
+            [
+                "/usr/bin/scp",
+                "/usr/bin/rsync",
+                "/usr/lib/openssh/sftp-server",
+            ]
+            .contains(&p.to_str().unwrap_or_default())
+        };
+        let t = |c: &str| transfer_program_in(c, &system);
+        assert_eq!(t("scp -t /tmp/x"), Some("/usr/bin/scp".into()));
+        assert_eq!(t("/usr/bin/scp -f a.txt"), Some("/usr/bin/scp".into()));
+        assert_eq!(
+            t("rsync --server -logDtpre.iLsfxCIvu . d/"),
+            Some("/usr/bin/rsync".into())
+        );
+        assert_eq!(
+            t("internal-sftp"),
+            Some("/usr/lib/openssh/sftp-server".into())
+        );
+        assert_eq!(
+            t("/usr/lib/openssh/sftp-server -l INFO"),
+            Some("/usr/lib/openssh/sftp-server".into())
+        );
+        for evasion in [
+            "rsync --server --version >/dev/null; exec bash -i",
+            "scp -f /etc/hostname; echo x",
+            "scp -t /tmp/x$(touch /tmp/y)",
+            "scp -t /tmp/`id`",
+            "scp -t\necho x",
+            "sftp-server -h; echo x",
+            "scp -t a && bash",
+            "scp -t a | bash",
+            "scp -t '/tmp/a b'",
+            // Programs of the user's, not the system's.
+            "/home/u/bin/scp -t x",
+            "./sftp-server",
+            "/tmp/internal-sftp",
+            "/usr/bin/../../home/u/scp -t x",
+        ] {
+            assert_eq!(t(evasion), None, "{evasion:?}");
+        }
+        assert_eq!(classify(Some("scp -f x; bash -i")), SessionKind::Exec);
+    }
+}

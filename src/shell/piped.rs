@@ -1,0 +1,496 @@
+//! The piped path (`ssh host cmd`, file transfers): the program's stdin, stdout and stderr
+//! relayed byte-exact through pipes, its output sent to the daemon as `o` events (or only
+//! counted, for a transfer).
+
+use super::resume::{retry_for, Resume, Resumed};
+use super::*;
+
+/// Shared by the relay threads of a piped session: the daemon connection and the clock.
+struct Recording {
+    stream: Mutex<Option<UnixStream>>,
+    started: Instant,
+    /// Set when the daemon is gone.
+    lost: AtomicBool,
+    lost_why: Mutex<String>,
+    /// The daemon said it was stopping (not a failure: the session keeps running, and a
+    /// daemon that comes back records the rest).
+    stopped_orderly: AtomicBool,
+    /// Under enforce, the recording was lost: the relays stop showing output at once (the
+    /// program is ended meanwhile).
+    cut: AtomicBool,
+    /// The daemon stopped recording this session (its spool is full) but still listens: it
+    /// gets the End, for the exit status.
+    listening: AtomicBool,
+    /// Time of the last event (since `started`), and time zero of the current recording.
+    clock: Mutex<(Duration, Duration)>,
+    /// What resuming after an orderly stop needs.
+    socket: PathBuf,
+    start: StartMsg,
+    enforce: bool,
+    lost_tx: mpsc::Sender<String>,
+    /// The current recording's local id; the resume in progress, if any; and whether the
+    /// daemon said the rest is not to be recorded.
+    resume: Mutex<(Option<String>, Option<Resume>, bool)>,
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(e) => e.into_inner(),
+    }
+}
+
+impl Recording {
+    /// Sends output as one `o` event (or keeps it for a daemon that stopped in order).
+    fn output(self: &Arc<Self>, text: &str, line: &mut String, frame: &mut Vec<u8>) {
+        if text.is_empty() {
+            return;
+        }
+        let mut guard = locked(&self.stream);
+        // Under the lock, so times never go backwards between the stdout and stderr threads.
+        let (now, base) = {
+            let mut clock = locked(&self.clock);
+            clock.0 = clock.0.max(self.started.elapsed());
+            *clock
+        };
+        if self.lost.load(Ordering::Relaxed) {
+            self.pause_and_resume(&mut guard, Some(text), now, false);
+            return;
+        }
+        let Some(s) = guard.as_mut() else { return };
+        line.clear();
+        encode_event(
+            line,
+            now.saturating_sub(base).as_secs_f64(),
+            EventCode::Output,
+            text,
+        );
+        let Ok(head) = ipc::head(Kind::Events, line.len()) else {
+            return;
+        };
+        frame.clear();
+        frame.extend_from_slice(&head);
+        frame.extend_from_slice(line.as_bytes());
+        if let Err(e) = s.write_all(frame) {
+            self.mark_lost(&format!("recording daemon: {e}"));
+            // The daemon may have stopped in order (its watch thread is about to say so):
+            // the output waits for the next one.
+            self.pause_and_resume(&mut guard, Some(text), now, false);
+        }
+    }
+
+    fn mark_lost(&self, why: &str) {
+        if !self.lost.swap(true, Ordering::SeqCst) {
+            if let Ok(mut w) = self.lost_why.lock() {
+                *w = why.to_string();
+            }
+        }
+    }
+
+    /// Under enforce: why the session must end now, while the daemon that stopped in order is
+    /// away (see [`Resume::overdue`]).
+    fn overdue(&self) -> Option<String> {
+        if !self.enforce || !self.stopped_orderly.load(Ordering::SeqCst) {
+            return None;
+        }
+        let st = locked(&self.resume);
+        st.1.as_ref()?.overdue(self.started.elapsed())
+    }
+
+    /// The daemon went away without stopping in order: nothing is resumed, and nothing is
+    /// kept for it.
+    fn give_up_resume(&self) {
+        let mut st = locked(&self.resume);
+        st.1 = None;
+        st.2 = true;
+    }
+
+    /// With the recording lost: keeps `text` for a daemon that stopped in order, and tries
+    /// (when due, or `force`) to give the rest of the session to the next daemon. Called with
+    /// the stream's lock held.
+    fn pause_and_resume(
+        self: &Arc<Self>,
+        stream: &mut Option<UnixStream>,
+        text: Option<&str>,
+        now: Duration,
+        force: bool,
+    ) {
+        let mut st = locked(&self.resume);
+        let (session, resume, off) = &mut *st;
+        if *off {
+            return;
+        }
+        let r = resume.get_or_insert_with(|| Resume::new(session.clone(), now));
+        if let Some(t) = text {
+            r.keep(now, EventCode::Output, t);
+            if self.enforce && r.dropped_bytes > 0 {
+                // Output that can be neither recorded nor kept is not shown (the session
+                // ends: see `overdue`).
+                self.cut.store(true, Ordering::SeqCst);
+            }
+        }
+        if !self.stopped_orderly.load(Ordering::SeqCst) || !r.due(now, force) {
+            return;
+        }
+        let (new, id) = match r.ask(&self.socket, &self.start, TtySize::default(), now) {
+            Resumed::Record(s, id) => (s, id),
+            Resumed::Off => {
+                *off = true;
+                *resume = None;
+                return;
+            }
+            Resumed::Later => return,
+        };
+        let Ok(watch) = new.try_clone() else { return };
+        let base = r.base(now);
+        let mut body = String::new();
+        for (t, code, data) in &r.gap {
+            encode_event(&mut body, t.saturating_sub(base).as_secs_f64(), *code, data);
+        }
+        *resume = None;
+        *session = id;
+        drop(st);
+        locked(&self.clock).1 = base;
+        let mut new = new;
+        // The gap in frames under the limit (it holds at most 1 MiB, whole lines).
+        let mut rest = body.as_str();
+        while !rest.is_empty() {
+            let mut cut = rest.len().min(ipc::MAX_FRAME_BYTES);
+            if cut < rest.len() {
+                cut = rest[..cut].rfind('\n').map(|i| i + 1).unwrap_or(cut);
+            }
+            if ipc::write_frame(&mut new, Kind::Events, &rest.as_bytes()[..cut]).is_err() {
+                return;
+            }
+            rest = &rest[cut..];
+        }
+        *stream = Some(new);
+        self.stopped_orderly.store(false, Ordering::SeqCst);
+        self.listening.store(false, Ordering::SeqCst);
+        self.lost.store(false, Ordering::SeqCst);
+        let _ = self.watch(watch);
+    }
+
+    /// Starts the thread that reads what the daemon says before our End: anything it says
+    /// before (or end of file) means it is gone or stopped recording.
+    fn watch(self: &Arc<Self>, mut watch: UnixStream) -> io::Result<()> {
+        let rec = self.clone();
+        let lost_tx = self.lost_tx.clone();
+        std::thread::Builder::new()
+            .name("daemon-watch".into())
+            .stack_size(64 * 1024)
+            .spawn(move || {
+                let mut stopping = false;
+                let why = match ipc::read_frame_when_readable(&mut watch) {
+                    Ok(f) if f.kind == Kind::Error => match f.parse::<ipc::ErrorMsg>() {
+                        Ok(m) => {
+                            stopping = m.code == ipc::ERROR_STOPPING;
+                            if m.code == ipc::ERROR_SPOOL_FULL {
+                                rec.listening.store(true, Ordering::SeqCst);
+                            }
+                            m.message
+                        }
+                        Err(e) => e.to_string(),
+                    },
+                    Ok(f) if f.kind == Kind::Ack => return,
+                    Ok(f) => format!("unexpected {:?} frame", f.kind),
+                    Err(e) => format!("recording daemon: {e}"),
+                };
+                // (A relay's write may have found the daemon gone first: the decision is
+                // made here either way.)
+                if stopping {
+                    // An orderly stop (upgrade, restart) keeps users' sessions running.
+                    let _ = watch.shutdown(std::net::Shutdown::Write);
+                    {
+                        // From now on the session waits for a daemon to come back.
+                        let now = rec.started.elapsed();
+                        let mut st = locked(&rec.resume);
+                        let (session, resume, _) = &mut *st;
+                        resume.get_or_insert_with(|| Resume::new(session.clone(), now));
+                    }
+                    rec.stopped_orderly.store(true, Ordering::SeqCst);
+                    syslog_warn(&format!("recording paused until the daemon is back: {why}"));
+                } else if rec.enforce {
+                    rec.cut.store(true, Ordering::SeqCst);
+                }
+                rec.mark_lost(&why);
+                if !stopping {
+                    rec.give_up_resume();
+                    let _ = lost_tx.send(why);
+                }
+            })
+            .map(|_| ())
+    }
+}
+
+/// Runs the program with pipes: bytes relayed untouched; output recorded as `o` events when
+/// `record_output`, else only counted (file transfers).
+pub(super) fn run_piped(
+    cfg: &Config,
+    stream: UnixStream,
+    session_id: Option<String>,
+    start: &StartMsg,
+    p: &Program,
+    record_output: bool,
+) -> anyhow::Result<u8> {
+    let watch = stream.try_clone()?;
+    let (lost_tx, lost_rx) = mpsc::channel::<String>();
+    let rec = Arc::new(Recording {
+        stream: Mutex::new(Some(stream)),
+        started: Instant::now(),
+        lost: AtomicBool::new(false),
+        lost_why: Mutex::new(String::new()),
+        stopped_orderly: AtomicBool::new(false),
+        cut: AtomicBool::new(false),
+        listening: AtomicBool::new(false),
+        clock: Mutex::new((Duration::ZERO, Duration::ZERO)),
+        socket: cfg.socket.clone(),
+        start: start.clone(),
+        enforce: cfg.enforce,
+        lost_tx,
+        resume: Mutex::new((session_id, None, false)),
+    });
+    let mut child = match std::process::Command::new(&p.path)
+        .arg0(&p.arg0)
+        .args(&p.args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!(
+                "ztna-recorder: cannot run {}: {e}",
+                Path::new(&p.path).display()
+            );
+            let mut meta = Map::new();
+            meta.insert("error".into(), Value::from(e.to_string()));
+            finish_piped(&rec, 127, meta);
+            return Ok(127);
+        }
+    };
+    let bytes_in = Arc::new(AtomicU64::new(0));
+    let bytes_out = Arc::new(AtomicU64::new(0));
+
+    rec.watch(watch)?;
+
+    let mut threads = Vec::new();
+    if let Some(mut cin) = child.stdin.take() {
+        let n = bytes_in.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("stdin".into())
+                .spawn(move || {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    let mut stdin = io::stdin().lock();
+                    loop {
+                        match stdin.read(&mut buf) {
+                            Ok(0) => break,
+                            Ok(k) => {
+                                n.fetch_add(k as u64, Ordering::Relaxed);
+                                if cin.write_all(&buf[..k]).is_err() {
+                                    break;
+                                }
+                            }
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                            Err(_) => break,
+                        }
+                    }
+                    // Dropping `cin` closes the program's stdin: end of input passes on.
+                })?,
+        );
+    }
+    let mut out_threads = Vec::new();
+    if let Some(cout) = child.stdout.take() {
+        // Unbuffered writes straight to fd 1: one syscall per read, no line splitting.
+        let out =
+            std::fs::File::from(std::os::fd::AsFd::as_fd(&io::stdout()).try_clone_to_owned()?);
+        out_threads.push(relay_out(
+            cout,
+            out,
+            rec.clone(),
+            bytes_out.clone(),
+            record_output,
+        )?);
+    }
+    if let Some(cerr) = child.stderr.take() {
+        let err =
+            std::fs::File::from(std::os::fd::AsFd::as_fd(&io::stderr()).try_clone_to_owned()?);
+        out_threads.push(relay_out(
+            cerr,
+            err,
+            rec.clone(),
+            bytes_out.clone(),
+            record_output,
+        )?);
+    }
+
+    // Wait for the program, or for the daemon to go away under enforce.
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        if cfg.enforce {
+            if let Some(why) = lost_rx.try_recv().ok().or_else(|| rec.overdue()) {
+                rec.cut.store(true, Ordering::SeqCst);
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+                std::thread::sleep(Duration::from_millis(500));
+                let _ = child.kill();
+                let ended = child.wait();
+                eprintln!("ztna-recorder: the recording stopped ({why}); session ended.");
+                if rec.listening.load(Ordering::SeqCst) {
+                    // The daemon stopped recording (its spool is full) but waits for the end:
+                    // the truncated recording gets how the program ended.
+                    let mut meta = Map::new();
+                    let code = ended
+                        .map(|s| exit_metadata(program_status(s), &mut meta))
+                        .unwrap_or(1);
+                    finish_piped(&rec, code, meta);
+                }
+                return Ok(1);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    for t in out_threads {
+        let _ = t.join();
+    }
+    // The program may have ended because its output was cut (SIGPIPE) while the daemon that
+    // stopped was away. (A daemon lost otherwise is dealt with below.)
+    if let Some(why) = rec.overdue() {
+        eprintln!("ztna-recorder: the recording stopped ({why}); session ended.");
+        return Ok(1);
+    }
+    // The stdin thread may be blocked reading our stdin: it is not waited for.
+    drop(threads);
+
+    let status = program_status(status);
+    let mut meta = Map::new();
+    let code = exit_metadata(status, &mut meta);
+    if !record_output {
+        meta.insert(
+            "bytes_in".into(),
+            Value::from(bytes_in.load(Ordering::Relaxed)),
+        );
+        meta.insert(
+            "bytes_out".into(),
+            Value::from(bytes_out.load(Ordering::Relaxed)),
+        );
+        meta.insert("file_contents_recorded".into(), Value::Bool(false));
+    }
+    if rec.stopped_orderly.load(Ordering::SeqCst) {
+        // The daemon stopped in order: the next one, if it is back (or comes back within a
+        // moment, when output is waiting for it), records the rest and the exit status.
+        let patience = locked(&rec.resume)
+            .1
+            .as_ref()
+            .map_or(Duration::ZERO, Resume::patience);
+        retry_for(patience, || {
+            let mut guard = locked(&rec.stream);
+            rec.pause_and_resume(&mut guard, None, rec.started.elapsed(), true);
+            !rec.lost.load(Ordering::SeqCst)
+        });
+    }
+    if rec.lost.load(Ordering::SeqCst) {
+        let why = rec.lost_why.lock().map(|w| w.clone()).unwrap_or_default();
+        // A daemon that stopped recording (its spool is full) still takes the end.
+        if rec.listening.load(Ordering::SeqCst) {
+            finish_piped(&rec, code, meta);
+        }
+        if cfg.enforce && !rec.stopped_orderly.load(Ordering::SeqCst) {
+            eprintln!("ztna-recorder: the recording stopped ({why}); session ended.");
+            return Ok(1);
+        }
+        syslog_warn(&format!(
+            "recording stopped, session went on unrecorded: {why}"
+        ));
+    } else {
+        finish_piped(&rec, code, meta);
+    }
+    Ok(status.code())
+}
+
+/// How a piped program ended, as the recorder says it.
+fn program_status(s: std::process::ExitStatus) -> ExitStatus {
+    match (s.code(), std::os::unix::process::ExitStatusExt::signal(&s)) {
+        (Some(c), _) => ExitStatus::Code(c),
+        (None, Some(n)) => ExitStatus::Signal(n),
+        _ => ExitStatus::Code(1),
+    }
+}
+
+fn finish_piped(rec: &Recording, code: i32, meta: Map<String, Value>) {
+    let mut guard = match rec.stream.lock() {
+        Ok(g) => g,
+        Err(e) => e.into_inner(),
+    };
+    if let Some(mut s) = guard.take() {
+        let end = EndMsg {
+            exit_status: Some(code),
+            metadata: meta,
+        };
+        // The watch thread reads the Ack; a failure here is the daemon being gone.
+        let f = match Frame::json(Kind::End, &end) {
+            Ok(f) => f,
+            Err(_) => return,
+        };
+        if let Err(e) = ipc::write_frame(&mut s, f.kind, &f.payload) {
+            syslog_warn(&format!(
+                "recording daemon: end of session not delivered: {e}"
+            ));
+            return;
+        }
+        // Let the daemon seal the session before we go (it answers Ack).
+        let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut sink = [0u8; 64];
+        let _ = s.read(&mut sink);
+    }
+}
+
+fn relay_out<R: Read + Send + 'static, W: Write + Send + 'static>(
+    mut from: R,
+    mut to: W,
+    rec: Arc<Recording>,
+    counter: Arc<AtomicU64>,
+    record_output: bool,
+) -> io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("relay".into())
+        .spawn(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut utf8 = Utf8Repair::new();
+            let mut line = String::with_capacity(8 * 1024);
+            let mut frame = Vec::with_capacity(8 * 1024);
+            loop {
+                let k = match from.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(k) => k,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => break,
+                };
+                counter.fetch_add(k as u64, Ordering::Relaxed);
+                if rec.cut.load(Ordering::Relaxed) {
+                    // Under enforce with the recording lost: nothing more reaches the client
+                    // (closing the pipe stops the program, as the session is being ended).
+                    break;
+                }
+                let delivered = to.write_all(&buf[..k]).and_then(|_| to.flush()).is_ok();
+                if record_output {
+                    let text = utf8.push(&buf[..k]);
+                    rec.output(text, &mut line, &mut frame);
+                }
+                if !delivered {
+                    // The client went away: close the pipe so the program gets EPIPE/SIGPIPE, as
+                    // it would without us.
+                    break;
+                }
+            }
+            if record_output {
+                let rest = utf8.finish().to_string();
+                rec.output(&rest, &mut line, &mut frame);
+            }
+        })
+}

@@ -1,0 +1,472 @@
+//! The PTY path: the recorder core runs the program in a new PTY and a sink sends its events
+//! to the daemon; the sink follows the daemon through a restart.
+
+use super::resume::{retry_for, Resume, Resumed, ENFORCE_GRACE};
+use super::*;
+
+/// Events to the daemon over the session's socket (PTY sessions).
+///
+/// When the daemon stops in order (a restart, a package upgrade) the session goes on, and the
+/// sink reconnects to the next daemon as soon as it answers: the rest of the session becomes
+/// a new recording whose `continues` names the first one's `agent_session`, with the output
+/// of the gap kept (up to [`super::resume::GAP_MAX_BYTES`]).
+struct DaemonSink {
+    link: Link,
+    buf: Vec<u8>,
+    /// Set once End is sent: the daemon closing after that is no loss.
+    ended: Arc<AtomicBool>,
+    /// What a watch thread needs, for the link of a resumed recording.
+    watch: WatchCtx,
+    socket: PathBuf,
+    /// The Start of the session, resent (with `continues`) to resume.
+    start: StartMsg,
+    size: TtySize,
+    /// Session time that is time zero of the current recording (zero until a resume).
+    rebase: Duration,
+    /// Reconnecting after an orderly stop.
+    resume: Option<Resume>,
+    /// The daemon stopped in order and will not record the rest (recording switched off).
+    given_up: bool,
+    /// An event line re-encoded against `rebase`.
+    line: String,
+}
+
+/// One connection to the daemon, and what its watch thread tells about it.
+struct Link {
+    stream: UnixStream,
+    /// The daemon's local id of the recording.
+    session: Option<String>,
+    /// The daemon's answer to End, read by the watch thread.
+    acks: mpsc::Receiver<Result<(), String>>,
+    /// Set by the watch thread when the daemon stopped in order: events go to the gap buffer
+    /// until a daemon takes the session again, whatever the enforce policy.
+    orderly: Arc<AtomicBool>,
+    /// Set by the watch thread when the daemon stopped recording this session (its spool is
+    /// full) or went away: events are no longer sent, only the End (for the exit status).
+    stopped: Arc<AtomicBool>,
+}
+
+/// Shared by every watch thread of a session.
+#[derive(Clone)]
+struct WatchCtx {
+    control: recorder::Control,
+    ended: Arc<AtomicBool>,
+    lost: Arc<Mutex<Option<String>>>,
+    enforce: bool,
+}
+
+impl Link {
+    /// Starts the thread that reads what the daemon says before our End: anything (an Error
+    /// frame, end of file) means it is gone or stopped recording. Under enforce the session
+    /// ends then, even if the program is silent and no write would notice.
+    fn open(stream: UnixStream, session: Option<String>, ctx: &WatchCtx) -> io::Result<Link> {
+        let orderly = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::new(AtomicBool::new(false));
+        let (ack_tx, acks) = mpsc::channel();
+        let mut watch = stream.try_clone()?;
+        let ctx = ctx.clone();
+        let (o, s) = (orderly.clone(), stopped.clone());
+        std::thread::Builder::new()
+            .name("daemon-watch".into())
+            .stack_size(64 * 1024)
+            .spawn(move || {
+                let mut stopping = false;
+                let r = match ipc::read_frame_when_readable(&mut watch) {
+                    Ok(f) if f.kind == Kind::Ack => Ok(()),
+                    Ok(f) if f.kind == Kind::Error => Err(match f.parse::<ipc::ErrorMsg>() {
+                        Ok(m) => {
+                            stopping = m.code == ipc::ERROR_STOPPING;
+                            m.message
+                        }
+                        Err(e) => e.to_string(),
+                    }),
+                    Ok(f) => Err(format!("unexpected {:?} frame", f.kind)),
+                    Err(e) => Err(format!("recording daemon: {e}")),
+                };
+                if let Err(why) = &r {
+                    if stopping {
+                        // An orderly stop (upgrade, restart) keeps users' sessions running.
+                        // Closing our side tells the daemon that what we sent is all it gets;
+                        // the rest waits for the next daemon.
+                        let _ = watch.shutdown(std::net::Shutdown::Write);
+                        o.store(true, Ordering::SeqCst);
+                        syslog_warn(&format!("recording paused until the daemon is back: {why}"));
+                    } else if !ctx.ended.load(Ordering::SeqCst) {
+                        s.store(true, Ordering::SeqCst);
+                        if let Ok(mut l) = ctx.lost.lock() {
+                            *l = Some(why.clone());
+                        }
+                        if ctx.enforce {
+                            ctx.control.terminate();
+                        } else {
+                            syslog_warn(&format!(
+                                "recording stopped, session goes on unrecorded: {why}"
+                            ));
+                        }
+                    }
+                }
+                let _ = ack_tx.send(r);
+            })?;
+        Ok(Link {
+            stream,
+            session,
+            acks,
+            orderly,
+            stopped,
+        })
+    }
+}
+
+impl DaemonSink {
+    /// A failed write is no failure if the daemon said it is stopping (its Error frame may
+    /// reach the watch thread just after our write noticed the closed socket).
+    fn tolerate(&self, e: io::Error) -> io::Result<()> {
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_millis(300) {
+            if self.link.orderly.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Err(e)
+    }
+
+    /// Whether the current link no longer records (the daemon stopped in order): from then on
+    /// events wait in the gap buffer for the next daemon.
+    fn paused(&mut self, now: Duration) -> bool {
+        if self.given_up {
+            return true;
+        }
+        if self.resume.is_none() && self.link.orderly.load(Ordering::SeqCst) {
+            let mut r = Resume::new(self.link.session.clone(), now);
+            // The frame the stopping daemon did not take waits with the rest.
+            let unsent = std::mem::take(&mut self.buf);
+            let lines = unsent.get(ipc::HEAD_BYTES..).unwrap_or_default();
+            for (i, l) in String::from_utf8_lossy(lines).lines().enumerate() {
+                if let Ok(e) = ztna_common::asciicast::parse_event_line(l, i + 1) {
+                    let t = self.rebase + Duration::from_secs_f64(e.time);
+                    r.keep(t, e.code, &e.data);
+                }
+            }
+            self.resume = Some(r);
+        }
+        self.resume.is_some()
+    }
+
+    /// Tries to hand the rest of the session to a daemon (one attempt, when one is due).
+    fn try_resume(&mut self, now: Duration, force: bool) {
+        let Some(r) = self.resume.as_mut() else {
+            return;
+        };
+        if !r.due(now, force) {
+            return;
+        }
+        let (stream, session) = match r.ask(&self.socket, &self.start, self.size, now) {
+            Resumed::Record(s, id) => (s, id),
+            Resumed::Off => {
+                self.resume = None;
+                self.given_up = true;
+                return;
+            }
+            Resumed::Later => return,
+        };
+        let Ok(link) = Link::open(stream, session, &self.watch) else {
+            return;
+        };
+        let Some(r) = self.resume.take() else { return };
+        self.link = link;
+        self.rebase = r.base(now);
+        for (t, code, data) in &r.gap {
+            if self.queue_event(*t, *code, data).is_err() {
+                break;
+            }
+        }
+    }
+
+    /// Keeps an event for the next daemon.
+    fn keep(&mut self, ev: &Event<'_>) {
+        if let (Some(r), Some((code, data))) = (self.resume.as_mut(), code_and_data(&ev.kind)) {
+            r.keep(ev.time, code, &data);
+        }
+    }
+
+    /// Under enforce, ends the session once the daemon's absence outlasts what it may.
+    fn enforce_grace(&mut self, now: Duration) {
+        if !self.watch.enforce {
+            return;
+        }
+        let Some(why) = self.resume.as_ref().and_then(|r| r.overdue(now)) else {
+            return;
+        };
+        if let Ok(mut l) = self.watch.lost.lock() {
+            *l = Some(why.clone());
+        }
+        syslog_warn(&format!("session ended (enforce = true): {why}"));
+        self.resume = None;
+        self.given_up = true;
+        self.watch.control.terminate();
+    }
+
+    /// Queues one event re-encoded against `rebase`.
+    fn queue_event(&mut self, t: Duration, code: EventCode, data: &str) -> io::Result<()> {
+        let mut line = std::mem::take(&mut self.line);
+        line.clear();
+        encode_event(
+            &mut line,
+            t.saturating_sub(self.rebase).as_secs_f64(),
+            code,
+            data,
+        );
+        let r = self.queue_line(&line);
+        self.line = line;
+        r
+    }
+}
+
+/// An asciicast event's code and data (`None` for the exit).
+fn code_and_data<'a>(kind: &EventKind<'a>) -> Option<(EventCode, std::borrow::Cow<'a, str>)> {
+    Some(match kind {
+        EventKind::Output(s) => (EventCode::Output, (*s).into()),
+        EventKind::Input(s) => (EventCode::Input, (*s).into()),
+        EventKind::Marker(s) => (EventCode::Marker, (*s).into()),
+        EventKind::Resize(size) => (EventCode::Resize, size.to_string().into()),
+        EventKind::Exit(_) => return None,
+    })
+}
+
+/// The size at which the Events frame being built is sent without waiting for the batch's end.
+const FRAME_TARGET: usize = 32 * 1024;
+
+impl DaemonSink {
+    /// Adds one event line to the Events frame being built (a frame carries any number of
+    /// lines: one write and one wake-up of the daemon per batch, not per read), sending the
+    /// frame first if the line would take it over the limit.
+    fn queue_line(&mut self, line: &str) -> io::Result<()> {
+        if line.len() > ipc::MAX_FRAME_BYTES {
+            // One event can never be this large (reads are 16 KiB); refuse rather than split.
+            return Err(io::Error::other("event over the frame limit"));
+        }
+        if !self.buf.is_empty()
+            && self.buf.len() - ipc::HEAD_BYTES + line.len() > ipc::MAX_FRAME_BYTES
+        {
+            self.send_pending()?;
+        }
+        if self.buf.is_empty() {
+            // The head is written once the payload's length is known (send_pending).
+            self.buf.extend_from_slice(&[0; ipc::HEAD_BYTES]);
+        }
+        self.buf.extend_from_slice(line.as_bytes());
+        if self.buf.len() >= FRAME_TARGET {
+            // Frames this size already amortise the write and the daemon's wake-up; larger
+            // ones would only grow what the daemon holds per live session.
+            self.send_pending()?;
+        }
+        Ok(())
+    }
+
+    /// Sends the Events frame being built, if any.
+    fn send_pending(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let head = ipc::head(Kind::Events, self.buf.len() - ipc::HEAD_BYTES).map_err(frame_io)?;
+        self.buf[..ipc::HEAD_BYTES].copy_from_slice(&head);
+        let sent = self.link.stream.write_all(&self.buf);
+        match sent {
+            Ok(()) => {
+                self.buf.clear();
+                Ok(())
+            }
+            // Kept when the daemon stopped in order: the frame goes to the next one.
+            Err(e) => self.tolerate(e).inspect_err(|_| self.buf.clear()),
+        }
+    }
+}
+
+fn frame_io(e: FrameError) -> io::Error {
+    match e {
+        FrameError::Io(e) => e,
+        other => io::Error::other(other.to_string()),
+    }
+}
+
+impl Sink for DaemonSink {
+    fn name(&self) -> String {
+        "recording daemon".into()
+    }
+
+    fn start(&mut self, header: &Header) -> io::Result<()> {
+        self.size = header.size();
+        Ok(())
+    }
+
+    fn event(&mut self, event: &Event<'_>) -> io::Result<()> {
+        if let EventKind::Resize(s) = event.kind {
+            self.size = s;
+        }
+        if self.paused(event.time) {
+            match event.kind {
+                EventKind::Exit(_) => {
+                    // Output waits for a daemon: give it a moment to come back.
+                    let patience = self
+                        .resume
+                        .as_ref()
+                        .map_or(Duration::ZERO, Resume::patience);
+                    retry_for(patience, || {
+                        self.try_resume(event.time, true);
+                        self.resume.is_none()
+                    });
+                    if self.given_up || self.resume.is_some() {
+                        return Ok(());
+                    }
+                }
+                _ => {
+                    self.keep(event);
+                    self.try_resume(event.time, false);
+                    self.enforce_grace(event.time);
+                    return Ok(());
+                }
+            }
+        }
+        match event.kind {
+            EventKind::Exit(status) => {
+                self.send_pending()?;
+                if self.link.orderly.load(Ordering::SeqCst) {
+                    return Ok(());
+                }
+                let mut meta = Map::new();
+                let code = exit_metadata(status, &mut meta);
+                self.ended.store(true, Ordering::SeqCst);
+                let end = EndMsg {
+                    exit_status: Some(code),
+                    metadata: meta,
+                };
+                let f = Frame::json(Kind::End, &end).map_err(io::Error::other)?;
+                ipc::write_frame(&mut self.link.stream, f.kind, &f.payload).map_err(frame_io)?;
+                match self.link.acks.recv_timeout(Duration::from_secs(10)) {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(io::Error::other(e)),
+                    Err(_) => Err(io::Error::other("no answer from the recording daemon")),
+                }
+            }
+            _ if self.link.stopped.load(Ordering::Relaxed) => Ok(()),
+            _ if self.rebase.is_zero() => match event.asciicast_line() {
+                Some(line) => self.queue_line(line),
+                None => Ok(()),
+            },
+            ref k => match code_and_data(k) {
+                Some((code, data)) => self.queue_event(event.time, code, &data),
+                None => Ok(()),
+            },
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Duration> {
+        let r = self.resume.as_ref()?;
+        Some(if self.watch.enforce {
+            r.next_try.min(r.since + ENFORCE_GRACE)
+        } else {
+            r.next_try
+        })
+    }
+
+    fn tick(&mut self, now: Duration) -> io::Result<()> {
+        self.try_resume(now, false);
+        self.enforce_grace(now);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if self.link.orderly.load(Ordering::Relaxed) && self.resume.is_none() && !self.given_up {
+            // Held for the next daemon (see `paused`).
+            return Ok(());
+        }
+        if self.resume.is_some() || self.given_up || self.link.stopped.load(Ordering::Relaxed) {
+            self.buf.clear();
+            return Ok(());
+        }
+        self.send_pending()
+    }
+
+    fn finish(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+pub(super) fn run_pty(
+    cfg: &Config,
+    stream: UnixStream,
+    session_id: Option<String>,
+    start: &StartMsg,
+    acct: &Account,
+    command: Option<&std::ffi::OsStr>,
+) -> anyhow::Result<u8> {
+    let cmd = match command {
+        Some(c) => Command::shell_command(&acct.shell, c),
+        None => {
+            let mut c = Command::login_shell();
+            c.env("SHELL", &acct.shell);
+            c
+        }
+    };
+    let mut sc = SessionConfig::new(cmd);
+    sc.header_command = command.map(|c| c.to_string_lossy().into_owned());
+    sc.capture_input = cfg.capture_input;
+    sc.sink_policy = if cfg.enforce {
+        SinkPolicy::FailClosed
+    } else {
+        SinkPolicy::FailOpen
+    };
+    // sshd's terminal is the user's, and any of the user's processes could open it and talk
+    // to the client past the recorder (after stopping it with SIGSTOP, say). In exclusive mode
+    // nobody but root can open it again; we keep the descriptors we have.
+    if let Err(e) = rustix::termios::ioctl_tiocexcl(io::stdin()) {
+        syslog_warn(&format!("cannot make the terminal exclusive: {e}"));
+    }
+    let session = Session::new(sc);
+    let ended = Arc::new(AtomicBool::new(false));
+    let lost = Arc::new(Mutex::new(None::<String>));
+    let watch = WatchCtx {
+        control: session.control(),
+        ended: ended.clone(),
+        lost: lost.clone(),
+        enforce: cfg.enforce,
+    };
+    let link = Link::open(stream, session_id, &watch)?;
+    let sink = DaemonSink {
+        link,
+        buf: Vec::with_capacity(32 * 1024),
+        ended,
+        watch,
+        socket: cfg.socket.clone(),
+        start: start.clone(),
+        size: start.header.size(),
+        rebase: Duration::ZERO,
+        resume: None,
+        given_up: false,
+        line: String::new(),
+    };
+    let outcome = match session.run(vec![Box::new(sink)]) {
+        Ok(o) => o,
+        Err(recorder::Error::SinkStart(f)) => return Ok(refuse(&f.error)),
+        Err(e) => return Err(e.into()),
+    };
+    let lost = lost.lock().ok().and_then(|l| l.clone());
+    if lost.is_none() {
+        for f in &outcome.sink_failures {
+            syslog_warn(&format!(
+                "recording stopped, session went on unrecorded: {f}"
+            ));
+        }
+    }
+    let closed =
+        cfg.enforce && (lost.is_some() || outcome.termination == Some(Termination::SinkFailed));
+    if closed {
+        let why = lost
+            .or_else(|| outcome.sink_failures.first().map(|f| f.error.clone()))
+            .unwrap_or_else(|| "recording failed".into());
+        eprintln!("\r\nztna-recorder: the recording stopped ({why}); session ended.\r");
+        return Ok(1);
+    }
+    Ok(outcome.status.code())
+}
