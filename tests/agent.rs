@@ -1274,21 +1274,30 @@ async fn a_daemon_restart_mid_session_records_the_rest_as_a_continuation() {
     stop_all(&mut daemon, &mut backend).await;
 }
 
-/// Under `enforce`, a piped session whose daemon stopped goes on while the daemon may come
-/// back: not past more output than can wait for it (then it is cut at once), nor past 10 s.
+/// Under `enforce`, a piped session whose daemon stopped shows nothing more until a daemon has
+/// it: a daemon that comes back gets the held output (then it is shown), one that stays away
+/// more than 10 s ends the session, and nothing of what it held was shown.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn enforce_gives_a_stopped_daemon_ten_seconds_and_one_mib() {
+async fn enforce_holds_output_while_a_stopped_daemon_is_away() {
     let mut backend = Backend::new(true).await;
     let agent = Agent::new(&backend, "");
     let strict = agent.strict_config();
     let go = agent.dir.path().join("go");
-    for (flood, cmd) in [
-        (true, format!("echo one; while [ ! -e {0} ]; do sleep 0.05; done; head -c 3000000 /dev/zero | tr '\\0' z; echo; exit 3", go.display())),
-        (false, format!("echo one; while [ ! -e {0} ]; do sleep 0.05; done; echo two; sleep 30; echo never", go.display())),
+    let wait = format!("while [ ! -e {} ]; do sleep 0.05; done", go.display());
+    for (back, cmd) in [
+        (true, format!("echo one; {wait}; echo two; exit 3")),
+        (
+            false,
+            format!("echo one; {wait}; head -c 3000000 /dev/zero | tr '\\0' z; echo; exit 3"),
+        ),
     ] {
         let _ = std::fs::remove_file(&go);
         let mut daemon = agent.daemon();
-        let mut child = agent.shell_command(Some(&cmd), Some(&strict)).stdin(Stdio::null()).spawn().unwrap();
+        let mut child = agent
+            .shell_command(Some(&cmd), Some(&strict))
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
         let tail = Tail::new(child.stdout.take().unwrap());
         let (status, took) = tokio::task::block_in_place(|| {
             tail.wait_for("one\n");
@@ -1296,22 +1305,45 @@ async fn enforce_gives_a_stopped_daemon_ten_seconds_and_one_mib() {
             assert!(daemon.wait().unwrap().success(), "{}", agent.log());
             let t0 = Instant::now();
             std::fs::write(&go, "").unwrap();
+            std::thread::sleep(Duration::from_secs(1));
+            assert_eq!(
+                *tail.0.lock().unwrap(),
+                b"one\n",
+                "shown while no daemon had it"
+            );
+            if back {
+                daemon = agent.daemon();
+                tail.wait_for("two\n");
+            }
             (child.wait().unwrap(), t0.elapsed())
         });
         let mut err = String::new();
-        child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
-        assert_eq!(status.code(), Some(1), "{err}");
-        assert!(err.contains("session ended"), "{err}");
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
         let out = tail.0.lock().unwrap().clone();
-        if flood {
-            assert!(out.len() < 1_300_000, "{} bytes reached the user", out.len());
-            assert!(took < Duration::from_secs(5), "{took:?}");
-        } else {
+        if back {
+            assert_eq!(status.code(), Some(3), "{err}");
             assert_eq!(out, b"one\ntwo\n");
+            kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);
+            let _ = daemon.wait();
+        } else {
+            assert_eq!(status.code(), Some(1), "{err}");
+            assert!(err.contains("did not come back"), "{err}");
+            assert_eq!(out, b"one\n");
             assert!(took >= Duration::from_secs(9), "{took:?}");
         }
     }
-    backend.stop().await;
+    // The first session's continuation holds what was held.
+    let mut daemon = agent.daemon();
+    let recs = backend.wait_completed(3, Duration::from_secs(30)).await;
+    let (_, second) = continued_pair(&recs);
+    assert_eq!(output_of(&backend.events_text(second)), "two\n");
+    assert_eq!(second["metadata"]["exit_status"], 3);
+    stop_all(&mut daemon, &mut backend).await;
 }
 
 /// Sends event lines of `width` bytes of text, up to `max`, until the daemon says something

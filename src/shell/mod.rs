@@ -113,7 +113,14 @@ fn transfer_program_in(cmd: &str, present: &dyn Fn(&Path) -> bool) -> Option<Pat
             .iter()
             .take_while(|w| w.starts_with('-'))
             .any(|w| w.contains('t') || w.contains('f')),
-        "rsync" => words.get(1) == Some(&"--server"),
+        // Not its single-use daemon mode (`--server --daemon`): that reads the user's own
+        // rsyncd.conf, whose `pre-xfer exec` and the like run any command.
+        "rsync" => {
+            words.get(1) == Some(&"--server")
+                && !words
+                    .iter()
+                    .any(|w| w.starts_with("--daemon") || w.starts_with("--config"))
+        }
         _ => false,
     };
     if !transfer {
@@ -476,6 +483,8 @@ mod tests {
             Some("/usr/lib/openssh/sftp-server".into())
         );
         for evasion in [
+            "rsync --server --daemon .",
+            "rsync --server --daemon --config=rsyncd.conf .",
             "rsync --server --version >/dev/null; exec bash -i",
             "scp -f /etc/hostname; echo x",
             "scp -t /tmp/x$(touch /tmp/y)",

@@ -55,6 +55,7 @@ impl Recording {
         };
         if self.lost.load(Ordering::Relaxed) {
             self.pause_and_resume(&mut guard, Some(text), now, false);
+            self.hold(&mut guard);
             return;
         }
         let Some(s) = guard.as_mut() else { return };
@@ -76,6 +77,29 @@ impl Recording {
             // The daemon may have stopped in order (its watch thread is about to say so):
             // the output waits for the next one.
             self.pause_and_resume(&mut guard, Some(text), now, false);
+            self.hold(&mut guard);
+        }
+    }
+
+    /// Under enforce, output is shown only once a daemon has it: while the daemon is away,
+    /// the relay waits here (holding the stream, so the other relay waits too) until a daemon
+    /// takes the session again, or the session must end (`cut`), or recording was switched
+    /// off meanwhile. Without enforce, returns at once: the output is shown and kept.
+    fn hold(self: &Arc<Self>, stream: &mut Option<UnixStream>) {
+        if !self.enforce {
+            return;
+        }
+        loop {
+            let off = locked(&self.resume).2;
+            if !self.lost.load(Ordering::SeqCst) || self.cut.load(Ordering::SeqCst) || off {
+                return;
+            }
+            if self.overdue().is_some() {
+                self.cut.store(true, Ordering::SeqCst);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            self.pause_and_resume(stream, None, self.started.elapsed(), false);
         }
     }
 
@@ -472,16 +496,18 @@ fn relay_out<R: Read + Send + 'static, W: Write + Send + 'static>(
                     Err(_) => break,
                 };
                 counter.fetch_add(k as u64, Ordering::Relaxed);
+                // Recorded before it is shown: a recorder killed between the two leaves
+                // output recorded and not shown, never the other way round.
+                if record_output {
+                    let text = utf8.push(&buf[..k]);
+                    rec.output(text, &mut line, &mut frame);
+                }
                 if rec.cut.load(Ordering::Relaxed) {
                     // Under enforce with the recording lost: nothing more reaches the client
                     // (closing the pipe stops the program, as the session is being ended).
                     break;
                 }
                 let delivered = to.write_all(&buf[..k]).and_then(|_| to.flush()).is_ok();
-                if record_output {
-                    let text = utf8.push(&buf[..k]);
-                    rec.output(text, &mut line, &mut frame);
-                }
                 if !delivered {
                     // The client went away: close the pipe so the program gets EPIPE/SIGPIPE, as
                     // it would without us.
