@@ -256,13 +256,17 @@ S="$WORK/sshd"
 mkdir -p "$S/sshd_config.d"
 ssh-keygen -q -t ed25519 -N '' -f "$S/host_key" </dev/null
 cp "$R/usr/share/ztna-recorder/sshd_config.d/50-ztna-recorder.conf" "$S/sshd_config.d/"
-printf 'Include %s/sshd_config.d/*.conf\nHostKey %s/host_key\nX11Forwarding yes\n' "$S" "$S" >"$S/sshd_config"
+printf 'Include %s/sshd_config.d/*.conf\nHostKey %s/host_key\nMaxAuthTries 4\nX11Forwarding yes\n' "$S" "$S" >"$S/sshd_config"
 # sshd's effective settings for a login by $1 (captured first: with pipefail, `grep -q`
 # closing the pipe early would fail the pipeline).
 sshd_T() { local out; out=$(/usr/sbin/sshd -T -f "$S/sshd_config" -C "user=$1,host=h,addr=192.0.2.1"); printf '%s\n' "$out"; }
 /usr/sbin/sshd -t -f "$S/sshd_config" || fail "sshd -t rejects the drop-in"
 sshd_T alice | grep -xe 'forcecommand /usr/bin/ztna-recorder shell' >/dev/null \
   || fail "the drop-in does not force the recorder"
+# Forwarding would carry unrecorded traffic: off, even though sshd_config says yes for X11.
+for k in allowtcpforwarding allowstreamlocalforwarding x11forwarding permittunnel; do
+  sshd_T alice | grep -xe "$k no" >/dev/null || fail "the drop-in leaves $k on"
+done
 sed -i -E 's/^#(Match User )breakglass/\1root/; s/^#(    ForceCommand none)/\1/' "$S/sshd_config.d/50-ztna-recorder.conf"
 /usr/sbin/sshd -t -f "$S/sshd_config" || fail "sshd -t rejects the drop-in with the break-glass block"
 sshd_T root | grep -xe 'forcecommand none' >/dev/null \
@@ -270,7 +274,7 @@ sshd_T root | grep -xe 'forcecommand none' >/dev/null \
 sshd_T alice | grep -xe 'forcecommand /usr/bin/ztna-recorder shell' >/dev/null \
   || fail "the break-glass block exempts everyone"
 # The Match block ends with the drop-in: sshd_config's own settings stay global.
-sshd_T alice | grep -xe 'x11forwarding yes' >/dev/null \
+sshd_T alice | grep -xe 'maxauthtries 4' >/dev/null \
   || fail "the drop-in's Match block swallows the main sshd_config"
 
 # --- remove and purge --------------------------------------------------------------------
