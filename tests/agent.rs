@@ -549,7 +549,7 @@ async fn damaged_spool_files_cost_only_what_is_damaged() {
     let sessions = agent.spool().join("sessions");
     let mut ids = Vec::new();
     let mut sent = Vec::new();
-    for code in [0, 2, 4] {
+    for code in [0, 2, 4, 6] {
         let (mut c, d) = FrameClient::start(&agent.socket());
         let mut text = String::new();
         for i in 0..3 {
@@ -580,10 +580,14 @@ async fn damaged_spool_files_cost_only_what_is_damaged() {
     // B: its end mark cut short. C: its header.
     std::fs::write(b.join("end.json"), b"{\"exit_status\": 2, \"interr").unwrap();
     std::fs::write(c.join("header.json"), b"{\"version\": 2, \"wid").unwrap();
+    // D: its header gone, its metadata JSON but not an object.
+    let d = sessions.join(&ids[3]);
+    std::fs::remove_file(d.join("header.json")).unwrap();
+    std::fs::write(d.join("metadata.json"), b"[]").unwrap();
 
     let mut daemon = agent.daemon();
     backend.start().await;
-    let recs = backend.wait_completed(3, Duration::from_secs(30)).await;
+    let recs = backend.wait_completed(4, Duration::from_secs(30)).await;
     let by_id = |id: &str| {
         recs.iter()
             .find(|r| r["metadata"]["agent_session"] == id)
@@ -607,6 +611,25 @@ async fn damaged_spool_files_cost_only_what_is_damaged() {
     );
     assert_eq!(rc["metadata"]["exit_status"], 4);
     assert_eq!(backend.events_text(rc), sent[2]);
+    // Without its header, its start is when it ended less how long it ran (2 s).
+    let at = |k: &str| {
+        time::OffsetDateTime::parse(
+            rc[k].as_str().unwrap(),
+            &time::format_description::well_known::Rfc3339,
+        )
+        .unwrap()
+    };
+    assert_eq!(
+        at("ended_at") - at("started_at"),
+        time::Duration::seconds(2),
+        "{rc:#}"
+    );
+    let rd = recs
+        .iter()
+        .find(|r| r["metadata"]["damaged_files"] == json!(["header.json", "metadata.json"]))
+        .unwrap_or_else(|| panic!("{recs:#?}"));
+    assert_eq!(rd["metadata"]["exit_status"], 6);
+    assert_eq!(backend.events_text(rd), sent[3]);
     stop_all(&mut daemon, &mut backend).await;
 }
 

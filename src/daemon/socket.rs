@@ -175,10 +175,10 @@ pub const MAX_CONNECTIONS_PER_USER: usize = 256;
 
 /// The most bytes of large frames one user's connections may be receiving at once (more
 /// waits): frames a client announced but has not finished sending are held in memory. Frames
-/// up to [`SMALL_FRAME`] (a Start, a status request, most batches) never wait: with at most
-/// [`MAX_CONNECTIONS_PER_USER`] connections they hold at most 16 MiB.
+/// up to [`SMALL_FRAME`] (a Start, a status request, a keystroke's echo) never wait: with at
+/// most [`MAX_CONNECTIONS_PER_USER`] connections they hold at most 1 MiB.
 pub const FRAME_BUDGET: usize = 8 * 1024 * 1024;
-const SMALL_FRAME: usize = 64 * 1024;
+const SMALL_FRAME: usize = 4 * 1024;
 
 /// Reads one frame from a connection of `uid`, within the user's [`FRAME_BUDGET`].
 async fn read_frame_budgeted(

@@ -340,20 +340,32 @@ impl SessionDir {
     /// chunks are still worth having.
     pub fn start_info(&self) -> io::Result<(Value, Value)> {
         let mut damaged_files = Vec::new();
-        let mut read = |name: &'static str, stand_in: Value| match read_json(&self.path.join(name))
-        {
-            Err(e) if damaged(&e) => {
+        // Damaged: not JSON, cut short, gone, or not the object it must be.
+        let mut read = |name: &'static str, stand_in: Value, fits: &dyn Fn(&Value) -> bool| {
+            match read_json(&self.path.join(name)) {
+                Ok(v) if fits(&v) => Ok(v),
+                Ok(_) => Err(io::Error::from(io::ErrorKind::InvalidData)),
+                Err(e) => Err(e),
+            }
+            .or_else(|e| {
+                if !damaged(&e) && e.kind() != io::ErrorKind::NotFound {
+                    return Err(e);
+                }
                 tracing::error!(file = %self.path.join(name).display(), "damaged ({e}): a stand-in is used");
                 damaged_files.push(Value::from(name));
                 Ok(stand_in)
-            }
-            r => r,
+            })
         };
         let header = read(
             "header.json",
             serde_json::json!({"version": 2, "width": 80, "height": 24}),
+            &|h| h.get("version").and_then(Value::as_u64) == Some(2),
         )?;
-        let mut metadata = read("metadata.json", Value::Object(Map::new()))?;
+        let mut metadata = read(
+            "metadata.json",
+            Value::Object(Map::new()),
+            &Value::is_object,
+        )?;
         if !damaged_files.is_empty() {
             if let Value::Object(m) = &mut metadata {
                 m.insert("damaged_files".into(), Value::Array(damaged_files));

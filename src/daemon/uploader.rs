@@ -261,17 +261,20 @@ async fn step(
         }
         (None, None) => {
             let (header, metadata) = dir.start_info()?;
-            // When the session started: it may have waited in the spool for days.
-            let started_at = header
-                .get("timestamp")
-                .and_then(Value::as_i64)
-                .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok())
-                .and_then(|t| {
-                    t.format(&time::format_description::well_known::Rfc3339)
-                        .ok()
-                });
+            // When the session started: it may have waited in the spool for days. (With its
+            // header damaged, its end says: when it ended, less how long it ran.)
+            let started_at = header_time(&header).or_else(|| {
+                let end = dir.end().ok()??;
+                let ended = parse_time(end.ended_at.as_deref()?)?;
+                Some(ended - time::Duration::seconds(end.duration_seconds?))
+            });
             match client
-                .start("ssh", &header, &metadata, started_at.as_deref())
+                .start(
+                    "ssh",
+                    &header,
+                    &metadata,
+                    started_at.map(format_time).as_deref(),
+                )
                 .await
             {
                 Ok(s) => {
@@ -395,6 +398,14 @@ async fn step(
     };
     let mut metadata = end.metadata.clone();
     metadata.extend(dir.notes()?);
+    // An interrupted session's end was not seen: when it started, plus how long it ran.
+    let ended_at = end.ended_at.clone().or_else(|| {
+        let (header, _) = dir.start_info().ok()?;
+        let d = end.duration_seconds?;
+        Some(format_time(
+            header_time(&header)? + time::Duration::seconds(d),
+        ))
+    });
     let metadata = Value::Object(metadata);
     match client
         .complete(
@@ -402,7 +413,7 @@ async fn step(
             end.duration_seconds,
             end.transcript_lines,
             &metadata,
-            end.ended_at.as_deref(),
+            ended_at.as_deref(),
         )
         .await
     {
@@ -418,6 +429,21 @@ async fn step(
     lock(&shared.counters).sessions_completed += 1;
     tracing::info!(session = %id, remote = %remote, interrupted = end.interrupted, "recording completed on the backend");
     Ok(Step::Done)
+}
+
+/// When a session started, from its asciicast header.
+fn header_time(header: &Value) -> Option<time::OffsetDateTime> {
+    let t = header.get("timestamp").and_then(Value::as_i64)?;
+    time::OffsetDateTime::from_unix_timestamp(t).ok()
+}
+
+fn parse_time(s: &str) -> Option<time::OffsetDateTime> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()
+}
+
+fn format_time(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }
 
 fn refused(shared: &Shared, id: &str, e: ClientError, action: &str) -> Result<Step, StepError> {
