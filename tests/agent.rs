@@ -1692,6 +1692,11 @@ mod sshd {
     impl Sshd {
         /// sshd with `ForceCommand = ztna-recorder shell --config CONFIG`.
         pub fn start(config: &Path) -> Sshd {
+            Sshd::start_with(config, "")
+        }
+
+        /// [`Sshd::start`] with `before` in the ForceCommand line, ahead of the recorder.
+        pub fn start_with(config: &Path, before: &str) -> Sshd {
             let sshd = std::env::var("ZTNA_TEST_SSHD").unwrap_or_else(|_| "/usr/sbin/sshd".into());
             assert!(
                 Path::new(&sshd).exists(),
@@ -1721,7 +1726,7 @@ mod sshd {
                  AuthorizedKeysFile {d}/authorized_keys\nUsePAM no\nStrictModes no\n\
                  PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n\
                  PermitRootLogin no\nAllowUsers {USER}\nSubsystem sftp internal-sftp\n\
-                 ForceCommand {BIN} shell --config {cfg}\nLogLevel ERROR\n",
+                 ForceCommand {before}{BIN} shell --config {cfg}\nLogLevel ERROR\n",
                 d = d.display(),
                 cfg = config.display(),
             );
@@ -2027,6 +2032,39 @@ async fn sshd_enforce_ends_a_session_whose_daemon_stays_away_and_the_terminal_is
         "{took:?}"
     );
     backend.stop().await;
+}
+
+/// A process that opened sshd's terminal before the recorder claimed it (here one started
+/// ahead of it, as one left by an earlier session could) could talk to the client past the
+/// recording: under `enforce` the login is refused; without, it is recorded and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sshd_a_terminal_held_by_another_process() {
+    let mut backend = Backend::new(true).await;
+    let agent = Agent::new(&backend, "");
+    let mut daemon = agent.daemon();
+    let before = "sleep 3 & exec ";
+    let s = sshd::Sshd::start_with(&agent.strict_config(), before);
+    let (code, text) = tokio::task::block_in_place(|| {
+        sshd::interactive(&s, &["echo in-$((2+2))\n", "exit\n"], Duration::ZERO)
+    });
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("holds this session's terminal"), "{text}");
+    assert!(!text.contains("in-4"), "{text}");
+    drop(s);
+    let s = sshd::Sshd::start_with(&agent.config(), before);
+    let (code, text) = tokio::task::block_in_place(|| {
+        sshd::interactive(&s, &["echo in-$((2+2))\n", "exit 2\n"], Duration::ZERO)
+    });
+    assert_eq!(code, Some(2), "{text}");
+    let recs = backend.wait_completed(1, Duration::from_secs(20)).await;
+    assert!(
+        recs[0]["metadata"]["terminal_held_by_pid"]
+            .as_u64()
+            .is_some(),
+        "{:#}",
+        recs[0]
+    );
+    stop_all(&mut daemon, &mut backend).await;
 }
 
 /// `ssh host 'printf …'` without a PTY: output byte-exact to the client, recorded.

@@ -300,6 +300,53 @@ fn refuse(why: &str) -> u8 {
     1
 }
 
+/// Makes sshd's terminal the recorder's alone, first thing. It is the user's, so any of their
+/// processes could open it and talk to the client past the recorder (after stopping it with
+/// SIGSTOP, say). In exclusive mode nobody but root can open it again (we keep the
+/// descriptors we have). One that opened it before, in the moment between sshd handing it to
+/// the user and now (a process left by an earlier session can watch /dev/pts), is looked
+/// for among the processes we can see (the user's own, unless one made itself undumpable):
+/// returns its pid.
+fn claim_terminal() -> Option<u32> {
+    if let Err(e) = rustix::termios::ioctl_tiocexcl(io::stdin()) {
+        syslog_warn(&format!("cannot make the terminal exclusive: {e}"));
+    }
+    let tty = std::fs::read_link("/proc/self/fd/0").ok()?;
+    // Ours, and our parents' (sshd, and a shell that ran us without exec), hold it rightly.
+    let mut ours = vec![std::process::id()];
+    while let Some(parent) = ours.last().and_then(|&p| parent_of(p)) {
+        if parent <= 1 || ours.contains(&parent) {
+            break;
+        }
+        ours.push(parent);
+    }
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        if ours.contains(&pid) {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(e.path().join("fd")) else {
+            continue;
+        };
+        if fds
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l == tty))
+        {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+/// A process's parent, from `/proc/PID/stat` (the field after the command's closing paren).
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
 pub fn run(args: ShellArgs) -> anyhow::Result<u8> {
     crate::logging::init("off");
     // We run as the user: without this, the user's own programs could ptrace us, or read our
@@ -308,6 +355,7 @@ pub fn run(args: ShellArgs) -> anyhow::Result<u8> {
     if let Err(e) = nix::sys::prctl::set_dumpable(false) {
         syslog_warn(&format!("cannot make the recorder undumpable: {e}"));
     }
+    let holder = io::stdin().is_terminal().then(claim_terminal).flatten();
     let cfg = match Config::load(args.config.config.as_deref(), Vec::new()) {
         Ok(l) => {
             for w in l.notices() {
@@ -318,6 +366,16 @@ pub fn run(args: ShellArgs) -> anyhow::Result<u8> {
         // Without a configuration nobody can say whether recording is optional.
         Err(e) => return Ok(refuse(&format!("configuration: {e:#}"))),
     };
+    if let Some(pid) = holder {
+        let why = format!("another process (pid {pid}) holds this session's terminal");
+        if cfg.enforce {
+            syslog_warn(&format!("session refused (enforce = true): {why}"));
+            return Ok(refuse(&why));
+        }
+        syslog_warn(&format!(
+            "{why}: it can reach the client past the recording"
+        ));
+    }
     let acct = account();
     // Run byte for byte as sent (a file name may be Latin-1); the recording's metadata and
     // header are JSON, so they carry it with U+FFFD for what is not UTF-8.
@@ -327,7 +385,10 @@ pub fn run(args: ShellArgs) -> anyhow::Result<u8> {
         .map(|c| c.to_string_lossy().into_owned());
     let kind = classify(command.as_deref());
     let tty = io::stdin().is_terminal();
-    let meta = metadata(&acct, kind, command.as_deref(), tty);
+    let mut meta = metadata(&acct, kind, command.as_deref(), tty);
+    if let Some(pid) = holder {
+        meta.insert("terminal_held_by_pid".into(), Value::from(pid));
+    }
     let size = if tty {
         recorder::terminal_size(io::stdin()).unwrap_or_default()
     } else {

@@ -437,12 +437,6 @@ pub(super) fn run_pty(
     } else {
         SinkPolicy::FailOpen
     };
-    // sshd's terminal is the user's, and any of the user's processes could open it and talk
-    // to the client past the recorder (after stopping it with SIGSTOP, say). In exclusive mode
-    // nobody but root can open it again; we keep the descriptors we have.
-    if let Err(e) = rustix::termios::ioctl_tiocexcl(io::stdin()) {
-        syslog_warn(&format!("cannot make the terminal exclusive: {e}"));
-    }
     let session = Session::new(sc);
     let ended = Arc::new(AtomicBool::new(false));
     let lost = Arc::new(Mutex::new(None::<String>));
