@@ -88,9 +88,9 @@ SESSION='echo "hello from $(hostname)"; uname -sr; for i in 1 2 3; do echo "step
 if command -v script >/dev/null; then
   # A PTY, as `ssh -t host CMD` gives one.
   # (stdin stays open while the session runs, as a user's terminal does)
-  sleep 4 | SSH_ORIGINAL_COMMAND=$SESSION script -qec "$AGENT_BIN shell" /dev/null
+  sleep 4 | SSH_ORIGINAL_COMMAND=$SESSION script -qec "'$AGENT_BIN' shell --config '$ZTNA_RECORDER_CONFIG'" /dev/null
 else
-  SSH_ORIGINAL_COMMAND=$SESSION "$AGENT_BIN" shell </dev/null
+  SSH_ORIGINAL_COMMAND=$SESSION "$AGENT_BIN" shell --config "$ZTNA_RECORDER_CONFIG" </dev/null
 fi
 unset SSH_ORIGINAL_COMMAND
 

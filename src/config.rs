@@ -168,7 +168,7 @@ fn readable_by_others(path: &Path) -> bool {
 /// The `ZTNA_RECORDER_*` variables. Only ours are read: any other variable may hold bytes that
 /// are not UTF-8 (an SSH client may send a Latin-1 `LANG` or `LC_*`), and `std::env::vars`
 /// panics on those.
-fn our_env() -> anyhow::Result<Vec<(String, String)>> {
+pub(crate) fn our_env() -> anyhow::Result<Vec<(String, String)>> {
     let mut out = Vec::new();
     for (name, val) in std::env::vars_os() {
         let Some(name) = name.to_str().filter(|n| n.starts_with(ENV_PREFIX)) else {

@@ -311,7 +311,8 @@ impl Agent {
     fn shell_command(&self, command: Option<&str>, config: Option<&Path>) -> Command {
         let mut c = Command::new(BIN);
         c.arg("shell")
-            .env("ZTNA_RECORDER_CONFIG", config.unwrap_or(&self.config()))
+            .arg("--config")
+            .arg(config.unwrap_or(&self.config()))
             .env("SSH_CONNECTION", "192.0.2.7 50123 127.0.0.1 22")
             .env_remove("ZTNA_RECORDER_LOG")
             .stdin(Stdio::piped())
@@ -996,8 +997,8 @@ async fn exec_without_pty_is_byte_exact_and_recorded() {
     use std::os::unix::ffi::OsStrExt as _;
     let out = tokio::task::block_in_place(|| {
         Command::new(BIN)
-            .arg("shell")
-            .env("ZTNA_RECORDER_CONFIG", agent.config())
+            .args(["shell", "--config"])
+            .arg(agent.config())
             .env(
                 "SSH_ORIGINAL_COMMAND",
                 std::ffi::OsStr::from_bytes(b"printf '%s' 'caf\xe9'"),
@@ -1110,6 +1111,54 @@ async fn no_daemon_follows_the_enforce_policy() {
         ),
     )
     .unwrap();
+    // The user sets `shell`'s environment (~/.pam_environment, SendEnv): it decides nothing.
+    let out = tokio::task::block_in_place(|| {
+        let mut c = agent.shell_command(Some("echo should-not-run"), Some(&strict));
+        c.env("ZTNA_RECORDER_ENFORCE", "false")
+            .env("ZTNA_RECORDER_SOCKET", "/nonexistent/recorder.sock")
+            .env("ZTNA_RECORDER_CONFIG", &lax)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    });
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(out.stdout.is_empty());
+    // The same as the user sshd runs it as: the environment may make recording stricter,
+    // never looser.
+    sshd::ensure_user();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(agent.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    for f in [&strict, &lax] {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let as_user = |config: &Path, enforce: &str| {
+        let mut c = Command::new("setpriv");
+        c.args([
+            "--reuid",
+            sshd::USER,
+            "--regid",
+            sshd::USER,
+            "--clear-groups",
+            "--",
+            BIN,
+        ])
+        .args(["shell", "--config"])
+        .arg(config)
+        .env("SSH_ORIGINAL_COMMAND", "echo ran")
+        .env("ZTNA_RECORDER_ENFORCE", enforce)
+        .stdin(Stdio::null());
+        tokio::task::block_in_place(|| c.output().unwrap())
+    };
+    let out = as_user(&strict, "false");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let out = as_user(&lax, "true");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let out = as_user(&lax, "false");
+    assert_eq!(
+        (out.status.code(), &out.stdout[..]),
+        (Some(0), &b"ran\n"[..]),
+        "{out:?}"
+    );
     let out = tokio::task::block_in_place(|| agent.shell(Some("echo runs"), b"", Some(&lax)));
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(out.stdout, b"runs\n");

@@ -15,7 +15,7 @@
 //! When the daemon stops in order (a restart) the session goes on and the next daemon records
 //! the rest ([`resume`]).
 
-use crate::config::{Config, ConfigArgs};
+use crate::config::Config;
 use crate::ipc::{self, DecisionMsg, EndMsg, Frame, FrameError, Kind, Mode, StartMsg};
 use crate::recorder::{
     self, Command, Event, EventKind, ExitStatus, Session, SessionConfig, Sink, SinkPolicy,
@@ -43,8 +43,11 @@ use pty::run_pty;
 /// Arguments of `ztna-recorder shell`.
 #[derive(clap::Args, Debug)]
 pub struct ShellArgs {
-    #[command(flatten)]
-    pub config: ConfigArgs,
+    /// The configuration file [default: /etc/ztna-recorder/config.toml; env:
+    /// ZTNA_RECORDER_CONFIG, only for a file root owns and alone may change]. See
+    /// [`shell_sources`] for what the environment may set.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
 }
 
 /// What kind of session this is (`metadata.kind`).
@@ -340,6 +343,66 @@ fn claim_terminal() -> Option<u32> {
     None
 }
 
+/// Where `shell`'s configuration comes from. It runs as the user, and its environment is the
+/// user's to set (~/.pam_environment, `SendEnv`): a `ZTNA_RECORDER_*` variable may make
+/// recording stricter (`enforce`, `capture_input` on), and may name the config file or the
+/// daemon's socket only when root owns it and its folder and nobody else may change them (a
+/// user's own "daemon" would record nothing). Anything else it says is ignored, and syslog
+/// says so. `--config`, from sshd's ForceCommand line, is the administrator's.
+fn shell_sources(flag: Option<PathBuf>) -> anyhow::Result<crate::config::Sources> {
+    let mut file = flag;
+    let mut env = Vec::new();
+    for (name, val) in crate::config::our_env()? {
+        let key = &name[crate::config::ENV_PREFIX.len()..];
+        let kept = match key {
+            "CONFIG" if file.is_none() && root_only(Path::new(&val)) => {
+                file = Some(PathBuf::from(&val));
+                continue;
+            }
+            "ENFORCE" | "CAPTURE_INPUT" => {
+                matches!(
+                    val.trim().to_ascii_lowercase().as_str(),
+                    "1" | "true" | "yes" | "on"
+                )
+            }
+            "SOCKET" => root_only(Path::new(&val)),
+            "LOG" => continue,
+            _ => false,
+        };
+        if kept {
+            env.push((name, val));
+        } else {
+            syslog_warn(&format!(
+                "{name} ignored: `shell` takes from the environment only what root alone could \
+                 have set, or what makes recording stricter"
+            ));
+        }
+    }
+    Ok(crate::config::Sources {
+        file,
+        env,
+        flags: Vec::new(),
+    })
+}
+
+/// Whether only root could have put `path` there: root owns it and its folder, and neither is
+/// writable by anyone else (a socket's own mode aside: connecting needs write permission).
+/// Always true for a root `shell`.
+fn root_only(path: &Path) -> bool {
+    use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    let safe = |m: &std::fs::Metadata| m.uid() == 0 && m.mode() & 0o022 == 0;
+    let (Ok(m), Some(Ok(dir))) = (
+        std::fs::metadata(path),
+        path.parent().map(std::fs::metadata),
+    ) else {
+        return false;
+    };
+    m.uid() == 0 && (m.file_type().is_socket() || safe(&m)) && safe(&dir)
+}
+
 /// A process's parent, from `/proc/PID/stat` (the field after the command's closing paren).
 fn parent_of(pid: u32) -> Option<u32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -356,7 +419,7 @@ pub fn run(args: ShellArgs) -> anyhow::Result<u8> {
         syslog_warn(&format!("cannot make the recorder undumpable: {e}"));
     }
     let holder = io::stdin().is_terminal().then(claim_terminal).flatten();
-    let cfg = match Config::load(args.config.config.as_deref(), Vec::new()) {
+    let cfg = match shell_sources(args.config).and_then(Config::load_from) {
         Ok(l) => {
             for w in l.notices() {
                 syslog_warn(&w);
