@@ -1346,21 +1346,31 @@ async fn a_daemon_restart_mid_session_records_the_rest_as_a_continuation() {
     stop_all(&mut daemon, &mut backend).await;
 }
 
-/// Under `enforce`, a piped session whose daemon stopped shows nothing more until a daemon has
-/// it: a daemon that comes back gets the held output (then it is shown), one that stays away
-/// more than 10 s ends the session, and nothing of what it held was shown.
+/// Under `enforce`, a piped session whose daemon stopped goes on while a daemon may come back
+/// for it: one that does gets what was shown meanwhile (and the exit status); past 1 MiB of
+/// output meanwhile (cut at once), or 10 s without a daemon, the session ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn enforce_holds_output_while_a_stopped_daemon_is_away() {
+async fn enforce_gives_a_stopped_daemon_ten_seconds_and_one_mib() {
     let mut backend = Backend::new(true).await;
     let agent = Agent::new(&backend, "");
     let strict = agent.strict_config();
     let go = agent.dir.path().join("go");
     let wait = format!("while [ ! -e {} ]; do sleep 0.05; done", go.display());
-    for (back, cmd) in [
-        (true, format!("echo one; {wait}; echo two; exit 3")),
+    #[derive(PartialEq)]
+    enum Then {
+        Back,
+        Flood,
+        Away,
+    }
+    for (then, cmd) in [
+        (Then::Back, format!("echo one; {wait}; echo two; exit 3")),
         (
-            false,
+            Then::Flood,
             format!("echo one; {wait}; head -c 3000000 /dev/zero | tr '\\0' z; echo; exit 3"),
+        ),
+        (
+            Then::Away,
+            format!("echo one; {wait}; echo two; sleep 30; echo never"),
         ),
     ] {
         let _ = std::fs::remove_file(&go);
@@ -1377,15 +1387,9 @@ async fn enforce_holds_output_while_a_stopped_daemon_is_away() {
             assert!(daemon.wait().unwrap().success(), "{}", agent.log());
             let t0 = Instant::now();
             std::fs::write(&go, "").unwrap();
-            std::thread::sleep(Duration::from_secs(1));
-            assert_eq!(
-                *tail.0.lock().unwrap(),
-                b"one\n",
-                "shown while no daemon had it"
-            );
-            if back {
-                daemon = agent.daemon();
+            if then == Then::Back {
                 tail.wait_for("two\n");
+                daemon = agent.daemon();
             }
             (child.wait().unwrap(), t0.elapsed())
         });
@@ -1397,21 +1401,34 @@ async fn enforce_holds_output_while_a_stopped_daemon_is_away() {
             .read_to_string(&mut err)
             .unwrap();
         let out = tail.0.lock().unwrap().clone();
-        if back {
-            assert_eq!(status.code(), Some(3), "{err}");
-            assert_eq!(out, b"one\ntwo\n");
-            kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);
-            let _ = daemon.wait();
-        } else {
-            assert_eq!(status.code(), Some(1), "{err}");
-            assert!(err.contains("did not come back"), "{err}");
-            assert_eq!(out, b"one\n");
-            assert!(took >= Duration::from_secs(9), "{took:?}");
+        match then {
+            Then::Back => {
+                assert_eq!(status.code(), Some(3), "{err}");
+                assert_eq!(out, b"one\ntwo\n");
+                kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);
+                let _ = daemon.wait();
+            }
+            Then::Flood => {
+                assert_eq!(status.code(), Some(1), "{err}");
+                assert!(err.contains("session ended"), "{err}");
+                assert!(
+                    out.len() < 1_300_000,
+                    "{} bytes reached the user",
+                    out.len()
+                );
+                assert!(took < Duration::from_secs(5), "{took:?}");
+            }
+            Then::Away => {
+                assert_eq!(status.code(), Some(1), "{err}");
+                assert!(err.contains("did not come back"), "{err}");
+                assert_eq!(out, b"one\ntwo\n");
+                assert!(took >= Duration::from_secs(9), "{took:?}");
+            }
         }
     }
-    // The first session's continuation holds what was held.
+    // The first session's continuation holds what was shown while no daemon ran.
     let mut daemon = agent.daemon();
-    let recs = backend.wait_completed(3, Duration::from_secs(30)).await;
+    let recs = backend.wait_completed(4, Duration::from_secs(30)).await;
     let (_, second) = continued_pair(&recs);
     assert_eq!(output_of(&backend.events_text(second)), "two\n");
     assert_eq!(second["metadata"]["exit_status"], 3);

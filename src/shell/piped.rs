@@ -55,7 +55,6 @@ impl Recording {
         };
         if self.lost.load(Ordering::Relaxed) {
             self.pause_and_resume(&mut guard, Some(text), now, false);
-            self.hold(&mut guard);
             return;
         }
         let Some(s) = guard.as_mut() else { return };
@@ -77,29 +76,6 @@ impl Recording {
             // The daemon may have stopped in order (its watch thread is about to say so):
             // the output waits for the next one.
             self.pause_and_resume(&mut guard, Some(text), now, false);
-            self.hold(&mut guard);
-        }
-    }
-
-    /// Under enforce, output is shown only once a daemon has it: while the daemon is away,
-    /// the relay waits here (holding the stream, so the other relay waits too) until a daemon
-    /// takes the session again, or the session must end (`cut`), or recording was switched
-    /// off meanwhile. Without enforce, returns at once: the output is shown and kept.
-    fn hold(self: &Arc<Self>, stream: &mut Option<UnixStream>) {
-        if !self.enforce {
-            return;
-        }
-        loop {
-            let off = locked(&self.resume).2;
-            if !self.lost.load(Ordering::SeqCst) || self.cut.load(Ordering::SeqCst) || off {
-                return;
-            }
-            if self.overdue().is_some() {
-                self.cut.store(true, Ordering::SeqCst);
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-            self.pause_and_resume(stream, None, self.started.elapsed(), false);
         }
     }
 

@@ -190,23 +190,6 @@ impl DaemonSink {
         }
     }
 
-    /// Under enforce, output is not to be shown unrecorded: while no daemon records, the sink
-    /// waits here (and the relay with it, once the recorder's queue is full: at most that
-    /// much, 64 KiB and a batch, reaches the user meanwhile) until a daemon takes the session
-    /// again, or the grace runs out and the session ends.
-    fn hold(&mut self, at: Duration) {
-        let t0 = Instant::now();
-        loop {
-            let now = at + t0.elapsed();
-            self.try_resume(now, false);
-            self.enforce_grace(now);
-            if self.resume.is_none() || self.given_up {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
     /// Under enforce, ends the session once the daemon's absence outlasts what it may.
     fn enforce_grace(&mut self, now: Duration) {
         if !self.watch.enforce {
@@ -339,11 +322,8 @@ impl Sink for DaemonSink {
                 }
                 _ => {
                     self.keep(event);
-                    if self.watch.enforce {
-                        self.hold(event.time);
-                    } else {
-                        self.try_resume(event.time, false);
-                    }
+                    self.try_resume(event.time, false);
+                    self.enforce_grace(event.time);
                     return Ok(());
                 }
             }
