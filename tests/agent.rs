@@ -1253,19 +1253,28 @@ async fn a_session_past_a_full_spool_keeps_its_exit_status() {
 }
 
 /// What a child wrote so far, read on a thread: a test waits for text in it.
-struct Tail(Arc<Mutex<Vec<u8>>>);
+struct Tail(Arc<Mutex<Vec<u8>>>, Option<std::thread::JoinHandle<()>>);
 
 impl Tail {
     fn new(mut r: impl Read + Send + 'static) -> Tail {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s = seen.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
             while let Ok(n @ 1..) = r.read(&mut buf) {
                 s.lock().unwrap().extend_from_slice(&buf[..n]);
             }
         });
-        Tail(seen)
+        Tail(seen, Some(reader))
+    }
+
+    /// Everything the child wrote, once it closed its end (the child having exited is not
+    /// enough: its last bytes may still be on their way to the reader).
+    fn all(&mut self) -> Vec<u8> {
+        if let Some(r) = self.1.take() {
+            let _ = r.join();
+        }
+        self.0.lock().unwrap().clone()
     }
 
     fn wait_for(&self, text: &str) {
@@ -1310,7 +1319,7 @@ async fn a_daemon_restart_mid_session_records_the_rest_as_a_continuation() {
         .stdin(Stdio::null())
         .spawn()
         .unwrap();
-    let tail = Tail::new(child.stdout.take().unwrap());
+    let mut tail = Tail::new(child.stdout.take().unwrap());
     let status = tokio::task::block_in_place(|| {
         tail.wait_for("one\n");
         kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);
@@ -1324,7 +1333,7 @@ async fn a_daemon_restart_mid_session_records_the_rest_as_a_continuation() {
         child.wait().unwrap()
     });
     assert_eq!(status.code(), Some(3));
-    assert_eq!(*tail.0.lock().unwrap(), b"one\ntwo\nthree\n");
+    assert_eq!(tail.all(), b"one\ntwo\nthree\n");
     let recs = backend.wait_completed(2, Duration::from_secs(30)).await;
     let (first, second) = continued_pair(&recs);
     assert_eq!(first["metadata"]["interrupted"], true, "{first:#}");
@@ -1380,7 +1389,7 @@ async fn enforce_gives_a_stopped_daemon_ten_seconds_and_one_mib() {
             .stdin(Stdio::null())
             .spawn()
             .unwrap();
-        let tail = Tail::new(child.stdout.take().unwrap());
+        let mut tail = Tail::new(child.stdout.take().unwrap());
         let (status, took) = tokio::task::block_in_place(|| {
             tail.wait_for("one\n");
             kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);
@@ -1400,7 +1409,7 @@ async fn enforce_gives_a_stopped_daemon_ten_seconds_and_one_mib() {
             .unwrap()
             .read_to_string(&mut err)
             .unwrap();
-        let out = tail.0.lock().unwrap().clone();
+        let out = tail.all();
         match then {
             Then::Back => {
                 assert_eq!(status.code(), Some(3), "{err}");
@@ -2053,7 +2062,7 @@ async fn sshd_enforce_ends_a_session_whose_daemon_stays_away_and_the_terminal_is
     let s = sshd::Sshd::start(&strict);
     let mut child = s.login();
     let mut stdin = child.stdin.take().unwrap();
-    let tail = Tail::new(child.stdout.take().unwrap());
+    let mut tail = Tail::new(child.stdout.take().unwrap());
     let user = sshd::USER;
     let (status, took) = tokio::task::block_in_place(|| {
         stdin.write_all(b"echo one-$((1+1))\n").unwrap();
@@ -2090,7 +2099,7 @@ async fn sshd_enforce_ends_a_session_whose_daemon_stays_away_and_the_terminal_is
         let status = child.wait().unwrap();
         (status, t0.elapsed())
     });
-    let seen = String::from_utf8_lossy(&tail.0.lock().unwrap()).into_owned();
+    let seen = String::from_utf8_lossy(&tail.all()).into_owned();
     assert_eq!(status.code(), Some(1), "{seen}");
     assert!(seen.contains("did not come back"), "{seen}");
     assert!(
