@@ -537,7 +537,9 @@ async fn record(
                     Err(e) => break Outcome::Lost(e.to_string()),
                 },
                 Some(Ok(f)) => break Outcome::Lost(format!("unexpected {:?} frame", f.kind)),
-                Some(Err(FrameError::Closed)) | None if draining.is_some() => break Outcome::Stopping,
+                // (A frame the session was writing when it closed its side is cut short: it
+                // keeps that one for the next daemon.)
+                Some(Err(_)) | None if draining.is_some() => break Outcome::Stopping,
                 Some(Err(FrameError::Closed)) | None => break Outcome::Lost("connection closed".into()),
                 Some(Err(e)) => break Outcome::Lost(e.to_string()),
             },
