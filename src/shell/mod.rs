@@ -265,6 +265,34 @@ fn open_session(socket: &Path, start: &StartMsg) -> Result<(UnixStream, Decision
     Ok((s, d))
 }
 
+/// What the daemon says on a session's socket: nothing until the session's End (then Ack),
+/// unless it stops recording the session first.
+enum DaemonWord {
+    /// The End was taken.
+    Ack,
+    /// It is stopping in order (a restart): the next daemon may take the session.
+    Stopping(String),
+    /// It stopped recording this session (its spool is full) but waits for the End.
+    SpoolFull(String),
+    /// It went away, or said something it should not have.
+    Gone(String),
+}
+
+/// Waits for the daemon's next word on a session's socket.
+fn daemon_word(s: &mut UnixStream) -> DaemonWord {
+    match ipc::read_frame_when_readable(s) {
+        Ok(f) if f.kind == Kind::Ack => DaemonWord::Ack,
+        Ok(f) if f.kind == Kind::Error => match f.parse::<ipc::ErrorMsg>() {
+            Ok(m) if m.code == ipc::ERROR_STOPPING => DaemonWord::Stopping(m.message),
+            Ok(m) if m.code == ipc::ERROR_SPOOL_FULL => DaemonWord::SpoolFull(m.message),
+            Ok(m) => DaemonWord::Gone(m.message),
+            Err(e) => DaemonWord::Gone(e.to_string()),
+        },
+        Ok(f) => DaemonWord::Gone(format!("unexpected {:?} frame", f.kind)),
+        Err(e) => DaemonWord::Gone(format!("recording daemon: {e}")),
+    }
+}
+
 /// Whether to record, run unrecorded, or refuse.
 enum Plan {
     /// The connection, and the daemon's local id of the recording.

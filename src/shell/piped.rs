@@ -180,21 +180,14 @@ impl Recording {
             .name("daemon-watch".into())
             .stack_size(64 * 1024)
             .spawn(move || {
-                let mut stopping = false;
-                let why = match ipc::read_frame_when_readable(&mut watch) {
-                    Ok(f) if f.kind == Kind::Error => match f.parse::<ipc::ErrorMsg>() {
-                        Ok(m) => {
-                            stopping = m.code == ipc::ERROR_STOPPING;
-                            if m.code == ipc::ERROR_SPOOL_FULL {
-                                rec.listening.store(true, Ordering::SeqCst);
-                            }
-                            m.message
-                        }
-                        Err(e) => e.to_string(),
-                    },
-                    Ok(f) if f.kind == Kind::Ack => return,
-                    Ok(f) => format!("unexpected {:?} frame", f.kind),
-                    Err(e) => format!("recording daemon: {e}"),
+                let (why, stopping) = match daemon_word(&mut watch) {
+                    DaemonWord::Ack => return,
+                    DaemonWord::Stopping(why) => (why, true),
+                    DaemonWord::SpoolFull(why) => {
+                        rec.listening.store(true, Ordering::SeqCst);
+                        (why, false)
+                    }
+                    DaemonWord::Gone(why) => (why, false),
                 };
                 // (A relay's write may have found the daemon gone first: the decision is
                 // made here either way.)

@@ -70,18 +70,10 @@ impl Link {
             .name("daemon-watch".into())
             .stack_size(64 * 1024)
             .spawn(move || {
-                let mut stopping = false;
-                let r = match ipc::read_frame_when_readable(&mut watch) {
-                    Ok(f) if f.kind == Kind::Ack => Ok(()),
-                    Ok(f) if f.kind == Kind::Error => Err(match f.parse::<ipc::ErrorMsg>() {
-                        Ok(m) => {
-                            stopping = m.code == ipc::ERROR_STOPPING;
-                            m.message
-                        }
-                        Err(e) => e.to_string(),
-                    }),
-                    Ok(f) => Err(format!("unexpected {:?} frame", f.kind)),
-                    Err(e) => Err(format!("recording daemon: {e}")),
+                let (r, stopping) = match daemon_word(&mut watch) {
+                    DaemonWord::Ack => (Ok(()), false),
+                    DaemonWord::Stopping(why) => (Err(why), true),
+                    DaemonWord::SpoolFull(why) | DaemonWord::Gone(why) => (Err(why), false),
                 };
                 if let Err(why) = &r {
                     if stopping {
