@@ -1614,6 +1614,26 @@ mod scenarios {
             .await;
         assert_eq!(st, 200);
         assert_eq!(s.get(&rec).await["recording"]["duration_seconds"], 40);
+        // Different bodies sent for one index at once: whichever is stored, the row describes
+        // it (integrity compares each chunk's size and SHA-256 with its object).
+        for trial in 0..8 {
+            let rec = agent_start(s).await;
+            let uploads: Vec<_> = (0..6)
+                .map(|n| {
+                    let data = format!("[{n}.5, \"o\", \"{}\"]\n", "y".repeat(1 + n * 40_000));
+                    agent_task(
+                        s,
+                        json!({"action": "upload_chunk", "node_key": s.fx.node_key, "session_id": rec, "chunk_index": 0, "chunk_data": data}),
+                    )
+                })
+                .collect();
+            for u in uploads {
+                let (st, b) = u.await.unwrap();
+                assert_eq!(st, 200, "{b}");
+            }
+            let d = s.get(&rec).await;
+            assert_eq!(d["integrity"], "ok", "trial {trial}: {d}");
+        }
     }
 
     /// Posts `body` to the agent route on its own task.

@@ -51,6 +51,9 @@ pub async fn store_chunk(
         sha256: sha256_hex(events.as_bytes()),
         last_event_time,
     };
+    // Two uploads of one index must not interleave (object of one, row of the other): the
+    // row's SHA-256 has to be the stored object's.
+    let _same_chunk = app.inner.chunk_locks.lock(rec.id, index).await;
     app.inner.objects.put(&key, Bytes::from(events)).await?;
     match app.inner.meta.put_chunk(rec.id, &row).await? {
         ChunkOutcome::Stored => {}
@@ -67,6 +70,34 @@ pub async fn store_chunk(
     }
     app.inner.metrics.chunk_stored(row.bytes.unsigned_abs());
     Ok(json!({"stored": key, "chunk_index": index}))
+}
+
+/// Striped locks that put one chunk's object write and row write in a row, so that uploads
+/// of the same chunk index take turns while different chunks (hashed apart) go in parallel.
+/// They cover one server process: several processes sharing a database can still interleave
+/// two different bodies sent for one index at the same moment (an agent's retry sends the same
+/// body, so it cannot).
+pub struct ChunkLocks {
+    stripes: Vec<tokio::sync::Mutex<()>>,
+}
+
+impl Default for ChunkLocks {
+    fn default() -> Self {
+        ChunkLocks {
+            stripes: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
+        }
+    }
+}
+
+impl ChunkLocks {
+    pub async fn lock(&self, session: uuid::Uuid, index: i64) -> tokio::sync::MutexGuard<'_, ()> {
+        use std::hash::{Hash as _, Hasher as _};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (session, index).hash(&mut h);
+        // The modulo keeps the index in range; 64 stripes fit any usize.
+        let stripe = (h.finish() % self.stripes.len() as u64) as usize;
+        self.stripes[stripe].lock().await
+    }
 }
 
 /// The `metadata.chunks` list.
