@@ -137,6 +137,17 @@ pub fn check(file: Option<&Path>, reach_backend: bool) -> Report {
             config.spool_max_bytes, config.chunk_max_bytes
         ));
     }
+    match config.spool_max_bytes_per_user {
+        Some(n) if n < config.chunk_max_bytes => r.problems.push(format!(
+            "{source}: spool_max_bytes_per_user ({n}) is smaller than chunk_max_bytes ({}): no chunk would fit",
+            config.chunk_max_bytes
+        )),
+        Some(n) if n >= config.spool_max_bytes => r.warnings.push(format!(
+            "{source}: spool_max_bytes_per_user ({n}) is not below spool_max_bytes ({}): it limits nothing",
+            config.spool_max_bytes
+        )),
+        _ => {}
+    }
 
     let (Some(url), Some(key)) = (url, key) else {
         return r;

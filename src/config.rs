@@ -51,6 +51,9 @@ pub struct Config {
     pub chunk_max_bytes: u64,
     pub chunk_max_secs: u64,
     pub spool_max_bytes: u64,
+    /// The most one user's sessions may hold in the spool (root's are bounded only by
+    /// `spool_max_bytes`); unset: no limit of its own.
+    pub spool_max_bytes_per_user: Option<u64>,
     /// Cap of the upload retry backoff.
     pub retry_max_secs: u64,
     /// How often the spool is rescanned even without a filesystem event.
@@ -63,6 +66,16 @@ pub struct Config {
     pub upload_defer_secs: u64,
     /// The command that prints `{"node_key": …}` when `node_key_file` is unset.
     pub status_command: String,
+}
+
+impl Config {
+    /// The most sessions of `uid` may hold in the spool.
+    pub fn spool_share(&self, uid: u32) -> u64 {
+        match self.spool_max_bytes_per_user {
+            Some(n) if uid != 0 => n.min(self.spool_max_bytes),
+            _ => self.spool_max_bytes,
+        }
+    }
 }
 
 impl Default for Config {
@@ -78,6 +91,7 @@ impl Default for Config {
             chunk_max_bytes: 1_048_576,
             chunk_max_secs: 10,
             spool_max_bytes: 1_073_741_824,
+            spool_max_bytes_per_user: None,
             retry_max_secs: 30,
             rescan_secs: 5,
             config_refresh_secs: 60,
@@ -107,6 +121,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("chunk_max_bytes", Kind::U64),
     ("chunk_max_secs", Kind::U64),
     ("spool_max_bytes", Kind::U64),
+    ("spool_max_bytes_per_user", Kind::U64),
     ("retry_max_secs", Kind::U64),
     ("rescan_secs", Kind::U64),
     ("config_refresh_secs", Kind::U64),
@@ -394,6 +409,7 @@ fn apply(c: &mut Config, key: &str, v: toml::Value) -> anyhow::Result<()> {
         "chunk_max_bytes" => c.chunk_max_bytes = n(key, v)?,
         "chunk_max_secs" => c.chunk_max_secs = n(key, v)?,
         "spool_max_bytes" => c.spool_max_bytes = n(key, v)?,
+        "spool_max_bytes_per_user" => c.spool_max_bytes_per_user = Some(n(key, v)?),
         "retry_max_secs" => c.retry_max_secs = n(key, v)?,
         "rescan_secs" => c.rescan_secs = n(key, v)?,
         "config_refresh_secs" => c.config_refresh_secs = n(key, v)?,

@@ -2408,6 +2408,68 @@ async fn sshd_pty_session_past_a_full_spool_keeps_its_exit_status() {
     stop_all(&mut daemon, &mut backend).await;
 }
 
+/// With `spool_max_bytes_per_user`, one user streaming through a backend outage fills only
+/// their own share: their session is cut, while another user's (here root's) is still recorded
+/// whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sshd_one_user_fills_only_their_share_of_the_spool() {
+    let mut backend = Backend::new_down(true).await;
+    let agent = Agent::new(
+        &backend,
+        "spool_max_bytes = 3000000\nspool_max_bytes_per_user = 300000\nchunk_max_bytes = 65536\n",
+    );
+    let mut daemon = agent.daemon();
+    let s = sshd::Sshd::start(&agent.config());
+    let exec = |cmd: &str| {
+        tokio::task::block_in_place(|| {
+            s.ssh()
+                .arg(s.target())
+                .arg(cmd)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap()
+        })
+    };
+    let out = exec("head -c 600000 /dev/zero | tr '\\0' e; exit 4");
+    assert_eq!(out.status.code(), Some(4));
+    assert_eq!(out.stdout.len(), 600_000);
+    let spooled = chunk_bytes(&agent.spool());
+    assert!(spooled <= 300_000, "{spooled} bytes spooled for one user");
+    // Another user's session is still recorded, past that user's share.
+    let (mut c, d) = FrameClient::start(&agent.socket());
+    assert_eq!(d.mode, Mode::Record, "{d:?}");
+    let line = "r".repeat(1000);
+    let mut sent = String::new();
+    for i in 0..400 {
+        let l = event_line(f64::from(i) / 100.0, &line);
+        c.events(&l);
+        sent.push_str(&l);
+    }
+    c.end(0);
+
+    backend.start().await;
+    let recs = backend.wait_completed(2, Duration::from_secs(60)).await;
+    let mine = recs
+        .iter()
+        .find(|r| r["metadata"]["uid"] == 0)
+        .expect("root's recording");
+    assert_eq!(mine["metadata"]["truncated"], Value::Null, "{mine:#}");
+    let got = backend.events_text(mine);
+    assert!(
+        got == sent,
+        "{} of {} bytes: {mine:#}",
+        got.len(),
+        sent.len()
+    );
+    let theirs = recs
+        .iter()
+        .find(|r| r["metadata"]["uid"] != 0)
+        .expect("the test user's recording");
+    assert_eq!(theirs["metadata"]["truncated"], true, "{theirs:#}");
+    assert_eq!(theirs["metadata"]["exit_status"], 4, "{theirs:#}");
+    stop_all(&mut daemon, &mut backend).await;
+}
+
 /// An interactive SSH login through the agent, once its first command's output
 /// (`echo WORD-$((2*21))`) is spooled: where the tests of a daemon failing mid-session begin.
 struct SpooledLogin {

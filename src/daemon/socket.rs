@@ -317,14 +317,24 @@ async fn handle(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
     // The disk itself may be full before the spool reaches its limit: a session that could
     // not spool its first chunk would be lost, so it is refused as well.
     let disk_free = shared.spool.disk_free().unwrap_or(u64::MAX);
-    if usage.bytes >= shared.config.spool_max_bytes || disk_free < shared.config.chunk_max_bytes {
-        tracing::warn!(bytes = usage.bytes, max = shared.config.spool_max_bytes, disk_free, %user, "spool full: refusing to record a new session");
-        send_json(
-            &mut wr,
-            Kind::Decision,
-            &decide(Mode::Refused, "the recording spool is full"),
-        )
-        .await?;
+    let share = shared.config.spool_share(uid);
+    let users = if share < shared.config.spool_max_bytes {
+        shared.spool.bytes_of_uid(uid)
+    } else {
+        0
+    };
+    let full = if usage.bytes >= shared.config.spool_max_bytes
+        || disk_free < shared.config.chunk_max_bytes
+    {
+        Some("the recording spool is full")
+    } else if users >= share {
+        Some("this user's share of the recording spool is full")
+    } else {
+        None
+    };
+    if let Some(why) = full {
+        tracing::warn!(bytes = usage.bytes, max = shared.config.spool_max_bytes, user_bytes = users, user_max = share, disk_free, %user, "{why}: refusing to record a new session");
+        send_json(&mut wr, Kind::Decision, &decide(Mode::Refused, why)).await?;
         return Ok(());
     }
 
@@ -471,6 +481,7 @@ async fn record(
     }));
 
     let mut w = ChunkWriter::new(dir.clone(), cfg.chunk_max_bytes, cfg.chunk_max_secs);
+    let share = cfg.spool_share(uid);
     // The chunk being made durable on a blocking thread, while this loop goes on reading.
     let mut closing: Option<JoinHandle<std::io::Result<()>>> = None;
     let mut stopping = shared.stopping.clone();
@@ -490,7 +501,11 @@ async fn record(
                     };
                     // Before every frame, not only when a chunk closes: a chunk open for
                     // seconds may hold megabytes.
-                    if shared.spool.bytes_estimate() + f.payload.len() as u64 > cfg.spool_max_bytes {
+                    let adds = f.payload.len() as u64;
+                    if shared.spool.bytes_estimate() + adds > cfg.spool_max_bytes
+                        || (share < cfg.spool_max_bytes
+                            && shared.spool.bytes_of_uid(uid) + adds > share)
+                    {
                         break Outcome::SpoolFull(None);
                     }
                     // A frame may fill a chunk part-way: the rest goes into the next one, so
@@ -506,7 +521,7 @@ async fn record(
                             }
                         };
                         rest = &rest[took..];
-                        shared.spool.note_spooled(took as u64);
+                        shared.spool.note_spooled(uid, took as u64);
                         shared.ingest.note(took as u64);
                         if full {
                             if let Some(c) = w.take() {

@@ -17,6 +17,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use std::collections::HashMap;
 use std::fs;
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -48,10 +49,20 @@ const WALK_EVERY: Duration = Duration::from_secs(1);
 /// the ingest more than its writes.
 #[derive(Debug, Default)]
 struct SizeEstimate {
-    /// The last walk's byte count and when it was taken.
-    walked: Mutex<Option<(Instant, u64)>>,
+    /// The last walk, and when it was taken.
+    walked: Mutex<Option<(Instant, Walked)>>,
     /// Bytes this daemon spooled since that walk.
     added: AtomicU64,
+    /// The same, by the uid whose session spooled them.
+    added_by_uid: Mutex<HashMap<u32, u64>>,
+}
+
+/// What a walk of the spool counted.
+#[derive(Debug, Default)]
+struct Walked {
+    bytes: u64,
+    /// By the uid in each session's metadata (sessions without one count only in `bytes`).
+    by_uid: HashMap<u32, u64>,
 }
 
 /// What the spool holds.
@@ -185,13 +196,16 @@ impl Spool {
         // Bytes noted before the walk are in what it finds (a note follows its write); those
         // noted while it runs stay counted, maybe twice: the estimate errs on full.
         let noted = self.size.added.load(Ordering::Relaxed);
+        let noted_by_uid = super::lock(&self.size.added_by_uid).clone();
         let mut u = Usage::default();
+        let mut by_uid = HashMap::new();
         for id in self.list_sessions()? {
             u.sessions += 1;
             let dir = self.session(&id);
             let Ok(rd) = fs::read_dir(&dir.path) else {
                 continue; // removed meanwhile
             };
+            let before = u.bytes;
             for e in rd.flatten() {
                 let name = e.file_name();
                 let name = name.to_string_lossy();
@@ -203,31 +217,71 @@ impl Spool {
                 }
                 u.bytes += e.metadata().map(|m| m.len()).unwrap_or(0);
             }
+            if let Some(uid) = dir.uid() {
+                *by_uid.entry(uid).or_insert(0) += u.bytes - before;
+            }
         }
         if let Ok(rd) = fs::read_dir(self.failed_dir()) {
             u.failed = rd.flatten().count() as u64;
         }
         let mut walked = self.walked();
-        *walked = Some((Instant::now(), u.bytes));
+        *walked = Some((
+            Instant::now(),
+            Walked {
+                bytes: u.bytes,
+                by_uid,
+            },
+        ));
         let _ = self
             .size
             .added
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |a| {
                 Some(a.saturating_sub(noted))
             });
+        let mut added = super::lock(&self.size.added_by_uid);
+        for (uid, n) in noted_by_uid {
+            if let Some(a) = added.get_mut(&uid) {
+                *a = a.saturating_sub(n);
+            }
+        }
+        added.retain(|_, a| *a > 0);
+        drop(added);
         drop(walked);
         Ok(u)
     }
 
-    /// Counts bytes just written to a chunk towards [`bytes_estimate`](Self::bytes_estimate).
-    pub fn note_spooled(&self, bytes: u64) {
+    /// Counts bytes a session of `uid` just wrote to a chunk towards
+    /// [`bytes_estimate`](Self::bytes_estimate) and [`bytes_of_uid`](Self::bytes_of_uid).
+    pub fn note_spooled(&self, uid: u32, bytes: u64) {
+        // The per-uid note first: a walk that sees the global one has seen this one too.
+        *super::lock(&self.size.added_by_uid).entry(uid).or_insert(0) += bytes;
         self.size.added.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// What sessions of `uid` hold in the spool, estimated as [`bytes_estimate`] is.
+    ///
+    /// [`bytes_estimate`]: Self::bytes_estimate
+    pub fn bytes_of_uid(&self, uid: u32) -> u64 {
+        let fresh = matches!(*self.walked(), Some((at, _)) if at.elapsed() < WALK_EVERY);
+        if !fresh {
+            let _ = self.usage();
+        }
+        let walked = self
+            .walked()
+            .as_ref()
+            .and_then(|(_, w)| w.by_uid.get(&uid).copied())
+            .unwrap_or(0);
+        walked
+            + super::lock(&self.size.added_by_uid)
+                .get(&uid)
+                .copied()
+                .unwrap_or(0)
     }
 
     /// The spool's size for the full check: the last walk (at most [`WALK_EVERY`] old) plus
     /// what was spooled since. Uploads since the walk are not subtracted, so it errs on full.
     pub fn bytes_estimate(&self) -> u64 {
-        let walked = *self.walked();
+        let walked = self.walked().as_ref().map(|(at, w)| (*at, w.bytes));
         match walked {
             Some((at, bytes)) if at.elapsed() < WALK_EVERY => {
                 bytes + self.size.added.load(Ordering::Relaxed)
@@ -236,7 +290,7 @@ impl Spool {
         }
     }
 
-    fn walked(&self) -> std::sync::MutexGuard<'_, Option<(Instant, u64)>> {
+    fn walked(&self) -> std::sync::MutexGuard<'_, Option<(Instant, Walked)>> {
         super::lock(&self.size.walked)
     }
 
@@ -372,6 +426,16 @@ impl SessionDir {
             }
         }
         Ok((header, metadata))
+    }
+
+    /// The uid whose session this is (the daemon wrote it from the kernel's word), if its
+    /// metadata can be read.
+    pub fn uid(&self) -> Option<u32> {
+        read_json(&self.path.join("metadata.json"))
+            .ok()?
+            .get("uid")?
+            .as_u64()
+            .and_then(|u| u32::try_from(u).ok())
     }
 
     /// The backend's id of the recording, once it has one. A damaged file counts as none: the
@@ -797,10 +861,40 @@ mod tests {
         let mut w = ChunkWriter::new(dir, 1 << 20, 10);
         let line = b"[0.1, \"o\", \"a\"]\n";
         w.write(line).unwrap();
-        spool.note_spooled(line.len() as u64);
+        spool.note_spooled(1000, line.len() as u64);
         assert_eq!(spool.bytes_estimate(), walked + line.len() as u64);
         // A walk counts the file itself and starts the count of notes again.
         assert_eq!(spool.usage().unwrap().bytes, walked + line.len() as u64);
         assert_eq!(spool.bytes_estimate(), walked + line.len() as u64);
+    }
+
+    #[test]
+    fn size_by_uid_comes_from_each_sessions_metadata() {
+        let t = tempfile::tempdir().unwrap();
+        let spool = Spool::open(t.path()).unwrap();
+        let line = b"[0.1, \"o\", \"a\"]\n";
+        let mut held = Vec::new();
+        for uid in [1000, 1000, 1001] {
+            let id = uuid::Uuid::new_v4().to_string();
+            let meta = serde_json::json!({ "uid": uid });
+            let dir = spool
+                .create_session(&id, &serde_json::json!({"version": 2}), &meta)
+                .unwrap();
+            let mut w = ChunkWriter::new(dir, 1 << 20, 10);
+            w.write(line).unwrap();
+            spool.note_spooled(uid, line.len() as u64);
+            held.push(w);
+        }
+        // What was noted, on top of the walk made before the writes; then what a walk finds
+        // (header and metadata files count too).
+        assert!(spool.bytes_of_uid(1000) >= 2 * line.len() as u64);
+        assert_eq!(spool.bytes_of_uid(1002), 0);
+        let walked = spool.usage().unwrap().bytes;
+        let (a, b) = (spool.bytes_of_uid(1000), spool.bytes_of_uid(1001));
+        assert_eq!(a + b, walked);
+        assert!(a > b && b > line.len() as u64, "{a} {b}");
+        // A second walk without new writes counts the same.
+        spool.usage().unwrap();
+        assert_eq!(spool.bytes_of_uid(1000), a);
     }
 }
