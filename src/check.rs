@@ -116,7 +116,10 @@ pub fn check(file: Option<&Path>, reach_backend: bool) -> Report {
             ));
             None
         }
-        Ok(k) => Some(k),
+        Ok(k) => {
+            r.warnings.extend(config.node_key_file_exposed());
+            Some(k)
+        }
         Err(e) => {
             r.problems.push(format!(
                 "{source}: cannot read the node key: {}",
@@ -173,7 +176,7 @@ pub fn check(file: Option<&Path>, reach_backend: bool) -> Report {
         Ok(Ok(c)) => {
             if !c.recording_enabled {
                 r.warnings.push(format!(
-                    "the backend has recording switched off for org {} (recording_enabled = false): sessions are not recorded until an admin enables it",
+                    "the backend has recording switched off for org {} (its session_recording feature or its recording_enabled setting is off): sessions are not recorded until an admin turns both on",
                     c.org_id
                 ));
             }

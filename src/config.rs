@@ -313,6 +313,19 @@ impl Config {
         Ok(())
     }
 
+    /// A warning when `node_key_file` is readable by users other than its owner.
+    pub fn node_key_file_exposed(&self) -> Option<String> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let p = self.node_key_file.as_ref()?;
+        let mode = std::fs::metadata(p).ok()?.permissions().mode() & 0o777;
+        (mode & 0o077 != 0).then(|| {
+            format!(
+                "node_key_file {} has mode {mode:o}: other users can read the node key and report sessions as this machine (chmod 600)",
+                p.display()
+            )
+        })
+    }
+
     /// The node key: `node_key`, else the contents of `node_key_file`, else `.node_key` of
     /// what `status_command` prints.
     pub fn read_node_key(&self) -> anyhow::Result<Secret> {

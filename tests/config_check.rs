@@ -69,6 +69,7 @@ fn write_config(dir: &Path, server_url: &str, node_key: Option<&str>) -> PathBuf
     if let Some(k) = node_key {
         let kf = dir.join("node-key");
         std::fs::write(&kf, format!("{k}\n")).unwrap();
+        set_mode(&kf, 0o600);
         text.push_str(&format!("node_key_file = \"{}\"\n", kf.display()));
     }
     let f = dir.join("config.toml");
@@ -85,6 +86,11 @@ async fn check(config: &Path) -> Output {
         }
     }
     cmd.output().await.unwrap()
+}
+
+fn set_mode(p: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
 fn text(b: &[u8]) -> String {
@@ -128,6 +134,16 @@ async fn good_config_says_ok_and_never_prints_the_key() {
     );
     assert!(stdout.contains("recording enabled"), "{stdout:?}");
     assert!(!stdout.contains(&b.node_key) && !stderr.contains(&b.node_key));
+    // A node key other users can read still works, with a warning.
+    set_mode(&dir.path().join("node-key"), 0o644);
+    let out = check(&f).await;
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr:?}");
+    assert!(
+        stderr.starts_with("warning: ") && stderr.contains("mode 644"),
+        "{stderr:?}"
+    );
+    assert!(!stderr.contains(&b.node_key));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -140,7 +156,7 @@ async fn recording_switched_off_is_ok_with_a_warning() {
     assert_eq!(out.status.code(), Some(0), "{stderr:?}");
     assert!(text(&out.stdout).contains("recording disabled"));
     assert_eq!(stderr.lines().count(), 1, "{stderr:?}");
-    assert!(stderr.starts_with("warning: ") && stderr.contains("recording_enabled = false"));
+    assert!(stderr.starts_with("warning: ") && stderr.contains("recording_enabled setting"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -78,16 +78,42 @@ impl fmt::Debug for Config {
     }
 }
 
-/// Hides a password in `scheme://user:password@host/…`.
+/// Hides a password in `scheme://user:password@host/…` and in query parameters such as
+/// `?password=…` or `sslpassword=…`.
 pub fn redact_url(url: &str) -> String {
-    if let Some((scheme, rest)) = url.split_once("://") {
-        if let Some((userinfo, host)) = rest.split_once('@') {
-            if let Some((user, _)) = userinfo.split_once(':') {
-                return format!("{scheme}://{user}:<redacted>@{host}");
-            }
-        }
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let mut out = match base.split_once("://") {
+        Some((scheme, rest)) => match rest.split_once('@') {
+            Some((userinfo, host)) => match userinfo.split_once(':') {
+                Some((user, _)) => format!("{scheme}://{user}:<redacted>@{host}"),
+                None => base.to_string(),
+            },
+            None => base.to_string(),
+        },
+        None => base.to_string(),
+    };
+    if let Some(q) = query {
+        let pairs: Vec<String> = q
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((k, _)) if secret_param(k) => format!("{k}=<redacted>"),
+                _ => pair.to_string(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&pairs.join("&"));
     }
-    url.to_string()
+    out
+}
+
+fn secret_param(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    ["password", "secret", "token", "key"]
+        .iter()
+        .any(|s| k.contains(s))
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -153,8 +179,14 @@ pub enum SecretError {
 /// name and hard-linked into place, which fails if another process got there first.
 pub fn load_or_create_secret(config: &Config) -> Result<String, SecretError> {
     if let Some(s) = &config.jwt_secret {
-        if s.is_empty() {
+        if s.trim().is_empty() {
             return Err(SecretError::EmptyGiven);
+        }
+        if s.len() < 32 {
+            tracing::warn!(
+                bytes = s.len(),
+                "the JWT secret given is short: anyone who guesses it can sign tokens (use 32 random bytes or more)"
+            );
         }
         return Ok(s.clone());
     }
@@ -169,7 +201,19 @@ pub fn load_or_create_secret(config: &Config) -> Result<String, SecretError> {
         source,
     };
     match std::fs::read_to_string(&path) {
-        Ok(s) => return non_empty(s, &path),
+        Ok(s) => {
+            use std::os::unix::fs::PermissionsExt as _;
+            if let Ok(m) = std::fs::metadata(&path) {
+                if m.permissions().mode() & 0o077 != 0 {
+                    tracing::warn!(
+                        path = %path.display(),
+                        mode = format!("{:o}", m.permissions().mode() & 0o777),
+                        "the JWT secret file can be read by other users: anyone who reads it can sign tokens (chmod 600)"
+                    );
+                }
+            }
+            return non_empty(s, &path);
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io(e)),
     }
@@ -244,5 +288,18 @@ mod tests {
         c.s3.secret_key = Some("s3secret".into());
         let d = format!("{c:?}");
         assert!(!d.contains("supersecret") && !d.contains("pw@") && !d.contains("s3secret"));
+    }
+
+    #[test]
+    fn urls_lose_passwords_in_userinfo_and_query() {
+        assert_eq!(
+            redact_url("postgres://u@h:5432/db?sslmode=require&password=S3CRET"),
+            "postgres://u@h:5432/db?sslmode=require&password=<redacted>"
+        );
+        assert_eq!(
+            redact_url("postgres://u:pw@h/db?PassWord=x"),
+            "postgres://u:<redacted>@h/db?PassWord=<redacted>"
+        );
+        assert_eq!(redact_url("sqlite:///x/db"), "sqlite:///x/db");
     }
 }

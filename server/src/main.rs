@@ -101,7 +101,7 @@ enum Command {
 struct ServeArgs {
     /// Seconds between retention sweeps.
     #[arg(long, env = "ZTNA_SWEEP_INTERVAL_SECS", default_value_t = config::DEFAULT_SWEEP_SECS,
-          value_parser = clap::value_parser!(u64).range(1..))]
+          value_parser = clap::value_parser!(u64).range(1..=31_536_000))]
     sweep_interval_secs: u64,
 }
 
@@ -127,7 +127,7 @@ enum AdminCommand {
         #[arg(long, value_name = "USER")]
         user: Uuid,
         /// Lifetime in seconds.
-        #[arg(long, default_value_t = 86_400)]
+        #[arg(long, default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..))]
         ttl_secs: u64,
     },
     /// Machines.
@@ -179,7 +179,8 @@ enum RoleArg {
 
 #[derive(Subcommand, Debug)]
 enum UserCommand {
-    /// Create a user (or reuse the one with this email) as a member of an org.
+    /// Create a user (or reuse the one with this email) as a member of an org, with this role
+    /// (an existing member's role is set to it).
     Create {
         #[arg(long, value_name = "ORG")]
         org: Uuid,
@@ -407,6 +408,10 @@ async fn admin(
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Recordings are what users typed and saw: whatever the server creates (data dir, database,
+    // objects) is for its own user only, also when run by hand outside systemd (whose unit sets
+    // the same UMask).
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     // Docs need no data directory (packaging runs them in a bare build environment).
     if let Command::Docs(d) = &cli.command {
         return match ztna_common::cli_docs::run(d, <Cli as clap::CommandFactory>::command()) {

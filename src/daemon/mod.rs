@@ -217,8 +217,16 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         "server_url is not configured (set it in the config file or ZTNA_RECORDER_SERVER_URL)",
     )?;
     let node_key = config.read_node_key().context("reading the node key")?;
+    if let Some(w) = config.node_key_file_exposed() {
+        tracing::warn!("{w}");
+    }
     let client = AgentClient::new(&server_url, node_key)?;
     let spool = spool::Spool::open(&config.spool_dir)
+        .with_context(|| format!("spool_dir {}", config.spool_dir.display()))?;
+    // Held until this returns: before recovery, which would take another daemon's live
+    // sessions for dead ones.
+    let _spool_lock = spool
+        .lock()
         .with_context(|| format!("spool_dir {}", config.spool_dir.display()))?;
     recovery::recover(&spool).context("recovering the spool")?;
     let continuable = load_continuable(&spool);

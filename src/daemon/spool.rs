@@ -108,7 +108,38 @@ impl EndMark {
     }
 }
 
+/// Held while a daemon uses a spool (an advisory lock on `SPOOL/daemon.lock`, which the kernel
+/// drops with the process, however it ends).
+#[derive(Debug)]
+pub struct SpoolLock {
+    _held: nix::fcntl::Flock<fs::File>,
+}
+
 impl Spool {
+    /// Takes the spool for this daemon. A second daemon on the same spool (another socket,
+    /// the same `spool_dir`) would recover the first one's live sessions as interrupted and
+    /// upload every session twice: it is refused instead.
+    pub fn lock(&self) -> io::Result<SpoolLock> {
+        let path = self.root.join("daemon.lock");
+        let f = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)?;
+        match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(held) => Ok(SpoolLock { _held: held }),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!(
+                    "another daemon is using this spool ({} is locked)",
+                    path.display()
+                ),
+            )),
+            Err((_, e)) => Err(e.into()),
+        }
+    }
+
     /// Opens (creating when needed) the spool at `root`, owner-only.
     pub fn open(root: &Path) -> io::Result<Spool> {
         let s = Spool {
@@ -866,6 +897,16 @@ mod tests {
         // A walk counts the file itself and starts the count of notes again.
         assert_eq!(spool.usage().unwrap().bytes, walked + line.len() as u64);
         assert_eq!(spool.bytes_estimate(), walked + line.len() as u64);
+    }
+
+    #[test]
+    fn one_daemon_at_a_time_per_spool() {
+        let (_t, spool, _dir) = spool_with_session();
+        let held = spool.lock().unwrap();
+        let e = spool.lock().unwrap_err();
+        assert!(e.to_string().contains("another daemon"), "{e}");
+        drop(held);
+        spool.lock().unwrap();
     }
 
     #[test]

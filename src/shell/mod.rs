@@ -44,8 +44,8 @@ use pty::run_pty;
 #[derive(clap::Args, Debug)]
 pub struct ShellArgs {
     /// The configuration file [default: /etc/ztna-recorder/config.toml; env:
-    /// ZTNA_RECORDER_CONFIG, only for a file root owns and alone may change]. See
-    /// [`shell_sources`] for what the environment may set.
+    /// ZTNA_RECORDER_CONFIG, only for a file root owns and alone may change]. Of the other
+    /// ZTNA_RECORDER_* variables, the shell takes only those that make recording stricter.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 }
