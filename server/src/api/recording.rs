@@ -152,8 +152,12 @@ pub fn agent_time(
     }
 }
 
-/// How many times `complete` rewrites its summary for chunks that arrived meanwhile.
-const COMPLETE_TRIES: usize = 5;
+/// How many times `complete` rewrites its summary for chunks that arrived meanwhile. Each
+/// retry needs a new chunk row that landed during the last summary write, so uploads a client
+/// sent alongside its `complete` (the `races` scenario sends 7) settle within this; a client
+/// still uploading after that many rounds gets a CONFLICT. It was 5, which 7 uploads landing
+/// one per round could exhaust on a loaded machine.
+const COMPLETE_TRIES: usize = 16;
 
 /// Completes an active recording: writes its summary object, then marks the row, if no chunk
 /// arrived in between (else again, with them). Without a `duration`, it is the last event's
