@@ -98,6 +98,19 @@ pub fn check(file: Option<&Path>, reach_backend: bool) -> Report {
             String::from("defaults and environment")
         }
     };
+    // Where a problem with these keys came from: an environment variable wins over the file.
+    let from = |keys: &[&str]| -> String {
+        let set: Vec<String> = keys
+            .iter()
+            .map(|k| format!("ZTNA_RECORDER_{}", k.to_ascii_uppercase()))
+            .filter(|v| std::env::var_os(v).is_some())
+            .collect();
+        if set.is_empty() {
+            source.clone()
+        } else {
+            format!("{source} with {}", set.join(", "))
+        }
+    };
 
     let url = match &config.server_url {
         Some(u) => Some(u.clone()),
@@ -111,8 +124,9 @@ pub fn check(file: Option<&Path>, reach_backend: bool) -> Report {
     let key = match config.read_node_key() {
         Ok(k) if k.expose().len() != NODE_KEY_HEX_LEN => {
             r.problems.push(format!(
-                "{source}: the node key is {} hex characters long, expected {NODE_KEY_HEX_LEN} (as printed by `ztna-recorder-server admin machine register`)",
-                k.expose().len()
+                "{src}: the node key is {} hex characters long, expected {NODE_KEY_HEX_LEN} (as printed by `ztna-recorder-server admin machine register`)",
+                k.expose().len(),
+                src = from(&["node_key_file", "node_key"])
             ));
             None
         }
@@ -122,32 +136,38 @@ pub fn check(file: Option<&Path>, reach_backend: bool) -> Report {
         }
         Err(e) => {
             r.problems.push(format!(
-                "{source}: cannot read the node key: {}",
-                one_line(&e)
+                "{src}: cannot read the node key: {}",
+                one_line(&e),
+                src = from(&["node_key_file", "node_key"])
             ));
             None
         }
     };
     if config.spool_dir.exists() && !config.spool_dir.is_dir() {
         r.problems.push(format!(
-            "{source}: spool_dir {} exists and is not a directory",
-            config.spool_dir.display()
+            "{src}: spool_dir {} exists and is not a directory",
+            config.spool_dir.display(),
+            src = from(&["spool_dir"])
         ));
     }
     if config.spool_max_bytes < config.chunk_max_bytes {
         r.problems.push(format!(
-            "{source}: spool_max_bytes ({}) is smaller than chunk_max_bytes ({}): no chunk would fit",
-            config.spool_max_bytes, config.chunk_max_bytes
+            "{src}: spool_max_bytes ({}) is smaller than chunk_max_bytes ({}): no chunk would fit",
+            config.spool_max_bytes,
+            config.chunk_max_bytes,
+            src = from(&["spool_max_bytes", "chunk_max_bytes"])
         ));
     }
     match config.spool_max_bytes_per_user {
         Some(n) if n < config.chunk_max_bytes => r.problems.push(format!(
-            "{source}: spool_max_bytes_per_user ({n}) is smaller than chunk_max_bytes ({}): no chunk would fit",
-            config.chunk_max_bytes
+            "{src}: spool_max_bytes_per_user ({n}) is smaller than chunk_max_bytes ({}): no chunk would fit",
+            config.chunk_max_bytes,
+            src = from(&["spool_max_bytes_per_user", "chunk_max_bytes"])
         )),
         Some(n) if n >= config.spool_max_bytes => r.warnings.push(format!(
-            "{source}: spool_max_bytes_per_user ({n}) is not below spool_max_bytes ({}): it limits nothing",
-            config.spool_max_bytes
+            "{src}: spool_max_bytes_per_user ({n}) is not below spool_max_bytes ({}): it limits nothing",
+            config.spool_max_bytes,
+            src = from(&["spool_max_bytes_per_user", "spool_max_bytes"])
         )),
         _ => {}
     }
