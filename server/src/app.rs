@@ -58,7 +58,7 @@ pub(crate) struct Inner {
     pub jwt: JwtKeys,
     pub sweep_interval: Duration,
     pub metrics: crate::metrics::Metrics,
-    pub chunk_locks: crate::api::recording::ChunkLocks,
+    pub locks: crate::api::recording::Locks,
 }
 
 /// What [`App::seed`] made.
@@ -104,7 +104,7 @@ impl App {
                 jwt: JwtKeys::new(&secret),
                 sweep_interval: config.sweep_interval,
                 metrics: crate::metrics::Metrics::default(),
-                chunk_locks: crate::api::recording::ChunkLocks::default(),
+                locks: crate::api::recording::Locks::default(),
             }),
         })
     }

@@ -69,7 +69,20 @@ impl Objects {
             if bucket.is_empty() || bucket.contains('/') {
                 return Err(ObjectError::BadUrl(url.to_string()));
             }
+            // A store that does not answer fails a request within about a minute (object_store's
+            // defaults retry for up to 3 minutes): the agent's own timeout is 60 s and it retries
+            // by itself, and a sweep holding rows must not wait that long.
+            let retry = object_store::RetryConfig {
+                max_retries: 3,
+                retry_timeout: std::time::Duration::from_secs(30),
+                ..Default::default()
+            };
+            let client = object_store::ClientOptions::new()
+                .with_connect_timeout(std::time::Duration::from_secs(5))
+                .with_timeout(std::time::Duration::from_secs(25));
             let mut b = AmazonS3Builder::new()
+                .with_retry(retry)
+                .with_client_options(client)
                 .with_bucket_name(bucket)
                 .with_region(s3.region.clone().unwrap_or_else(|| "auto".to_string()));
             if let Some(ep) = &s3.endpoint {

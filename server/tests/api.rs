@@ -447,6 +447,7 @@ both!(delete_and_cleanup);
 both!(integrity);
 both!(admin_cli);
 both!(races);
+both!(complete_races);
 both!(hostile_values);
 both!(agent_times);
 
@@ -1733,6 +1734,69 @@ mod scenarios {
 
     /// Values a careless or hostile client sends: refused with the contract's codes, the same
     /// on both backends, or clamped where the contract clamps.
+    /// Two `complete`s at once: one wins, and the summary object is the winner's. An upload
+    /// that loses to a `complete` leaves the chunk as it was. A `complete` that loses to a
+    /// `delete` says NOT_FOUND.
+    pub async fn complete_races(s: &Server) {
+        let nk = &s.fx.node_key;
+        for trial in 0..10 {
+            let rec = agent_start(s).await;
+            let up = |data: &str| json!({"action": "upload_chunk", "node_key": nk, "session_id": rec, "chunk_index": 0, "chunk_data": data});
+            assert_eq!(s.agent(up("[0.5, \"o\", \"v1\"]\n")).await.0, 200);
+            let late = agent_task(
+                s,
+                up(&format!("[0.5, \"o\", \"{}\"]\n", "v2".repeat(30_000))),
+            );
+            let done: Vec<_> = [5, 7]
+                .iter()
+                .map(|d| {
+                    agent_task(
+                        s,
+                        json!({"action": "complete", "node_key": nk, "session_id": rec, "duration_seconds": d}),
+                    )
+                })
+                .collect();
+            let mut won = Vec::new();
+            for (d, t) in [5, 7].into_iter().zip(done) {
+                let (st, b) = t.await.unwrap();
+                match st {
+                    200 => won.push(d),
+                    409 => assert_eq!(code(&b), "CONFLICT"),
+                    _ => panic!("trial {trial}: complete answered {st}: {b}"),
+                }
+            }
+            assert_eq!(won.len(), 1, "trial {trial}: {won:?}");
+            let (st, b) = late.await.unwrap();
+            assert!(st == 200 || st == 409, "trial {trial}: {st} {b}");
+            let d = s.get(&rec).await;
+            assert_eq!(d["recording"]["duration_seconds"], won[0], "trial {trial}");
+            assert_eq!(
+                d["r2_data"]["duration_seconds"], won[0],
+                "trial {trial}: {d:#}"
+            );
+            assert_eq!(
+                d["r2_data"]["chunks"], d["recording"]["metadata"]["chunks"],
+                "trial {trial}"
+            );
+            assert_eq!(d["integrity"], "ok", "trial {trial}: {d:#}");
+
+            let rec = agent_start(s).await;
+            let done = agent_task(
+                s,
+                json!({"action": "complete", "node_key": nk, "session_id": rec}),
+            );
+            let (st, b) = s
+                .admin(json!({"action": "delete", "org_id": s.fx.org, "session_id": rec}))
+                .await;
+            assert_eq!(st, 200, "{b}");
+            let (st, b) = done.await.unwrap();
+            assert!(
+                st == 200 || (st, code(&b)) == (404, "NOT_FOUND"),
+                "trial {trial}: {st} {b}"
+            );
+        }
+    }
+
     pub async fn hostile_values(s: &Server) {
         let org = &s.fx.org;
         let nk = &s.fx.node_key;

@@ -41,6 +41,9 @@ pub async fn store_chunk(
             rec.status
         )));
     }
+    let _locked = app.inner.locks.upload(rec.id, index).await;
+    // `rec` was read before the lock: a `complete` may have finished since.
+    still_active(app, rec).await?;
     let org = rec.org_id.to_string();
     let session = rec.id.to_string();
     // `index` is checked to be in 0..=1e9 by the field parser.
@@ -51,9 +54,6 @@ pub async fn store_chunk(
         sha256: sha256_hex(events.as_bytes()),
         last_event_time,
     };
-    // Two uploads of one index must not interleave (object of one, row of the other): the
-    // row's SHA-256 has to be the stored object's.
-    let _same_chunk = app.inner.chunk_locks.lock(rec.id, index).await;
     app.inner.objects.put(&key, Bytes::from(events)).await?;
     match app.inner.meta.put_chunk(rec.id, &row).await? {
         ChunkOutcome::Stored => {}
@@ -72,31 +72,71 @@ pub async fn store_chunk(
     Ok(json!({"stored": key, "chunk_index": index}))
 }
 
-/// Striped locks that put one chunk's object write and row write in a row, so that uploads
-/// of the same chunk index take turns while different chunks (hashed apart) go in parallel.
-/// They cover one server process: several processes sharing a database can still interleave
-/// two different bodies sent for one index at the same moment (an agent's retry sends the same
-/// body, so it cannot).
-pub struct ChunkLocks {
-    stripes: Vec<tokio::sync::Mutex<()>>,
+/// Striped locks, so that what one server process does to a recording's objects and rows
+/// happens in an order the rows can describe (different recordings and chunks hash apart and go
+/// in parallel):
+/// - `recordings`: uploads share it, `complete` holds it alone. An upload refused because the
+///   recording completed must not have replaced the chunk's object first, and a `complete` that
+///   loses to another must not have written its summary over the winner's.
+/// - `chunks`: uploads of one chunk index take turns (object of one, row of the other would
+///   leave a row whose SHA-256 is not the stored object's).
+///
+/// They cover one process. Several processes sharing PostgreSQL and a bucket are still ordered
+/// by the database (a `complete` row-locks the recording, an upload share-locks it) but not
+/// around the object writes: two different bodies for one index, or an upload and a `complete`
+/// on two servers at the same moment, can still leave an object its row does not describe.
+pub struct Locks {
+    recordings: Vec<tokio::sync::RwLock<()>>,
+    chunks: Vec<tokio::sync::Mutex<()>>,
 }
 
-impl Default for ChunkLocks {
+const STRIPES: usize = 64;
+
+impl Default for Locks {
     fn default() -> Self {
-        ChunkLocks {
-            stripes: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
+        Locks {
+            recordings: (0..STRIPES).map(|_| tokio::sync::RwLock::new(())).collect(),
+            chunks: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
         }
     }
 }
 
-impl ChunkLocks {
-    pub async fn lock(&self, session: uuid::Uuid, index: i64) -> tokio::sync::MutexGuard<'_, ()> {
-        use std::hash::{Hash as _, Hasher as _};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        (session, index).hash(&mut h);
-        // The modulo keeps the index in range; 64 stripes fit any usize.
-        let stripe = (h.finish() % self.stripes.len() as u64) as usize;
-        self.stripes[stripe].lock().await
+fn stripe(key: impl std::hash::Hash) -> usize {
+    use std::hash::Hasher as _;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    // The modulo keeps it in range; STRIPES fits any usize.
+    (h.finish() % STRIPES as u64) as usize
+}
+
+impl Locks {
+    pub async fn upload(
+        &self,
+        session: uuid::Uuid,
+        index: i64,
+    ) -> (
+        tokio::sync::RwLockReadGuard<'_, ()>,
+        tokio::sync::MutexGuard<'_, ()>,
+    ) {
+        let r = self.recordings[stripe(session)].read().await;
+        let c = self.chunks[stripe((session, index))].lock().await;
+        (r, c)
+    }
+
+    pub async fn complete(&self, session: uuid::Uuid) -> tokio::sync::RwLockWriteGuard<'_, ()> {
+        self.recordings[stripe(session)].write().await
+    }
+}
+
+/// `Ok` while the recording is still there and `active`; else the answer to give.
+async fn still_active(app: &App, rec: &Recording) -> Result<(), Failure> {
+    match app.inner.meta.recording(rec.org_id, rec.id, false).await? {
+        None => Err(Failure::not_found("recording")),
+        Some(r) if r.status != "active" => Err(Failure::conflict(format!(
+            "recording is already {}",
+            r.status
+        ))),
+        Some(_) => Ok(()),
     }
 }
 
@@ -177,6 +217,8 @@ pub async fn complete(
             rec.status
         )));
     }
+    let _alone = app.inner.locks.complete(rec.id).await;
+    still_active(app, rec).await?;
     let org = rec.org_id.to_string();
     let session = rec.id.to_string();
     let key = summary_key(&org, &session);
@@ -211,8 +253,12 @@ pub async fn complete(
             .await?
         {
             CompleteOutcome::Done => return Ok(json!({"completed": session})),
+            // Completed or deleted by another server meanwhile.
             CompleteOutcome::NotActive => {
-                return Err(Failure::conflict("recording is already completed"))
+                return Err(still_active(app, rec)
+                    .await
+                    .err()
+                    .unwrap_or_else(|| Failure::conflict("recording is already completed")))
             }
             CompleteOutcome::ChunksChanged(now) => chunks = now,
         }
@@ -264,16 +310,29 @@ pub async fn integrity(app: &App, rec: &Recording) -> Result<&'static str, Failu
 
 /// `get`'s answer: the recording, the summary object (or null) and the integrity verdict.
 pub async fn get_json(app: &App, rec: &Recording) -> Result<Value, Failure> {
+    // The row is the answer; what the object store adds is best-effort, so a store that is
+    // down costs `r2_data` (null) and the verdict ("unknown"), not the whole `get`.
     let r2_data = match &rec.r2_key {
-        Some(key) => match app.inner.objects.get(key).await? {
-            Some(bytes) => serde_json::from_slice::<Value>(&bytes).unwrap_or(Value::Null),
-            None => Value::Null,
+        Some(key) => match app.inner.objects.get(key).await {
+            Ok(Some(bytes)) => serde_json::from_slice::<Value>(&bytes).unwrap_or(Value::Null),
+            Ok(None) => Value::Null,
+            Err(e) => {
+                tracing::warn!(error = %e, key, "cannot read a recording's summary");
+                Value::Null
+            }
         },
         None => Value::Null,
+    };
+    let verdict = match integrity(app, rec).await {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!(error = ?e, session = %rec.id, "cannot check a recording's chunks");
+            "unknown"
+        }
     };
     Ok(json!({
         "recording": recording_json(rec),
         "r2_data": r2_data,
-        "integrity": integrity(app, rec).await?,
+        "integrity": verdict,
     }))
 }
