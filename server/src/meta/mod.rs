@@ -24,6 +24,8 @@ pub enum MetaError {
     BadUrl(String),
     #[error("database: {0}")]
     Sql(#[from] sqlx::Error),
+    #[error("cannot connect to the database at {url}: {source}")]
+    Connect { url: String, source: sqlx::Error },
     #[error("migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("database: {0}")]

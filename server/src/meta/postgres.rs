@@ -44,11 +44,24 @@ fn recording_from_row(row: &PgRow) -> Result<Recording> {
 
 impl PgMeta {
     pub async fn open(url: &str, max_connections: u32) -> Result<PgMeta> {
+        let failed = |source| MetaError::Connect {
+            url: crate::config::redact_url(url),
+            source,
+        };
+        // One direct attempt first: a pool that never gets a connection retries for its whole
+        // acquire timeout and then says only that it timed out, where this says why at once
+        // (refused, authentication, unknown host or database). systemd restarts `serve`.
+        {
+            use sqlx::Connection as _;
+            let probe = sqlx::PgConnection::connect(url).await.map_err(failed)?;
+            let _ = probe.close().await;
+        }
         let pool = PgPoolOptions::new()
             .max_connections(max_connections.max(1))
             .acquire_timeout(Duration::from_secs(30))
             .connect(url)
-            .await?;
+            .await
+            .map_err(failed)?;
         MIGRATOR.run(&pool).await?;
         Ok(PgMeta { pool })
     }
