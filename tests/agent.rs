@@ -2466,6 +2466,10 @@ async fn sshd_one_user_fills_only_their_share_of_the_spool() {
         .find(|r| r["metadata"]["uid"] != 0)
         .expect("the test user's recording");
     assert_eq!(theirs["metadata"]["truncated"], true, "{theirs:#}");
+    assert_eq!(
+        theirs["metadata"]["truncated_reason"], "user's spool share full",
+        "{theirs:#}"
+    );
     assert_eq!(theirs["metadata"]["exit_status"], 4, "{theirs:#}");
     stop_all(&mut daemon, &mut backend).await;
 }

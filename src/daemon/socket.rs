@@ -327,7 +327,11 @@ async fn handle(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
         || disk_free < shared.config.chunk_max_bytes
     {
         Some("the recording spool is full")
-    } else if users >= share {
+    } else if share < shared.config.spool_max_bytes
+        && users.saturating_add(shared.config.chunk_max_bytes) > share
+    {
+        // Less than a chunk left: the session would be cut at once (under enforce, ended
+        // after showing its first output); refused instead, as the disk-free rule does.
         Some("this user's share of the recording spool is full")
     } else {
         None
@@ -418,9 +422,20 @@ async fn handle(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
 enum Outcome {
     Ended(EndMsg),
     Lost(String),
-    /// At `spool_max_bytes`, or the spool's disk refused a write (the reason).
-    SpoolFull(Option<String>),
+    /// Recording stops here; the session goes on (or is ended under enforce).
+    SpoolFull(Cut),
     Stopping,
+}
+
+/// Why a session's recording was cut.
+#[derive(Debug)]
+enum Cut {
+    /// At `spool_max_bytes`.
+    Spool,
+    /// At the user's `spool_max_bytes_per_user`.
+    Share,
+    /// The spool's disk refused a write (the reason).
+    Write(String),
 }
 
 /// Makes a full chunk durable and puts it in place off this task: an fsync takes milliseconds,
@@ -502,11 +517,11 @@ async fn record(
                     // Before every frame, not only when a chunk closes: a chunk open for
                     // seconds may hold megabytes.
                     let adds = f.payload.len() as u64;
-                    if shared.spool.bytes_estimate() + adds > cfg.spool_max_bytes
-                        || (share < cfg.spool_max_bytes
-                            && shared.spool.bytes_of_uid(uid) + adds > share)
-                    {
-                        break Outcome::SpoolFull(None);
+                    if shared.spool.bytes_estimate() + adds > cfg.spool_max_bytes {
+                        break Outcome::SpoolFull(Cut::Spool);
+                    }
+                    if share < cfg.spool_max_bytes && shared.spool.bytes_of_uid(uid) + adds > share {
+                        break Outcome::SpoolFull(Cut::Share);
                     }
                     // A frame may fill a chunk part-way: the rest goes into the next one, so
                     // no chunk passes `chunk_max_bytes` (unless one line does).
@@ -516,7 +531,7 @@ async fn record(
                         let (took, full) = match w.write(rest) {
                             Ok(x) => x,
                             Err(e) => {
-                                stop = Some(Outcome::SpoolFull(Some(e.to_string())));
+                                stop = Some(Outcome::SpoolFull(Cut::Write(e.to_string())));
                                 break;
                             }
                         };
@@ -526,7 +541,7 @@ async fn record(
                         if full {
                             if let Some(c) = w.take() {
                                 if let Err(e) = hand_off(shared, &mut closing, c).await {
-                                    stop = Some(Outcome::SpoolFull(Some(format!("{e:#}"))));
+                                    stop = Some(Outcome::SpoolFull(Cut::Write(format!("{e:#}"))));
                                     break;
                                 }
                             }
@@ -561,7 +576,7 @@ async fn record(
             _ = sleep_until_opt(deadline) => {
                 if let Some(c) = w.take() {
                     if let Err(e) = hand_off(shared, &mut closing, c).await {
-                        break Outcome::SpoolFull(Some(format!("{e:#}")));
+                        break Outcome::SpoolFull(Cut::Write(format!("{e:#}")));
                     }
                 }
             }
@@ -620,12 +635,13 @@ async fn record(
             set_end_or_hold(shared, dir, id, EndMark::interrupted());
             tracing::warn!(session = %id, "recorder connection lost ({why}): session completed as interrupted");
         }
-        Outcome::SpoolFull(write_error) => {
+        Outcome::SpoolFull(cut) => {
             // Tell the shell first: it follows its enforce policy whether or not the end mark
             // below can be written.
-            let message = match &write_error {
-                None => "the recording spool is full".to_string(),
-                Some(e) => format!("the recording spool cannot be written: {e}"),
+            let message = match &cut {
+                Cut::Spool => "the recording spool is full".to_string(),
+                Cut::Share => "this user's share of the recording spool is full".to_string(),
+                Cut::Write(e) => format!("the recording spool cannot be written: {e}"),
             };
             let _ = send_json(
                 wr,
@@ -638,12 +654,13 @@ async fn record(
             .await;
             let mut metadata = serde_json::Map::new();
             metadata.insert("truncated".into(), Value::Bool(true));
-            let reason = match &write_error {
-                None => "spool full".to_string(),
-                Some(e) => format!("spool write failed: {e}"),
+            let reason = match &cut {
+                Cut::Spool => "spool full".to_string(),
+                Cut::Share => "user's spool share full".to_string(),
+                Cut::Write(e) => format!("spool write failed: {e}"),
             };
+            tracing::warn!(session = %id, ?cut, "{reason}: recording of this session stops here");
             metadata.insert("truncated_reason".into(), Value::from(reason));
-            tracing::warn!(session = %id, ?write_error, "spool full: recording of this session stops here");
             // The session goes on (unrecorded, or being ended under enforce), and its exit
             // status still belongs on the recording: wait for its end, dropping what it sends
             // meanwhile.
