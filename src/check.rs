@@ -5,7 +5,7 @@
 //! sshd. The node key never appears in the output.
 
 use crate::client::{AgentClient, ClientError};
-use crate::config::{Config, ConfigArgs, Loaded, CONFIG_ENV, DEFAULT_CONFIG_FILE};
+use crate::config::{Config, ConfigArgs, Loaded, ShareCheck, CONFIG_ENV, DEFAULT_CONFIG_FILE};
 use std::path::{Path, PathBuf};
 use ztna_common::api::ErrorCode;
 
@@ -158,18 +158,16 @@ pub fn check(file: Option<&Path>, reach_backend: bool) -> Report {
             src = from(&["spool_max_bytes", "chunk_max_bytes"])
         ));
     }
-    match config.spool_max_bytes_per_user {
-        Some(n) if n < config.chunk_max_bytes => r.problems.push(format!(
-            "{src}: spool_max_bytes_per_user ({n}) is smaller than chunk_max_bytes ({}): no chunk would fit",
-            config.chunk_max_bytes,
-            src = from(&["spool_max_bytes_per_user", "chunk_max_bytes"])
+    match config.share_check() {
+        ShareCheck::TooSmall(why) => r.problems.push(format!(
+            "{}: {why}",
+            from(&["spool_max_bytes_per_user", "chunk_max_bytes"])
         )),
-        Some(n) if n >= config.spool_max_bytes => r.warnings.push(format!(
-            "{src}: spool_max_bytes_per_user ({n}) is not below spool_max_bytes ({}): it limits nothing",
-            config.spool_max_bytes,
-            src = from(&["spool_max_bytes_per_user", "spool_max_bytes"])
+        ShareCheck::NoLimit(why) => r.warnings.push(format!(
+            "{}: {why}",
+            from(&["spool_max_bytes_per_user", "spool_max_bytes"])
         )),
-        _ => {}
+        ShareCheck::Fine => {}
     }
 
     let (Some(url), Some(key)) = (url, key) else {

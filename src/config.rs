@@ -68,7 +68,30 @@ pub struct Config {
     pub status_command: String,
 }
 
+/// What is wrong with `spool_max_bytes_per_user`, as `config check` and the daemon say it.
+pub enum ShareCheck {
+    Fine,
+    /// A problem: no chunk would fit, so every non-root session would be refused.
+    TooSmall(String),
+    /// A warning: it limits nothing.
+    NoLimit(String),
+}
+
 impl Config {
+    pub fn share_check(&self) -> ShareCheck {
+        match self.spool_max_bytes_per_user {
+            Some(n) if n < self.chunk_max_bytes => ShareCheck::TooSmall(format!(
+                "spool_max_bytes_per_user ({n}) is smaller than chunk_max_bytes ({}): no chunk would fit",
+                self.chunk_max_bytes
+            )),
+            Some(n) if n >= self.spool_max_bytes => ShareCheck::NoLimit(format!(
+                "spool_max_bytes_per_user ({n}) is not below spool_max_bytes ({}): it limits nothing",
+                self.spool_max_bytes
+            )),
+            _ => ShareCheck::Fine,
+        }
+    }
+
     /// The most sessions of `uid` may hold in the spool.
     pub fn spool_share(&self, uid: u32) -> u64 {
         match self.spool_max_bytes_per_user {

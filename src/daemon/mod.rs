@@ -218,18 +218,10 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     )?;
     // What `config check` calls a problem stops the daemon too: a share smaller than a chunk
     // would refuse every user's session (and, under enforce, every login but root's).
-    if let Some(n) = config.spool_max_bytes_per_user {
-        anyhow::ensure!(
-            n >= config.chunk_max_bytes,
-            "spool_max_bytes_per_user ({n}) is smaller than chunk_max_bytes ({}): no chunk would fit",
-            config.chunk_max_bytes
-        );
-        if n >= config.spool_max_bytes {
-            tracing::warn!(
-                "spool_max_bytes_per_user ({n}) is not below spool_max_bytes ({}): it limits nothing",
-                config.spool_max_bytes
-            );
-        }
+    match config.share_check() {
+        crate::config::ShareCheck::TooSmall(why) => anyhow::bail!(why),
+        crate::config::ShareCheck::NoLimit(why) => tracing::warn!("{why}"),
+        crate::config::ShareCheck::Fine => {}
     }
     let node_key = config.read_node_key().context("reading the node key")?;
     if let Some(w) = config.node_key_file_exposed() {
