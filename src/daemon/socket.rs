@@ -422,8 +422,9 @@ async fn handle(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
 enum Outcome {
     Ended(EndMsg),
     Lost(String),
-    /// Recording stops here; the session goes on (or is ended under enforce).
-    SpoolFull(Cut),
+    /// Recording stops here; the session goes on (or is ended under enforce). With the frame
+    /// that found the limit, still to be spooled.
+    SpoolFull(Cut, Option<Frame>),
     Stopping,
 }
 
@@ -505,7 +506,7 @@ async fn record(
     let mut draining: Option<std::time::Instant> = None;
     // Event lines spooled, for the backend's `transcript_lines`.
     let mut transcript_lines = 0u64;
-    let outcome = loop {
+    let mut outcome = loop {
         let deadline = w.deadline();
         tokio::select! {
             f = rx.recv() => match f {
@@ -517,49 +518,25 @@ async fn record(
                     // Before every frame, not only when a chunk closes: a chunk open for
                     // seconds may hold megabytes.
                     let adds = f.payload.len() as u64;
-                    if shared.spool.bytes_estimate() + adds > cfg.spool_max_bytes {
-                        break Outcome::SpoolFull(Cut::Spool);
-                    }
-                    if share < cfg.spool_max_bytes && shared.spool.bytes_of_uid(uid) + adds > share {
-                        break Outcome::SpoolFull(Cut::Share);
-                    }
-                    // A frame may fill a chunk part-way: the rest goes into the next one, so
-                    // no chunk passes `chunk_max_bytes` (unless one line does).
-                    let mut rest = &f.payload[..];
-                    let mut stop = None;
-                    while !rest.is_empty() {
-                        let (took, full) = match w.write(rest) {
-                            Ok(x) => x,
-                            Err(e) => {
-                                stop = Some(Outcome::SpoolFull(Cut::Write(e.to_string())));
-                                break;
-                            }
-                        };
-                        rest = &rest[took..];
-                        shared.spool.note_spooled(uid, took as u64);
-                        shared.ingest.note(took as u64);
-                        if full {
-                            if let Some(c) = w.take() {
-                                if let Err(e) = hand_off(shared, &mut closing, c).await {
-                                    stop = Some(Outcome::SpoolFull(Cut::Write(format!("{e:#}"))));
-                                    break;
-                                }
-                            }
-                        }
-                    }
-                    // The time of the last event written (a stop may leave part unwritten).
-                    let written = &f.payload[..f.payload.len() - rest.len()];
-                    let (last, lines) = if rest.is_empty() {
-                        (last, lines)
+                    let cut = if shared.spool.bytes_estimate() + adds > cfg.spool_max_bytes {
+                        Some(Cut::Spool)
+                    } else if share < cfg.spool_max_bytes
+                        && shared.spool.bytes_of_uid(uid) + adds > share
+                    {
+                        Some(Cut::Share)
                     } else {
-                        check_events(written).unwrap_or_default()
+                        None
                     };
-                    if last.is_some() {
-                        w.last_time = last;
+                    if let Some(cut) = cut {
+                        // This frame, like any the session sent before it hears of the cut,
+                        // may already be on the user's screen: it is spooled past the limit
+                        // (see `spool_late`).
+                        break Outcome::SpoolFull(cut, Some(f));
                     }
-                    transcript_lines += lines;
-                    if let Some(o) = stop {
-                        break o;
+                    let (n, failed) = spool_lines(shared, uid, &mut w, &mut closing, &f.payload, last, lines).await;
+                    transcript_lines += n;
+                    if let Some(e) = failed {
+                        break Outcome::SpoolFull(Cut::Write(e), None);
                     }
                 }
                 Some(Ok(f)) if f.kind == Kind::End => match f.parse::<EndMsg>() {
@@ -576,7 +553,7 @@ async fn record(
             _ = sleep_until_opt(deadline) => {
                 if let Some(c) = w.take() {
                     if let Err(e) = hand_off(shared, &mut closing, c).await {
-                        break Outcome::SpoolFull(Cut::Write(format!("{e:#}")));
+                        break Outcome::SpoolFull(Cut::Write(format!("{e:#}")), None);
                     }
                 }
             }
@@ -595,6 +572,40 @@ async fn record(
             _ = sleep_until_opt(draining), if draining.is_some() => break Outcome::Stopping,
         }
     };
+    // A cut session is told first: it follows its enforce policy whether or not what comes
+    // next can be written. What it sent before it heard is then spooled, and its End read.
+    let mut late_end = None;
+    if let Outcome::SpoolFull(cut, first) = &mut outcome {
+        let message = match &*cut {
+            Cut::Spool => "the recording spool is full".to_string(),
+            Cut::Share => "this user's share of the recording spool is full".to_string(),
+            Cut::Write(e) => format!("the recording spool cannot be written: {e}"),
+        };
+        let _ = send_json(
+            wr,
+            Kind::Error,
+            &ErrorMsg {
+                message,
+                code: ipc::ERROR_SPOOL_FULL.into(),
+            },
+        )
+        .await;
+        let late = Late {
+            w: &mut w,
+            closing: &mut closing,
+            // After a refused write the disk takes nothing more from this session.
+            room: if matches!(cut, Cut::Write(_)) {
+                0
+            } else {
+                LATE_MAX_BYTES
+            },
+            lines: 0,
+        };
+        let (end, lines) =
+            spool_late(shared, uid, late, first.take(), &mut rx, &mut stopping).await;
+        transcript_lines += lines;
+        late_end = Some(end);
+    }
     // What was written is kept whatever happens next: a chunk that cannot be made durable now
     // stays a part file, which recovery seals at the next start.
     if let Some(prev) = closing.take() {
@@ -635,23 +646,7 @@ async fn record(
             set_end_or_hold(shared, dir, id, EndMark::interrupted());
             tracing::warn!(session = %id, "recorder connection lost ({why}): session completed as interrupted");
         }
-        Outcome::SpoolFull(cut) => {
-            // Tell the shell first: it follows its enforce policy whether or not the end mark
-            // below can be written.
-            let message = match &cut {
-                Cut::Spool => "the recording spool is full".to_string(),
-                Cut::Share => "this user's share of the recording spool is full".to_string(),
-                Cut::Write(e) => format!("the recording spool cannot be written: {e}"),
-            };
-            let _ = send_json(
-                wr,
-                Kind::Error,
-                &ErrorMsg {
-                    message,
-                    code: ipc::ERROR_SPOOL_FULL.into(),
-                },
-            )
-            .await;
+        Outcome::SpoolFull(cut, _) => {
             let mut metadata = serde_json::Map::new();
             metadata.insert("truncated".into(), Value::Bool(true));
             let reason = match &cut {
@@ -662,9 +657,8 @@ async fn record(
             tracing::warn!(session = %id, ?cut, "{reason}: recording of this session stops here");
             metadata.insert("truncated_reason".into(), Value::from(reason));
             // The session goes on (unrecorded, or being ended under enforce), and its exit
-            // status still belongs on the recording: wait for its end, dropping what it sends
-            // meanwhile.
-            let end = drain_to_end(&mut rx, &mut stopping).await;
+            // status still belongs on the recording.
+            let end = late_end.flatten();
             let ended = end.is_some();
             let (exit_status, end_meta) = end.map(end_metadata).unwrap_or_default();
             metadata.extend(end_meta);
@@ -720,20 +714,110 @@ fn end_metadata(end: EndMsg) -> (Option<i32>, serde_json::Map<String, Value>) {
     (end.exit_status, metadata)
 }
 
-/// Reads a session's frames, dropping them, until its End (`None` when the connection closes
-/// first or the daemon stops).
-async fn drain_to_end(
+/// How much a cut session may still spool past the limit that cut it: what it sent before it
+/// heard of the cut (its relay's queue, one frame, the socket's buffers; at most a few hundred
+/// KiB, more with JSON-escaped binary output). That output may already be on the user's
+/// screen, so it is kept: under enforce, nothing the user saw goes unrecorded. The limits are
+/// therefore where sessions are cut, and each cut may pass them by up to this much.
+const LATE_MAX_BYTES: u64 = 2 * 1024 * 1024;
+
+/// Where a cut session's late frames go.
+struct Late<'a> {
+    w: &'a mut ChunkWriter,
+    closing: &'a mut Option<JoinHandle<std::io::Result<()>>>,
+    /// Bytes it may still spool.
+    room: u64,
+    lines: u64,
+}
+
+/// Writes one Events frame's lines into the session's chunks, handing full chunks off to be
+/// made durable. Returns the lines written and, when the disk refused, why (what was written
+/// before stays).
+async fn spool_lines(
+    shared: &Arc<Shared>,
+    uid: u32,
+    w: &mut ChunkWriter,
+    closing: &mut Option<JoinHandle<std::io::Result<()>>>,
+    payload: &[u8],
+    last: Option<f64>,
+    lines: u64,
+) -> (u64, Option<String>) {
+    // A frame may fill a chunk part-way: the rest goes into the next one, so no chunk passes
+    // `chunk_max_bytes` (unless one line does).
+    let mut rest = payload;
+    let mut stop = None;
+    while !rest.is_empty() {
+        let (took, full) = match w.write(rest) {
+            Ok(x) => x,
+            Err(e) => {
+                stop = Some(e.to_string());
+                break;
+            }
+        };
+        rest = &rest[took..];
+        shared.spool.note_spooled(uid, took as u64);
+        shared.ingest.note(took as u64);
+        if full {
+            if let Some(c) = w.take() {
+                if let Err(e) = hand_off(shared, closing, c).await {
+                    stop = Some(format!("{e:#}"));
+                    break;
+                }
+            }
+        }
+    }
+    // The time of the last event written (a stop may leave part unwritten).
+    let written = &payload[..payload.len() - rest.len()];
+    let (last, lines) = if rest.is_empty() {
+        (last, lines)
+    } else {
+        check_events(written).unwrap_or_default()
+    };
+    if last.is_some() {
+        w.last_time = last;
+    }
+    (lines, stop)
+}
+
+/// After a cut: spools (up to the room left) the frames the session sent before it heard,
+/// drops the rest, and reads on to its End. Returns the End (`None` when the connection
+/// closed first or the daemon stops) and the lines spooled.
+async fn spool_late(
+    shared: &Arc<Shared>,
+    uid: u32,
+    mut late: Late<'_>,
+    first: Option<Frame>,
     rx: &mut mpsc::Receiver<Result<Frame, FrameError>>,
     stopping: &mut tokio::sync::watch::Receiver<bool>,
-) -> Option<EndMsg> {
+) -> (Option<EndMsg>, u64) {
+    let mut next = first.map(Ok);
     loop {
-        tokio::select! {
-            f = rx.recv() => match f {
-                Some(Ok(f)) if f.kind == Kind::End => return f.parse::<EndMsg>().ok(),
-                Some(Ok(_)) => {}
-                _ => return None,
+        let f = match next.take() {
+            Some(f) => Some(f),
+            None => tokio::select! {
+                f = rx.recv() => f,
+                _ = stopping.changed() => return (None, late.lines),
             },
-            _ = stopping.changed() => return None,
+        };
+        match f {
+            Some(Ok(f)) if f.kind == Kind::End => return (f.parse::<EndMsg>().ok(), late.lines),
+            Some(Ok(f)) if f.kind == Kind::Events => {
+                // Once one frame is dropped nothing after it is spooled: no gaps.
+                let fits = (f.payload.len() as u64) <= late.room;
+                let Some((last, lines)) = check_events(&f.payload).ok().filter(|_| fits) else {
+                    late.room = 0;
+                    continue;
+                };
+                late.room -= f.payload.len() as u64;
+                let (n, failed) =
+                    spool_lines(shared, uid, late.w, late.closing, &f.payload, last, lines).await;
+                late.lines += n;
+                if failed.is_some() {
+                    late.room = 0;
+                }
+            }
+            Some(Ok(_)) => late.room = 0,
+            _ => return (None, late.lines),
         }
     }
 }

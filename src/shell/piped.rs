@@ -53,7 +53,9 @@ impl Recording {
             clock.0 = clock.0.max(self.started.elapsed());
             *clock
         };
-        if self.lost.load(Ordering::Relaxed) {
+        // Acquire: a relay that sees `lost` then sees the `cut` set before it (and shows
+        // nothing it could not send).
+        if self.lost.load(Ordering::Acquire) {
             self.pause_and_resume(&mut guard, Some(text), now, false);
             return;
         }

@@ -341,7 +341,9 @@ impl Sink for DaemonSink {
                     Err(_) => Err(io::Error::other("no answer from the recording daemon")),
                 }
             }
-            _ if self.link.stopped.load(Ordering::Relaxed) => Ok(()),
+            // Under enforce the events of a session being ended are still sent: output shown
+            // before the shell heard of the cut is among them, and the daemon spools it.
+            _ if self.link.stopped.load(Ordering::Relaxed) && !self.watch.enforce => Ok(()),
             _ if self.rebase.is_zero() => match event.asciicast_line() {
                 Some(line) => self.queue_line(line),
                 None => Ok(()),
@@ -373,7 +375,8 @@ impl Sink for DaemonSink {
             // Held for the next daemon (see `paused`).
             return Ok(());
         }
-        if self.resume.is_some() || self.given_up || self.link.stopped.load(Ordering::Relaxed) {
+        let stopped = self.link.stopped.load(Ordering::Relaxed) && !self.watch.enforce;
+        if self.resume.is_some() || self.given_up || stopped {
             self.buf.clear();
             return Ok(());
         }
