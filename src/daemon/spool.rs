@@ -108,8 +108,9 @@ impl EndMark {
     }
 }
 
-/// Held while a daemon uses a spool (an advisory lock on `SPOOL/daemon.lock`, which the kernel
-/// drops with the process, however it ends).
+/// Held while a daemon uses a spool: an advisory lock on the spool folder itself, which the
+/// kernel drops with the process, however it ends. (A lock file could be deleted under a
+/// running daemon, letting a second one in; the folder cannot be, while it holds the spool.)
 #[derive(Debug)]
 pub struct SpoolLock {
     _held: nix::fcntl::Flock<fs::File>,
@@ -120,19 +121,14 @@ impl Spool {
     /// the same `spool_dir`) would recover the first one's live sessions as interrupted and
     /// upload every session twice: it is refused instead.
     pub fn lock(&self) -> io::Result<SpoolLock> {
-        let path = self.root.join("daemon.lock");
-        let f = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&path)?;
+        let path = &self.root;
+        let f = fs::File::open(path)?;
         match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
             Ok(held) => Ok(SpoolLock { _held: held }),
             Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(io::Error::new(
                 io::ErrorKind::WouldBlock,
                 format!(
-                    "another daemon is using this spool ({} is locked)",
+                    "another daemon is using this spool ({} is locked by it)",
                     path.display()
                 ),
             )),
