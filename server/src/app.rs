@@ -109,6 +109,11 @@ impl App {
         })
     }
 
+    /// Whether the object store can be used (a bucket that exists, credentials it takes).
+    pub async fn check_store(&self) -> Result<(), crate::objects::ObjectError> {
+        self.inner.objects.check().await
+    }
+
     /// Creates an org (with its default settings); `session_recording` sets the feature flag.
     pub async fn create_org(
         &self,

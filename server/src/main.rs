@@ -295,6 +295,10 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .map_err(|e| format!("bad --listen / ZTNA_LISTEN {:?}: {e}", config.listen))?
                 .collect();
             let app = App::open(config.clone()).await.map_err(|e| e.to_string())?;
+            // Only `serve` needs the store at once: `admin` commands work without it.
+            app.check_store()
+                .await
+                .map_err(|e| format!("cannot open the object store: {e}"))?;
             let listener = tokio::net::TcpListener::bind(addrs.as_slice())
                 .await
                 .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;

@@ -29,6 +29,13 @@ pub enum ObjectError {
     Io { key: String, source: std::io::Error },
     #[error("object store task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error("{0}: the bucket does not exist (create it first)")]
+    NoBucket(String),
+    #[error("{store}: cannot list the bucket: {source}")]
+    Unusable {
+        store: String,
+        source: object_store::Error,
+    },
 }
 
 /// Where recordings' objects live. Cheap to clone.
@@ -106,6 +113,35 @@ impl Objects {
             })
         } else {
             Err(ObjectError::BadUrl(url.to_string()))
+        }
+    }
+
+    /// Whether the store answers: a bucket that is missing, or credentials it refuses, are found
+    /// at `serve`'s start rather than at the first upload. (A list: an object's HEAD answers 404
+    /// alike for a missing key and a missing bucket.)
+    pub async fn check(&self) -> Result<(), ObjectError> {
+        if self.local_root.is_some() {
+            return Ok(());
+        }
+        match self
+            .store
+            .list_with_delimiter(Some(&Path::from("recordings")))
+            .await
+        {
+            Ok(_) => Ok(()),
+            // object_store keeps a list's HTTP status in its message only: a 404 to a list is
+            // a missing bucket (S3, R2, MinIO and Garage also name `NoSuchBucket`).
+            Err(e)
+                if matches!(e, object_store::Error::NotFound { .. })
+                    || e.to_string().contains("status code: 404")
+                    || e.to_string().contains("NoSuchBucket") =>
+            {
+                Err(ObjectError::NoBucket(self.describe.clone()))
+            }
+            Err(source) => Err(ObjectError::Unusable {
+                store: self.describe.clone(),
+                source,
+            }),
         }
     }
 

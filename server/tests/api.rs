@@ -2339,6 +2339,37 @@ async fn two_servers_share_one_sqlite_file() {
     s.stop().await;
 }
 
+/// `serve` on a bucket that does not exist stops at once and says so (it used to start and
+/// fail every upload); the same store with the bucket there is fine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_bucket_is_named_at_start() {
+    let stores = Stores::new(Backend::PgS3).await;
+    let app = App::open(stores.config()).await.unwrap();
+    app.check_store().await.unwrap();
+    let mut config = stores.config();
+    let missing = format!("ztna-missing-{}", uuid::Uuid::new_v4().simple());
+    config.store_url = Some(format!("s3://{missing}"));
+    let app = App::open(config).await.unwrap();
+    let e = app.check_store().await.unwrap_err().to_string();
+    assert!(e.contains(&missing) && e.contains("does not exist"), "{e}");
+    let mut args = stores.cli_args();
+    let i = args.iter().position(|a| a == "--store").unwrap();
+    args[i + 1] = format!("s3://{missing}");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_ztna-recorder-server"))
+        .arg("serve")
+        .args(["--listen", "127.0.0.1:0"])
+        .args(&args)
+        .env("JWT_SECRET", "missing-bucket-test-secret")
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("does not exist"), "{err}");
+    assert!(out.stdout.is_empty(), "it never listened");
+    stores.drop_database().await;
+}
+
 /// Two `serve` processes on one PostgreSQL and one bucket: chunks alternately to both, then a
 /// retention sweep on each at once. Nothing lost, nothing deleted twice, no error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
