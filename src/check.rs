@@ -150,6 +150,13 @@ pub fn check(file: Option<&Path>, reach_backend: bool) -> Report {
             src = from(&["spool_dir"])
         ));
     }
+    if let Some(why) = uncreatable(&config.spool_dir) {
+        r.problems.push(format!(
+            "{src}: spool_dir {} cannot be created: {why}",
+            config.spool_dir.display(),
+            src = from(&["spool_dir"])
+        ));
+    }
     if config.spool_max_bytes < config.chunk_max_bytes {
         r.problems.push(format!(
             "{src}: spool_max_bytes ({}) is smaller than chunk_max_bytes ({}): no chunk would fit",
@@ -299,4 +306,35 @@ fn unreadable_by_users(file: &Path) -> Option<String> {
         .skip(1)
         .find(|d| mode(d).is_some_and(|m| m & 0o001 == 0))
         .map(|d| format!("other users cannot enter {}", d.display()))
+}
+
+/// Why the daemon could not create `dir` (missing) at its start, if it could not: the nearest
+/// existing folder above it is a file, or (checked as root, as the daemon runs) is on a
+/// read-only filesystem or otherwise refuses a new entry.
+fn uncreatable(dir: &Path) -> Option<String> {
+    if dir.exists() {
+        return None;
+    }
+    let mut up = dir.parent();
+    while let Some(p) = up {
+        let p = if p.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            p
+        };
+        if p.exists() {
+            if !p.is_dir() {
+                return Some(format!("{} is not a directory", p.display()));
+            }
+            if nix::unistd::geteuid().is_root() {
+                let w = nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK;
+                if let Err(e) = nix::unistd::access(p, w) {
+                    return Some(format!("{} takes no new folder ({e})", p.display()));
+                }
+            }
+            return None;
+        }
+        up = p.parent();
+    }
+    None
 }

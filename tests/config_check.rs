@@ -243,6 +243,20 @@ async fn every_problem_gets_its_own_line() {
     assert_one_error(&check(&f).await, "chunk_max_secs");
 }
 
+/// A spool_dir the daemon could not create at its start is found now, not when it fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spool_dir_that_cannot_be_created_is_an_error() {
+    let dir = config_dir();
+    let f = write_config(dir.path(), "http://127.0.0.1:9", Some(&"a".repeat(128)));
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "").unwrap();
+    let mut text = std::fs::read_to_string(&f).unwrap();
+    text.push_str(&format!("spool_dir = \"{}/spool\"\n", file.display()));
+    std::fs::write(&f, text).unwrap();
+    let line = assert_one_error(&check(&f).await, "cannot be created");
+    assert!(line.contains("is not a directory"), "{line}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_config_other_users_cannot_read_is_an_error() {
     use std::os::unix::fs::PermissionsExt as _;
