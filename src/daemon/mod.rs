@@ -187,6 +187,8 @@ impl Shared {
         let c = lock(&self.counters);
         let mut live: Vec<LiveSession> = lock(&self.live).values().cloned().collect();
         live.sort_by(|a, b| a.started_at.cmp(&b.started_at));
+        // (An uploader may still be finishing a wait its last session's output began.)
+        let deferred = self.deferring.load(Ordering::Relaxed) > 0 && !live.is_empty();
         StatusReply {
             version: env!("CARGO_PKG_VERSION").to_string(),
             pid: std::process::id(),
@@ -204,7 +206,7 @@ impl Shared {
             backend_last_answer_at: c.backend_last_answer_at.clone(),
             chunks_uploaded: c.chunks_uploaded,
             sessions_completed: c.sessions_completed,
-            uploads_deferred: self.deferring.load(Ordering::Relaxed) > 0,
+            uploads_deferred: deferred,
         }
     }
 }

@@ -76,12 +76,15 @@ impl Ingest {
     }
 }
 
-/// Whether uploads give way now: the live sessions stream bulk output, the daemon is not
+/// Whether uploads give way now: live sessions stream bulk output, the daemon is not
 /// stopping, and the spool is less than half full. Past half, the uploads run alongside the
 /// output: a long burst must never fill the spool because uploads waited, or the session's
 /// recording would be cut short.
 pub fn yield_now(shared: &super::Shared) -> bool {
+    // The rate lingers for a moment after the last session ended: with none live, there is
+    // no output to give way to.
     shared.ingest.busy()
+        && !super::lock(&shared.live).is_empty()
         && !*shared.stopping.borrow()
         && shared.spool.bytes_estimate() < shared.config.spool_max_bytes / 2
 }
