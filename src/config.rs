@@ -68,6 +68,18 @@ pub struct Config {
     pub status_command: String,
 }
 
+/// The most a session cut by a spool limit may still spool: what it had sent before it heard
+/// of the cut (its queue, a frame, the socket's buffers: a few hundred KiB, more when binary
+/// output is JSON-escaped). That output may already be on the user's screen.
+pub const LATE_MAX_BYTES: u64 = 2 * 1024 * 1024;
+
+/// Where sessions are cut for a spool limit of `limit` bytes: short of it by the room kept for
+/// what cut sessions had already sent (an eighth of the limit, at most [`LATE_MAX_BYTES`]). So
+/// under enforce the recording holds all the user saw, and the limit itself is never passed.
+pub fn cut_point(limit: u64) -> u64 {
+    limit - (limit / 8).min(LATE_MAX_BYTES)
+}
+
 /// What is wrong with `spool_max_bytes_per_user`, as `config check` and the daemon say it.
 pub enum ShareCheck {
     Fine,
@@ -80,9 +92,10 @@ pub enum ShareCheck {
 impl Config {
     pub fn share_check(&self) -> ShareCheck {
         match self.spool_max_bytes_per_user {
-            Some(n) if n < self.chunk_max_bytes => ShareCheck::TooSmall(format!(
-                "spool_max_bytes_per_user ({n}) is smaller than chunk_max_bytes ({}): no chunk would fit",
-                self.chunk_max_bytes
+            Some(n) if cut_point(n) < self.chunk_max_bytes => ShareCheck::TooSmall(format!(
+                "spool_max_bytes_per_user ({n}) is too small for chunk_max_bytes ({}): sessions are cut at {} (room is kept for what a cut session had sent), so no chunk would fit",
+                self.chunk_max_bytes,
+                cut_point(n)
             )),
             Some(n) if n >= self.spool_max_bytes => ShareCheck::NoLimit(format!(
                 "spool_max_bytes_per_user ({n}) is not below spool_max_bytes ({}): it limits nothing",

@@ -77,7 +77,8 @@ impl Ingest {
 }
 
 /// Whether uploads give way now: live sessions stream bulk output, the daemon is not
-/// stopping, and the spool is less than half full. Past half, the uploads run alongside the
+/// stopping, and the spool is less than half full (of what it takes before it cuts sessions:
+/// [`crate::config::cut_point`]). Past half, the uploads run alongside the
 /// output: a long burst must never fill the spool because uploads waited, or the session's
 /// recording would be cut short.
 pub fn yield_now(shared: &super::Shared) -> bool {
@@ -86,7 +87,8 @@ pub fn yield_now(shared: &super::Shared) -> bool {
     shared.ingest.busy()
         && !super::lock(&shared.live).is_empty()
         && !*shared.stopping.borrow()
-        && shared.spool.bytes_estimate() < shared.config.spool_max_bytes / 2
+        && shared.spool.bytes_estimate()
+            < crate::config::cut_point(shared.config.spool_max_bytes) / 2
 }
 
 /// Counts an uploader as waiting (for `status`) while it lives, so the count stays right even

@@ -4,6 +4,7 @@
 
 use super::spool::{ChunkWriter, ClosingChunk, EndMark};
 use super::{lock, now_rfc3339, Shared};
+use crate::config::{cut_point, LATE_MAX_BYTES};
 use crate::ipc::{
     self, AckMsg, DecisionMsg, EndMsg, ErrorMsg, Frame, FrameError, Kind, LiveSession, Mode,
     StartMsg,
@@ -323,12 +324,14 @@ async fn handle(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
     } else {
         0
     };
-    let full = if usage.bytes >= shared.config.spool_max_bytes
+    // Both limits are taken at their cut points: a session admitted past one would be cut at
+    // once.
+    let full = if usage.bytes >= cut_point(shared.config.spool_max_bytes)
         || disk_free < shared.config.chunk_max_bytes
     {
         Some("the recording spool is full")
     } else if share < shared.config.spool_max_bytes
-        && users.saturating_add(shared.config.chunk_max_bytes) > share
+        && users.saturating_add(shared.config.chunk_max_bytes) > cut_point(share)
     {
         // Less than a chunk left: the session would be cut at once (under enforce, ended
         // after showing its first output); refused instead, as the disk-free rule does.
@@ -518,10 +521,10 @@ async fn record(
                     // Before every frame, not only when a chunk closes: a chunk open for
                     // seconds may hold megabytes.
                     let adds = f.payload.len() as u64;
-                    let cut = if shared.spool.bytes_estimate() + adds > cfg.spool_max_bytes {
+                    let cut = if shared.spool.bytes_estimate() + adds > cut_point(cfg.spool_max_bytes) {
                         Some(Cut::Spool)
                     } else if share < cfg.spool_max_bytes
-                        && shared.spool.bytes_of_uid(uid) + adds > share
+                        && shared.spool.bytes_of_uid(uid) + adds > cut_point(share)
                     {
                         Some(Cut::Share)
                     } else {
@@ -529,8 +532,8 @@ async fn record(
                     };
                     if let Some(cut) = cut {
                         // This frame, like any the session sent before it hears of the cut,
-                        // may already be on the user's screen: it is spooled past the limit
-                        // (see `spool_late`).
+                        // may already be on the user's screen: it is spooled in the room kept
+                        // past the cut point (see `spool_late`).
                         break Outcome::SpoolFull(cut, Some(f));
                     }
                     let (n, failed) = spool_lines(shared, uid, &mut w, &mut closing, &f.payload, last, lines).await;
@@ -599,6 +602,7 @@ async fn record(
             } else {
                 LATE_MAX_BYTES
             },
+            share: (share < cfg.spool_max_bytes).then_some(share),
             lines: 0,
         };
         let (end, lines) =
@@ -714,19 +718,14 @@ fn end_metadata(end: EndMsg) -> (Option<i32>, serde_json::Map<String, Value>) {
     (end.exit_status, metadata)
 }
 
-/// How much a cut session may still spool past the limit that cut it: what it sent before it
-/// heard of the cut (its relay's queue, one frame, the socket's buffers; at most a few hundred
-/// KiB, more with JSON-escaped binary output). That output may already be on the user's
-/// screen, so it is kept: under enforce, nothing the user saw goes unrecorded. The limits are
-/// therefore where sessions are cut, and each cut may pass them by up to this much.
-const LATE_MAX_BYTES: u64 = 2 * 1024 * 1024;
-
 /// Where a cut session's late frames go.
 struct Late<'a> {
     w: &'a mut ChunkWriter,
     closing: &'a mut Option<JoinHandle<std::io::Result<()>>>,
     /// Bytes it may still spool.
     room: u64,
+    /// Its user's share, when it has one of its own.
+    share: Option<u64>,
     lines: u64,
 }
 
@@ -779,8 +778,8 @@ async fn spool_lines(
     (lines, stop)
 }
 
-/// After a cut: spools (up to the room left) the frames the session sent before it heard,
-/// drops the rest, and reads on to its End. Returns the End (`None` when the connection
+/// After a cut: spools the frames the session sent before it heard (in the room kept past the
+/// cut point, at most [`LATE_MAX_BYTES`]), drops the rest, and reads on to its End. Returns the End (`None` when the connection
 /// closed first or the daemon stops) and the lines spooled.
 async fn spool_late(
     shared: &Arc<Shared>,
@@ -802,13 +801,19 @@ async fn spool_late(
         match f {
             Some(Ok(f)) if f.kind == Kind::End => return (f.parse::<EndMsg>().ok(), late.lines),
             Some(Ok(f)) if f.kind == Kind::Events => {
-                // Once one frame is dropped nothing after it is spooled: no gaps.
-                let fits = (f.payload.len() as u64) <= late.room;
+                // The limits themselves are never passed; and once one frame is dropped
+                // nothing after it is spooled: no gaps.
+                let n = f.payload.len() as u64;
+                let fits = n <= late.room
+                    && shared.spool.bytes_estimate() + n <= shared.config.spool_max_bytes
+                    && late
+                        .share
+                        .is_none_or(|cap| shared.spool.bytes_of_uid(uid) + n <= cap);
                 let Some((last, lines)) = check_events(&f.payload).ok().filter(|_| fits) else {
                     late.room = 0;
                     continue;
                 };
-                late.room -= f.payload.len() as u64;
+                late.room -= n;
                 let (n, failed) =
                     spool_lines(shared, uid, late.w, late.closing, &f.payload, last, lines).await;
                 late.lines += n;
