@@ -18,7 +18,8 @@ use std::path::{Path, PathBuf};
     name = "ztna-recorder",
     version,
     propagate_version = true,
-    about = "SSH session recorder agent"
+    about = "SSH session recorder agent",
+    after_long_help = crate::config::CONFIG_HELP
 )]
 pub struct Cli {
     #[command(subcommand)]

@@ -166,6 +166,41 @@ const KEYS: &[(&str, Kind)] = &[
     ("status_command", Kind::Str),
 ];
 
+/// The configuration keys as `--help` and the man page list them (a test keeps it in step
+/// with [`KEYS`] and the defaults).
+pub const CONFIG_HELP: &str = "\
+CONFIGURATION
+  Built-in defaults, then the file (/etc/ztna-recorder/config.toml, or --config FILE, or
+  ZTNA_RECORDER_CONFIG), then ZTNA_RECORDER_<KEY> environment variables, then flags. Unknown
+  keys are warned about. `ztna-recorder config check` validates a file and reaches the backend.
+
+  server_url                the backend's base URL (required)
+  node_key_file             a file holding the machine's node key (mode 0600); when unset,
+                            the key comes from `status_command`
+  node_key                  the node key itself (prefer node_key_file)
+  spool_dir                 where sessions wait for the backend [/var/lib/ztna-recorder/spool]
+  socket                    where `shell` finds the daemon [/run/ztna-recorder/recorder.sock]
+  enforce                   fail closed: refuse (or end) a session that cannot be recorded
+                            [false]
+  capture_input             also record keystrokes (`i` events) [false]
+  chunk_max_bytes           a chunk is closed at this size... [1048576]
+  chunk_max_secs            ...or this many seconds after its first event [10]
+  spool_max_bytes           the most the spool holds; sessions are cut an eighth short of it
+                            (at most 2 MiB), which keeps room for what they had sent
+                            [1073741824]
+  spool_max_bytes_per_user  the most one user's sessions hold (root is exempt) [no limit]
+  retry_max_secs            the longest wait between upload retries [30]
+  rescan_secs               how often the spool is rescanned besides notify [5]
+  config_refresh_secs       how long the backend's `config` answer is trusted [60]
+  drain_secs                on SIGTERM, how long the daemon keeps uploading [3]
+  upload_defer_secs         how long uploads may wait while sessions stream bulk output
+                            (0: never) [30]
+  status_command            prints {\"node_key\": ...} when node_key_file is unset
+                            [ztna status --json]
+
+  `shell` runs as the user: there, environment variables may only make recording stricter.
+  ZTNA_RECORDER_LOG sets the log filter (e.g. debug).";
+
 /// Environment variables with the prefix that are not configuration keys (`FORCE_REMOVE` is
 /// the package scripts').
 const NON_KEY_ENV: &[&str] = &["CONFIG", "LOG", "FORCE_REMOVE"];
@@ -474,6 +509,52 @@ fn apply(c: &mut Config, key: &str, v: toml::Value) -> anyhow::Result<()> {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+
+    #[test]
+    fn the_help_lists_every_key_with_its_default() {
+        let d = Config::default();
+        // Each key's entry: its line and the continuation lines under it.
+        let mut entries: Vec<(String, String)> = Vec::new();
+        for l in CONFIG_HELP.lines() {
+            if let Some(rest) = l.strip_prefix("  ") {
+                if rest.starts_with(' ') {
+                    if let Some(e) = entries.last_mut() {
+                        e.1.push_str(rest.trim());
+                    }
+                    continue;
+                }
+                let key = rest.split(' ').next().unwrap_or_default().to_string();
+                entries.push((key, rest.to_string()));
+            }
+        }
+        let line = |key: &str| -> String {
+            entries
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, t)| t.clone())
+                .unwrap_or_else(|| panic!("{key} is not in CONFIG_HELP"))
+        };
+        for (key, _) in KEYS {
+            line(key);
+        }
+        for (key, v) in [
+            ("chunk_max_bytes", d.chunk_max_bytes),
+            ("chunk_max_secs", d.chunk_max_secs),
+            ("spool_max_bytes", d.spool_max_bytes),
+            ("retry_max_secs", d.retry_max_secs),
+            ("rescan_secs", d.rescan_secs),
+            ("config_refresh_secs", d.config_refresh_secs),
+            ("drain_secs", d.drain_secs),
+            ("upload_defer_secs", d.upload_defer_secs),
+        ] {
+            let l = line(key);
+            assert!(l.contains(&format!("[{v}]")), "{key}: {l:?}");
+        }
+        assert!(line("spool_dir").contains(&format!("[{}]", d.spool_dir.display())));
+        assert!(line("socket").contains(&format!("[{}]", d.socket.display())));
+        assert!(line("status_command").contains(&format!("[{}]", d.status_command)));
+        assert!(line("enforce").contains(&format!("[{}]", d.enforce)));
+    }
 
     #[test]
     fn layers_apply_in_order_and_unknown_keys_warn() {

@@ -39,11 +39,14 @@ pub fn run(docs: &DocsCommand, cmd: clap::Command) -> std::io::Result<()> {
     match docs {
         DocsCommand::Man(ManArgs { dir: Some(dir) }) => {
             std::fs::create_dir_all(dir)?;
-            clap_mangen::generate_to(cmd, dir)
+            clap_mangen::generate_to(cmd.clone(), dir)?;
+            // The top page again, with its long help as a section of its own.
+            let mut f = std::fs::File::create(dir.join(format!("{name}.1")))?;
+            render_top(cmd, &mut f)
         }
         DocsCommand::Man(ManArgs { dir: None }) => {
             let mut out = std::io::stdout().lock();
-            clap_mangen::Man::new(cmd).render(&mut out)?;
+            render_top(cmd, &mut out)?;
             out.flush()
         }
         DocsCommand::Completions(CompletionsArgs { shell }) => {
@@ -55,6 +58,37 @@ pub fn run(docs: &DocsCommand, cmd: clap::Command) -> std::io::Result<()> {
     }
 }
 
+/// A command's page, where the text after its long help (a first line that is the section's
+/// title, then lines laid out by hand, such as a table of configuration keys) becomes a section
+/// shown as written. clap_mangen would fill those lines into one paragraph under "EXTRA".
+fn render_top(cmd: clap::Command, w: &mut dyn Write) -> std::io::Result<()> {
+    let extra = cmd.get_after_long_help().map(|t| t.to_string());
+    let bare = cmd.after_long_help(None::<&'static str>);
+    clap_mangen::Man::new(bare).render(w)?;
+    let Some(extra) = extra else {
+        return Ok(());
+    };
+    let mut lines = extra.lines();
+    let title = lines.next().unwrap_or("NOTES").trim();
+    writeln!(w, ".SH {}", roff_line(title))?;
+    writeln!(w, ".nf")?;
+    for l in lines {
+        writeln!(w, "{}", roff_line(l))?;
+    }
+    writeln!(w, ".fi")
+}
+
+/// One line of roff text, taken literally: backslashes escaped, and a leading `.` or `'` (a
+/// request) or a blank line (a paragraph break outside `.nf`) kept as text.
+fn roff_line(l: &str) -> String {
+    let l = l.replace('\\', "\\e");
+    if l.starts_with('.') || l.starts_with('\'') {
+        format!("\\&{l}")
+    } else {
+        l
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -62,7 +96,12 @@ mod tests {
     use clap::{CommandFactory, Parser, Subcommand};
 
     #[derive(Parser)]
-    #[command(name = "demo", version, about = "A demo")]
+    #[command(
+        name = "demo",
+        version,
+        about = "A demo",
+        after_long_help = "SETTINGS\n  key_one    the first [1]\n.dotted kept as text"
+    )]
     struct Cli {
         #[command(subcommand)]
         command: Cmd,
@@ -93,6 +132,14 @@ mod tests {
         assert_eq!(names, ["demo-thing.1", "demo.1"]);
         let top = std::fs::read_to_string(dir.path().join("demo.1")).unwrap();
         assert!(top.contains(".TH demo 1"), "{top}");
+        // The long help is a section of its own, its lines as written.
+        assert!(
+            top.contains(
+                ".SH SETTINGS\n.nf\n  key_one    the first [1]\n\\&.dotted kept as text\n.fi"
+            ),
+            "{top}"
+        );
+        assert!(!top.contains("EXTRA"), "{top}");
         assert!(
             !top.contains("completions"),
             "hidden subcommands leak: {top}"
