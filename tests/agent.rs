@@ -1887,6 +1887,19 @@ mod sshd {
             format!("{USER}@127.0.0.1")
         }
 
+        /// `ssh -tt host CMD` (the PTY path) with nothing on stdin, run to its end.
+        pub fn exec_tt(&self, cmd: &str) -> std::process::Output {
+            tokio::task::block_in_place(|| {
+                self.ssh()
+                    .arg("-tt")
+                    .arg(self.target())
+                    .arg(cmd)
+                    .stdin(Stdio::null())
+                    .output()
+                    .unwrap()
+            })
+        }
+
         /// An interactive login (`ssh -tt host`), every stream piped.
         pub fn login(&self) -> Child {
             self.ssh()
@@ -2397,15 +2410,7 @@ async fn sshd_pty_session_past_a_full_spool_keeps_its_exit_status() {
     let mut daemon = agent.daemon();
     let s = sshd::Sshd::start(&agent.config());
     let cmd = "head -c 600000 /dev/zero | tr '\\0' e; echo; exit 5";
-    let out = tokio::task::block_in_place(|| {
-        s.ssh()
-            .arg("-tt")
-            .arg(s.target())
-            .arg(cmd)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    });
+    let out = s.exec_tt(cmd);
     assert_eq!(
         out.status.code(),
         Some(5),
@@ -2432,15 +2437,7 @@ async fn sshd_enforce_cut_pty_session_shows_nothing_unrecorded() {
     let mut daemon = agent.daemon();
     let s = sshd::Sshd::start(&agent.config());
     let cmd = "echo first; sleep 0.5; head -c 16000000 /dev/zero | tr '\\0' d; echo; exit 3";
-    let out = tokio::task::block_in_place(|| {
-        s.ssh()
-            .arg("-tt")
-            .arg(s.target())
-            .arg(cmd)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    });
+    let out = s.exec_tt(cmd);
     let all = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(out.status.code(), Some(1), "{all:.300}");
     // The shell's message starts on a new line ("\r\n", which the terminal, restored by then,
