@@ -1209,6 +1209,39 @@ async fn spool_full_refuses_new_sessions_and_keeps_what_it_has() {
     stop_all(&mut daemon, &mut backend).await;
 }
 
+/// A session cut by a full spool that goes on unrecorded (no enforce) has its last chunk
+/// sealed, ready to upload, within seconds of the cut, not when the session ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_session_that_goes_on_has_its_last_chunk_sealed() {
+    let mut backend = Backend::new_down(true).await;
+    let agent = Agent::new(
+        &backend,
+        "chunk_max_bytes = 100000\nchunk_max_secs = 600\nspool_max_bytes = 9000\n",
+    );
+    let mut daemon = agent.daemon();
+    let (mut c, d) = FrameClient::start(&agent.socket());
+    let (_, f) = fill_until_stopped(&mut c, 400, 50);
+    assert_eq!(f.kind, Kind::Error);
+    let dir = agent
+        .spool()
+        .join("sessions")
+        .join(d.session.as_deref().unwrap());
+    let names = || -> Vec<String> {
+        std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("chunk-"))
+            .collect()
+    };
+    wait_until("the last chunk sealed", Duration::from_secs(10), || {
+        let n = names();
+        !n.is_empty() && n.iter().all(|n| n.ends_with(".cast"))
+    });
+    c.end(0);
+    stop_all(&mut daemon, &mut backend).await;
+}
+
 /// Under enforce, a session whose recording stops part-way (here the spool fills up) is
 /// ended, and what the program prints meanwhile does not reach the user (all of 3 MB used to,
 /// while the program was being stopped), nor does any output go unrecorded.

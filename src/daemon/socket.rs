@@ -778,9 +778,14 @@ async fn spool_lines(
     (lines, stop)
 }
 
+/// How long after a cut a session's frames may still be spooled: it hears of the cut within
+/// milliseconds, and what it sends after that was never shown.
+const LATE_WINDOW: Duration = Duration::from_secs(2);
+
 /// After a cut: spools the frames the session sent before it heard (in the room kept past the
-/// cut point, at most [`LATE_MAX_BYTES`]), drops the rest, and reads on to its End. Returns the End (`None` when the connection
-/// closed first or the daemon stops) and the lines spooled.
+/// cut point, at most [`LATE_MAX_BYTES`], within [`LATE_WINDOW`]), drops the rest, and reads on
+/// to its End. Returns the End (`None` when the connection closed first or the daemon stops)
+/// and the lines spooled.
 async fn spool_late(
     shared: &Arc<Shared>,
     uid: u32,
@@ -790,11 +795,27 @@ async fn spool_late(
     stopping: &mut tokio::sync::watch::Receiver<bool>,
 ) -> (Option<EndMsg>, u64) {
     let mut next = first.map(Ok);
+    let window = tokio::time::sleep(LATE_WINDOW);
+    tokio::pin!(window);
     loop {
+        if late.room == 0 && late.w.deadline().is_some() {
+            // Nothing more goes in: the last chunk is closed now, not when a session that goes
+            // on unrecorded ends, hours later maybe.
+            if let Some(c) = late.w.take() {
+                if hand_off(shared, late.closing, c).await.is_err() {
+                    // Left a part file, which recovery seals.
+                    tracing::warn!("closing a cut session's last chunk failed");
+                }
+            }
+        }
         let f = match next.take() {
             Some(f) => Some(f),
             None => tokio::select! {
                 f = rx.recv() => f,
+                _ = &mut window, if late.room > 0 => {
+                    late.room = 0;
+                    continue;
+                }
                 _ = stopping.changed() => return (None, late.lines),
             },
         };
