@@ -81,6 +81,11 @@ struct Global {
     #[arg(long, env = "ZTNA_LISTEN", global = true, default_value = config::DEFAULT_LISTEN,
           value_name = "HOST:PORT")]
     listen: String,
+    /// The most database connections this process opens. On PostgreSQL an upload holds one
+    /// while its object is written, so this also bounds the uploads in flight.
+    #[arg(long, env = "ZTNA_MAX_DB_CONNECTIONS", global = true, default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..=10_000), value_name = "N")]
+    max_db_connections: u32,
 }
 
 #[derive(Subcommand, Debug)]
@@ -245,6 +250,7 @@ fn build_config(g: &Global) -> Result<Config, String> {
     c.store_url = g.store.clone();
     c.jwt_secret = g.jwt_secret.clone();
     c.listen = g.listen.clone();
+    c.max_db_connections = g.max_db_connections;
     c.s3 = S3Config {
         endpoint: g.s3_endpoint.clone(),
         access_key: g.s3_access_key.clone(),

@@ -2492,6 +2492,94 @@ async fn two_serve_processes_share_postgres_and_s3() {
     stores.drop_database().await;
 }
 
+/// Two `serve` processes on one PostgreSQL and one bucket, racing on one recording: two bodies
+/// for one chunk index, an upload against a `complete`, two `complete`s. Whatever wins, the
+/// objects are what the rows say (a losing `complete` used to write its summary over the
+/// winner's: 19 times in 20).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_serve_processes_racing_on_one_recording_keep_objects_and_rows_agreeing() {
+    let stores = Stores::new(Backend::PgS3).await;
+    let secret = "two-process-race-secret";
+    let mut config = stores.config();
+    config.jwt_secret = Some(secret.into());
+    let app = App::open(config).await.unwrap();
+    let fx = make_fixture(&app, "races").await;
+    let a = spawn_serve(&stores, secret).await;
+    let b = spawn_serve(&stores, secret).await;
+    let http = reqwest::Client::new();
+    let t = fx.admin_token.clone();
+    let org = fx.org.clone();
+    for trial in 0..12i64 {
+        let (st, body) = a
+            .post(&http, &t, &json!({"action": "start", "org_id": org, "machine_id": fx.machine, "session_type": "ssh"}))
+            .await;
+        assert_eq!(st, 201, "{body}");
+        let rec = body["data"]["session_id"].as_str().unwrap().to_string();
+        let upload = |p: &'static str, data: String| {
+            let (proc_, body) = (
+                if p == "a" { &a } else { &b },
+                json!({"action": "upload_chunk", "org_id": org, "session_id": rec, "chunk_index": 0, "chunk_data": data}),
+            );
+            let (http, t) = (&http, &t);
+            async move { proc_.post(http, t, &body).await.0 }
+        };
+        // Two bodies for chunk 0 at once, one through each process.
+        let (sa, sb) = tokio::join!(
+            upload("a", format!("[0.5, \"o\", \"from a {trial}\"]")),
+            upload(
+                "b",
+                format!("[0.7, \"o\", \"from b {trial} {}\"]", "b".repeat(3000))
+            )
+        );
+        assert_eq!((sa, sb), (200, 200), "trial {trial}");
+        // An upload of chunk 1 against a `complete`, then a second `complete`, each pair on
+        // both processes at once.
+        let complete = |p: &'static str, d: i64| {
+            let (proc_, body) = (
+                if p == "a" { &a } else { &b },
+                json!({"action": "complete", "org_id": org, "session_id": rec, "duration_seconds": d}),
+            );
+            let (http, t) = (&http, &t);
+            async move { proc_.post(http, t, &body).await.0 }
+        };
+        let late = json!({"action": "upload_chunk", "org_id": org, "session_id": rec, "chunk_index": 1, "chunk_data": format!("[1.5, \"o\", \"late {trial}\"]")});
+        let (su, sa, sb) = tokio::join!(
+            async { b.post(&http, &t, &late).await.0 },
+            complete("a", 1000 + trial),
+            complete("b", 2000 + trial)
+        );
+        assert!(su == 200 || su == 409, "trial {trial}: upload {su}");
+        let mut codes = [sa, sb];
+        codes.sort();
+        assert_eq!(codes, [200, 409], "trial {trial}");
+        let (st, body) = a
+            .post(
+                &http,
+                &t,
+                &json!({"action": "get", "org_id": org, "session_id": rec}),
+            )
+            .await;
+        assert_eq!(st, 200);
+        let d = &body["data"];
+        assert_eq!(d["integrity"], "ok", "trial {trial}: {d:#}");
+        assert_eq!(
+            d["r2_data"]["duration_seconds"], d["recording"]["duration_seconds"],
+            "trial {trial}: the summary is the winner's: {d:#}"
+        );
+        assert_eq!(
+            d["r2_data"]["chunks"].as_array().map(Vec::len),
+            d["recording"]["metadata"]["chunks"]
+                .as_array()
+                .map(Vec::len),
+            "trial {trial}: {d:#}"
+        );
+    }
+    a.terminate().await;
+    b.terminate().await;
+    drop(app);
+    stores.drop_database().await;
+}
+
 /// The binary on embedded defaults: data dir created, secret file 0600, SIGTERM drains.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_on_defaults_and_sigterm() {

@@ -1,5 +1,6 @@
 //! What both routes do to a recording: store a chunk (object first, durable, then its row),
-//! complete (summary object, then the row), render it as JSON, check its chunks' integrity.
+//! complete (summary object, then the row; the metadata store orders both with its locks),
+//! render it as JSON, check its chunks' integrity.
 
 use bytes::Bytes;
 use serde_json::{json, Map, Value};
@@ -54,8 +55,8 @@ pub async fn store_chunk(
         sha256: sha256_hex(events.as_bytes()),
         last_event_time,
     };
-    app.inner.objects.put(&key, Bytes::from(events)).await?;
-    match app.inner.meta.put_chunk(rec.id, &row).await? {
+    let write = Box::pin(app.inner.objects.put(&key, Bytes::from(events)));
+    match app.inner.meta.put_chunk(rec.id, &row, write).await? {
         ChunkOutcome::Stored => {}
         ChunkOutcome::NotActive => {
             return Err(Failure::conflict("recording is no longer active"));
@@ -81,10 +82,8 @@ pub async fn store_chunk(
 /// - `chunks`: uploads of one chunk index take turns (object of one, row of the other would
 ///   leave a row whose SHA-256 is not the stored object's).
 ///
-/// They cover one process. Several processes sharing PostgreSQL and a bucket are still ordered
-/// by the database (a `complete` row-locks the recording, an upload share-locks it) but not
-/// around the object writes: two different bodies for one index, or an upload and a `complete`
-/// on two servers at the same moment, can still leave an object its row does not describe.
+/// They cover one process. Several processes sharing PostgreSQL and a bucket are ordered by the
+/// database, which writes the objects under its own locks (see `MetadataStore::put_chunk`).
 pub struct Locks {
     recordings: Vec<tokio::sync::RwLock<()>>,
     chunks: Vec<tokio::sync::Mutex<()>>,
@@ -236,10 +235,11 @@ pub async fn complete(
             now,
             &chunks,
         );
-        app.inner
-            .objects
-            .put(&key, Bytes::from(summary.to_string()))
-            .await?;
+        let write = Box::pin(
+            app.inner
+                .objects
+                .put(&key, Bytes::from(summary.to_string())),
+        );
         let completion = Completion {
             ended_at: agent_time(ended_at, Some(rec.started_at), now),
             duration_seconds: duration,
@@ -249,7 +249,7 @@ pub async fn complete(
         match app
             .inner
             .meta
-            .complete(rec.id, &completion, &chunks)
+            .complete(rec.id, &completion, &chunks, write)
             .await?
         {
             CompleteOutcome::Done => return Ok(json!({"completed": session})),

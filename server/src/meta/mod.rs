@@ -38,6 +38,12 @@ pub enum MetaError {
 
 pub type Result<T> = std::result::Result<T, MetaError>;
 
+/// An object write handed to a store method, which awaits it where it is ordered with the
+/// rows: inside the transaction that locks the recording, where the backend holds such locks
+/// across processes (PostgreSQL), so that several servers on one database and bucket never
+/// leave an object that its row does not describe.
+pub type ObjectWrite<'a> = futures::future::BoxFuture<'a, std::result::Result<(), ObjectError>>;
+
 /// A member's role in an org.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -282,15 +288,24 @@ pub trait MetadataStore: Send + Sync {
     /// The recording with this id in this org; its `chunks` only when `with_chunks` (an
     /// upload does not need them, and a long recording has many).
     async fn recording(&self, org: Uuid, id: Uuid, with_chunks: bool) -> Result<Option<Recording>>;
-    /// Inserts or replaces a chunk, only while the recording is `active`.
-    async fn put_chunk(&self, session: Uuid, chunk: &ChunkRow) -> Result<ChunkOutcome>;
+    /// Writes the chunk's object (`write`) and inserts or replaces its row, only while the
+    /// recording is `active`. With `Gone` the object may have been written: the caller takes
+    /// it back.
+    async fn put_chunk(
+        &self,
+        session: Uuid,
+        chunk: &ChunkRow,
+        write: ObjectWrite<'_>,
+    ) -> Result<ChunkOutcome>;
     /// Marks an `active` recording completed, if its chunks are still `chunks` (what its
-    /// summary was written from): chunks that arrived meanwhile are handed back instead.
+    /// summary was written from): chunks that arrived meanwhile are handed back instead. The
+    /// summary object (`write`) is written only by the `complete` that wins, before its row.
     async fn complete(
         &self,
         id: Uuid,
         c: &Completion,
         chunks: &[ChunkRow],
+        write: ObjectWrite<'_>,
     ) -> Result<CompleteOutcome>;
     async fn list(&self, org: Uuid, q: &ListQuery) -> Result<ListPage>;
 

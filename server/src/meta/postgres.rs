@@ -348,9 +348,17 @@ impl MetadataStore for PgMeta {
         Ok(Some(rec))
     }
 
-    async fn put_chunk(&self, session: Uuid, c: &ChunkRow) -> Result<ChunkOutcome> {
+    async fn put_chunk(
+        &self,
+        session: Uuid,
+        c: &ChunkRow,
+        write: ObjectWrite<'_>,
+    ) -> Result<ChunkOutcome> {
         // The recording's row is share-locked until the chunk is in: a `complete` (which
-        // locks it for update) sees every chunk stored before it, and none comes after.
+        // locks it for update) sees every chunk stored before it, and none comes after, in
+        // whichever server process each runs. The object is written under that lock (and
+        // under one for its index, so two bodies for one index take turns): a recording that
+        // is no longer active keeps its objects as its rows describe them.
         let mut tx = self.pool.begin().await?;
         let status: Option<String> =
             sqlx::query_scalar("SELECT status FROM session_recordings WHERE id = $1 FOR SHARE")
@@ -362,6 +370,11 @@ impl MetadataStore for PgMeta {
             Some("active") => {}
             Some(_) => return Ok(ChunkOutcome::NotActive),
         }
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(chunk_lock_key(session, c.index))
+            .execute(&mut *tx)
+            .await?;
+        write.await?;
         let r = sqlx::query(
             "INSERT INTO session_recording_chunks \
              (session_id, chunk_index, bytes, sha256, last_event_time) \
@@ -390,9 +403,11 @@ impl MetadataStore for PgMeta {
         id: Uuid,
         c: &Completion,
         chunks: &[ChunkRow],
+        write: ObjectWrite<'_>,
     ) -> Result<CompleteOutcome> {
         // Locked for update: uploads in flight (share locks) finish first, later ones find
-        // the recording completed.
+        // the recording completed; of two completes, the second finds it completed before it
+        // writes its summary over the first's.
         let mut tx = self.pool.begin().await?;
         let active = sqlx::query(
             "SELECT 1 FROM session_recordings WHERE id = $1 AND status = 'active' FOR UPDATE",
@@ -413,6 +428,7 @@ impl MetadataStore for PgMeta {
         if now != chunks {
             return Ok(CompleteOutcome::ChunksChanged(now));
         }
+        write.await?;
         sqlx::query(
             "UPDATE session_recordings SET status = 'completed', ended_at = $1, \
              duration_seconds = $2, r2_key = $3, metadata = metadata || $4::jsonb \
@@ -539,4 +555,13 @@ impl MetadataStore for PgMeta {
             .map(|r| Ok((r.try_get("org_id")?, r.try_get("days")?)))
             .collect()
     }
+}
+
+/// The advisory lock that orders uploads of one chunk index of one recording across server
+/// processes. A collision between two keys only makes unrelated uploads take turns.
+fn chunk_lock_key(session: Uuid, index: i64) -> i64 {
+    let b = session.as_bytes();
+    let hi = i64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+    let lo = i64::from_be_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]);
+    (hi ^ lo) ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15_u64 as i64)
 }

@@ -475,7 +475,16 @@ impl MetadataStore for SqliteMeta {
         Ok(Some(rec))
     }
 
-    async fn put_chunk(&self, session: Uuid, c: &ChunkRow) -> Result<ChunkOutcome> {
+    async fn put_chunk(
+        &self,
+        session: Uuid,
+        c: &ChunkRow,
+        write: ObjectWrite<'_>,
+    ) -> Result<ChunkOutcome> {
+        // The object first, outside the write lock: holding SQLite's one write lock through
+        // an fsync would make every upload wait for every other. One process orders an upload
+        // with a `complete` by its own locks (`api::recording::Locks`).
+        write.await?;
         // One statement per chunk (status check and upsert together), many per commit.
         let (reply, answer) = oneshot::channel();
         self.chunks
@@ -492,6 +501,7 @@ impl MetadataStore for SqliteMeta {
         id: Uuid,
         c: &Completion,
         chunks: &[ChunkRow],
+        write: ObjectWrite<'_>,
     ) -> Result<CompleteOutcome> {
         // A shallow merge, as PostgreSQL's `||` does: each given key replaces the stored value
         // (`json_patch` would merge objects deeply and delete keys given as null). The
@@ -517,6 +527,10 @@ impl MetadataStore for SqliteMeta {
         if now != chunks {
             return Ok(CompleteOutcome::ChunksChanged(now));
         }
+        // Under the write lock (a `complete` is rare; an upload does not wait for its fsync
+        // long): a `complete` that lost to another, in this process or another on the same
+        // file, never writes its summary over the winner's.
+        write.await?;
         let mut metadata = metadata_object(metadata_col(&row)?);
         metadata.extend(c.metadata_merge.clone());
         sqlx::query(
