@@ -68,16 +68,23 @@ pub struct Config {
     pub status_command: String,
 }
 
-/// The most a session cut by a spool limit may still spool: what it had sent before it heard
-/// of the cut (its queue, a frame, the socket's buffers: a few hundred KiB, more when binary
-/// output is JSON-escaped). That output may already be on the user's screen.
-pub const LATE_MAX_BYTES: u64 = 2 * 1024 * 1024;
+/// What a session cut by a spool limit may have sent before it heard of the cut: its queue, a
+/// frame, the socket's buffers (a few hundred KiB; more when binary output is JSON-escaped).
+/// That output may already be on the user's screen, so room is kept for it.
+pub const LATE_MAX_BYTES: u64 = 512 * 1024;
 
-/// Where sessions are cut for a spool limit of `limit` bytes: short of it by the room kept for
-/// what cut sessions had already sent (an eighth of the limit, at most [`LATE_MAX_BYTES`]). So
-/// under enforce the recording holds all the user saw, and the limit itself is never passed.
+/// The room the spool keeps for each live session's late output (see [`LATE_MAX_BYTES`]): a
+/// sixteenth of `spool_max_bytes`, at most [`LATE_MAX_BYTES`]. Sessions are cut that much
+/// (times the sessions live) short of the limit, which is never passed.
+pub fn late_room(spool_max_bytes: u64) -> u64 {
+    (spool_max_bytes / 16).min(LATE_MAX_BYTES)
+}
+
+/// Where sessions are cut for a user's share of `limit` bytes: short of it by the room kept for
+/// what that user's cut sessions had already sent (an eighth, at most four times
+/// [`LATE_MAX_BYTES`], shared by their sessions).
 pub fn cut_point(limit: u64) -> u64 {
-    limit - (limit / 8).min(LATE_MAX_BYTES)
+    limit - (limit / 8).min(4 * LATE_MAX_BYTES)
 }
 
 /// What is wrong with `spool_max_bytes_per_user`, as `config check` and the daemon say it.
@@ -185,9 +192,9 @@ CONFIGURATION
   capture_input             also record keystrokes (`i` events) [false]
   chunk_max_bytes           a chunk is closed at this size... [1048576]
   chunk_max_secs            ...or this many seconds after its first event [10]
-  spool_max_bytes           the most the spool holds; sessions are cut an eighth short of it
-                            (at most 2 MiB), which keeps room for what they had sent
-                            [1073741824]
+  spool_max_bytes           the most the spool holds; each live session keeps room in it for
+                            what it has in flight (a sixteenth, at most 512 KiB): sessions are
+                            cut that far short of it [1073741824]
   spool_max_bytes_per_user  the most one user's sessions hold (root is exempt) [no limit]
   retry_max_secs            the longest wait between upload retries [30]
   rescan_secs               how often the spool is rescanned besides notify [5]

@@ -797,12 +797,11 @@ async fn waiting_uploads_never_fill_the_spool() {
     let mut backend = Backend::new(true).await;
     let agent = Agent::new(
         &backend,
-        // Sessions are cut at 4 MiB (an eighth short of the limit).
-        "chunk_max_bytes = 65536\nspool_max_bytes = 4793491\nupload_defer_secs = 600\n",
+        "chunk_max_bytes = 65536\nspool_max_bytes = 4194304\nupload_defer_secs = 600\n",
     );
     let mut daemon = agent.daemon();
-    // About 2 MiB/s for 3 s: half again as much as the spool takes before it cuts a session.
-    // Acknowledged at the end: the daemon did not cut the session short (spool full).
+    // About 2 MiB/s for 3 s: half again as much as the spool holds. Acknowledged at the end:
+    // the daemon did not cut the session short (spool full).
     let sent = stream_bulk(
         &agent,
         Duration::from_millis(8),
@@ -1206,6 +1205,72 @@ async fn spool_full_refuses_new_sessions_and_keeps_what_it_has() {
         !got.is_empty() && sent.starts_with(&got),
         "what was spooled arrives, in order"
     );
+    stop_all(&mut daemon, &mut backend).await;
+}
+
+/// Under enforce, several piped sessions cut by the full spool at the same moment: each one's
+/// recording holds all its user saw, since each keeps its own room for what it has in flight
+/// (one room shared by all used to run out: all of 8 such sessions showed more than was
+/// recorded), and the spool stays under its limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enforce_cuts_of_many_sessions_at_once_show_nothing_unrecorded() {
+    const SESSIONS: usize = 6;
+    const MAX: u64 = 8_000_000;
+    let mut backend = Backend::new_down(true).await;
+    let agent = Agent::new(
+        &backend,
+        &format!("enforce = true\nspool_max_bytes = {MAX}\n"),
+    );
+    let mut daemon = agent.daemon();
+    let gate = agent.dir.path().join("go");
+    let cmd = format!(
+        "while [ ! -e {} ]; do sleep 0.01; done; yes S$$-abcdefghijklmnopqrstuvwxyz | head -c 40000000",
+        gate.display()
+    );
+    let children: Vec<Child> = (0..SESSIONS)
+        .map(|_| {
+            let mut c = agent.shell_command(Some(&cmd), None).spawn().unwrap();
+            drop(c.stdin.take());
+            c
+        })
+        .collect();
+    wait_until("the sessions live", Duration::from_secs(30), || {
+        agent.status().sessions_live.len() == SESSIONS
+    });
+    std::fs::write(&gate, "").unwrap();
+    // Every session's output read at once, as each client would (one read after another
+    // would hold all but one back).
+    let readers: Vec<_> = children
+        .into_iter()
+        .map(|c| std::thread::spawn(move || c.wait_with_output().unwrap()))
+        .collect();
+    let outs: Vec<std::process::Output> =
+        tokio::task::block_in_place(|| readers.into_iter().map(|r| r.join().unwrap()).collect());
+    let spooled = agent.status().bytes_spooled;
+    assert!(spooled <= MAX, "{spooled} bytes spooled");
+    backend.start().await;
+    let recs = backend
+        .wait_completed(SESSIONS, Duration::from_secs(60))
+        .await;
+    let recorded: Vec<String> = recs
+        .iter()
+        .map(|r| output_of(&backend.events_text(r)))
+        .collect();
+    for out in &outs {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        let first = out.stdout.split(|&b| b == b'\n').next().unwrap();
+        let mine = recorded
+            .iter()
+            .find(|r| r.as_bytes().starts_with(first))
+            .expect("the session's recording");
+        assert!(
+            mine.as_bytes().starts_with(&out.stdout),
+            "{} bytes shown, {} recorded",
+            out.stdout.len(),
+            mine.len()
+        );
+    }
     stop_all(&mut daemon, &mut backend).await;
 }
 

@@ -78,7 +78,7 @@ impl Ingest {
 
 /// Whether uploads give way now: live sessions stream bulk output, the daemon is not
 /// stopping, and the spool is less than half full (of what it takes before it cuts sessions:
-/// [`crate::config::cut_point`]). Past half, the uploads run alongside the
+/// the room live sessions keep is not for output). Past half, the uploads run alongside the
 /// output: a long burst must never fill the spool because uploads waited, or the session's
 /// recording would be cut short.
 pub fn yield_now(shared: &super::Shared) -> bool {
@@ -88,7 +88,11 @@ pub fn yield_now(shared: &super::Shared) -> bool {
         && !super::lock(&shared.live).is_empty()
         && !*shared.stopping.borrow()
         && shared.spool.bytes_estimate()
-            < crate::config::cut_point(shared.config.spool_max_bytes) / 2
+            < shared
+                .config
+                .spool_max_bytes
+                .saturating_sub(shared.spool.held())
+                / 2
 }
 
 /// Counts an uploader as waiting (for `status`) while it lives, so the count stays right even

@@ -4,7 +4,7 @@
 
 use super::spool::{ChunkWriter, ClosingChunk, EndMark};
 use super::{lock, now_rfc3339, Shared};
-use crate::config::{cut_point, LATE_MAX_BYTES};
+use crate::config::{cut_point, late_room};
 use crate::ipc::{
     self, AckMsg, DecisionMsg, EndMsg, ErrorMsg, Frame, FrameError, Kind, LiveSession, Mode,
     StartMsg,
@@ -324,9 +324,10 @@ async fn handle(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
     } else {
         0
     };
-    // Both limits are taken at their cut points: a session admitted past one would be cut at
-    // once.
-    let full = if usage.bytes >= cut_point(shared.config.spool_max_bytes)
+    // Both limits are taken at their cut points (the room live sessions keep, this one's
+    // included, is not for output): a session admitted past one would be cut at once.
+    let room = late_room(shared.config.spool_max_bytes);
+    let full = if usage.bytes + shared.spool.held() + room >= shared.config.spool_max_bytes
         || disk_free < shared.config.chunk_max_bytes
     {
         Some("the recording spool is full")
@@ -340,11 +341,12 @@ async fn handle(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
         None
     };
     if let Some(why) = full {
-        tracing::warn!(bytes = usage.bytes, max = shared.config.spool_max_bytes, user_bytes = users, user_max = share, disk_free, %user, "{why}: refusing to record a new session");
+        tracing::warn!(bytes = usage.bytes, held = shared.spool.held(), max = shared.config.spool_max_bytes, user_bytes = users, user_max = share, disk_free, %user, "{why}: refusing to record a new session");
         send_json(&mut wr, Kind::Decision, &decide(Mode::Refused, why)).await?;
         return Ok(());
     }
 
+    let hold = shared.spool.hold(room);
     let id = uuid::Uuid::new_v4().to_string();
     let mut metadata = start.metadata;
     drop_owned(&mut metadata);
@@ -415,7 +417,7 @@ async fn handle(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
     shared.wake.notify_one();
     tracing::info!(session = %id, %user, uid, "session started");
 
-    let result = record(&shared, &dir, &id, uid, rd, &mut wr).await;
+    let result = record(&shared, &dir, &id, uid, hold, rd, &mut wr).await;
     lock(&shared.live).remove(&id);
     shared.wake.notify_one();
     result
@@ -467,6 +469,7 @@ async fn record(
     dir: &super::spool::SessionDir,
     id: &str,
     uid: u32,
+    mut hold: super::spool::Hold,
     mut rd: tokio::net::unix::OwnedReadHalf,
     wr: &mut tokio::net::unix::OwnedWriteHalf,
 ) -> anyhow::Result<()> {
@@ -521,7 +524,8 @@ async fn record(
                     // Before every frame, not only when a chunk closes: a chunk open for
                     // seconds may hold megabytes.
                     let adds = f.payload.len() as u64;
-                    let cut = if shared.spool.bytes_estimate() + adds > cut_point(cfg.spool_max_bytes) {
+                    // The room live sessions keep (this one's too) is not for output.
+                    let cut = if shared.spool.bytes_estimate() + shared.spool.held() + adds > cfg.spool_max_bytes {
                         Some(Cut::Spool)
                     } else if share < cfg.spool_max_bytes
                         && shared.spool.bytes_of_uid(uid) + adds > cut_point(share)
@@ -532,8 +536,8 @@ async fn record(
                     };
                     if let Some(cut) = cut {
                         // This frame, like any the session sent before it hears of the cut,
-                        // may already be on the user's screen: it is spooled in the room kept
-                        // past the cut point (see `spool_late`).
+                        // may already be on the user's screen: it is spooled in the room the
+                        // session kept (see `spool_late`).
                         break Outcome::SpoolFull(cut, Some(f));
                     }
                     let (n, failed) = spool_lines(shared, uid, &mut w, &mut closing, &f.payload, last, lines).await;
@@ -593,15 +597,14 @@ async fn record(
             },
         )
         .await;
+        if matches!(cut, Cut::Write(_)) {
+            // After a refused write the disk takes nothing more from this session.
+            hold.release();
+        }
         let late = Late {
             w: &mut w,
             closing: &mut closing,
-            // After a refused write the disk takes nothing more from this session.
-            room: if matches!(cut, Cut::Write(_)) {
-                0
-            } else {
-                LATE_MAX_BYTES
-            },
+            hold: &mut hold,
             share: (share < cfg.spool_max_bytes).then_some(share),
             lines: 0,
         };
@@ -722,8 +725,8 @@ fn end_metadata(end: EndMsg) -> (Option<i32>, serde_json::Map<String, Value>) {
 struct Late<'a> {
     w: &'a mut ChunkWriter,
     closing: &'a mut Option<JoinHandle<std::io::Result<()>>>,
-    /// Bytes it may still spool.
-    room: u64,
+    /// The room it kept: what it may still spool.
+    hold: &'a mut super::spool::Hold,
     /// Its user's share, when it has one of its own.
     share: Option<u64>,
     lines: u64,
@@ -782,9 +785,8 @@ async fn spool_lines(
 /// milliseconds, and what it sends after that was never shown.
 const LATE_WINDOW: Duration = Duration::from_secs(2);
 
-/// After a cut: spools the frames the session sent before it heard (in the room kept past the
-/// cut point, at most [`LATE_MAX_BYTES`], within [`LATE_WINDOW`]), drops the rest, and reads on
-/// to its End. Returns the End (`None` when the connection closed first or the daemon stops)
+/// After a cut: spools the frames the session sent before it heard (in the room it kept, within
+/// [`LATE_WINDOW`]), drops the rest, and reads on to its End. Returns the End (`None` when the connection closed first or the daemon stops)
 /// and the lines spooled.
 async fn spool_late(
     shared: &Arc<Shared>,
@@ -798,7 +800,7 @@ async fn spool_late(
     let window = tokio::time::sleep(LATE_WINDOW);
     tokio::pin!(window);
     loop {
-        if late.room == 0 && late.w.deadline().is_some() {
+        if late.hold.left() == 0 && late.w.deadline().is_some() {
             // Nothing more goes in: the last chunk is closed now, not when a session that goes
             // on unrecorded ends, hours later maybe.
             if let Some(c) = late.w.take() {
@@ -812,8 +814,8 @@ async fn spool_late(
             Some(f) => Some(f),
             None => tokio::select! {
                 f = rx.recv() => f,
-                _ = &mut window, if late.room > 0 => {
-                    late.room = 0;
+                _ = &mut window, if late.hold.left() > 0 => {
+                    late.hold.release();
                     continue;
                 }
                 _ = stopping.changed() => return (None, late.lines),
@@ -825,24 +827,25 @@ async fn spool_late(
                 // The limits themselves are never passed; and once one frame is dropped
                 // nothing after it is spooled: no gaps.
                 let n = f.payload.len() as u64;
-                let fits = n <= late.room
-                    && shared.spool.bytes_estimate() + n <= shared.config.spool_max_bytes
+                let others = shared.spool.held().saturating_sub(late.hold.left());
+                let fits = n <= late.hold.left()
+                    && shared.spool.bytes_estimate() + others + n <= shared.config.spool_max_bytes
                     && late
                         .share
                         .is_none_or(|cap| shared.spool.bytes_of_uid(uid) + n <= cap);
                 let Some((last, lines)) = check_events(&f.payload).ok().filter(|_| fits) else {
-                    late.room = 0;
+                    late.hold.release();
                     continue;
                 };
-                late.room -= n;
-                let (n, failed) =
+                let (lines, failed) =
                     spool_lines(shared, uid, late.w, late.closing, &f.payload, last, lines).await;
-                late.lines += n;
+                late.hold.spend(n);
+                late.lines += lines;
                 if failed.is_some() {
-                    late.room = 0;
+                    late.hold.release();
                 }
             }
-            Some(Ok(_)) => late.room = 0,
+            Some(Ok(_)) => late.hold.release(),
             _ => return (None, late.lines),
         }
     }

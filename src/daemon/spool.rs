@@ -55,6 +55,40 @@ struct SizeEstimate {
     added: AtomicU64,
     /// The same, by the uid whose session spooled them.
     added_by_uid: Mutex<HashMap<u32, u64>>,
+    /// Room kept for live sessions' late output ([`Hold`]), not yet spooled.
+    held: AtomicU64,
+}
+
+/// Room a live session keeps in the spool for what it has in flight when a limit cuts it;
+/// given back as it is spooled ([`spend`](Self::spend)), and the rest when dropped.
+#[derive(Debug)]
+pub struct Hold {
+    size: Arc<SizeEstimate>,
+    left: u64,
+}
+
+impl Hold {
+    pub fn left(&self) -> u64 {
+        self.left
+    }
+
+    /// `n` bytes of the room were spooled (they now count as spooled bytes instead).
+    pub fn spend(&mut self, n: u64) {
+        let n = n.min(self.left);
+        self.left -= n;
+        self.size.held.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    /// Gives the rest back.
+    pub fn release(&mut self) {
+        self.spend(self.left);
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 /// What a walk of the spool counted.
@@ -283,6 +317,20 @@ impl Spool {
         // The per-uid note first: a walk that sees the global one has seen this one too.
         *super::lock(&self.size.added_by_uid).entry(uid).or_insert(0) += bytes;
         self.size.added.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Keeps `n` bytes of room for a live session ([`Hold`]).
+    pub fn hold(&self, n: u64) -> Hold {
+        self.size.held.fetch_add(n, Ordering::Relaxed);
+        Hold {
+            size: self.size.clone(),
+            left: n,
+        }
+    }
+
+    /// The room live sessions keep, not yet spooled.
+    pub fn held(&self) -> u64 {
+        self.size.held.load(Ordering::Relaxed)
     }
 
     /// What sessions of `uid` hold in the spool, estimated as [`bytes_estimate`] is.
