@@ -165,6 +165,16 @@ pub fn check(file: Option<&Path>, reach_backend: bool) -> Report {
             src = from(&["spool_max_bytes", "chunk_max_bytes"])
         ));
     }
+    if config.enforce
+        && crate::config::late_room(config.spool_max_bytes) < crate::config::LATE_MAX_BYTES
+    {
+        r.warnings.push(format!(
+            "{src}: with enforce, a spool_max_bytes under {} keeps less than {} KiB per session for the output it has in flight when the spool fills: a session streaming bulk output may then show some that is not recorded",
+            16 * crate::config::LATE_MAX_BYTES,
+            crate::config::LATE_MAX_BYTES / 1024,
+            src = from(&["spool_max_bytes", "enforce"])
+        ));
+    }
     match config.share_check() {
         ShareCheck::TooSmall(why) => r.problems.push(format!(
             "{}: {why}",

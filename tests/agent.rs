@@ -1214,7 +1214,7 @@ async fn spool_full_refuses_new_sessions_and_keeps_what_it_has() {
 /// recorded), and the spool stays under its limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enforce_cuts_of_many_sessions_at_once_show_nothing_unrecorded() {
-    const SESSIONS: usize = 6;
+    const SESSIONS: usize = 8;
     const MAX: u64 = 8_000_000;
     let mut backend = Backend::new_down(true).await;
     let agent = Agent::new(

@@ -525,7 +525,8 @@ async fn record(
                     // seconds may hold megabytes.
                     let adds = f.payload.len() as u64;
                     // The room live sessions keep (this one's too) is not for output.
-                    let cut = if shared.spool.bytes_estimate() + shared.spool.held() + adds > cfg.spool_max_bytes {
+                    let claim = shared.spool.claim(adds, cfg.spool_max_bytes);
+                    let cut = if claim.is_none() {
                         Some(Cut::Spool)
                     } else if share < cfg.spool_max_bytes
                         && shared.spool.bytes_of_uid(uid) + adds > cut_point(share)
@@ -541,6 +542,7 @@ async fn record(
                         break Outcome::SpoolFull(cut, Some(f));
                     }
                     let (n, failed) = spool_lines(shared, uid, &mut w, &mut closing, &f.payload, last, lines).await;
+                    drop(claim);
                     transcript_lines += n;
                     if let Some(e) = failed {
                         break Outcome::SpoolFull(Cut::Write(e), None);
@@ -826,10 +828,10 @@ async fn spool_late(
             Some(Ok(f)) if f.kind == Kind::Events => {
                 // The limits themselves are never passed; and once one frame is dropped
                 // nothing after it is spooled: no gaps.
+                // The session's own room was counted in every claim made under the limit
+                // while it lived: spooling into it keeps the spool under the limit.
                 let n = f.payload.len() as u64;
-                let others = shared.spool.held().saturating_sub(late.hold.left());
                 let fits = n <= late.hold.left()
-                    && shared.spool.bytes_estimate() + others + n <= shared.config.spool_max_bytes
                     && late
                         .share
                         .is_none_or(|cap| shared.spool.bytes_of_uid(uid) + n <= cap);

@@ -57,6 +57,25 @@ struct SizeEstimate {
     added_by_uid: Mutex<HashMap<u32, u64>>,
     /// Room kept for live sessions' late output ([`Hold`]), not yet spooled.
     held: AtomicU64,
+    /// Bytes claimed for writes in progress ([`Claim`]), not yet noted.
+    pending: AtomicU64,
+    /// Makes a claim's check and its count one step: two sessions writing at once cannot
+    /// both take the last room.
+    claiming: Mutex<()>,
+}
+
+/// Room claimed for one write under the spool's limit; counted until dropped (by then the
+/// write is noted, or failed).
+#[derive(Debug)]
+pub struct Claim {
+    size: Arc<SizeEstimate>,
+    n: u64,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.size.pending.fetch_sub(self.n, Ordering::Relaxed);
+    }
 }
 
 /// Room a live session keeps in the spool for what it has in flight when a limit cuts it;
@@ -317,6 +336,21 @@ impl Spool {
         // The per-uid note first: a walk that sees the global one has seen this one too.
         *super::lock(&self.size.added_by_uid).entry(uid).or_insert(0) += bytes;
         self.size.added.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Claims room for writing `n` bytes, if the spool, the room live sessions keep and the
+    /// writes in progress leave that much under `max`.
+    pub fn claim(&self, n: u64, max: u64) -> Option<Claim> {
+        let _one_at_a_time = super::lock(&self.size.claiming);
+        let used = self.bytes_estimate() + self.held() + self.size.pending.load(Ordering::Relaxed);
+        if used + n > max {
+            return None;
+        }
+        self.size.pending.fetch_add(n, Ordering::Relaxed);
+        Some(Claim {
+            size: self.size.clone(),
+            n,
+        })
     }
 
     /// Keeps `n` bytes of room for a live session ([`Hold`]).

@@ -293,6 +293,39 @@ fn daemon_word(s: &mut UnixStream) -> DaemonWord {
     }
 }
 
+/// Whether the daemon has already said, unread yet, that it stopped recording this session for
+/// good (its spool is full, or it is gone; an orderly stop is not that). Under enforce a relay
+/// asks before each frame: it then shows nothing more at once, instead of until the watch
+/// thread gets the CPU (on a busy machine, several more frames, shown and never recorded).
+/// One non-blocking peek; the watch thread still reads the word and acts on it.
+fn cut_pending(s: &UnixStream) -> bool {
+    use nix::sys::socket::{recv, MsgFlags};
+    use std::os::fd::AsRawFd as _;
+    let mut buf = [0u8; 1024];
+    let n = match recv(
+        s.as_raw_fd(),
+        &mut buf,
+        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+    ) {
+        Ok(0) => return true,
+        Ok(n) => n,
+        Err(_) => return false,
+    };
+    let (Some(head), Some(kind)) = (buf.get(..ipc::HEAD_BYTES), buf.get(1)) else {
+        return false;
+    };
+    let len = u32::from_be_bytes([head[2], head[3], head[4], head[5]]) as usize;
+    let Some(payload) = buf.get(ipc::HEAD_BYTES..(ipc::HEAD_BYTES + len).min(n)) else {
+        return false;
+    };
+    if *kind != Kind::Error as u8 || payload.len() < len {
+        // Another word (never sent mid-session), or an Error not yet whole: the watch thread
+        // decides.
+        return false;
+    }
+    serde_json::from_slice::<ipc::ErrorMsg>(payload).is_ok_and(|m| m.code != ipc::ERROR_STOPPING)
+}
+
 /// Whether to record, run unrecorded, or refuse.
 enum Plan {
     /// The connection, and the daemon's local id of the recording.

@@ -60,6 +60,11 @@ impl Recording {
             return;
         }
         let Some(s) = guard.as_mut() else { return };
+        if self.enforce && cut_pending(s) {
+            // Not sent, so not shown: the session is being ended (see `cut_pending`).
+            self.cut.store(true, Ordering::SeqCst);
+            return;
+        }
         line.clear();
         encode_event(
             line,
@@ -351,6 +356,12 @@ pub(super) fn run_piped(
     };
     for t in out_threads {
         let _ = t.join();
+    }
+    if rec.cut.load(Ordering::SeqCst) {
+        // A relay saw the daemon's word before the watch thread read it (`cut_pending`), and
+        // the program may have ended of the closed pipe: the word decides how the session
+        // ends, so it is waited for (it is already there).
+        retry_for(Duration::from_secs(2), || rec.lost.load(Ordering::SeqCst));
     }
     // The program may have ended because its output was cut (SIGPIPE) while the daemon that
     // stopped was away. (A daemon lost otherwise is dealt with below.)
