@@ -288,7 +288,8 @@ impl Config {
     pub fn load_from(src: Sources) -> anyhow::Result<Loaded> {
         let mut warnings = Vec::new();
         let mut unknown_keys = Vec::new();
-        let mut values: BTreeMap<&'static str, toml::Value> = BTreeMap::new();
+        // Each key's value, and where it came from (for the messages).
+        let mut values: BTreeMap<&'static str, (toml::Value, String)> = BTreeMap::new();
 
         let (path, must_exist) = match &src.file {
             Some(p) => (p.clone(), true),
@@ -311,7 +312,7 @@ impl Config {
                 for (k, v) in table {
                     match KEYS.iter().find(|(name, _)| *name == k) {
                         Some((name, _)) => {
-                            values.insert(name, v);
+                            values.insert(name, (v, format!("config file {}", path.display())));
                         }
                         None => unknown_keys
                             .push(format!("config file {}: unknown key `{k}`", path.display())),
@@ -338,7 +339,8 @@ impl Config {
             let lower = key.to_ascii_lowercase();
             match KEYS.iter().find(|(k, _)| *k == lower) {
                 Some((k, kind)) => {
-                    values.insert(k, parse_text(k, *kind, val, name)?);
+                    let v = parse_text(k, *kind, val, name)?;
+                    values.insert(k, (v, format!("environment variable {name}")));
                 }
                 None => unknown_keys.push(format!("environment variable {name}: unknown key")),
             }
@@ -348,17 +350,22 @@ impl Config {
                 .iter()
                 .find(|(name, _)| name == k)
                 .with_context(|| format!("internal: flag for unknown key {k}"))?;
-            values.insert(
-                k,
-                parse_text(k, *kind, val, &format!("--{}", k.replace('_', "-")))?,
-            );
+            let flag = format!("--{}", k.replace('_', "-"));
+            let v = parse_text(k, *kind, val, &flag)?;
+            values.insert(k, (v, flag));
         }
 
         let mut c = Config::default();
-        for (k, v) in values {
-            apply(&mut c, k, v)?;
+        for (k, (v, from)) in &values {
+            apply(&mut c, k, v.clone()).map_err(|e| anyhow::anyhow!("{from}: {e}"))?;
         }
-        c.validate()?;
+        if let Err((key, why)) = c.validate() {
+            // Named by where the key was set (the built-in default is always valid).
+            match values.get(key) {
+                Some((_, from)) => bail!("{from}: {why}"),
+                None => bail!("{why}"),
+            }
+        }
         Ok(Loaded {
             config: c,
             unknown_keys,
@@ -367,25 +374,38 @@ impl Config {
         })
     }
 
-    fn validate(&self) -> anyhow::Result<()> {
+    /// The first key whose value cannot be used, and why.
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        let bad = |key: &'static str, why: String| Err((key, why));
         if self.chunk_max_bytes == 0 {
-            bail!("chunk_max_bytes must be at least 1");
+            return bad(
+                "chunk_max_bytes",
+                "chunk_max_bytes must be at least 1".into(),
+            );
         }
         // The backend refuses chunks over 8 MiB (and bodies over 16 MiB, which escaping can
         // reach first): keep a frame's worth of margin.
         let limit = (ztna_common::api::MAX_CHUNK_BYTES - crate::ipc::MAX_FRAME_BYTES) as u64;
         if self.chunk_max_bytes > limit {
-            bail!("chunk_max_bytes must be at most {limit} (the backend takes chunks up to 8 MiB)");
+            return bad(
+                "chunk_max_bytes",
+                format!(
+                    "chunk_max_bytes must be at most {limit} (the backend takes chunks up to 8 MiB)"
+                ),
+            );
         }
         if self.chunk_max_secs == 0 {
-            bail!("chunk_max_secs must be at least 1");
+            return bad("chunk_max_secs", "chunk_max_secs must be at least 1".into());
         }
         if self.rescan_secs == 0 {
-            bail!("rescan_secs must be at least 1");
+            return bad("rescan_secs", "rescan_secs must be at least 1".into());
         }
         if let Some(u) = &self.server_url {
             if !(u.starts_with("http://") || u.starts_with("https://")) {
-                bail!("server_url must start with http:// or https://, got {u:?}");
+                return bad(
+                    "server_url",
+                    format!("server_url must start with http:// or https://, got {u:?}"),
+                );
             }
         }
         Ok(())

@@ -240,7 +240,16 @@ async fn every_problem_gets_its_own_line() {
     assert!(warnings.is_empty(), "{stderr:?}");
     // A wrong type is the loader's one error, naming the key.
     std::fs::write(&f, "server_url = \"http://x\"\nchunk_max_secs = \"ten\"\n").unwrap();
-    assert_one_error(&check(&f).await, "chunk_max_secs");
+    let line = assert_one_error(&check(&f).await, "chunk_max_secs");
+    // Each names the file the value came from, as every other message does.
+    let file = f.display().to_string();
+    assert!(line.contains(&file), "{line}");
+    for bad in ["enforce = \"yes\"", "chunk_max_bytes = 0"] {
+        std::fs::write(&f, format!("server_url = \"http://x\"\n{bad}\n")).unwrap();
+        let key = bad.split(' ').next().unwrap();
+        let line = assert_one_error(&check(&f).await, key);
+        assert!(line.contains(&file), "{line}");
+    }
 }
 
 /// A spool_dir the daemon could not create at its start is found now, not when it fails.
