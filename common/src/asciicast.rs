@@ -18,6 +18,25 @@ impl Default for TtySize {
     }
 }
 
+impl std::str::FromStr for TtySize {
+    type Err = ();
+
+    /// An `r` event's data, `"COLSxROWS"`: two whole numbers from 1 to 65535.
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let (c, r) = s.split_once('x').ok_or(())?;
+        let num = |t: &str| -> Result<u16, ()> {
+            if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(());
+            }
+            t.parse::<u16>().ok().filter(|n| *n > 0).ok_or(())
+        };
+        Ok(TtySize {
+            cols: num(c)?,
+            rows: num(r)?,
+        })
+    }
+}
+
 impl std::fmt::Display for TtySize {
     /// The `r` event's data: `"COLSxROWS"`.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -124,6 +143,8 @@ pub enum ParseError {
     BadCode { line: usize, code: String },
     #[error("line {line}: event data must be a string")]
     BadData { line: usize },
+    #[error("line {line}: a resize event's data must be \"COLSxROWS\", got {data:?}")]
+    BadResize { line: usize, data: String },
     #[error("line {line}: header is not a valid asciicast v2 header: {reason}")]
     BadHeader { line: usize, reason: String },
     #[error("no events")]
@@ -153,6 +174,9 @@ pub fn parse_event_line(text: &str, line: usize) -> Result<Event, ParseError> {
         .as_str()
         .ok_or(ParseError::BadData { line })?
         .to_string();
+    if code == EventCode::Resize && data.parse::<TtySize>().is_err() {
+        return Err(ParseError::BadResize { line, data });
+    }
     Ok(Event { time, code, data })
 }
 
@@ -328,6 +352,30 @@ fn escape_mask(w: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resize_data_is_cols_x_rows() {
+        assert_eq!(
+            "132x43".parse(),
+            Ok(TtySize {
+                cols: 132,
+                rows: 43
+            })
+        );
+        for bad in [
+            "abc", "80x", "x24", "80x0", "0x24", "80x24x1", "-80x24", "+80x24", "99999x1",
+        ] {
+            assert!(bad.parse::<TtySize>().is_err(), "{bad}");
+            assert!(
+                matches!(
+                    parse_event_line(&format!("[1, \"r\", \"{bad}\"]"), 3),
+                    Err(ParseError::BadResize { line: 3, .. })
+                ),
+                "{bad}"
+            );
+        }
+        assert!(parse_event_line("[1, \"r\", \"80x24\"]", 1).is_ok());
+    }
 
     #[test]
     fn encode_roundtrips_through_parser() {

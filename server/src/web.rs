@@ -183,12 +183,7 @@ async fn authorize(
     let user = crate::api::user::bearer(headers)
         .and_then(|t| app.inner.jwt.verify(t))
         .ok_or_else(Failure::unauthorized)?;
-    let access = app
-        .inner
-        .meta
-        .access(org, user)
-        .await?
-        .ok_or_else(|| Failure::forbidden("not a member of this org"))?;
+    let access = crate::api::user::member_access(app, org, user).await?;
     if !access.feature_enabled {
         return Err(Failure::feature_disabled());
     }

@@ -734,6 +734,17 @@ mod scenarios {
                 400,
                 "INVALID_CHUNK",
             ),
+            // A resize is "COLSxROWS".
+            (
+                json!({"chunk_data": "[1, \"r\", \"abc\"]"}),
+                400,
+                "INVALID_CHUNK",
+            ),
+            (
+                json!({"chunk_data": "[1, \"r\", \"80x0\"]"}),
+                400,
+                "INVALID_CHUNK",
+            ),
             (
                 json!({"chunk_data": "{\"version\": 2, \"width\": 80, \"height\": 24}\n[0, \"o\", \"a\"]"}),
                 400,
@@ -1406,6 +1417,18 @@ mod scenarios {
             .unwrap();
         let st = s.app.issue_token(stranger, 60).await.unwrap();
         assert_err(s.user(Some(&st), body.clone()).await, 403, "FORBIDDEN");
+        // A well-signed token whose user does not exist names nobody: UNAUTHORIZED.
+        let nobody = encode(
+            &Header::new(Algorithm::HS256),
+            &json!({"sub": uuid::Uuid::new_v4().to_string(), "exp": now + 60}),
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap();
+        assert_err(
+            s.user(Some(&nobody), body.clone()).await,
+            401,
+            "UNAUTHORIZED",
+        );
         // No answer carries the node key or the secret.
         let (_, b) = s
             .agent(json!({"action": "config", "node_key": s.fx.node_key}))

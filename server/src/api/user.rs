@@ -163,6 +163,23 @@ impl Action {
     }
 }
 
+/// The caller's membership of `org`. A token whose user does not exist (any more) is
+/// UNAUTHORIZED: it names nobody. An org that does not exist answers like one the caller is not
+/// a member of (FORBIDDEN).
+pub(crate) async fn member_access(
+    app: &App,
+    org: Uuid,
+    user: Uuid,
+) -> Result<crate::meta::Access, Failure> {
+    if let Some(a) = app.inner.meta.access(org, user).await? {
+        return Ok(a);
+    }
+    if !app.inner.meta.user_exists(user).await? {
+        return Err(Failure::unauthorized());
+    }
+    Err(Failure::forbidden("not a member of this org"))
+}
+
 /// The token of an `Authorization: Bearer …` header; the cast endpoint checks it the same way.
 pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
     let v = headers
@@ -192,13 +209,7 @@ pub async fn handle(
     let user = bearer(headers)
         .and_then(|t| app.inner.jwt.verify(t))
         .ok_or_else(Failure::unauthorized)?;
-    // An org that does not exist answers like one the caller is not a member of.
-    let access = app
-        .inner
-        .meta
-        .access(org, user)
-        .await?
-        .ok_or_else(|| Failure::forbidden("not a member of this org"))?;
+    let access = member_access(app, org, user).await?;
     if action.needs() == Needs::Admin && access.role != Role::Admin {
         return Err(Failure::forbidden("this action needs the admin role"));
     }
