@@ -73,18 +73,12 @@ pub struct Config {
 /// That output may already be on the user's screen, so room is kept for it.
 pub const LATE_MAX_BYTES: u64 = 512 * 1024;
 
-/// The room the spool keeps for each live session's late output (see [`LATE_MAX_BYTES`]): a
-/// sixteenth of `spool_max_bytes`, at most [`LATE_MAX_BYTES`]. Sessions are cut that much
-/// (times the sessions live) short of the limit, which is never passed.
-pub fn late_room(spool_max_bytes: u64) -> u64 {
-    (spool_max_bytes / 16).min(LATE_MAX_BYTES)
-}
-
-/// Where sessions are cut for a user's share of `limit` bytes: short of it by the room kept for
-/// what that user's cut sessions had already sent (an eighth, at most four times
-/// [`LATE_MAX_BYTES`], shared by their sessions).
-pub fn cut_point(limit: u64) -> u64 {
-    limit - (limit / 8).min(4 * LATE_MAX_BYTES)
+/// The room a limit of `limit` bytes (`spool_max_bytes`, a user's share) keeps for each live
+/// session's late output (see [`LATE_MAX_BYTES`]): a sixteenth of it, at most
+/// [`LATE_MAX_BYTES`]. Sessions are cut that much (times the sessions live) short of the
+/// limit, which is never passed.
+pub fn late_room(limit: u64) -> u64 {
+    (limit / 16).min(LATE_MAX_BYTES)
 }
 
 /// What is wrong with `spool_max_bytes_per_user`, as `config check` and the daemon say it.
@@ -99,10 +93,10 @@ pub enum ShareCheck {
 impl Config {
     pub fn share_check(&self) -> ShareCheck {
         match self.spool_max_bytes_per_user {
-            Some(n) if cut_point(n) < self.chunk_max_bytes => ShareCheck::TooSmall(format!(
+            Some(n) if n - late_room(n) < self.chunk_max_bytes => ShareCheck::TooSmall(format!(
                 "spool_max_bytes_per_user ({n}) is too small for chunk_max_bytes ({}): sessions are cut at {} (room is kept for what a cut session had sent), so no chunk would fit",
                 self.chunk_max_bytes,
-                cut_point(n)
+                n - late_room(n)
             )),
             Some(n) if n >= self.spool_max_bytes => ShareCheck::NoLimit(format!(
                 "spool_max_bytes_per_user ({n}) is not below spool_max_bytes ({}): it limits nothing",
@@ -195,7 +189,8 @@ CONFIGURATION
   spool_max_bytes           the most the spool holds; each live session keeps room in it for
                             what it has in flight (a sixteenth, at most 512 KiB): sessions are
                             cut that far short of it [1073741824]
-  spool_max_bytes_per_user  the most one user's sessions hold (root is exempt) [no limit]
+  spool_max_bytes_per_user  the most one user's sessions hold, room kept likewise (root is
+                            exempt) [no limit]
   retry_max_secs            the longest wait between upload retries [30]
   rescan_secs               how often the spool is rescanned besides notify [5]
   config_refresh_secs       how long the backend's `config` answer is trusted [60]

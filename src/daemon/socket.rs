@@ -2,9 +2,9 @@
 //! (`SO_PEERCRED`, via tokio's `peer_cred`), never from what the client says: the `uid` and
 //! `user` of a session's metadata are the peer's, whatever the client sends (see [`OWNED_KEYS`]).
 
-use super::spool::{ChunkWriter, ClosingChunk, EndMark};
+use super::spool::{ChunkWriter, ClosingChunk, EndMark, Limit};
 use super::{lock, now_rfc3339, Shared};
-use crate::config::{cut_point, late_room};
+use crate::config::late_room;
 use crate::ipc::{
     self, AckMsg, DecisionMsg, EndMsg, ErrorMsg, Frame, FrameError, Kind, LiveSession, Mode,
     StartMsg,
@@ -319,21 +319,25 @@ async fn handle(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
     // not spool its first chunk would be lost, so it is refused as well.
     let disk_free = shared.spool.disk_free().unwrap_or(u64::MAX);
     let share = shared.config.spool_share(uid);
-    let users = if share < shared.config.spool_max_bytes {
-        shared.spool.bytes_of_uid(uid)
+    let has_share = share < shared.config.spool_max_bytes;
+    let users = if has_share {
+        shared.spool.bytes_of_uid(uid) + shared.spool.held_of_uid(uid)
     } else {
         0
     };
-    // Both limits are taken at their cut points (the room live sessions keep, this one's
-    // included, is not for output): a session admitted past one would be cut at once.
-    let room = late_room(shared.config.spool_max_bytes);
+    // The room this session will keep for its output in flight, in the spool and in its
+    // user's share. The room live sessions keep is not for output: a session admitted with
+    // less than that (and, in a share, a chunk) left would be cut at once.
+    let room = if has_share {
+        late_room(shared.config.spool_max_bytes).min(late_room(share))
+    } else {
+        late_room(shared.config.spool_max_bytes)
+    };
     let full = if usage.bytes + shared.spool.held() + room >= shared.config.spool_max_bytes
         || disk_free < shared.config.chunk_max_bytes
     {
         Some("the recording spool is full")
-    } else if share < shared.config.spool_max_bytes
-        && users.saturating_add(shared.config.chunk_max_bytes) > cut_point(share)
-    {
+    } else if has_share && users + room + shared.config.chunk_max_bytes > share {
         // Less than a chunk left: the session would be cut at once (under enforce, ended
         // after showing its first output); refused instead, as the disk-free rule does.
         Some("this user's share of the recording spool is full")
@@ -346,7 +350,7 @@ async fn handle(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
         return Ok(());
     }
 
-    let hold = shared.spool.hold(room);
+    let hold = shared.spool.hold(room, has_share.then_some(uid));
     let id = uuid::Uuid::new_v4().to_string();
     let mut metadata = start.metadata;
     drop_owned(&mut metadata);
@@ -525,22 +529,21 @@ async fn record(
                     // seconds may hold megabytes.
                     let adds = f.payload.len() as u64;
                     // The room live sessions keep (this one's too) is not for output.
-                    let claim = shared.spool.claim(adds, cfg.spool_max_bytes);
-                    let cut = if claim.is_none() {
-                        Some(Cut::Spool)
-                    } else if share < cfg.spool_max_bytes
-                        && shared.spool.bytes_of_uid(uid) + adds > cut_point(share)
-                    {
-                        Some(Cut::Share)
-                    } else {
-                        None
+                    let limits = (share < cfg.spool_max_bytes).then_some((uid, share));
+                    let claim = match shared.spool.claim(adds, cfg.spool_max_bytes, limits) {
+                        Ok(c) => Ok(c),
+                        Err(Limit::Spool) => Err(Cut::Spool),
+                        Err(Limit::Share) => Err(Cut::Share),
                     };
-                    if let Some(cut) = cut {
+                    let claim = match claim {
+                        Ok(c) => c,
+                        Err(cut) => {
                         // This frame, like any the session sent before it hears of the cut,
                         // may already be on the user's screen: it is spooled in the room the
                         // session kept (see `spool_late`).
-                        break Outcome::SpoolFull(cut, Some(f));
-                    }
+                            break Outcome::SpoolFull(cut, Some(f));
+                        }
+                    };
                     let (n, failed) = spool_lines(shared, uid, &mut w, &mut closing, &f.payload, last, lines).await;
                     drop(claim);
                     transcript_lines += n;
@@ -607,7 +610,6 @@ async fn record(
             w: &mut w,
             closing: &mut closing,
             hold: &mut hold,
-            share: (share < cfg.spool_max_bytes).then_some(share),
             lines: 0,
         };
         let (end, lines) =
@@ -729,8 +731,6 @@ struct Late<'a> {
     closing: &'a mut Option<JoinHandle<std::io::Result<()>>>,
     /// The room it kept: what it may still spool.
     hold: &'a mut super::spool::Hold,
-    /// Its user's share, when it has one of its own.
-    share: Option<u64>,
     lines: u64,
 }
 
@@ -826,15 +826,11 @@ async fn spool_late(
         match f {
             Some(Ok(f)) if f.kind == Kind::End => return (f.parse::<EndMsg>().ok(), late.lines),
             Some(Ok(f)) if f.kind == Kind::Events => {
-                // The limits themselves are never passed; and once one frame is dropped
-                // nothing after it is spooled: no gaps.
-                // The session's own room was counted in every claim made under the limit
-                // while it lived: spooling into it keeps the spool under the limit.
+                // The session's own room was counted in every claim made under the limits
+                // (the spool's, and its user's share) while it lived: spooling into it passes
+                // neither. Once one frame is dropped nothing after it is spooled: no gaps.
                 let n = f.payload.len() as u64;
-                let fits = n <= late.hold.left()
-                    && late
-                        .share
-                        .is_none_or(|cap| shared.spool.bytes_of_uid(uid) + n <= cap);
+                let fits = n <= late.hold.left();
                 let Some((last, lines)) = check_events(&f.payload).ok().filter(|_| fits) else {
                     late.hold.release();
                     continue;

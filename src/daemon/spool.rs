@@ -57,11 +57,20 @@ struct SizeEstimate {
     added_by_uid: Mutex<HashMap<u32, u64>>,
     /// Room kept for live sessions' late output ([`Hold`]), not yet spooled.
     held: AtomicU64,
+    /// The same, by the uid of sessions whose user has a share of their own.
+    held_by_uid: Mutex<HashMap<u32, u64>>,
     /// Bytes claimed for writes in progress ([`Claim`]), not yet noted.
     pending: AtomicU64,
     /// Makes a claim's check and its count one step: two sessions writing at once cannot
     /// both take the last room.
     claiming: Mutex<()>,
+}
+
+/// Which limit refused a [`Claim`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    Spool,
+    Share,
 }
 
 /// Room claimed for one write under the spool's limit; counted until dropped (by then the
@@ -84,6 +93,8 @@ impl Drop for Claim {
 pub struct Hold {
     size: Arc<SizeEstimate>,
     left: u64,
+    /// Also kept in this user's share.
+    uid: Option<u32>,
 }
 
 impl Hold {
@@ -94,8 +105,20 @@ impl Hold {
     /// `n` bytes of the room were spooled (they now count as spooled bytes instead).
     pub fn spend(&mut self, n: u64) {
         let n = n.min(self.left);
+        if n == 0 {
+            return;
+        }
         self.left -= n;
         self.size.held.fetch_sub(n, Ordering::Relaxed);
+        if let Some(uid) = self.uid {
+            let mut by_uid = super::lock(&self.size.held_by_uid);
+            if let Some(h) = by_uid.get_mut(&uid) {
+                *h = h.saturating_sub(n);
+                if *h == 0 {
+                    by_uid.remove(&uid);
+                }
+            }
+        }
     }
 
     /// Gives the rest back.
@@ -339,27 +362,47 @@ impl Spool {
     }
 
     /// Claims room for writing `n` bytes, if the spool, the room live sessions keep and the
-    /// writes in progress leave that much under `max`.
-    pub fn claim(&self, n: u64, max: u64) -> Option<Claim> {
+    /// writes in progress leave that much under `max`; and, for a user with a share of their
+    /// own (`share`: uid, limit), the same within it. Refused: which limit it was.
+    pub fn claim(&self, n: u64, max: u64, share: Option<(u32, u64)>) -> Result<Claim, Limit> {
         let _one_at_a_time = super::lock(&self.size.claiming);
-        let used = self.bytes_estimate() + self.held() + self.size.pending.load(Ordering::Relaxed);
-        if used + n > max {
-            return None;
+        // Writes in progress are counted whole against both limits: it errs on full.
+        let pending = self.size.pending.load(Ordering::Relaxed);
+        if self.bytes_estimate() + self.held() + pending + n > max {
+            return Err(Limit::Spool);
+        }
+        if let Some((uid, cap)) = share {
+            if self.bytes_of_uid(uid) + self.held_of_uid(uid) + pending + n > cap {
+                return Err(Limit::Share);
+            }
         }
         self.size.pending.fetch_add(n, Ordering::Relaxed);
-        Some(Claim {
+        Ok(Claim {
             size: self.size.clone(),
             n,
         })
     }
 
-    /// Keeps `n` bytes of room for a live session ([`Hold`]).
-    pub fn hold(&self, n: u64) -> Hold {
+    /// Keeps `n` bytes of room for a live session ([`Hold`]), in the user's share too when
+    /// `uid` is given.
+    pub fn hold(&self, n: u64, uid: Option<u32>) -> Hold {
         self.size.held.fetch_add(n, Ordering::Relaxed);
+        if let Some(uid) = uid {
+            *super::lock(&self.size.held_by_uid).entry(uid).or_insert(0) += n;
+        }
         Hold {
             size: self.size.clone(),
             left: n,
+            uid,
         }
+    }
+
+    /// The room the live sessions of `uid` keep in their user's share, not yet spooled.
+    pub fn held_of_uid(&self, uid: u32) -> u64 {
+        super::lock(&self.size.held_by_uid)
+            .get(&uid)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// The room live sessions keep, not yet spooled.
