@@ -2393,18 +2393,25 @@ async fn a_missing_bucket_is_named_at_start() {
     stores.drop_database().await;
 }
 
-/// Two `serve` processes on one PostgreSQL and one bucket: chunks alternately to both, then a
-/// retention sweep on each at once. Nothing lost, nothing deleted twice, no error.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_serve_processes_share_postgres_and_s3() {
+/// Fresh PostgreSQL + S3 stores, a fixture org named `org` in them, and two `serve` processes
+/// of the binary on them.
+async fn two_serve_processes(org: &str) -> (Stores, App, Fixture, Proc, Proc) {
     let stores = Stores::new(Backend::PgS3).await;
     let secret = "two-process-test-secret";
     let mut config = stores.config();
     config.jwt_secret = Some(secret.into());
     let app = App::open(config).await.unwrap();
-    let fx = make_fixture(&app, "shared").await;
+    let fx = make_fixture(&app, org).await;
     let a = spawn_serve(&stores, secret).await;
     let b = spawn_serve(&stores, secret).await;
+    (stores, app, fx, a, b)
+}
+
+/// Two `serve` processes on one PostgreSQL and one bucket: chunks alternately to both, then a
+/// retention sweep on each at once. Nothing lost, nothing deleted twice, no error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_serve_processes_share_postgres_and_s3() {
+    let (stores, app, fx, a, b) = two_serve_processes("shared").await;
     let http = reqwest::Client::new();
     let org = fx.org.clone();
     let t = fx.admin_token.clone();
@@ -2521,14 +2528,7 @@ async fn two_serve_processes_share_postgres_and_s3() {
 /// winner's: 19 times in 20).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_serve_processes_racing_on_one_recording_keep_objects_and_rows_agreeing() {
-    let stores = Stores::new(Backend::PgS3).await;
-    let secret = "two-process-race-secret";
-    let mut config = stores.config();
-    config.jwt_secret = Some(secret.into());
-    let app = App::open(config).await.unwrap();
-    let fx = make_fixture(&app, "races").await;
-    let a = spawn_serve(&stores, secret).await;
-    let b = spawn_serve(&stores, secret).await;
+    let (stores, app, fx, a, b) = two_serve_processes("races").await;
     let http = reqwest::Client::new();
     let t = fx.admin_token.clone();
     let org = fx.org.clone();
