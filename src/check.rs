@@ -165,15 +165,23 @@ pub fn check(file: Option<&Path>, reach_backend: bool) -> Report {
             src = from(&["spool_max_bytes", "chunk_max_bytes"])
         ));
     }
-    if config.enforce
-        && crate::config::late_room(config.spool_max_bytes) < crate::config::LATE_MAX_BYTES
-    {
-        r.warnings.push(format!(
-            "{src}: with enforce, a spool_max_bytes under {} keeps less than {} KiB per session for the output it has in flight when the spool fills: a session streaming bulk output may then show some that is not recorded",
-            16 * crate::config::LATE_MAX_BYTES,
-            crate::config::LATE_MAX_BYTES / 1024,
-            src = from(&["spool_max_bytes", "enforce"])
-        ));
+    // Under enforce, the room each session keeps for its output in flight (see
+    // `config::late_room`) should hold what a bulk session has in flight.
+    let small = |limit: u64| {
+        config.enforce && crate::config::late_room(limit) < crate::config::LATE_MAX_BYTES
+    };
+    for (key, limit) in [
+        ("spool_max_bytes", Some(config.spool_max_bytes)),
+        ("spool_max_bytes_per_user", config.spool_max_bytes_per_user),
+    ] {
+        if limit.is_some_and(small) {
+            r.warnings.push(format!(
+                "{src}: with enforce, a {key} under {} keeps less than {} KiB per session for the output it has in flight when the limit is reached: a session streaming bulk output may then show some that is not recorded",
+                16 * crate::config::LATE_MAX_BYTES,
+                crate::config::LATE_MAX_BYTES / 1024,
+                src = from(&[key, "enforce"])
+            ));
+        }
     }
     match config.share_check() {
         ShareCheck::TooSmall(why) => r.problems.push(format!(

@@ -252,6 +252,26 @@ async fn every_problem_gets_its_own_line() {
     }
 }
 
+/// Under enforce, limits too small to keep 512 KiB per session for its output in flight are
+/// warned about, each by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enforce_with_small_spool_limits_is_warned_about() {
+    let dir = config_dir();
+    let f = write_config(dir.path(), "http://127.0.0.1:9", Some(&"a".repeat(128)));
+    let mut conf = std::fs::read_to_string(&f).unwrap();
+    conf.push_str("enforce = true\nspool_max_bytes = 4000000\nspool_max_bytes_per_user = 2000000\nchunk_max_bytes = 65536\n");
+    std::fs::write(&f, conf).unwrap();
+    let stderr = text(&check(&f).await.stderr);
+    for key in ["spool_max_bytes under", "spool_max_bytes_per_user under"] {
+        assert!(
+            stderr
+                .lines()
+                .any(|l| l.starts_with("warning: ") && l.contains(key)),
+            "{key}: {stderr}"
+        );
+    }
+}
+
 /// A spool_dir the daemon could not create at its start is found now, not when it fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spool_dir_that_cannot_be_created_is_an_error() {
