@@ -1031,6 +1031,35 @@ mod tests {
     }
 
     #[test]
+    fn claims_leave_the_room_sessions_hold_and_never_pass_the_limits() {
+        let t = tempfile::tempdir().unwrap();
+        let spool = Spool::open(t.path()).unwrap();
+        let mut a = spool.hold(300, Some(1000));
+        let b = spool.hold(200, None);
+        assert_eq!((spool.held(), spool.held_of_uid(1000)), (500, 300));
+        // 1000 bytes of spool: 500 held, so 500 to claim; a claim counts until dropped.
+        let c = spool.claim(400, 1000, None).unwrap();
+        assert_eq!(spool.claim(101, 1000, None).unwrap_err(), Limit::Spool);
+        drop(c);
+        assert!(spool.claim(500, 1000, None).is_ok());
+        // A share of 700 for uid 1000, which holds 300 of it.
+        assert_eq!(
+            spool.claim(401, 10_000, Some((1000, 700))).unwrap_err(),
+            Limit::Share
+        );
+        assert!(spool.claim(400, 10_000, Some((1000, 700))).is_ok());
+        // Spooling into the room gives it back as it goes; dropping gives back the rest.
+        a.spend(100);
+        assert_eq!(
+            (a.left(), spool.held(), spool.held_of_uid(1000)),
+            (200, 400, 200)
+        );
+        drop(a);
+        drop(b);
+        assert_eq!((spool.held(), spool.held_of_uid(1000)), (0, 0));
+    }
+
+    #[test]
     fn size_by_uid_comes_from_each_sessions_metadata() {
         let t = tempfile::tempdir().unwrap();
         let spool = Spool::open(t.path()).unwrap();
