@@ -30,8 +30,8 @@
 //! The daemon may send `Error {message, code}` at any time after `Decision`; `shell` then
 //! follows its enforce policy. After `spool_full` the daemon reads on to the `End` (for the exit
 //! status) and spools the `Events` that were already on their way, up to a bound: they may be
-//! on the user's screen. After `stopping` it spools what comes until `shell` closes its side. A `status` client
-//! sends `StatusRequest {}` and reads one `StatusReply`.
+//! on the user's screen. After `stopping` it spools what comes until `shell` closes its side.
+//! A `status` client sends `StatusRequest {}` and reads one `StatusReply`.
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::io::{Read, Write};

@@ -1313,9 +1313,14 @@ async fn cut_at_once(
             .expect("the session's recording");
         assert!(
             mine.as_bytes().starts_with(&out.stdout),
-            "{} bytes shown, {} recorded",
+            "{} bytes shown, {} recorded; the daemon: {:?}",
             out.stdout.len(),
-            mine.len()
+            mine.len(),
+            agent
+                .log()
+                .lines()
+                .filter(|l| l.contains("late output"))
+                .collect::<Vec<_>>()
         );
     }
     stop_all(&mut daemon, &mut backend).await;

@@ -448,6 +448,26 @@ enum Cut {
     Write(String),
 }
 
+impl Cut {
+    /// What the session's `shell` is told (and its user, under enforce).
+    fn message(&self) -> String {
+        match self {
+            Cut::Spool => "the recording spool is full".to_string(),
+            Cut::Share => "this user's share of the recording spool is full".to_string(),
+            Cut::Write(e) => format!("the recording spool cannot be written: {e}"),
+        }
+    }
+
+    /// The recording's `truncated_reason`.
+    fn reason(&self) -> String {
+        match self {
+            Cut::Spool => "spool full".to_string(),
+            Cut::Share => "user's spool share full".to_string(),
+            Cut::Write(e) => format!("spool write failed: {e}"),
+        }
+    }
+}
+
 /// Makes a full chunk durable and puts it in place off this task: an fsync takes milliseconds,
 /// and the session's frames must keep flowing meanwhile (else its recorder, then its relay,
 /// waits). One chunk at a time per session, so chunks land in index order.
@@ -531,18 +551,12 @@ async fn record(
                     // The room live sessions keep (this one's too) is not for output.
                     let limits = (share < cfg.spool_max_bytes).then_some((uid, share));
                     let claim = match shared.spool.claim(adds, cfg.spool_max_bytes, limits) {
-                        Ok(c) => Ok(c),
-                        Err(Limit::Spool) => Err(Cut::Spool),
-                        Err(Limit::Share) => Err(Cut::Share),
-                    };
-                    let claim = match claim {
                         Ok(c) => c,
-                        Err(cut) => {
                         // This frame, like any the session sent before it hears of the cut,
                         // may already be on the user's screen: it is spooled in the room the
                         // session kept (see `spool_late`).
-                            break Outcome::SpoolFull(cut, Some(f));
-                        }
+                        Err(Limit::Spool) => break Outcome::SpoolFull(Cut::Spool, Some(f)),
+                        Err(Limit::Share) => break Outcome::SpoolFull(Cut::Share, Some(f)),
                     };
                     let (n, failed) = spool_lines(shared, uid, &mut w, &mut closing, &f.payload, last, lines).await;
                     drop(claim);
@@ -588,16 +602,11 @@ async fn record(
     // next can be written. What it sent before it heard is then spooled, and its End read.
     let mut late_end = None;
     if let Outcome::SpoolFull(cut, first) = &mut outcome {
-        let message = match &*cut {
-            Cut::Spool => "the recording spool is full".to_string(),
-            Cut::Share => "this user's share of the recording spool is full".to_string(),
-            Cut::Write(e) => format!("the recording spool cannot be written: {e}"),
-        };
         let _ = send_json(
             wr,
             Kind::Error,
             &ErrorMsg {
-                message,
+                message: cut.message(),
                 code: ipc::ERROR_SPOOL_FULL.into(),
             },
         )
@@ -610,12 +619,11 @@ async fn record(
             w: &mut w,
             closing: &mut closing,
             hold: &mut hold,
-            lines: 0,
         };
         let (end, lines) =
             spool_late(shared, uid, late, first.take(), &mut rx, &mut stopping).await;
         transcript_lines += lines;
-        late_end = Some(end);
+        late_end = end;
     }
     // What was written is kept whatever happens next: a chunk that cannot be made durable now
     // stays a part file, which recovery seals at the next start.
@@ -660,16 +668,12 @@ async fn record(
         Outcome::SpoolFull(cut, _) => {
             let mut metadata = serde_json::Map::new();
             metadata.insert("truncated".into(), Value::Bool(true));
-            let reason = match &cut {
-                Cut::Spool => "spool full".to_string(),
-                Cut::Share => "user's spool share full".to_string(),
-                Cut::Write(e) => format!("spool write failed: {e}"),
-            };
+            let reason = cut.reason();
             tracing::warn!(session = %id, ?cut, "{reason}: recording of this session stops here");
             metadata.insert("truncated_reason".into(), Value::from(reason));
             // The session goes on (unrecorded, or being ended under enforce), and its exit
             // status still belongs on the recording.
-            let end = late_end.flatten();
+            let end = late_end;
             let ended = end.is_some();
             let (exit_status, end_meta) = end.map(end_metadata).unwrap_or_default();
             metadata.extend(end_meta);
@@ -731,7 +735,6 @@ struct Late<'a> {
     closing: &'a mut Option<JoinHandle<std::io::Result<()>>>,
     /// The room it kept: what it may still spool.
     hold: &'a mut super::spool::Hold,
-    lines: u64,
 }
 
 /// Writes one Events frame's lines into the session's chunks, handing full chunks off to be
@@ -793,12 +796,15 @@ const LATE_WINDOW: Duration = Duration::from_secs(2);
 async fn spool_late(
     shared: &Arc<Shared>,
     uid: u32,
-    mut late: Late<'_>,
+    late: Late<'_>,
     first: Option<Frame>,
     rx: &mut mpsc::Receiver<Result<Frame, FrameError>>,
     stopping: &mut tokio::sync::watch::Receiver<bool>,
 ) -> (Option<EndMsg>, u64) {
     let mut next = first.map(Ok);
+    // Event lines spooled here; bytes dropped.
+    let mut spooled = 0;
+    let mut dropped = 0u64;
     let window = tokio::time::sleep(LATE_WINDOW);
     tokio::pin!(window);
     loop {
@@ -820,11 +826,11 @@ async fn spool_late(
                     late.hold.release();
                     continue;
                 }
-                _ = stopping.changed() => return (None, late.lines),
+                _ = stopping.changed() => return (None, spooled),
             },
         };
         match f {
-            Some(Ok(f)) if f.kind == Kind::End => return (f.parse::<EndMsg>().ok(), late.lines),
+            Some(Ok(f)) if f.kind == Kind::End => return (f.parse::<EndMsg>().ok(), spooled),
             Some(Ok(f)) if f.kind == Kind::Events => {
                 // The session's own room was counted in every claim made under the limits
                 // (the spool's, and its user's share) while it lived: spooling into it passes
@@ -832,19 +838,24 @@ async fn spool_late(
                 let n = f.payload.len() as u64;
                 let fits = n <= late.hold.left();
                 let Some((last, lines)) = check_events(&f.payload).ok().filter(|_| fits) else {
+                    if late.hold.left() > 0 || dropped == 0 {
+                        // The first dropped: the user may have seen it (under enforce).
+                        tracing::warn!(bytes = n, room_left = late.hold.left(), "late output of a cut session dropped: its room is used up or its window over");
+                    }
+                    dropped += n;
                     late.hold.release();
                     continue;
                 };
                 let (lines, failed) =
                     spool_lines(shared, uid, late.w, late.closing, &f.payload, last, lines).await;
                 late.hold.spend(n);
-                late.lines += lines;
+                spooled += lines;
                 if failed.is_some() {
                     late.hold.release();
                 }
             }
             Some(Ok(_)) => late.hold.release(),
-            _ => return (None, late.lines),
+            _ => return (None, spooled),
         }
     }
 }

@@ -280,7 +280,12 @@ enum DaemonWord {
 
 /// Waits for the daemon's next word on a session's socket.
 fn daemon_word(s: &mut UnixStream) -> DaemonWord {
-    match ipc::read_frame_when_readable(s) {
+    word_of(ipc::read_frame_when_readable(s))
+}
+
+/// What a frame from the daemon (or the failure to read one) says.
+fn word_of(frame: Result<Frame, FrameError>) -> DaemonWord {
+    match frame {
         Ok(f) if f.kind == Kind::Ack => DaemonWord::Ack,
         Ok(f) if f.kind == Kind::Error => match f.parse::<ipc::ErrorMsg>() {
             Ok(m) if m.code == ipc::ERROR_STOPPING => DaemonWord::Stopping(m.message),
@@ -301,29 +306,22 @@ fn daemon_word(s: &mut UnixStream) -> DaemonWord {
 fn cut_pending(s: &UnixStream) -> bool {
     use nix::sys::socket::{recv, MsgFlags};
     use std::os::fd::AsRawFd as _;
+    // An Error frame is a few hundred bytes.
     let mut buf = [0u8; 1024];
-    let n = match recv(
-        s.as_raw_fd(),
-        &mut buf,
-        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
-    ) {
+    let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
+    let n = match recv(s.as_raw_fd(), &mut buf, flags) {
         Ok(0) => return true,
         Ok(n) => n,
         Err(_) => return false,
     };
-    let (Some(head), Some(kind)) = (buf.get(..ipc::HEAD_BYTES), buf.get(1)) else {
-        return false;
-    };
-    let len = u32::from_be_bytes([head[2], head[3], head[4], head[5]]) as usize;
-    let Some(payload) = buf.get(ipc::HEAD_BYTES..(ipc::HEAD_BYTES + len).min(n)) else {
-        return false;
-    };
-    if *kind != Kind::Error as u8 || payload.len() < len {
-        // Another word (never sent mid-session), or an Error not yet whole: the watch thread
-        // decides.
-        return false;
+    match ipc::read_frame(&mut &buf[..n]) {
+        Ok(f) => matches!(
+            word_of(Ok(f)),
+            DaemonWord::SpoolFull(_) | DaemonWord::Gone(_)
+        ),
+        // Not whole yet: the watch thread decides.
+        Err(_) => false,
     }
-    serde_json::from_slice::<ipc::ErrorMsg>(payload).is_ok_and(|m| m.code != ipc::ERROR_STOPPING)
 }
 
 /// Whether to record, run unrecorded, or refuse.

@@ -560,8 +560,7 @@ impl MetadataStore for PgMeta {
 /// The advisory lock that orders uploads of one chunk index of one recording across server
 /// processes. A collision between two keys only makes unrelated uploads take turns.
 fn chunk_lock_key(session: Uuid, index: i64) -> i64 {
-    let b = session.as_bytes();
-    let hi = i64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
-    let lo = i64::from_be_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]);
-    (hi ^ lo) ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15_u64 as i64)
+    let (hi, lo) = session.as_u64_pair();
+    // The bits as they are: a key is any 64-bit value.
+    ((hi ^ lo) as i64) ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15_u64 as i64)
 }
