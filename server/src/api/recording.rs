@@ -10,7 +10,9 @@ use ztna_common::asciicast;
 
 use super::error::Failure;
 use crate::app::App;
-use crate::meta::{ChunkOutcome, ChunkRow, CompleteOutcome, Completion, Recording};
+use crate::meta::{
+    ChunkOutcome, ChunkRow, CompleteOutcome, Completion, ObjectWrite, Recording, Summarize,
+};
 use crate::timefmt;
 
 /// Validates `chunk_data` (asciicast v2 event lines, at least one) and normalises it to what
@@ -191,16 +193,9 @@ pub fn agent_time(
     }
 }
 
-/// How many times `complete` rewrites its summary for chunks that arrived meanwhile. Each
-/// retry needs a new chunk row that landed during the last summary write, so uploads a client
-/// sent alongside its `complete` (the `races` scenario sends 7) settle within this; a client
-/// still uploading after that many rounds gets a CONFLICT. It was 5, which 7 uploads landing
-/// one per round could exhaust on a loaded machine.
-const COMPLETE_TRIES: usize = 16;
-
-/// Completes an active recording: writes its summary object, then marks the row, if no chunk
-/// arrived in between (else again, with them). Without a `duration`, it is the last event's
-/// time in the highest-index chunk, rounded up.
+/// Completes an active recording: with the recording locked against uploads and other
+/// `complete`s, writes its summary object from the chunks stored, then marks the row. Without a
+/// `duration`, it is the last event's time in the highest-index chunk, rounded up.
 pub async fn complete(
     app: &App,
     rec: &Recording,
@@ -221,8 +216,8 @@ pub async fn complete(
     let org = rec.org_id.to_string();
     let session = rec.id.to_string();
     let key = summary_key(&org, &session);
-    let mut chunks = rec.chunks.clone();
-    for _ in 0..COMPLETE_TRIES {
+    let objects = &app.inner.objects;
+    let summarize: Summarize<'_> = Box::new(|chunks: &[ChunkRow]| {
         let duration = duration.unwrap_or_else(|| {
             asciicast::duration_secs(chunks.last().and_then(|c| c.last_event_time))
         });
@@ -233,39 +228,25 @@ pub async fn complete(
             recording_url,
             transcript_lines,
             now,
-            &chunks,
-        );
-        let write = Box::pin(
-            app.inner
-                .objects
-                .put(&key, Bytes::from(summary.to_string())),
+            chunks,
         );
         let completion = Completion {
             ended_at: agent_time(ended_at, Some(rec.started_at), now),
             duration_seconds: duration,
             r2_key: key.clone(),
-            metadata_merge: metadata_merge.clone(),
+            metadata_merge,
         };
-        match app
-            .inner
-            .meta
-            .complete(rec.id, &completion, &chunks, write)
-            .await?
-        {
-            CompleteOutcome::Done => return Ok(json!({"completed": session})),
-            // Completed or deleted by another server meanwhile.
-            CompleteOutcome::NotActive => {
-                return Err(still_active(app, rec)
-                    .await
-                    .err()
-                    .unwrap_or_else(|| Failure::conflict("recording is already completed")))
-            }
-            CompleteOutcome::ChunksChanged(now) => chunks = now,
-        }
+        let write = Box::pin(objects.put(&key, Bytes::from(summary.to_string())));
+        (completion, write as ObjectWrite<'_>)
+    });
+    match app.inner.meta.complete(rec.id, summarize).await? {
+        CompleteOutcome::Done => Ok(json!({"completed": session})),
+        // Completed or deleted by another server meanwhile.
+        CompleteOutcome::NotActive => Err(still_active(app, rec)
+            .await
+            .err()
+            .unwrap_or_else(|| Failure::conflict("recording is already completed"))),
     }
-    Err(Failure::conflict(
-        "chunks kept arriving while the recording was being completed; complete it again",
-    ))
 }
 
 /// A recording as the API shows it: every column, `metadata.chunks`, and `machine_name`.
@@ -288,24 +269,38 @@ pub fn recording_json(rec: &Recording) -> Value {
     })
 }
 
+/// How many chunks `integrity` reads at once: a store's round trip, not its bandwidth, is
+/// most of a small chunk's read, and at most this many chunks (8 MiB each at worst) are held.
+const INTEGRITY_READS: usize = 4;
+
 /// `"ok"` when every chunk's object is there with its recorded SHA-256, `"missing"` when
 /// one is gone, `"mismatch"` when one differs.
 pub async fn integrity(app: &App, rec: &Recording) -> Result<&'static str, Failure> {
+    use futures::{StreamExt as _, TryStreamExt as _};
     let org = rec.org_id.to_string();
     let session = rec.id.to_string();
-    let mut mismatch = false;
-    for c in &rec.chunks {
-        let key = chunk_key(&org, &session, c.index.unsigned_abs());
-        match app.inner.objects.get(&key).await? {
-            None => return Ok("missing"),
-            Some(data) => {
-                if data.len() as i64 != c.bytes || sha256_hex(&data) != c.sha256 {
-                    mismatch = true;
-                }
-            }
-        }
-    }
-    Ok(if mismatch { "mismatch" } else { "ok" })
+    // Built first: a stream that maps with a closure borrowing `app` is not `Send` to axum.
+    let reads: Vec<_> = rec
+        .chunks
+        .iter()
+        .map(|c| check_chunk(app, chunk_key(&org, &session, c.index.unsigned_abs()), c))
+        .collect();
+    let verdicts: Vec<&'static str> = futures::stream::iter(reads)
+        .buffer_unordered(INTEGRITY_READS)
+        .try_collect()
+        .await?;
+    Ok(["missing", "mismatch"]
+        .into_iter()
+        .find(|v| verdicts.contains(v))
+        .unwrap_or("ok"))
+}
+
+async fn check_chunk(app: &App, key: String, c: &ChunkRow) -> Result<&'static str, Failure> {
+    Ok(match app.inner.objects.get(&key).await? {
+        None => "missing",
+        Some(data) if data.len() as i64 != c.bytes || sha256_hex(&data) != c.sha256 => "mismatch",
+        Some(_) => "ok",
+    })
 }
 
 /// `get`'s answer: the recording, the summary object (or null) and the integrity verdict.

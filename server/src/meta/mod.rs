@@ -228,14 +228,16 @@ pub enum ChunkOutcome {
 }
 
 /// What became of a `complete`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CompleteOutcome {
     Done,
     /// The recording is not `active` (completed, or gone).
     NotActive,
-    /// Chunks were stored since the caller read them: these are the recording's chunks now.
-    ChunksChanged(Vec<ChunkRow>),
 }
+
+/// Builds a `complete` from the recording's chunks as the store holds them once it has locked
+/// the recording: the row's new values and the write of its summary object.
+pub type Summarize<'a> = Box<dyn FnOnce(&[ChunkRow]) -> (Completion, ObjectWrite<'a>) + Send + 'a>;
 
 /// A foreign-key violation: the parent row went away under us.
 fn is_fk_violation(e: &sqlx::Error) -> bool {
@@ -297,16 +299,10 @@ pub trait MetadataStore: Send + Sync {
         chunk: &ChunkRow,
         write: ObjectWrite<'_>,
     ) -> Result<ChunkOutcome>;
-    /// Marks an `active` recording completed, if its chunks are still `chunks` (what its
-    /// summary was written from): chunks that arrived meanwhile are handed back instead. The
-    /// summary object (`write`) is written only by the `complete` that wins, before its row.
-    async fn complete(
-        &self,
-        id: Uuid,
-        c: &Completion,
-        chunks: &[ChunkRow],
-        write: ObjectWrite<'_>,
-    ) -> Result<CompleteOutcome>;
+    /// Marks an `active` recording completed. The recording is locked first, so no upload
+    /// lands meanwhile and of two `complete`s one wins; `summarize` then gets its chunks, and
+    /// only the winner's summary object is written, before its row.
+    async fn complete(&self, id: Uuid, summarize: Summarize<'_>) -> Result<CompleteOutcome>;
     async fn list(&self, org: Uuid, q: &ListQuery) -> Result<ListPage>;
 
     /// Deletes every object of the recording, then its row. `false` when there is none.

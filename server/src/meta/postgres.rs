@@ -398,13 +398,7 @@ impl MetadataStore for PgMeta {
         Ok(ChunkOutcome::Stored)
     }
 
-    async fn complete(
-        &self,
-        id: Uuid,
-        c: &Completion,
-        chunks: &[ChunkRow],
-        write: ObjectWrite<'_>,
-    ) -> Result<CompleteOutcome> {
+    async fn complete(&self, id: Uuid, summarize: Summarize<'_>) -> Result<CompleteOutcome> {
         // Locked for update: uploads in flight (share locks) finish first, later ones find
         // the recording completed; of two completes, the second finds it completed before it
         // writes its summary over the first's.
@@ -425,9 +419,7 @@ impl MetadataStore for PgMeta {
         .bind(id)
         .fetch_all(&mut *tx)
         .await?;
-        if now != chunks {
-            return Ok(CompleteOutcome::ChunksChanged(now));
-        }
+        let (c, write) = summarize(&now);
         write.await?;
         sqlx::query(
             "UPDATE session_recordings SET status = 'completed', ended_at = $1, \

@@ -496,13 +496,7 @@ impl MetadataStore for SqliteMeta {
             .map_err(|_| MetaError::Batch("chunk writer stopped".into()))?
     }
 
-    async fn complete(
-        &self,
-        id: Uuid,
-        c: &Completion,
-        chunks: &[ChunkRow],
-        write: ObjectWrite<'_>,
-    ) -> Result<CompleteOutcome> {
+    async fn complete(&self, id: Uuid, summarize: Summarize<'_>) -> Result<CompleteOutcome> {
         // A shallow merge, as PostgreSQL's `||` does: each given key replaces the stored value
         // (`json_patch` would merge objects deeply and delete keys given as null). The
         // transaction holds the write lock: nothing writes between the read and the update.
@@ -524,9 +518,7 @@ impl MetadataStore for SqliteMeta {
         .bind(id.to_string())
         .fetch_all(&mut *tx)
         .await?;
-        if now != chunks {
-            return Ok(CompleteOutcome::ChunksChanged(now));
-        }
+        let (c, write) = summarize(&now);
         // Under the write lock (a `complete` is rare; an upload does not wait for its fsync
         // long): a `complete` that lost to another, in this process or another on the same
         // file, never writes its summary over the winner's.
