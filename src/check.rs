@@ -48,7 +48,7 @@ pub fn run(cmd: ConfigCommand) -> anyhow::Result<u8> {
     }
     match (&report.ok, report.problems.is_empty()) {
         (Some(ok), true) => {
-            println!("OK: {ok}");
+            ztna_common::print_out(format_args!("OK: {ok}"))?;
             Ok(0)
         }
         _ => Ok(1),
@@ -65,7 +65,10 @@ pub fn check(file: Option<&Path>, reach_backend: bool) -> Report {
     let loaded = match Config::load(file, Vec::new()) {
         Ok(l) => l,
         Err(e) => {
-            r.problems.push(load_error(&shown, &e));
+            match e.downcast_ref::<crate::config::BadValues>() {
+                Some(bad) => r.problems.extend(bad.0.iter().cloned()),
+                None => r.problems.push(load_error(&shown, &e)),
+            }
             return r;
         }
     };

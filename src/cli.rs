@@ -50,22 +50,24 @@ pub const COMPANION: &str = "ztna-recorderd";
 /// Where the packages install it (it is no command of its own for users).
 pub const COMPANION_INSTALLED: &str = "/usr/libexec/ztna-recorder/ztna-recorderd";
 
-/// The companion: next to this executable (a build tree, an unpacked tarball), else in the
-/// `libexec` of the same prefix (`/usr/bin` → `/usr/libexec/ztna-recorder`, also under a
-/// package's scratch root or `/usr/local`), else where the packages put it.
-pub fn companion_path() -> PathBuf {
+/// Where the companion may be, in order: next to this executable (a build tree, an unpacked
+/// tarball), in the `libexec` of the same prefix (`/usr/bin` → `/usr/libexec/ztna-recorder`,
+/// also under a package's scratch root or `/usr/local`), and where the packages put it.
+fn companion_candidates() -> Vec<PathBuf> {
     let dir = std::env::current_exe()
         .ok()
         .and_then(|exe| exe.parent().map(Path::to_path_buf));
-    dir.iter()
+    let mut all: Vec<PathBuf> = dir
+        .iter()
         .flat_map(|d| {
             [
                 d.join(COMPANION),
                 d.join("../libexec/ztna-recorder").join(COMPANION),
             ]
         })
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| PathBuf::from(COMPANION_INSTALLED))
+        .collect();
+    all.push(PathBuf::from(COMPANION_INSTALLED));
+    all
 }
 
 /// glibc's allocator settings for the daemon, unless the administrator set their own. The
@@ -79,12 +81,20 @@ const DAEMON_MALLOC: &str = "glibc.malloc.mmap_threshold=131072:glibc.malloc.are
 /// when that is impossible. `daemon` also gets [`DAEMON_MALLOC`].
 pub fn exec_companion(daemon: bool) -> anyhow::Error {
     use std::os::unix::process::CommandExt as _;
-    let path = companion_path();
+    let candidates = companion_candidates();
+    let Some(path) = candidates.iter().find(|p| p.is_file()) else {
+        let looked: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
+        return anyhow::anyhow!(
+            "this command needs {COMPANION} (part of the ztna-recorder package), which is not \
+             in any of: {}",
+            looked.join(", ")
+        );
+    };
     let mut args = std::env::args_os();
     let arg0 = args
         .next()
         .unwrap_or_else(|| OsString::from("ztna-recorder"));
-    let mut cmd = std::process::Command::new(&path);
+    let mut cmd = std::process::Command::new(path);
     if daemon && std::env::var_os("GLIBC_TUNABLES").is_none() {
         cmd.env("GLIBC_TUNABLES", DAEMON_MALLOC);
     }

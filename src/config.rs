@@ -270,6 +270,11 @@ pub(crate) fn our_env() -> anyhow::Result<Vec<(String, String)>> {
     Ok(out)
 }
 
+/// Every value that cannot be used, each named by where it was set: one a line.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.join("\n"))]
+pub struct BadValues(pub Vec<String>);
+
 impl Config {
     /// Loads from the process environment, the given explicit file and flags.
     pub fn load(file: Option<&Path>, flags: Vec<(&'static str, String)>) -> anyhow::Result<Loaded> {
@@ -283,6 +288,7 @@ impl Config {
     pub fn load_from(src: Sources) -> anyhow::Result<Loaded> {
         let mut warnings = Vec::new();
         let mut unknown_keys = Vec::new();
+        let mut bad = Vec::new();
         // Each key's value, and where it came from (for the messages).
         let mut values: BTreeMap<&'static str, (toml::Value, String)> = BTreeMap::new();
 
@@ -333,10 +339,12 @@ impl Config {
             }
             let lower = key.to_ascii_lowercase();
             match KEYS.iter().find(|(k, _)| *k == lower) {
-                Some((k, kind)) => {
-                    let v = parse_text(k, *kind, val, name)?;
-                    values.insert(k, (v, format!("environment variable {name}")));
-                }
+                Some((k, kind)) => match parse_text(k, *kind, val, name) {
+                    Ok(v) => {
+                        values.insert(k, (v, format!("environment variable {name}")));
+                    }
+                    Err(e) => bad.push(format!("{e:#}")),
+                },
                 None => unknown_keys.push(format!("environment variable {name}: unknown key")),
             }
         }
@@ -346,20 +354,29 @@ impl Config {
                 .find(|(name, _)| name == k)
                 .with_context(|| format!("internal: flag for unknown key {k}"))?;
             let flag = format!("--{}", k.replace('_', "-"));
-            let v = parse_text(k, *kind, val, &flag)?;
-            values.insert(k, (v, flag));
+            match parse_text(k, *kind, val, &flag) {
+                Ok(v) => {
+                    values.insert(k, (v, flag));
+                }
+                Err(e) => bad.push(format!("{e:#}")),
+            }
         }
 
         let mut c = Config::default();
         for (k, (v, from)) in &values {
-            apply(&mut c, k, v.clone()).map_err(|e| anyhow::anyhow!("{from}: {e}"))?;
+            if let Err(e) = apply(&mut c, k, v.clone()) {
+                bad.push(format!("{from}: {e}"));
+            }
         }
-        if let Err((key, why)) = c.validate() {
+        for (key, why) in c.validate() {
             // Named by where the key was set (the built-in default is always valid).
             match values.get(key) {
-                Some((_, from)) => bail!("{from}: {why}"),
-                None => bail!("{why}"),
+                Some((_, from)) => bad.push(format!("{from}: {why}")),
+                None => bad.push(why),
             }
+        }
+        if !bad.is_empty() {
+            return Err(BadValues(bad).into());
         }
         Ok(Loaded {
             config: c,
@@ -369,41 +386,41 @@ impl Config {
         })
     }
 
-    /// The first key whose value cannot be used, and why.
-    fn validate(&self) -> Result<(), (&'static str, String)> {
-        let bad = |key: &'static str, why: String| Err((key, why));
+    /// Every key whose value cannot be used, and why.
+    fn validate(&self) -> Vec<(&'static str, String)> {
+        let mut bad = Vec::new();
         if self.chunk_max_bytes == 0 {
-            return bad(
+            bad.push((
                 "chunk_max_bytes",
                 "chunk_max_bytes must be at least 1".into(),
-            );
+            ));
         }
         // The backend refuses chunks over 8 MiB (and bodies over 16 MiB, which escaping can
         // reach first): keep a frame's worth of margin.
         let limit = (ztna_common::api::MAX_CHUNK_BYTES - crate::ipc::MAX_FRAME_BYTES) as u64;
         if self.chunk_max_bytes > limit {
-            return bad(
+            bad.push((
                 "chunk_max_bytes",
                 format!(
                     "chunk_max_bytes must be at most {limit} (the backend takes chunks up to 8 MiB)"
                 ),
-            );
+            ));
         }
         if self.chunk_max_secs == 0 {
-            return bad("chunk_max_secs", "chunk_max_secs must be at least 1".into());
+            bad.push(("chunk_max_secs", "chunk_max_secs must be at least 1".into()));
         }
         if self.rescan_secs == 0 {
-            return bad("rescan_secs", "rescan_secs must be at least 1".into());
+            bad.push(("rescan_secs", "rescan_secs must be at least 1".into()));
         }
         if let Some(u) = &self.server_url {
             if !(u.starts_with("http://") || u.starts_with("https://")) {
-                return bad(
+                bad.push((
                     "server_url",
                     format!("server_url must start with http:// or https://, got {u:?}"),
-                );
+                ));
             }
         }
-        Ok(())
+        bad
     }
 
     /// A warning when `node_key_file` is readable by users other than its owner.
@@ -641,6 +658,22 @@ mod tests {
         })
         .unwrap_err();
         assert!(format!("{e:#}").contains("/nonexistent/x.toml"));
+        // Every bad value is named, not only the first.
+        let e = Config::load_from(Sources {
+            file: None,
+            env: vec![
+                ("ZTNA_RECORDER_ENFORCE".into(), "maybe".into()),
+                ("ZTNA_RECORDER_CHUNK_MAX_SECS".into(), "0".into()),
+                ("ZTNA_RECORDER_SPOOL_MAX_BYTES".into(), "-5".into()),
+            ],
+            flags: vec![],
+        })
+        .unwrap_err();
+        let bad = &e.downcast_ref::<BadValues>().unwrap().0;
+        assert_eq!(bad.len(), 3, "{bad:?}");
+        for k in ["ENFORCE", "CHUNK_MAX_SECS", "SPOOL_MAX_BYTES"] {
+            assert!(bad.iter().any(|l| l.contains(k)), "{k}: {bad:?}");
+        }
         // Paths must be absolute (an empty socket used to pass `config check`).
         for (k, v) in [
             ("SOCKET", ""),

@@ -314,6 +314,12 @@ pub struct StatusReply {
     pub recording_enabled: Option<bool>,
     pub last_upload_error: Option<String>,
     pub last_upload_error_at: Option<String>,
+    /// A chunk or a session's `complete` went through since that error.
+    #[serde(default)]
+    pub last_upload_error_resolved: bool,
+    /// When the backend last acknowledged a chunk or a `complete`, RFC 3339.
+    #[serde(default)]
+    pub last_upload_at: Option<String>,
     /// When the backend last answered (any answer), RFC 3339.
     pub backend_last_answer_at: Option<String>,
     pub chunks_uploaded: u64,

@@ -49,10 +49,9 @@ pub fn run(args: StatusArgs) -> anyhow::Result<u8> {
         Ok(st) => st,
         Err(e) => {
             if args.json {
-                println!(
-                    "{}",
-                    serde_json::json!({"running": false, "socket": cfg.socket.display().to_string(), "error": format!("{e:#}")})
-                );
+                ztna_common::print_out(
+                    serde_json::json!({"running": false, "socket": cfg.socket.display().to_string(), "error": format!("{e:#}")}),
+                )?;
             } else {
                 eprintln!("ztna-recorder: {e:#}");
             }
@@ -64,52 +63,81 @@ pub fn run(args: StatusArgs) -> anyhow::Result<u8> {
         if let Some(m) = v.as_object_mut() {
             m.insert("running".into(), serde_json::Value::Bool(true));
         }
-        println!("{v}");
+        ztna_common::print_out(v)?;
         return Ok(0);
     }
+    ztna_common::print_out(text(&st)?.trim_end())?;
+    Ok(0)
+}
+
+/// The daemon's state as `status` prints it without `--json`.
+fn text(st: &StatusReply) -> Result<String, std::fmt::Error> {
+    use std::fmt::Write as _;
     let opt = |o: &Option<String>| o.clone().unwrap_or_else(|| "never".into());
-    println!(
+    let mut t = String::new();
+    writeln!(
+        t,
         "daemon:            running (pid {}, version {})",
         st.pid, st.version
-    );
-    println!(
+    )?;
+    writeln!(
+        t,
         "backend:           {}",
         st.server_url.as_deref().unwrap_or("-")
-    );
-    println!(
+    )?;
+    writeln!(
+        t,
         "recording:         {}",
         match st.recording_enabled {
             Some(true) => "enabled",
             Some(false) => "switched off for this organisation",
             None => "unknown (no answer from the backend yet)",
         }
-    );
-    println!("sessions live:     {}", st.sessions_live.len());
+    )?;
+    // The daemon shows others only their own sessions.
+    let whose = if nix::unistd::getuid().is_root() {
+        ""
+    } else {
+        " (yours; root sees everyone's)"
+    };
+    writeln!(t, "sessions live:     {}{whose}", st.sessions_live.len())?;
     for s in &st.sessions_live {
-        println!(
+        writeln!(
+            t,
             "  {}  {} (uid {})  {}  since {}",
             s.session, s.user, s.uid, s.kind, s.started_at
-        );
+        )?;
     }
-    println!("sessions spooled:  {}", st.sessions_spooled);
-    println!("chunks waiting:    {}", st.chunks_waiting);
-    println!(
+    writeln!(t, "sessions spooled:  {}", st.sessions_spooled)?;
+    writeln!(t, "chunks waiting:    {}", st.chunks_waiting)?;
+    writeln!(
+        t,
         "bytes spooled:     {} of {}",
         st.bytes_spooled, st.spool_max_bytes
-    );
-    println!("sessions failed:   {}", st.sessions_failed);
-    println!("chunks uploaded:   {}", st.chunks_uploaded);
+    )?;
+    writeln!(t, "sessions failed:   {}", st.sessions_failed)?;
+    writeln!(t, "chunks uploaded:   {}", st.chunks_uploaded)?;
     if st.uploads_deferred {
-        println!("uploads:           waiting for the live sessions' bulk output to calm");
+        writeln!(
+            t,
+            "uploads:           waiting for the live sessions' bulk output to calm"
+        )?;
     }
-    println!("backend answered:  {}", opt(&st.backend_last_answer_at));
+    writeln!(t, "backend answered:  {}", opt(&st.backend_last_answer_at))?;
+    writeln!(t, "last upload:       {}", opt(&st.last_upload_at))?;
     match &st.last_upload_error {
-        Some(e) => println!(
-            "last upload error: {} ({})",
+        Some(e) => writeln!(
+            t,
+            "last upload error: {} ({}{})",
             e,
-            st.last_upload_error_at.as_deref().unwrap_or("?")
-        ),
-        None => println!("last upload error: none"),
+            st.last_upload_error_at.as_deref().unwrap_or("?"),
+            if st.last_upload_error_resolved {
+                "; uploads have gone through since"
+            } else {
+                ""
+            }
+        )?,
+        None => writeln!(t, "last upload error: none")?,
     }
-    Ok(0)
+    Ok(t)
 }

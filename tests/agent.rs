@@ -491,6 +491,14 @@ async fn backend_down_then_back_every_chunk_once_in_order() {
     backend.start().await;
     let recs = backend.wait_completed(1, Duration::from_secs(30)).await;
     assert_eq!(recs.len(), 1);
+    // The outage is history in `status`: its error is kept, marked as gone through since.
+    let socket = agent.socket();
+    let st = tokio::task::spawn_blocking(move || ztna_recorder::status::query(&socket).unwrap())
+        .await
+        .unwrap();
+    assert!(st.last_upload_error.is_some(), "{st:?}");
+    assert!(st.last_upload_error_resolved, "{st:?}");
+    assert!(st.last_upload_at.is_some(), "{st:?}");
     let rec = &recs[0];
     assert_eq!(chunk_indexes(rec), (0..14).collect::<Vec<u64>>());
     let bytes: Vec<u64> = rec["metadata"]["chunks"]

@@ -250,6 +250,49 @@ async fn every_problem_gets_its_own_line() {
         let line = assert_one_error(&check(&f).await, key);
         assert!(line.contains(&file), "{line}");
     }
+    // Several bad values in one file: each its own line, not only the first.
+    std::fs::write(
+        &f,
+        "server_url = \"http://x\"\nchunk_max_bytes = \"big\"\nenforce = \"yes\"\nspool_max_bytes = -5\nchunk_max_secs = 0\n",
+    )
+    .unwrap();
+    let out = check(&f).await;
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr:?}");
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("error: "))
+        .collect();
+    assert_eq!(errors.len(), 4, "{stderr:?}");
+    for key in [
+        "chunk_max_bytes",
+        "enforce",
+        "spool_max_bytes",
+        "chunk_max_secs",
+    ] {
+        assert!(
+            errors.iter().any(|l| l.contains(key) && l.contains(&file)),
+            "{key}: {stderr:?}"
+        );
+    }
+}
+
+/// `status` whose reader went away (`| head -1`, `| true`) exits as it would have, quietly:
+/// it used to panic ("failed printing to stdout: Broken pipe", exit 101).
+#[test]
+fn status_into_a_closed_pipe_does_not_panic() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ztna-recorder"))
+        .args(["status", "--json", "--socket", "/nonexistent/recorder.sock"])
+        .env_remove("ZTNA_RECORDER_CONFIG")
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr:?}");
+    assert!(!stderr.contains("panicked"), "{stderr:?}");
 }
 
 /// Under enforce, limits too small to keep 512 KiB per session for its output in flight are

@@ -158,10 +158,21 @@ impl App {
         email: &str,
         role: Role,
     ) -> Result<Uuid, AdminError> {
-        if email.trim().is_empty() {
+        // The address is how people find each other's accounts, so a typo should not become
+        // one: the shape only (LOCAL@DOMAIN, no spaces); whether it receives mail is not ours.
+        let shaped = match email.split_once('@') {
+            Some((local, domain)) => {
+                !local.is_empty()
+                    && !domain.is_empty()
+                    && !domain.contains('@')
+                    && !email.chars().any(char::is_whitespace)
+            }
+            None => false,
+        };
+        if !shaped {
             return Err(AdminError::Invalid {
                 field: "email",
-                why: "must not be empty".into(),
+                why: format!("{email:?} is not an address (LOCAL@DOMAIN)"),
             });
         }
         match self

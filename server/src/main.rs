@@ -312,7 +312,8 @@ async fn run(cli: Cli) -> Result<(), String> {
             let shutdown = shutdown_signal()?;
             tracing::info!(%addr, "listening");
             // One machine-readable line, for whoever started us on port 0.
-            println!("{}", json!({ "listening": addr.to_string() }));
+            // Whoever reads it may be gone by now; the log has the address too.
+            let _ = ztna_common::print_out(json!({ "listening": addr.to_string() }));
             ztna_recorder_server::serve(listener, app, shutdown)
                 .await
                 .map_err(|e| format!("server error: {e}"))
@@ -321,8 +322,8 @@ async fn run(cli: Cli) -> Result<(), String> {
             init_tracing("warn");
             let app = App::open(config).await.map_err(|e| e.to_string())?;
             let out = admin(&app, command).await.map_err(|e| e.to_string())?;
-            println!("{out}");
-            Ok(())
+            // The change is made: a reader gone from stdout does not undo it.
+            ztna_common::print_out(out).map_err(|e| format!("cannot print the result: {e}"))
         }
         Command::Docs(d) => {
             ztna_common::cli_docs::run(&d, <Cli as clap::CommandFactory>::command())

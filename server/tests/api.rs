@@ -2220,6 +2220,15 @@ mod scenarios {
             !ok && out.is_empty() && err.contains("no such org"),
             "{err}"
         );
+        for email in ["notanemail", "a b@c.test", "@c.test", "a@"] {
+            let (ok, out, err) = run(&[
+                "user", "create", "--org", &org, "--email", email, "--role", "member",
+            ]);
+            assert!(
+                !ok && out.is_empty() && err.contains("email"),
+                "{email}: {err}"
+            );
+        }
         let (ok, _, _) = run(&["token", "--user", "not-a-uuid"]);
         assert!(!ok);
         let (ok, _, err) = run(&["feature", "enable", "--org", &org, "--name", "teleport"]);

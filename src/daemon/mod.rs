@@ -92,9 +92,19 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<u8> {
 pub struct Counters {
     pub last_upload_error: Option<String>,
     pub last_upload_error_at: Option<String>,
+    /// An upload went through since the last error.
+    pub last_upload_error_resolved: bool,
+    pub last_upload_at: Option<String>,
     pub backend_last_answer_at: Option<String>,
     pub chunks_uploaded: u64,
     pub sessions_completed: u64,
+}
+
+/// What the backend acknowledged, for [`Shared::uploaded`].
+#[derive(Debug, Clone, Copy)]
+pub enum Uploaded {
+    Chunk,
+    Session,
 }
 
 /// What every task of the daemon shares.
@@ -180,6 +190,18 @@ impl Shared {
         let mut c = lock(&self.counters);
         c.last_upload_error = Some(e.to_string());
         c.last_upload_error_at = Some(now_rfc3339());
+        c.last_upload_error_resolved = false;
+    }
+
+    /// A chunk, or a session's `complete`, was acknowledged: an earlier error is history.
+    pub fn uploaded(&self, what: Uploaded) {
+        let mut c = lock(&self.counters);
+        match what {
+            Uploaded::Chunk => c.chunks_uploaded += 1,
+            Uploaded::Session => c.sessions_completed += 1,
+        }
+        c.last_upload_at = Some(now_rfc3339());
+        c.last_upload_error_resolved = c.last_upload_error.is_some();
     }
 
     pub fn status(&self) -> StatusReply {
@@ -203,6 +225,8 @@ impl Shared {
             recording_enabled: lock(&self.recording_enabled).map(|(e, _)| e),
             last_upload_error: c.last_upload_error.clone(),
             last_upload_error_at: c.last_upload_error_at.clone(),
+            last_upload_error_resolved: c.last_upload_error_resolved,
+            last_upload_at: c.last_upload_at.clone(),
             backend_last_answer_at: c.backend_last_answer_at.clone(),
             chunks_uploaded: c.chunks_uploaded,
             sessions_completed: c.sessions_completed,

@@ -5,7 +5,7 @@
 //! never change set the session (or the chunk) aside in `failed/`.
 
 use super::spool::{Chunks, EndMark, SessionDir};
-use super::{buffers, lock, pacing, Shared};
+use super::{buffers, lock, pacing, Shared, Uploaded};
 use crate::client::{AgentClient, ClientError};
 use rand::Rng;
 use serde_json::Value;
@@ -346,7 +346,7 @@ async fn step(
             Ok(_) => {
                 shared.backend_answered();
                 std::fs::remove_file(&path)?;
-                lock(&shared.counters).chunks_uploaded += 1;
+                shared.uploaded(Uploaded::Chunk);
                 tracing::debug!(session = %id, index, bytes = current.bytes, ms = t0.elapsed().as_millis() as u64, "chunk acknowledged");
                 if let Some(Prepare::Ready(p)) = next {
                     *ahead = Some(p);
@@ -426,7 +426,7 @@ async fn step(
     }
     shared.backend_answered();
     dir.remove()?;
-    lock(&shared.counters).sessions_completed += 1;
+    shared.uploaded(Uploaded::Session);
     tracing::info!(session = %id, remote = %remote, interrupted = end.interrupted, "recording completed on the backend");
     Ok(Step::Done)
 }
