@@ -132,6 +132,16 @@ impl PtyRun {
     }
 
     fn start_with_env(args: &[&str], dir: &Path, size: TtySize, env: &[(&str, &str)]) -> PtyRun {
+        PtyRun::start_program(BIN, args, dir, size, env)
+    }
+
+    fn start_program(
+        program: &str,
+        args: &[&str],
+        dir: &Path,
+        size: TtySize,
+        env: &[(&str, &str)],
+    ) -> PtyRun {
         let pair = native_pty_system()
             .openpty(PtySize {
                 rows: size.rows,
@@ -140,7 +150,7 @@ impl PtyRun {
                 pixel_height: 0,
             })
             .unwrap();
-        let mut cmd = CommandBuilder::new(BIN);
+        let mut cmd = CommandBuilder::new(program);
         cmd.args(args);
         cmd.cwd(dir);
         cmd.env("TERM", "xterm-256color");
@@ -652,6 +662,43 @@ fn record_without_a_terminal() {
         String::from_utf8_lossy(&out.stdout).contains('3'),
         "{out:?}"
     );
+
+    // The default shell (an interactive bash, which switches to readline after start-up)
+    // ends with its input: at once with none, after the piped commands with some. Both
+    // waited for ever: the one end-of-file sent before readline reached it as a NUL.
+    for input in [&b""[..], b"echo one\necho two\n"] {
+        let mut child = StdCommand::new(BIN)
+            .args(["record", "-q", "--overwrite"])
+            .arg(&file)
+            .env("SHELL", "/bin/bash")
+            .env("HOME", dir.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait_with_output());
+        });
+        let out = rx
+            .recv_timeout(LONG)
+            .unwrap_or_else(|_| {
+                // Not left behind holding the test's stderr.
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                panic!("the shell never saw the end of its input")
+            })
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if !input.is_empty() {
+            assert!(
+                stdout.contains("one\r\n") && stdout.contains("two\r\n"),
+                "{stdout:?}"
+            );
+        }
+    }
 }
 
 /// What `record` leaves when things go wrong, and what it picks when nothing is said.
@@ -1000,6 +1047,47 @@ fn type_ahead_is_not_lost() {
     run.wait_for("got:early");
     assert_eq!(run.finish().0, 0);
     read_cast(&dir.path().join("out.cast"));
+}
+
+/// A terminal left non-blocking by an earlier program (the file description is shared): the
+/// relay waits where a read or write would block. It used to stop at the first `EAGAIN`, so
+/// typed keys never reached the program and output stopped reaching the user.
+#[test]
+fn a_non_blocking_terminal_still_gets_every_byte_both_ways() {
+    let dir = tempfile::tempdir().unwrap();
+    let set_nonblock = "import fcntl, os, sys; \
+        fcntl.fcntl(0, fcntl.F_SETFL, fcntl.fcntl(0, fcntl.F_GETFL) | os.O_NONBLOCK); \
+        os.execv(sys.argv[1], sys.argv[1:])";
+    let mut run = PtyRun::start_program(
+        "python3",
+        &[
+            "-c",
+            set_nonblock,
+            BIN,
+            "record",
+            "-q",
+            "-c",
+            "echo READY; read x; echo got:$x; head -c 300000 /dev/zero | tr '\\0' z; echo; echo END",
+            "out.cast",
+        ],
+        dir.path(),
+        size(80, 24),
+        &[],
+    );
+    run.wait_for("READY");
+    run.write(b"typed\r");
+    run.wait_for("got:typed");
+    {
+        // The terminal stops reading for a while: the PTY fills and writes to it would block.
+        let _stall = run.captured.buf.lock().unwrap();
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    run.wait_for("END");
+    let (code, out) = run.finish();
+    assert_eq!(code, 0);
+    assert_eq!(out.iter().filter(|&&b| b == b'z').count(), 300_000);
+    let cast = read_cast(&dir.path().join("out.cast"));
+    assert_eq!(cast.output().matches('z').count(), 300_000);
 }
 
 #[test]

@@ -367,9 +367,9 @@ impl Session {
                 Terminal::Stdio => {
                     let stdin = io::stdin();
                     let tty = stdin.is_terminal();
-                    let inp = File::from(stdin.as_fd().try_clone_to_owned()?);
+                    let inp = term::Waiting(File::from(stdin.as_fd().try_clone_to_owned()?));
                     // Unbuffered: every read is written through at once.
-                    let out = File::from(io::stdout().as_fd().try_clone_to_owned()?);
+                    let out = term::Waiting(File::from(io::stdout().as_fd().try_clone_to_owned()?));
                     (Some(Box::new(inp)), Box::new(out), Some(tty))
                 }
                 Terminal::Custom { input, output } => (input, output, None),
@@ -523,6 +523,9 @@ impl Session {
             hangup_grace,
             termination: None,
             held_writer: None,
+            eof_sent_in: None,
+            eof_resends: 0,
+            eof_check_at: None,
             cut,
         };
         let (status, output_eof) = lp.run(&ctl_rx, drain_timeout);
@@ -601,8 +604,26 @@ struct ControlLoop {
     /// The PTY writer once input has ended: dropping it writes an end-of-file to the PTY, so
     /// it is kept until the session is over.
     held_writer: Option<Box<dyn Write + Send>>,
+    /// Input without a terminal has ended: the PTY's mode when the last end-of-file was sent.
+    eof_sent_in: Option<EofMode>,
+    eof_resends: u32,
+    eof_check_at: Option<Instant>,
     cut: Arc<AtomicBool>,
 }
+
+/// The PTY's input mode, as far as an end-of-file is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EofMode {
+    /// Lines (canonical mode): the end-of-file character ends a read.
+    Lines,
+    /// Characters: the program reads the end-of-file character itself (readline's ^D).
+    Chars,
+}
+
+/// How often, once input has ended, the PTY's mode is looked at again (see
+/// [`ControlLoop::follow_eof`]), and how many more end-of-files are sent at most.
+const EOF_CHECK: Duration = Duration::from_millis(50);
+const EOF_RESENDS: u32 = 64;
 
 impl ControlLoop {
     /// Until the program has exited and its output is drained. Returns its status and
@@ -617,10 +638,10 @@ impl ControlLoop {
                     return (st, output_eof);
                 }
             }
-            let deadline = match (self.kill_at, drain_until) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            let deadline = [self.kill_at, drain_until, self.eof_check_at]
+                .into_iter()
+                .flatten()
+                .min();
             let msg = match deadline {
                 Some(d) => match ctl.recv_timeout(d.saturating_duration_since(Instant::now())) {
                     Ok(m) => Some(m),
@@ -637,6 +658,9 @@ impl ControlLoop {
             };
             match msg {
                 None => {
+                    if self.eof_check_at.is_some_and(|t| Instant::now() >= t) {
+                        self.follow_eof(status.is_none());
+                    }
                     if self.kill_at.is_some_and(|k| Instant::now() >= k) {
                         self.kill_at = None;
                         if status.is_none() {
@@ -652,7 +676,8 @@ impl ControlLoop {
                 Some(Ctl::OutputEof) => output_eof = true,
                 Some(Ctl::InputEof(mut w, mid_line)) => {
                     if !self.tty && self.stdio && status.is_none() {
-                        self.send_eof(&mut w, mid_line);
+                        self.eof_sent_in = self.send_eof(&mut w, if mid_line { 2 } else { 1 });
+                        self.eof_check_at = Some(Instant::now() + EOF_CHECK);
                     }
                     self.held_writer = Some(w);
                 }
@@ -736,21 +761,55 @@ impl ControlLoop {
         }
     }
 
-    /// End of input without a terminal: like `script`, pass it on as the PTY's end-of-file
-    /// character when the program reads lines (canonical mode). After a last line with no
-    /// newline it takes two, as at a keyboard: the first hands the program that line, the
-    /// second is the end of file (with one, `printf 'a' | record -c 'wc -c'` never ended).
-    fn send_eof(&self, w: &mut Box<dyn Write + Send>, mid_line: bool) {
-        use nix::sys::termios::{LocalFlags, SpecialCharacterIndices};
-        if let Some(t) = self.master.get_termios() {
-            let veof = t.control_chars[SpecialCharacterIndices::VEOF as usize];
-            // portable-pty speaks another nix version: compare the raw flag bits.
-            let canonical = t.local_flags.bits() & LocalFlags::ICANON.bits() != 0;
-            if canonical && veof != 0 {
-                let eof = [veof, veof];
-                let _ = w.write_all(&eof[..if mid_line { 2 } else { 1 }]);
-            }
+    /// End of input without a terminal: passed on as the PTY's end-of-file character, as at a
+    /// keyboard. In canonical mode it ends a read; after a last line with no newline it takes
+    /// two, the first handing the program that line (with one, `printf 'a' | record -c 'wc -c'`
+    /// never ended). In character mode the program reads it (readline takes ^D on an empty
+    /// line as the end). Returns the mode it was sent in.
+    fn send_eof(&self, w: &mut Box<dyn Write + Send>, count: usize) -> Option<EofMode> {
+        let (mode, veof) = self.pty_mode()?;
+        if veof != 0 {
+            let _ = w.write_all(&[veof, veof][..count.min(2)]);
         }
+        Some(mode)
+    }
+
+    /// The PTY's input mode and its end-of-file character.
+    fn pty_mode(&self) -> Option<(EofMode, u8)> {
+        use nix::sys::termios::{LocalFlags, SpecialCharacterIndices};
+        let t = self.master.get_termios()?;
+        // portable-pty speaks another nix version: compare the raw flag bits.
+        let mode = if t.local_flags.bits() & LocalFlags::ICANON.bits() != 0 {
+            EofMode::Lines
+        } else {
+            EofMode::Chars
+        };
+        Some((
+            mode,
+            t.control_chars[SpecialCharacterIndices::VEOF as usize],
+        ))
+    }
+
+    /// Once input has ended, each time the program switches the PTY's mode it gets another
+    /// end-of-file: one sent in canonical mode that a program then reads in character mode
+    /// arrives as a NUL (bash, switching to readline after start-up, read that and waited
+    /// for ever with `record FILE </dev/null`), and a shell reading lines between commands
+    /// must find its input ended too.
+    fn follow_eof(&mut self, running: bool) {
+        self.eof_check_at = None;
+        if !running || self.eof_resends >= EOF_RESENDS {
+            return;
+        }
+        let Some(mut w) = self.held_writer.take() else {
+            return;
+        };
+        let now = self.pty_mode().map(|(mode, _)| mode);
+        if now.is_some() && now != self.eof_sent_in {
+            self.eof_sent_in = self.send_eof(&mut w, 1);
+            self.eof_resends += 1;
+        }
+        self.held_writer = Some(w);
+        self.eof_check_at = Some(Instant::now() + EOF_CHECK);
     }
 }
 

@@ -49,3 +49,51 @@ impl Drop for RawMode {
         let _ = termios::tcsetattr(&self.fd, SetArg::TCSANOW, &self.saved);
     }
 }
+
+/// The user's stdin or stdout, waited on when it is non-blocking. The file description is
+/// shared with whatever else uses the terminal, and a program that left it `O_NONBLOCK` made
+/// the relay stop at its first `EAGAIN`: typed keys never reached the program, and output
+/// stopped reaching the user. A read or write that would block waits in `poll` instead (a
+/// blocking descriptor never gets there, so the relay's fast path is unchanged).
+pub(crate) struct Waiting(pub(crate) std::fs::File);
+
+impl Waiting {
+    fn wait(&self, events: nix::poll::PollFlags) {
+        use nix::poll::{poll, PollFd, PollTimeout};
+        // An error (EINTR) just means: try the call again.
+        let _ = poll(
+            &mut [PollFd::new(self.0.as_fd(), events)],
+            PollTimeout::NONE,
+        );
+    }
+}
+
+impl io::Read for Waiting {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match self.0.read(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.wait(nix::poll::PollFlags::POLLIN)
+                }
+                r => return r,
+            }
+        }
+    }
+}
+
+impl io::Write for Waiting {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        loop {
+            match self.0.write(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.wait(nix::poll::PollFlags::POLLOUT)
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}

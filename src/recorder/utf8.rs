@@ -84,13 +84,14 @@ impl Utf8Repair {
         (need > 0 && cont.iter().all(|b| b & 0xc0 == 0x80)).then_some(need)
     }
 
-    /// At the end of the stream: an incomplete character left over becomes U+FFFD.
+    /// At the end of the stream: what is left over becomes U+FFFD, one per maximal invalid
+    /// subpart (`\xe0\x80` is two, as `from_utf8_lossy` has it; `\xe2\x82` one).
     pub fn finish(&mut self) -> &str {
-        if self.tail_len == 0 {
-            return "";
-        }
-        self.tail_len = 0;
-        "\u{FFFD}"
+        let held = std::mem::take(&mut self.tail_len);
+        self.text.clear();
+        self.text
+            .push_str(&String::from_utf8_lossy(&self.tail[..held]));
+        &self.text
     }
 }
 
@@ -179,6 +180,24 @@ mod tests {
         assert_eq!(run(&[b"a\xffb"]), "a\u{FFFD}b");
         assert_eq!(run(&[b"a\xe2\x82", b"Ab"]), "a\u{FFFD}Ab");
         assert_eq!(run(&[b"a\xf0\x9f"]), "a\u{FFFD}");
+        // Left over at the end: as many U+FFFD as the lossy decoding of the whole has.
+        for end in [
+            &b"\xe0\x80"[..],
+            b"\xed\xa0",
+            b"\xf4\x90",
+            b"\xf0\x80\x80",
+            b"\xf0\x8f\x80",
+            b"\xe2\x82",
+            b"\xf0\x9f\x99",
+        ] {
+            let whole = [&b"x"[..], end].concat();
+            assert_eq!(run(&[&whole]), String::from_utf8_lossy(&whole), "{end:?}");
+            assert_eq!(
+                run(&[b"x", end]),
+                String::from_utf8_lossy(&whole),
+                "{end:?}"
+            );
+        }
         let noise: Vec<u8> = (0..=255u8).cycle().take(5000).collect();
         for cut in [1, 100, 129, 1000, 4999] {
             assert_eq!(
