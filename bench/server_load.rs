@@ -299,10 +299,35 @@ async fn run(name: &str, args: &Args) -> Vec<String> {
     }
     let chunk = chunk_text();
     let o = org_s.clone();
+    let first = sessions[0].clone();
     let up = load(&http, &url, &token, args.seconds, move |c, i| {
         json!({"action": "upload_chunk", "org_id": o, "session_id": sessions[c], "chunk_index": i, "chunk_data": chunk})
     })
     .await;
+
+    // `get` of one of those recordings: the row, and every chunk read back for its integrity.
+    let mut lat = Vec::new();
+    let mut chunks = 0;
+    let start = Instant::now();
+    for _ in 0..20 {
+        let t0 = Instant::now();
+        let r: Value = http
+            .post(&url)
+            .bearer_auth(&token)
+            .json(&json!({"action": "get", "org_id": org_s, "session_id": first}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        lat.push(t0.elapsed());
+        assert_eq!(r["data"]["integrity"], "ok", "{r}");
+        chunks = r["data"]["recording"]["metadata"]["chunks"]
+            .as_array()
+            .map_or(0, Vec::len);
+    }
+    let get = stats(lat, start.elapsed());
 
     // list at N recordings, in an org of its own (the upload recordings above have hundreds
     // of chunks each, which every list page would carry in metadata.chunks).
@@ -384,6 +409,13 @@ async fn run(name: &str, args: &Args) -> Vec<String> {
             up.per_sec / base.per_sec,
             ms(up.p50),
             ms(up.p99)
+        ),
+        format!(
+            "| {} | get (integrity of {chunks} chunks of 4 KiB), 1 client | {} | – | {} | {} |",
+            t.name,
+            get.n,
+            ms(get.p50),
+            ms(get.p99)
         ),
     ];
     rows.extend(list_rows);

@@ -701,6 +701,31 @@ fn record_without_a_terminal() {
     }
 }
 
+/// The header's `env` is what the program saw, also when SHELL was not set (portable-pty
+/// sets it for the program; the header used to leave it out).
+#[test]
+fn the_header_says_the_shell_the_program_saw() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("env.cast");
+    let out = StdCommand::new(BIN)
+        .args(["record", "-q", "-c", "printf '%s' \"$SHELL\""])
+        .arg(&file)
+        .env_remove("SHELL")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let cast = read_cast(&file);
+    let seen = cast.output();
+    assert!(!seen.is_empty());
+    assert_eq!(
+        cast.header["env"]["SHELL"],
+        seen.as_str(),
+        "{}",
+        cast.header
+    );
+}
+
 /// What `record` leaves when things go wrong, and what it picks when nothing is said.
 #[test]
 fn failures_leave_nothing_in_the_way() {

@@ -133,6 +133,11 @@ impl Command {
                 None => b.env_remove(k),
             }
         }
+        // portable-pty sets a missing SHELL itself; set it here, the same way the header's
+        // is found, so that the recording says what the program saw.
+        if self.env_value("SHELL").is_none() {
+            b.env("SHELL", user_shell());
+        }
         match &self.cwd {
             Some(dir) => b.cwd(dir),
             // portable-pty would start in $HOME; a command runs where it was asked from.
@@ -569,7 +574,10 @@ fn make_header(
     let mut header = Header::new(size, ts);
     let mut env = BTreeMap::new();
     for key in ["SHELL", "TERM"] {
-        if let Some(v) = command.env_value(key) {
+        let value = command
+            .env_value(key)
+            .or_else(|| (key == "SHELL").then(user_shell));
+        if let Some(v) = value {
             env.insert(key.to_string(), v.to_string_lossy().into_owned());
         }
     }
