@@ -5,6 +5,7 @@
 //! the PostgreSQL runs fail, never skip.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -274,7 +275,10 @@ struct Fixture {
 
 impl Server {
     async fn start(backend: Backend) -> Server {
-        let stores = Stores::new(backend).await;
+        Server::start_with(Stores::new(backend).await).await
+    }
+
+    async fn start_with(stores: Stores) -> Server {
         let app = App::open(stores.config()).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
@@ -2241,6 +2245,107 @@ mod scenarios {
 // ---------------------------------------------------------------------------------------
 // Whole-process tests
 // ---------------------------------------------------------------------------------------
+
+/// A TCP proxy to the S3 server that can be switched off: while off, it closes every
+/// connection, those it already relays and new ones (a store that went away).
+struct Toggle {
+    url: String,
+    up: Arc<std::sync::atomic::AtomicBool>,
+    relays: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Toggle {
+    async fn start(target: &str) -> Toggle {
+        let target = target.trim_start_matches("http://").to_string();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let relays = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (u, r) = (up.clone(), relays.clone());
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if !u.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: closed at once
+                }
+                let target = target.clone();
+                r.lock().unwrap().push(tokio::spawn(async move {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                }));
+            }
+        });
+        Toggle { url, up, relays }
+    }
+
+    fn set(&self, up: bool) {
+        self.up.store(up, std::sync::atomic::Ordering::SeqCst);
+        if !up {
+            for relay in self.relays.lock().unwrap().drain(..) {
+                relay.abort();
+            }
+        }
+    }
+}
+
+/// The object store unreachable mid-recording: an upload and a `complete` answer
+/// INTERNAL_ERROR and change nothing (no chunk row, the recording still active); once the store
+/// is back, the same calls go through, and what was acknowledged before is all there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_object_store_refuses_and_loses_nothing() {
+    let mut stores = Stores::new(Backend::PgS3).await;
+    let s3 = stores.s3.as_mut().unwrap();
+    let proxy = Toggle::start(&s3.endpoint).await;
+    s3.endpoint = proxy.url.clone();
+    let s = Server::start_with(stores).await;
+    let org = s.fx.org.clone();
+    let session = s.start_recording().await;
+    let upload = |i: u64| {
+        json!({"action": "upload_chunk", "org_id": org, "session_id": session,
+               "chunk_index": i, "chunk_data": format!("[{i}, \"o\", \"chunk {i}\"]\n")})
+    };
+    let complete =
+        json!({"action": "complete", "org_id": org, "session_id": session, "duration_seconds": 2});
+    let (st, b) = s.member(upload(0)).await;
+    assert_eq!(st, 200, "{b}");
+
+    proxy.set(false);
+    assert_err(s.member(upload(1)).await, 500, "INTERNAL_ERROR");
+    assert_err(s.member(complete.clone()).await, 500, "INTERNAL_ERROR");
+    let d = s.get(&session).await;
+    assert_eq!(d["recording"]["status"], "active", "{d}");
+    let indexes: Vec<&Value> = d["recording"]["metadata"]["chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| &c["index"])
+        .collect();
+    assert_eq!(indexes, [&json!(0)], "{d}");
+    assert_eq!(d["integrity"], "unknown", "{d}");
+
+    proxy.set(true);
+    let (st, b) = s.member(upload(1)).await;
+    assert_eq!(st, 200, "{b}");
+    let (st, b) = s.member(complete).await;
+    assert_eq!(st, 200, "{b}");
+    let d = s.get(&session).await;
+    assert_eq!(d["recording"]["status"], "completed", "{d}");
+    assert_eq!(d["integrity"], "ok", "{d}");
+    assert_eq!(d["r2_data"]["chunks"].as_array().unwrap().len(), 2, "{d}");
+    let all: Vec<u8> = [
+        s.stores
+            .get_object(&format!("recordings/{org}/{session}/chunk-0.cast"))
+            .await
+            .unwrap(),
+        s.stores
+            .get_object(&format!("recordings/{org}/{session}/chunk-1.cast"))
+            .await
+            .unwrap(),
+    ]
+    .concat();
+    assert_eq!(all, b"[0, \"o\", \"chunk 0\"]\n[1, \"o\", \"chunk 1\"]\n");
+    s.stop().await;
+}
 
 /// A `serve` process of the real binary on port 0.
 struct Proc {
