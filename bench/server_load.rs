@@ -246,6 +246,19 @@ async fn seed(db_url: &str, org: &str, machine: &str, user: &str, n: i64) {
     }
 }
 
+/// One call's JSON answer.
+async fn call(http: &reqwest::Client, url: &str, token: &str, body: &Value) -> Value {
+    http.post(url)
+        .bearer_auth(token)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 async fn run(name: &str, args: &Args) -> Vec<String> {
     let t = target(name).await;
     let app = App::open(t.config.clone()).await.unwrap();
@@ -285,16 +298,7 @@ async fn run(name: &str, args: &Args) -> Vec<String> {
     // One recording per client.
     let mut sessions = Vec::new();
     for _ in 0..CLIENTS {
-        let r: Value = http
-            .post(&url)
-            .bearer_auth(&token)
-            .json(&json!({"action": "start", "org_id": org_s, "machine_id": machine.to_string(), "session_type": "ssh"}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let r: Value = call(&http, &url, &token, &json!({"action": "start", "org_id": org_s, "machine_id": machine.to_string(), "session_type": "ssh"})).await;
         sessions.push(r["data"]["session_id"].as_str().unwrap().to_string());
     }
     let chunk = chunk_text();
@@ -311,16 +315,13 @@ async fn run(name: &str, args: &Args) -> Vec<String> {
     let start = Instant::now();
     for _ in 0..20 {
         let t0 = Instant::now();
-        let r: Value = http
-            .post(&url)
-            .bearer_auth(&token)
-            .json(&json!({"action": "get", "org_id": org_s, "session_id": first}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let r: Value = call(
+            &http,
+            &url,
+            &token,
+            &json!({"action": "get", "org_id": org_s, "session_id": first}),
+        )
+        .await;
         lat.push(t0.elapsed());
         assert_eq!(r["data"]["integrity"], "ok", "{r}");
         chunks = r["data"]["recording"]["metadata"]["chunks"]
@@ -366,16 +367,7 @@ async fn run(name: &str, args: &Args) -> Vec<String> {
                 body[k] = v.clone();
             }
             let t0 = Instant::now();
-            let r: Value = http
-                .post(&url)
-                .bearer_auth(&token)
-                .json(&body)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let r: Value = call(&http, &url, &token, &body).await;
             lat.push(t0.elapsed());
             assert_eq!(r["data"]["recordings"].as_array().unwrap().len(), 50);
         }
