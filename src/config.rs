@@ -270,9 +270,10 @@ pub(crate) fn our_env() -> anyhow::Result<Vec<(String, String)>> {
     Ok(out)
 }
 
-/// Every value that cannot be used, each named by where it was set: one a line.
+/// Every value that cannot be used, each named by where it was set. Shown on one line (a
+/// refused login says why in one); `config check` gives each its own.
 #[derive(Debug, thiserror::Error)]
-#[error("{}", .0.join("\n"))]
+#[error("{}", .0.join("; "))]
 pub struct BadValues(pub Vec<String>);
 
 impl Config {
