@@ -1378,6 +1378,29 @@ fn fail_closed_refuses_or_ends_the_session() {
     );
 }
 
+/// A login shell for a user whose home directory does not exist starts in `/`, as sshd
+/// starts one: it used to fail ("cannot start login shell: No such file or directory"), so
+/// such a user could not log in at all.
+#[test]
+fn a_login_shell_without_a_home_directory_starts_in_the_root() {
+    let out = Shared::default();
+    let mut command = Command::login_shell();
+    command
+        .env("HOME", "/nonexistent/home")
+        .env("SHELL", "/bin/sh");
+    let mut c = SessionConfig::new(command);
+    c.terminal = Terminal::Custom {
+        input: Some(Box::new(std::io::Cursor::new(b"pwd; exit 3\n".to_vec()))),
+        output: Box::new(out.clone()),
+    };
+    c.size = Some(size(90, 20));
+    let outcome = Session::new(c).run(Vec::new()).unwrap();
+    let shown = String::from_utf8_lossy(&out.0.lock().unwrap()).into_owned();
+    assert_eq!(outcome.status, ExitStatus::Code(3), "{shown:?}");
+    // (After the shell's prompt and the echoed input: `pwd` printed the root.)
+    assert!(shown.contains("/\r\n"), "{shown:?}");
+}
+
 #[test]
 fn chunk_sink_in_a_library_session() {
     let dir = tempfile::tempdir().unwrap();

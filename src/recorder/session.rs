@@ -15,7 +15,7 @@ use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::{self, IsTerminal, Read, Write};
 use std::os::fd::AsFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
@@ -142,6 +142,14 @@ impl Command {
             Some(dir) => b.cwd(dir),
             // portable-pty would start in $HOME; a command runs where it was asked from.
             None if !self.argv.is_empty() => b.cwd(std::env::current_dir()?),
+            // A login shell starts at home, and in `/` when there is none, as sshd does
+            // ("Could not chdir to home directory"): portable-pty would not start it at all.
+            None if !self
+                .env_value("HOME")
+                .is_some_and(|h| Path::new(&h).is_dir()) =>
+            {
+                b.cwd("/")
+            }
             None => {}
         }
         Ok(b)
