@@ -90,13 +90,18 @@ impl App {
     /// Opens (creating on first start) the data dir, the metadata store (migrated), the
     /// object store and the JWT secret named by `config`.
     pub async fn open(config: Config) -> Result<App, OpenError> {
+        // In the order that leaves least behind when one is refused: a URL with a typo creates
+        // nothing, and a secret is generated only once the database has answered.
+        let (database, store) = (config.database_url(), config.store_url());
+        meta::check_url(&database)?;
+        Objects::check_url(&store)?;
         std::fs::create_dir_all(&config.data_dir).map_err(|source| OpenError::DataDir {
             path: config.data_dir.clone(),
             source,
         })?;
+        let meta = meta::open(&database, config.max_db_connections).await?;
+        let objects = Objects::open(&store, &config.s3)?;
         let secret = config::load_or_create_secret(&config)?;
-        let meta = meta::open(&config.database_url(), config.max_db_connections).await?;
-        let objects = Objects::open(&config.store_url(), &config.s3)?;
         Ok(App {
             inner: Arc::new(Inner {
                 meta,

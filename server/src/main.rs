@@ -131,8 +131,9 @@ enum AdminCommand {
     Token {
         #[arg(long, value_name = "USER")]
         user: Uuid,
-        /// Lifetime in seconds.
-        #[arg(long, default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..))]
+        /// Lifetime in seconds, at most ten years (a token that never expires in practice
+        /// cannot be taken back short of changing the secret).
+        #[arg(long, default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..=315_360_000))]
         ttl_secs: u64,
     },
     /// Machines.
@@ -300,14 +301,15 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .await
                 .map_err(|e| format!("bad --listen / ZTNA_LISTEN {:?}: {e}", config.listen))?
                 .collect();
+            // Bound first: a port in use leaves no database or secret behind.
+            let listener = tokio::net::TcpListener::bind(addrs.as_slice())
+                .await
+                .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
             let app = App::open(config.clone()).await.map_err(|e| e.to_string())?;
             // Only `serve` needs the store at once: `admin` commands work without it.
             app.check_store()
                 .await
                 .map_err(|e| format!("cannot open the object store: {e}"))?;
-            let listener = tokio::net::TcpListener::bind(addrs.as_slice())
-                .await
-                .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
             let addr = listener.local_addr().map_err(|e| e.to_string())?;
             let shutdown = shutdown_signal()?;
             tracing::info!(%addr, "listening");

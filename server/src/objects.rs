@@ -53,67 +53,92 @@ impl std::fmt::Debug for Objects {
     }
 }
 
-impl Objects {
-    /// Opens `file://DIR` (created when missing) or `s3://BUCKET`.
-    pub fn open(url: &str, s3: &S3Config) -> Result<Objects, ObjectError> {
+/// Where a store URL points.
+enum Target<'a> {
+    Dir(PathBuf),
+    Bucket(&'a str),
+}
+
+impl<'a> Target<'a> {
+    fn of(url: &'a str) -> Result<Self, ObjectError> {
         if let Some(dir) = url.strip_prefix("file://") {
             let root = PathBuf::from(dir);
-            if dir.is_empty() || !root.is_absolute() {
-                return Err(ObjectError::BadUrl(url.to_string()));
+            if !dir.is_empty() && root.is_absolute() {
+                return Ok(Target::Dir(root));
             }
-            std::fs::create_dir_all(&root).map_err(|source| ObjectError::LocalDir {
-                path: root.clone(),
-                source,
-            })?;
-            let fs = LocalFileSystem::new_with_prefix(&root)?.with_automatic_cleanup(true);
-            Ok(Objects {
-                store: Arc::new(fs),
-                describe: format!("file://{}", root.display()),
-                local_root: Some(root),
-            })
         } else if let Some(bucket) = url.strip_prefix("s3://") {
             let bucket = bucket.trim_end_matches('/');
-            if bucket.is_empty() || bucket.contains('/') {
-                return Err(ObjectError::BadUrl(url.to_string()));
+            if !bucket.is_empty() && !bucket.contains('/') {
+                return Ok(Target::Bucket(bucket));
             }
-            // A store that does not answer fails a request within about a minute (object_store's
-            // defaults retry for up to 3 minutes): the agent's own timeout is 60 s and it retries
-            // by itself, and a sweep holding rows must not wait that long.
-            let retry = object_store::RetryConfig {
-                max_retries: 3,
-                retry_timeout: std::time::Duration::from_secs(30),
-                ..Default::default()
-            };
-            let client = object_store::ClientOptions::new()
-                .with_connect_timeout(std::time::Duration::from_secs(5))
-                .with_timeout(std::time::Duration::from_secs(25));
-            let mut b = AmazonS3Builder::new()
-                .with_retry(retry)
-                .with_client_options(client)
-                .with_bucket_name(bucket)
-                .with_region(s3.region.clone().unwrap_or_else(|| "auto".to_string()));
-            if let Some(ep) = &s3.endpoint {
-                // R2, MinIO, Garage and test servers on loopback take path-style requests;
-                // plain http is allowed only because the operator wrote an http:// endpoint.
-                b = b
-                    .with_endpoint(ep.clone())
-                    .with_virtual_hosted_style_request(false)
-                    .with_allow_http(ep.starts_with("http://"));
-            }
-            if let Some(k) = &s3.access_key {
-                b = b.with_access_key_id(k.clone());
-            }
-            if let Some(k) = &s3.secret_key {
-                b = b.with_secret_access_key(k.clone());
-            }
-            Ok(Objects {
-                store: Arc::new(b.build()?),
-                local_root: None,
-                describe: format!("s3://{bucket}"),
-            })
-        } else {
-            Err(ObjectError::BadUrl(url.to_string()))
         }
+        Err(ObjectError::BadUrl(url.to_string()))
+    }
+}
+
+impl Objects {
+    /// Whether `url` names a store [`open`](Self::open) can open, without touching it.
+    pub fn check_url(url: &str) -> Result<(), ObjectError> {
+        Target::of(url).map(|_| ())
+    }
+
+    /// Opens `file://DIR` (created when missing) or `s3://BUCKET`.
+    pub fn open(url: &str, s3: &S3Config) -> Result<Objects, ObjectError> {
+        match Target::of(url)? {
+            Target::Dir(root) => Self::open_dir(root),
+            Target::Bucket(bucket) => Self::open_bucket(bucket, s3),
+        }
+    }
+
+    fn open_dir(root: PathBuf) -> Result<Objects, ObjectError> {
+        std::fs::create_dir_all(&root).map_err(|source| ObjectError::LocalDir {
+            path: root.clone(),
+            source,
+        })?;
+        let fs = LocalFileSystem::new_with_prefix(&root)?.with_automatic_cleanup(true);
+        Ok(Objects {
+            store: Arc::new(fs),
+            describe: format!("file://{}", root.display()),
+            local_root: Some(root),
+        })
+    }
+
+    fn open_bucket(bucket: &str, s3: &S3Config) -> Result<Objects, ObjectError> {
+        // A store that does not answer fails a request within about a minute (object_store's
+        // defaults retry for up to 3 minutes): the agent's own timeout is 60 s and it retries
+        // by itself, and a sweep holding rows must not wait that long.
+        let retry = object_store::RetryConfig {
+            max_retries: 3,
+            retry_timeout: std::time::Duration::from_secs(30),
+            ..Default::default()
+        };
+        let client = object_store::ClientOptions::new()
+            .with_connect_timeout(std::time::Duration::from_secs(5))
+            .with_timeout(std::time::Duration::from_secs(25));
+        let mut b = AmazonS3Builder::new()
+            .with_retry(retry)
+            .with_client_options(client)
+            .with_bucket_name(bucket)
+            .with_region(s3.region.clone().unwrap_or_else(|| "auto".to_string()));
+        if let Some(ep) = &s3.endpoint {
+            // R2, MinIO, Garage and test servers on loopback take path-style requests;
+            // plain http is allowed only because the operator wrote an http:// endpoint.
+            b = b
+                .with_endpoint(ep.clone())
+                .with_virtual_hosted_style_request(false)
+                .with_allow_http(ep.starts_with("http://"));
+        }
+        if let Some(k) = &s3.access_key {
+            b = b.with_access_key_id(k.clone());
+        }
+        if let Some(k) = &s3.secret_key {
+            b = b.with_secret_access_key(k.clone());
+        }
+        Ok(Objects {
+            store: Arc::new(b.build()?),
+            local_root: None,
+            describe: format!("s3://{bucket}"),
+        })
     }
 
     /// Whether the store answers: a bucket that is missing, or credentials it refuses, are found

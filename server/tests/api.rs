@@ -2798,11 +2798,34 @@ async fn binary_on_defaults_and_sigterm() {
             "mysql://x",
         ])
         .arg("--data-dir")
-        .arg(stores.dir.path().join("flag"))
+        .arg(stores.dir.path().join("mysql"))
         .output()
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("mysql://x"));
+    // ... and creates nothing: no data directory, no database, no generated secret.
+    assert!(!stores.dir.path().join("mysql").exists());
+    let out = std::process::Command::new(bin)
+        .args(["admin", "org", "create", "--name", "x", "--data-dir"])
+        .arg(stores.dir.path().join("ftp"))
+        .env("STORE_URL", "ftp://x")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ftp://x"));
+    assert!(!stores.dir.path().join("ftp").exists());
+    // A port in use stops `serve` before it creates anything.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let out = std::process::Command::new(bin)
+        .args(["serve", "--listen"])
+        .arg(taken.local_addr().unwrap().to_string())
+        .arg("--data-dir")
+        .arg(stores.dir.path().join("busy"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot listen"));
+    assert!(!stores.dir.path().join("busy").exists());
     // The listen address matters to `serve` only: a bad one stops `serve` before it creates
     // anything, and leaves `admin` working.
     let out = std::process::Command::new(bin)

@@ -314,19 +314,35 @@ pub trait MetadataStore: Send + Sync {
     async fn retention_by_org(&self) -> Result<Vec<(Uuid, i64)>>;
 }
 
+/// The backends, by URL scheme.
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    fn of(url: &str) -> Result<Backend> {
+        if url.starts_with("sqlite:") {
+            Ok(Backend::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Backend::Postgres)
+        } else {
+            Err(MetaError::BadUrl(crate::config::redact_url(url)))
+        }
+    }
+}
+
+/// Whether `url` names a backend [`open`] knows, without connecting.
+pub fn check_url(url: &str) -> Result<()> {
+    Backend::of(url).map(|_| ())
+}
+
 /// Opens (creating and migrating) the metadata store named by `url`.
 pub async fn open(url: &str, max_connections: u32) -> Result<Arc<dyn MetadataStore>> {
-    if url.starts_with("sqlite:") {
-        Ok(Arc::new(
-            sqlite::SqliteMeta::open(url, max_connections).await?,
-        ))
-    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Ok(Arc::new(
-            postgres::PgMeta::open(url, max_connections).await?,
-        ))
-    } else {
-        Err(MetaError::BadUrl(crate::config::redact_url(url)))
-    }
+    Ok(match Backend::of(url)? {
+        Backend::Sqlite => Arc::new(sqlite::SqliteMeta::open(url, max_connections).await?),
+        Backend::Postgres => Arc::new(postgres::PgMeta::open(url, max_connections).await?),
+    })
 }
 
 /// Rows deleted per sweep transaction.
