@@ -1914,6 +1914,32 @@ mod sshd {
         });
     }
 
+    /// A second user whose login shell is an executable file that cannot start: its
+    /// interpreter does not exist. (sshd runs even the ForceCommand through the user's shell,
+    /// so this user never gets past sshd; `shell` is run directly as them.)
+    pub const BROKEN_SHELL_USER: &str = "ztnabadsh";
+    const BROKEN_SHELL: &str = "/usr/local/libexec/ztna-test-broken-shell";
+
+    pub fn ensure_broken_shell_user() {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            std::fs::create_dir_all(Path::new(BROKEN_SHELL).parent().unwrap()).unwrap();
+            std::fs::write(BROKEN_SHELL, "#!/nonexistent/interpreter\n").unwrap();
+            chmod(Path::new(BROKEN_SHELL), 0o755);
+            let exists = Command::new("id")
+                .arg("-u")
+                .arg(BROKEN_SHELL_USER)
+                .output()
+                .unwrap()
+                .status
+                .success();
+            if !exists {
+                run(Command::new("useradd").args(["-m", "-s", BROKEN_SHELL, BROKEN_SHELL_USER]));
+            }
+            run(Command::new("usermod").args(["-p", "*", BROKEN_SHELL_USER]));
+        });
+    }
+
     pub fn uid() -> u32 {
         nix::unistd::User::from_name(USER)
             .unwrap()
@@ -2071,7 +2097,7 @@ mod sshd {
         }
     }
 
-    fn chmod(p: &Path, mode: u32) {
+    pub fn chmod(p: &Path, mode: u32) {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
     }
@@ -2136,12 +2162,20 @@ async fn sshd_interactive_session_is_recorded() {
     let (code, text) = tokio::task::block_in_place(|| {
         sshd::interactive(
             &s,
-            &["echo hello-$((6*7))\n", "exit 3\n"],
+            &[
+                "echo hello-$((6*7))\n",
+                // SSH_TTY names the terminal the shell is on, which it can write to.
+                "echo via-tty-$((5*5)) > $SSH_TTY\n",
+                "[ \"$SSH_TTY\" = \"$(tty)\" ] && echo tty-$((2*3))-same\n",
+                "exit 3\n",
+            ],
             Duration::from_millis(0),
         )
     });
     assert_eq!(code, Some(3), "{text}\n{}\n{}", s.log(), agent.log());
-    assert!(text.contains("hello-42"), "{text}");
+    for shown in ["hello-42", "via-tty-25", "tty-6-same"] {
+        assert!(text.contains(shown), "{shown}: {text}");
+    }
     let recs = backend.wait_completed(1, Duration::from_secs(20)).await;
     let rec = &recs[0];
     let m = &rec["metadata"];
@@ -2157,6 +2191,7 @@ async fn sshd_interactive_session_is_recorded() {
     assert_eq!(m["machine_name"], "Linux-C");
     let events = backend.events_text(rec);
     assert!(output_of(&events).contains("hello-42"));
+    assert!(output_of(&events).contains("via-tty-25"), "{events}");
     let last: Value = serde_json::from_str(events.lines().last().unwrap()).unwrap();
     assert_eq!(
         rec["duration_seconds"],
@@ -2323,6 +2358,68 @@ async fn sshd_a_terminal_held_by_another_process() {
         "{:#}",
         recs[0]
     );
+    stop_all(&mut daemon, &mut backend).await;
+}
+
+/// A login shell that cannot start (an executable file whose interpreter is gone), with and
+/// without a PTY: `shell` says why and exits 127, and the recording says so too, not that the
+/// recorder was cut off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shell_that_cannot_start_is_recorded_as_such() {
+    use std::os::unix::process::CommandExt;
+    let mut backend = Backend::new(true).await;
+    let agent = Agent::new(&backend, "");
+    let mut daemon = agent.daemon();
+    sshd::ensure_broken_shell_user();
+    let user = nix::unistd::User::from_name(sshd::BROKEN_SHELL_USER)
+        .unwrap()
+        .unwrap();
+    // The user reads the config (the daemon's socket is 0666).
+    sshd::chmod(agent.dir.path(), 0o755);
+    sshd::chmod(&agent.config(), 0o644);
+    let agent_ref = &agent;
+    tokio::task::block_in_place(|| {
+        for tty in [true, false] {
+            let agent = agent_ref;
+            let mut c = agent.shell_command(Some("echo never-$((1+1))"), None);
+            c.uid(user.uid.as_raw()).gid(user.gid.as_raw());
+            let pty = tty.then(|| nix::pty::openpty(None, None).unwrap());
+            if let Some(p) = &pty {
+                c.stdin(p.slave.try_clone().unwrap())
+                    .stdout(p.slave.try_clone().unwrap())
+                    .stderr(p.slave.try_clone().unwrap());
+            }
+            let mut child = c.spawn().unwrap();
+            drop(c); // it holds copies of the slave side
+            let mut text = Vec::new();
+            if let Some(p) = pty {
+                drop(p.slave);
+                // Until the last writer has gone (EIO).
+                let _ = std::fs::File::from(p.master).read_to_end(&mut text);
+            } else {
+                drop(child.stdin.take());
+                child.stderr.take().unwrap().read_to_end(&mut text).unwrap();
+            }
+            let status = child.wait().unwrap();
+            let text = String::from_utf8_lossy(&text);
+            assert_eq!(
+                status.code(),
+                Some(127),
+                "tty {tty}: {text}\n{}",
+                agent.log()
+            );
+            assert!(text.contains("No such file"), "tty {tty}: {text}");
+            assert!(!text.contains("never-2"), "{text}");
+        }
+    });
+    let recs = backend.wait_completed(2, Duration::from_secs(20)).await;
+    for rec in &recs {
+        let m = &rec["metadata"];
+        assert_eq!(m["exit_status"], 127, "{rec:#}");
+        assert!(m["error"].as_str().unwrap().contains("No such file"), "{m}");
+        assert_ne!(m["interrupted"], true, "{m}");
+        assert_eq!(m["user"], sshd::BROKEN_SHELL_USER);
+    }
     stop_all(&mut daemon, &mut backend).await;
 }
 

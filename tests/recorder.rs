@@ -1262,6 +1262,13 @@ impl Sink for Collect {
         self.0.lock().unwrap().push(s);
         Ok(())
     }
+    fn not_started(&mut self, reason: &str) -> std::io::Result<()> {
+        self.0
+            .lock()
+            .unwrap()
+            .push(format!("not started: {reason}"));
+        Ok(())
+    }
     fn finish(&mut self) -> std::io::Result<()> {
         self.0.lock().unwrap().push("finish".into());
         Ok(())
@@ -1399,6 +1406,47 @@ fn a_login_shell_without_a_home_directory_starts_in_the_root() {
     assert_eq!(outcome.status, ExitStatus::Code(3), "{shown:?}");
     // (After the shell's prompt and the echoed input: `pwd` printed the root.)
     assert!(shown.contains("/\r\n"), "{shown:?}");
+}
+
+/// A script whose interpreter is gone is refused before the spawn, with the reason, and the
+/// sinks hear it: without the check the child aborted with "fatal runtime error" on the
+/// user's terminal while the spawn reported success (portable-pty closes std's exec-error
+/// pipe in the child).
+#[test]
+fn a_program_whose_interpreter_is_gone_is_not_started() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("old.py");
+    std::fs::write(&script, "#!/nonexistent/python2\nprint 1\n").unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    for command in [Command::new(&script), {
+        let mut c = Command::login_shell();
+        c.env("SHELL", &script);
+        c
+    }] {
+        let out = Shared::default();
+        let mut c = SessionConfig::new(command);
+        c.terminal = Terminal::Custom {
+            input: None,
+            output: Box::new(out.clone()),
+        };
+        c.size = Some(size(80, 24));
+        let seen = Collect::default();
+        let err = match Session::new(c).run(vec![Box::new(seen.clone())]) {
+            Err(e) => e.to_string(),
+            Ok(o) => panic!(
+                "{o:?}: {:?}",
+                String::from_utf8_lossy(&out.0.lock().unwrap())
+            ),
+        };
+        assert!(
+            err.contains("bad interpreter /nonexistent/python2"),
+            "{err}"
+        );
+        let seen = seen.0.lock().unwrap();
+        assert_eq!(seen.len(), 3, "{seen:?}"); // header, why, finish
+        assert!(seen[1].starts_with("not started: ") && seen[1].contains("bad interpreter"));
+        assert_eq!(seen[2], "finish");
+    }
 }
 
 #[test]

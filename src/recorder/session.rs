@@ -121,7 +121,8 @@ impl Command {
         v
     }
 
-    fn builder(&self) -> io::Result<CommandBuilder> {
+    /// `tty` is the name of the PTY the program runs on.
+    fn builder(&self, tty: Option<&Path>) -> io::Result<CommandBuilder> {
         let mut b = if self.argv.is_empty() {
             CommandBuilder::new_default_prog()
         } else {
@@ -138,6 +139,12 @@ impl Command {
         if self.env_value("SHELL").is_none() {
             b.env("SHELL", user_shell());
         }
+        // sshd's `SSH_TTY` names its terminal, not the program's: writing there would bypass
+        // the recording, and under `shell`, which makes it exclusive (TIOCEXCL), fails with
+        // EBUSY (`echo > $SSH_TTY`, `GPG_TTY=$SSH_TTY` for pinentry).
+        if let (Some(_), Some(tty)) = (self.env_value("SSH_TTY"), tty) {
+            b.env("SSH_TTY", tty);
+        }
         match &self.cwd {
             Some(dir) => b.cwd(dir),
             // portable-pty would start in $HOME; a command runs where it was asked from.
@@ -152,7 +159,25 @@ impl Command {
             }
             None => {}
         }
+        check_interpreter(&self.program_path())?;
         Ok(b)
+    }
+
+    /// The file that will be executed, as portable-pty finds it: the login shell's `SHELL`, a
+    /// path as given, or the first executable of that name in `PATH`.
+    fn program_path(&self) -> PathBuf {
+        let Some(first) = self.argv.first() else {
+            return self.env_value("SHELL").unwrap_or_else(user_shell).into();
+        };
+        let p = Path::new(first);
+        if p.components().count() > 1 {
+            return p.to_path_buf();
+        }
+        let path = self.env_value("PATH").unwrap_or_default();
+        std::env::split_paths(&path)
+            .map(|d| d.join(p))
+            .find(|c| nix::unistd::access(c, nix::unistd::AccessFlags::X_OK).is_ok())
+            .unwrap_or_else(|| p.to_path_buf())
     }
 
     fn display(&self) -> String {
@@ -174,6 +199,41 @@ pub fn user_shell() -> OsString {
         .map(|u| u.shell.into_os_string())
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "/bin/sh".into())
+}
+
+/// A script whose interpreter cannot be run, found before the spawn. portable-pty closes
+/// every descriptor in the child before `exec`, std's exec-error pipe included
+/// (wezterm/wezterm#7893): a failed `exec` aborts the child with "fatal runtime error" on the
+/// user's terminal while the spawn reports success. portable-pty checks the program itself;
+/// this is the likeliest failure left (`#!/usr/bin/python` where only python3 is installed).
+fn check_interpreter(program: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut head = [0u8; 256];
+    let Ok(n) = File::open(program).and_then(|mut f| f.read(&mut head)) else {
+        return Ok(()); // not ours to judge: the spawn says what is wrong
+    };
+    let Some(line) = head[..n].strip_prefix(b"#!") else {
+        return Ok(());
+    };
+    let line = line.split(|&b| b == b'\n').next().unwrap_or_default();
+    let Some(interp) = line
+        .split(|&b| b == b' ' || b == b'\t')
+        .find(|w| !w.is_empty())
+    else {
+        return Ok(());
+    };
+    let interp = Path::new(OsStr::from_bytes(interp));
+    nix::unistd::access(interp, nix::unistd::AccessFlags::X_OK).map_err(|e| {
+        io::Error::new(
+            io::Error::from(e).kind(),
+            format!(
+                "{}: bad interpreter {}: {}",
+                program.display(),
+                interp.display(),
+                e.desc()
+            ),
+        )
+    })
 }
 
 /// Where the session's user is.
@@ -457,7 +517,7 @@ impl Session {
             reason,
         };
         let spawned = command
-            .builder()
+            .builder(pair.master.tty_name().as_deref())
             .map_err(|e| spawn_err(e.to_string()))
             .and_then(|b| {
                 pair.slave
@@ -468,7 +528,9 @@ impl Session {
             Ok(c) => c,
             Err(e) => {
                 // The sinks have a header and no events: close them properly.
+                let reason = e.to_string();
                 for mut sink in live {
+                    let _ = sink.not_started(&reason);
                     let _ = sink.finish();
                 }
                 return Err(e);

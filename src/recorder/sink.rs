@@ -7,7 +7,8 @@ use ztna_common::asciicast::Header;
 
 /// A destination for a session's events. Called only from the session's recorder thread, in
 /// order: [`start`](Sink::start) once, [`event`](Sink::event) for each event (the last one is
-/// [`EventKind::Exit`](super::EventKind::Exit)), then [`finish`](Sink::finish) once.
+/// [`EventKind::Exit`](super::EventKind::Exit)) or [`not_started`](Sink::not_started) once,
+/// then [`finish`](Sink::finish) once.
 ///
 /// A sink that blocks slows the session down (bounded memory, nothing dropped); a sink that
 /// returns an error is dropped from the session and reported in
@@ -42,6 +43,12 @@ pub trait Sink: Send {
         Ok(())
     }
 
+    /// Instead of any event, when the program could not be started (`reason` says why);
+    /// [`finish`](Sink::finish) follows.
+    fn not_started(&mut self, _reason: &str) -> io::Result<()> {
+        Ok(())
+    }
+
     /// After the last event: flush and make durable.
     fn finish(&mut self) -> io::Result<()>;
 }
@@ -64,6 +71,9 @@ impl<S: Sink + ?Sized> Sink for Box<S> {
     }
     fn flush(&mut self) -> io::Result<()> {
         (**self).flush()
+    }
+    fn not_started(&mut self, reason: &str) -> io::Result<()> {
+        (**self).not_started(reason)
     }
     fn finish(&mut self) -> io::Result<()> {
         (**self).finish()

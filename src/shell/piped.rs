@@ -266,8 +266,8 @@ pub(super) fn run_piped(
             );
             let mut meta = Map::new();
             meta.insert("error".into(), Value::from(e.to_string()));
-            finish_piped(&rec, 127, meta);
-            return Ok(127);
+            finish_piped(&rec, i32::from(NOT_STARTED), meta);
+            return Ok(NOT_STARTED);
         }
     };
     let bytes_in = Arc::new(AtomicU64::new(0));

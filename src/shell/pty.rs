@@ -282,6 +282,24 @@ fn frame_io(e: FrameError) -> io::Error {
     }
 }
 
+impl DaemonSink {
+    /// Tells the daemon how the session ended and waits until it has taken that.
+    fn end(&mut self, code: i32, metadata: Map<String, Value>) -> io::Result<()> {
+        self.ended.store(true, Ordering::SeqCst);
+        let end = EndMsg {
+            exit_status: Some(code),
+            metadata,
+        };
+        let f = Frame::json(Kind::End, &end).map_err(io::Error::other)?;
+        ipc::write_frame(&mut self.link.stream, f.kind, &f.payload).map_err(frame_io)?;
+        match self.link.acks.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(io::Error::other(e)),
+            Err(_) => Err(io::Error::other("no answer from the recording daemon")),
+        }
+    }
+}
+
 impl Sink for DaemonSink {
     fn name(&self) -> String {
         "recording daemon".into()
@@ -328,18 +346,7 @@ impl Sink for DaemonSink {
                 }
                 let mut meta = Map::new();
                 let code = exit_metadata(status, &mut meta);
-                self.ended.store(true, Ordering::SeqCst);
-                let end = EndMsg {
-                    exit_status: Some(code),
-                    metadata: meta,
-                };
-                let f = Frame::json(Kind::End, &end).map_err(io::Error::other)?;
-                ipc::write_frame(&mut self.link.stream, f.kind, &f.payload).map_err(frame_io)?;
-                match self.link.acks.recv_timeout(Duration::from_secs(10)) {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err(e)) => Err(io::Error::other(e)),
-                    Err(_) => Err(io::Error::other("no answer from the recording daemon")),
-                }
+                self.end(code, meta)
             }
             // Under enforce the events of a session being ended are still sent: output shown
             // before the shell heard of the cut is among them, and the daemon spools it.
@@ -353,6 +360,13 @@ impl Sink for DaemonSink {
                 None => Ok(()),
             },
         }
+    }
+
+    /// As the piped path says it: exit status 127 and why, not a session that was cut off.
+    fn not_started(&mut self, reason: &str) -> io::Result<()> {
+        let mut meta = Map::new();
+        meta.insert("error".into(), Value::from(reason));
+        self.end(i32::from(NOT_STARTED), meta)
     }
 
     fn next_deadline(&self) -> Option<Duration> {
@@ -438,6 +452,10 @@ pub(super) fn run_pty(
     let outcome = match session.run(vec![Box::new(sink)]) {
         Ok(o) => o,
         Err(recorder::Error::SinkStart(f)) => return Ok(refuse(&f.error)),
+        Err(e @ recorder::Error::Spawn { .. }) => {
+            eprintln!("ztna-recorder: {e}");
+            return Ok(NOT_STARTED);
+        }
         Err(e) => return Err(e.into()),
     };
     let lost = lost.lock().ok().and_then(|l| l.clone());
