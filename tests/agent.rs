@@ -1899,19 +1899,7 @@ mod sshd {
     /// The test user, with a usable (not locked) account: sshd without PAM refuses locked ones.
     pub fn ensure_user() {
         static ONCE: std::sync::Once = std::sync::Once::new();
-        ONCE.call_once(|| {
-            let exists = Command::new("id")
-                .arg("-u")
-                .arg(USER)
-                .output()
-                .unwrap()
-                .status
-                .success();
-            if !exists {
-                run(Command::new("useradd").args(["-m", "-s", "/bin/bash", USER]));
-            }
-            run(Command::new("usermod").args(["-p", "*", USER]));
-        });
+        ONCE.call_once(|| ensure_account(USER, "/bin/bash"));
     }
 
     /// A second user whose login shell is an executable file that cannot start: its
@@ -1926,18 +1914,22 @@ mod sshd {
             std::fs::create_dir_all(Path::new(BROKEN_SHELL).parent().unwrap()).unwrap();
             std::fs::write(BROKEN_SHELL, "#!/nonexistent/interpreter\n").unwrap();
             chmod(Path::new(BROKEN_SHELL), 0o755);
-            let exists = Command::new("id")
-                .arg("-u")
-                .arg(BROKEN_SHELL_USER)
-                .output()
-                .unwrap()
-                .status
-                .success();
-            if !exists {
-                run(Command::new("useradd").args(["-m", "-s", BROKEN_SHELL, BROKEN_SHELL_USER]));
-            }
-            run(Command::new("usermod").args(["-p", "*", BROKEN_SHELL_USER]));
+            ensure_account(BROKEN_SHELL_USER, BROKEN_SHELL);
         });
+    }
+
+    fn ensure_account(name: &str, shell: &str) {
+        let exists = Command::new("id")
+            .arg("-u")
+            .arg(name)
+            .output()
+            .unwrap()
+            .status
+            .success();
+        if !exists {
+            run(Command::new("useradd").args(["-m", "-s", shell, name]));
+        }
+        run(Command::new("usermod").args(["-p", "*", name]));
     }
 
     pub fn uid() -> u32 {
