@@ -78,7 +78,8 @@ impl Kind {
 pub enum FrameError {
     #[error("connection closed")]
     Closed,
-    #[error("i/o: {0}")]
+    // Transparent: with "i/o: {0}" and a source, `{:#}` said the error twice.
+    #[error(transparent)]
     Io(#[from] std::io::Error),
     #[error("peer speaks protocol version {0}, this build speaks {VERSION}")]
     Version(u8),

@@ -5,6 +5,7 @@
 use crate::config::{Config, ConfigArgs};
 use crate::ipc::{self, Kind, StatusReply};
 use anyhow::Context;
+use std::io::ErrorKind;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -31,8 +32,20 @@ pub fn query(socket: &Path) -> anyhow::Result<StatusReply> {
         )
     })?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    ipc::write_frame(&mut s, Kind::StatusRequest, b"{}")?;
-    let f = ipc::read_frame(&mut s)?;
+    let f = ipc::write_frame(&mut s, Kind::StatusRequest, b"{}")
+        .and_then(|()| ipc::read_frame(&mut s))
+        .map_err(|e| match e {
+            // A daemon that took the connection but is stopped or starved.
+            ipc::FrameError::Io(e)
+                if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
+            {
+                anyhow::anyhow!(
+                    "the daemon on {} did not answer within 10 s (stopped or overloaded?)",
+                    socket.display()
+                )
+            }
+            e => e.into(),
+        })?;
     if f.kind != Kind::StatusReply {
         anyhow::bail!("the daemon answered {:?}", f.kind);
     }

@@ -371,6 +371,15 @@ struct FrameClient {
 
 impl FrameClient {
     fn start(socket: &Path) -> (FrameClient, DecisionMsg) {
+        let mut s = Self::send_start(socket);
+        let d = ipc::read_frame(&mut s).unwrap();
+        assert_eq!(d.kind, Kind::Decision);
+        let d: DecisionMsg = d.parse().unwrap();
+        (FrameClient { s }, d)
+    }
+
+    /// Connects and sends a Start; the decision is left unread.
+    fn send_start(socket: &Path) -> UnixStream {
         let mut s = UnixStream::connect(socket).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut metadata = serde_json::Map::new();
@@ -396,10 +405,7 @@ impl FrameClient {
         };
         let f = Frame::json(Kind::Start, &start).unwrap();
         ipc::write_frame(&mut s, f.kind, &f.payload).unwrap();
-        let d = ipc::read_frame(&mut s).unwrap();
-        assert_eq!(d.kind, Kind::Decision);
-        let d: DecisionMsg = d.parse().unwrap();
-        (FrameClient { s }, d)
+        s
     }
 
     fn events(&mut self, lines: &str) {
@@ -694,7 +700,8 @@ async fn half_sent_frames_do_not_grow_the_daemon() {
 }
 
 /// SIGTERM while the backend is down: the daemon does not wait out `drain_secs` for uploads
-/// that cannot get through; what it spooled stays for the next start.
+/// that cannot get through; what it spooled stays for the next start. (SIGHUP before it
+/// changes nothing: by default it would have ended the daemon at once.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_the_backend_down_does_not_wait_for_the_drain() {
     let backend = Backend::new_down(true).await;
@@ -702,6 +709,9 @@ async fn sigterm_with_the_backend_down_does_not_wait_for_the_drain() {
     let mut daemon = agent.daemon();
     let (mut c, d) = FrameClient::start(&agent.socket());
     assert_eq!(d.mode, Mode::Record);
+    kill(&mut daemon, nix::sys::signal::Signal::SIGHUP);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(daemon.0.try_wait().unwrap().is_none(), "{}", agent.log());
     c.events(&event_line(0.5, "kept"));
     c.end(0);
     let socket = agent.socket();
@@ -723,6 +733,43 @@ async fn sigterm_with_the_backend_down_does_not_wait_for_the_drain() {
         .unwrap()
         .count();
     assert_eq!(sessions, 1, "the session stays spooled");
+}
+
+/// A session that gave up waiting for a stopped daemon (and ran unrecorded, or was refused)
+/// is not recorded once the daemon gets to it: it used to become an empty recording marked
+/// `interrupted`, for a session that ended normally or never ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_gave_up_waiting_is_not_recorded() {
+    let mut backend = Backend::new(true).await;
+    let agent = Agent::new(&backend, "");
+    let mut daemon = agent.daemon();
+    kill(&mut daemon, nix::sys::signal::Signal::SIGSTOP);
+    drop(FrameClient::send_start(&agent.socket()));
+    // `status` says what is wrong with a daemon that does not answer.
+    let out = tokio::task::block_in_place(|| {
+        Command::new(BIN)
+            .args(["status", "--config"])
+            .arg(agent.config())
+            .output()
+            .unwrap()
+    });
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("did not answer within 10 s"), "{err}");
+    kill(&mut daemon, nix::sys::signal::Signal::SIGCONT);
+    // Then one that is recorded: the daemon has taken the first by then.
+    let (mut c, d) = FrameClient::start(&agent.socket());
+    assert_eq!(d.mode, Mode::Record);
+    c.events(&event_line(0.1, "recorded"));
+    c.end(0);
+    let recs = backend.wait_completed(1, Duration::from_secs(20)).await;
+    // Time for the uploader to have completed an orphan (rescans every second).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let all = backend.recordings().await;
+    assert_eq!(all.len(), 1, "{all:#?}\n{}", agent.log());
+    assert_eq!(all[0]["id"], recs[0]["id"]);
+    assert!(agent.log().contains("gave up waiting"), "{}", agent.log());
+    stop_all(&mut daemon, &mut backend).await;
 }
 
 /// Starts a recorded session on the daemon and streams 16 KiB output lines into it, one every
@@ -2422,11 +2469,13 @@ async fn sshd_exec_without_pty_is_byte_exact() {
     let agent = Agent::new(&backend, "");
     let mut daemon = agent.daemon();
     let s = sshd::Sshd::start(&agent.config());
-    let cmd = r#"printf 'x\000y\377\r\n%s' "$((40+2))""#;
+    // The program's environment is plain sshd's: no SSH_ORIGINAL_COMMAND (that is for forced
+    // commands, and ours is not the user's).
+    let cmd = r#"printf 'x\000y\377\r\n%s %s' "$((40+2))" "${SSH_ORIGINAL_COMMAND-unset}""#;
     let out = tokio::task::block_in_place(|| s.ssh().arg(s.target()).arg(cmd).output().unwrap());
     assert_eq!(
         out.stdout,
-        b"x\x00y\xff\r\n42",
+        b"x\x00y\xff\r\n42 unset",
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -2437,7 +2486,7 @@ async fn sshd_exec_without_pty_is_byte_exact() {
     assert_eq!(rec["metadata"]["command"], cmd);
     assert_eq!(
         output_of(&backend.events_text(rec)),
-        "x\u{0}y\u{fffd}\r\n42"
+        "x\u{0}y\u{fffd}\r\n42 unset"
     );
 
     // A command that only starts like a file transfer (whose contents are not recorded) is an

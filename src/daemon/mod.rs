@@ -75,7 +75,18 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<u8> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        // SIGHUP's default would end the daemon at once, without letting its sessions go to
+        // the next one (what SIGTERM does): what was in flight would be lost.
+        let mut hup = signal(SignalKind::hangup())?;
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                tracing::warn!(
+                    "SIGHUP ignored: the configuration is read at start; restart the daemon to apply a change"
+                );
+            }
+        });
         let shutdown = async move {
             tokio::select! {
                 _ = term.recv() => tracing::info!("SIGTERM: stopping"),

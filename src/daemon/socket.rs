@@ -233,6 +233,21 @@ impl Drop for Counted<'_> {
     }
 }
 
+/// Whether a client has hung up while waiting for its decision (it sends nothing before).
+fn gave_up(rd: &tokio::net::unix::OwnedReadHalf) -> bool {
+    use nix::sys::socket::{recv, MsgFlags};
+    use std::os::fd::AsRawFd;
+    let mut b = [0u8; 1];
+    matches!(
+        recv(
+            rd.as_ref().as_raw_fd(),
+            &mut b,
+            MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT
+        ),
+        Ok(0)
+    )
+}
+
 async fn handle(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
     let cred = stream.peer_cred().context("SO_PEERCRED")?;
     let Some(_counted) = Counted::new(&shared, cred.uid()) else {
@@ -350,6 +365,13 @@ async fn handle(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
         return Ok(());
     }
 
+    if gave_up(&rd) {
+        // It waited longer than it would (this daemon was stopped or starved) and went on
+        // without us: unrecorded, or refused under enforce. A recording now would claim a
+        // session that was cut off, or one that never ran.
+        tracing::warn!(%user, "a session gave up waiting for this daemon before it was taken: not recorded");
+        return Ok(());
+    }
     let hold = shared.spool.hold(room, has_share.then_some(uid));
     let id = uuid::Uuid::new_v4().to_string();
     let mut metadata = start.metadata;

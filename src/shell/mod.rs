@@ -502,6 +502,9 @@ pub fn run(args: ShellArgs) -> anyhow::Result<u8> {
     // Run byte for byte as sent (a file name may be Latin-1); the recording's metadata and
     // header are JSON, so they carry it with U+FFFD for what is not UTF-8.
     let raw_command = std::env::var_os("SSH_ORIGINAL_COMMAND");
+    // Plain sshd sets it only for a forced command: the user's program sees what it would see
+    // without us. (No other thread runs yet.)
+    std::env::remove_var("SSH_ORIGINAL_COMMAND");
     let command = raw_command
         .as_ref()
         .map(|c| c.to_string_lossy().into_owned());
