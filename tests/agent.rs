@@ -1007,6 +1007,76 @@ fn chunk_bytes(dir: &Path) -> u64 {
         .sum()
 }
 
+/// `capture_input` records what a piped session's program reads, as `i` events (an `ssh -T`
+/// login types its commands into a shell that echoes nothing): it used to hold output only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capture_input_records_a_piped_sessions_input() {
+    let mut backend = Backend::new(true).await;
+    let agent = Agent::new(&backend, "capture_input = true\n");
+    let mut daemon = agent.daemon();
+    let out = {
+        let agent = &agent;
+        tokio::task::block_in_place(|| {
+            agent.shell(
+                None,
+                b"echo visible\nrm -f /nonexistent/evidence\nexit 3\n",
+                None,
+            )
+        })
+    };
+    assert_eq!(
+        out.stdout,
+        b"visible\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(3));
+    let recs = backend.wait_completed(1, Duration::from_secs(20)).await;
+    let events = backend.events_text(&recs[0]);
+    let input: String = events
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|e| e[1] == "i")
+        .map(|e| e[2].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        input, "echo visible\nrm -f /nonexistent/evidence\nexit 3\n",
+        "{events}"
+    );
+    assert_eq!(output_of(&events), "visible\n");
+    stop_all(&mut daemon, &mut backend).await;
+}
+
+/// SIGTERM to a piped session's recorder (a shutdown; here the program's own `kill $PPID`)
+/// goes to the program, as on the PTY path: the session ends with how the program did, and
+/// the recording has everything and that status. It used to end the recorder at once: no
+/// output, `interrupted`, and the program left running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_to_a_piped_session_ends_the_program_and_the_recording_says_so() {
+    let mut backend = Backend::new(true).await;
+    let agent = Agent::new(&backend, "");
+    let mut daemon = agent.daemon();
+    let cmd = "echo before; kill -TERM $PPID; while :; do :; done";
+    let out = {
+        let agent = &agent;
+        tokio::task::block_in_place(|| agent.shell(Some(cmd), b"", None))
+    };
+    assert_eq!(
+        out.stdout,
+        b"before\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(143));
+    let recs = backend.wait_completed(1, Duration::from_secs(20)).await;
+    let m = &recs[0]["metadata"];
+    assert_eq!(m["exit_status"], 143, "{m}");
+    assert_eq!(m["exit_signal"], 15, "{m}");
+    assert_ne!(m["interrupted"], true, "{m}");
+    assert_eq!(output_of(&backend.events_text(&recs[0])), "before\n");
+    stop_all(&mut daemon, &mut backend).await;
+}
+
 /// `ssh host 'printf …'` without a PTY, through the real `shell` binary: stdout byte-exact,
 /// stderr and exit status passed on, the output recorded with the contract's metadata.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -41,8 +41,15 @@ fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Recording {
-    /// Sends output as one `o` event (or keeps it for a daemon that stopped in order).
-    fn output(self: &Arc<Self>, text: &str, line: &mut String, frame: &mut Vec<u8>) {
+    /// Sends output (or captured input) as one event, or keeps it for a daemon that stopped in
+    /// order.
+    fn event(
+        self: &Arc<Self>,
+        code: EventCode,
+        text: &str,
+        line: &mut String,
+        frame: &mut Vec<u8>,
+    ) {
         if text.is_empty() {
             return;
         }
@@ -56,7 +63,7 @@ impl Recording {
         // Acquire: a relay that sees `lost` then sees the `cut` set before it (and shows
         // nothing it could not send).
         if self.lost.load(Ordering::Acquire) {
-            self.pause_and_resume(&mut guard, Some(text), now, false);
+            self.pause_and_resume(&mut guard, Some((code, text)), now, false);
             return;
         }
         let Some(s) = guard.as_mut() else { return };
@@ -66,12 +73,7 @@ impl Recording {
             return;
         }
         line.clear();
-        encode_event(
-            line,
-            now.saturating_sub(base).as_secs_f64(),
-            EventCode::Output,
-            text,
-        );
+        encode_event(line, now.saturating_sub(base).as_secs_f64(), code, text);
         let Ok(head) = ipc::head(Kind::Events, line.len()) else {
             return;
         };
@@ -82,7 +84,7 @@ impl Recording {
             self.mark_lost(&format!("recording daemon: {e}"));
             // The daemon may have stopped in order (its watch thread is about to say so):
             // the output waits for the next one.
-            self.pause_and_resume(&mut guard, Some(text), now, false);
+            self.pause_and_resume(&mut guard, Some((code, text)), now, false);
         }
     }
 
@@ -118,7 +120,7 @@ impl Recording {
     fn pause_and_resume(
         self: &Arc<Self>,
         stream: &mut Option<UnixStream>,
-        text: Option<&str>,
+        text: Option<(EventCode, &str)>,
         now: Duration,
         force: bool,
     ) {
@@ -128,8 +130,8 @@ impl Recording {
             return;
         }
         let r = resume.get_or_insert_with(|| Resume::new(session.clone(), now));
-        if let Some(t) = text {
-            r.keep(now, EventCode::Output, t);
+        if let Some((code, t)) = text {
+            r.keep(now, code, t);
             if self.enforce && r.dropped_bytes > 0 {
                 // Output that can be neither recorded nor kept is not shown (the session
                 // ends: see `overdue`).
@@ -250,6 +252,12 @@ pub(super) fn run_piped(
         lost_tx,
         resume: Mutex::new((session_id, None, false)),
     });
+    // Signals sent to us (a shutdown's SIGTERM) go to the program, as the PTY path passes
+    // them on: it ends of them, and the recording ends with how it did, instead of us ending
+    // at once with the recording cut and the program left running. Caught from before the
+    // spawn (the program starts with default handlers: `exec` resets caught signals).
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGHUP, SIGINT, SIGQUIT])?;
     let mut child = match std::process::Command::new(&p.path)
         .arg0(&p.arg0)
         .args(&p.args)
@@ -278,17 +286,27 @@ pub(super) fn run_piped(
     let mut threads = Vec::new();
     if let Some(mut cin) = child.stdin.take() {
         let n = bytes_in.clone();
+        // Never a file transfer's contents.
+        let capture = (cfg.capture_input && record_output).then(|| rec.clone());
         threads.push(
             std::thread::Builder::new()
                 .name("stdin".into())
                 .spawn(move || {
                     let mut buf = vec![0u8; 64 * 1024];
                     let mut stdin = io::stdin().lock();
+                    let mut utf8 = Utf8Repair::new();
+                    let (mut line, mut frame) = (String::new(), Vec::new());
                     loop {
                         match stdin.read(&mut buf) {
                             Ok(0) => break,
                             Ok(k) => {
                                 n.fetch_add(k as u64, Ordering::Relaxed);
+                                // Recorded before the program gets it, as output is before
+                                // it is shown.
+                                if let Some(rec) = &capture {
+                                    let text = utf8.push(&buf[..k]);
+                                    rec.event(EventCode::Input, text, &mut line, &mut frame);
+                                }
                                 if cin.write_all(&buf[..k]).is_err() {
                                     break;
                                 }
@@ -296,6 +314,10 @@ pub(super) fn run_piped(
                             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                             Err(_) => break,
                         }
+                    }
+                    if let Some(rec) = &capture {
+                        let rest = utf8.finish().to_string();
+                        rec.event(EventCode::Input, &rest, &mut line, &mut frame);
                     }
                     // Dropping `cin` closes the program's stdin: end of input passes on.
                 })?,
@@ -329,6 +351,11 @@ pub(super) fn run_piped(
     // Wait for the program, or for the daemon to go away under enforce.
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     let status = loop {
+        for sig in signals.pending() {
+            if let Ok(sig) = nix::sys::signal::Signal::try_from(sig) {
+                let _ = nix::sys::signal::kill(pid, sig);
+            }
+        }
         if let Some(s) = child.try_wait()? {
             break s;
         }
@@ -482,7 +509,7 @@ fn relay_out<R: Read + Send + 'static, W: Write + Send + 'static>(
                 // output recorded and not shown, never the other way round.
                 if record_output {
                     let text = utf8.push(&buf[..k]);
-                    rec.output(text, &mut line, &mut frame);
+                    rec.event(EventCode::Output, text, &mut line, &mut frame);
                 }
                 if rec.cut.load(Ordering::Relaxed) {
                     // Under enforce with the recording lost: nothing more reaches the client
@@ -498,7 +525,7 @@ fn relay_out<R: Read + Send + 'static, W: Write + Send + 'static>(
             }
             if record_output {
                 let rest = utf8.finish().to_string();
-                rec.output(&rest, &mut line, &mut frame);
+                rec.event(EventCode::Output, &rest, &mut line, &mut frame);
             }
         })
 }
