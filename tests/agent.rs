@@ -1290,6 +1290,16 @@ async fn no_daemon_follows_the_enforce_policy() {
     // The warning is for syslog: the user's streams carry only the program's bytes (this
     // machine may have no /dev/log at all).
     assert_eq!(String::from_utf8_lossy(&out.stderr), "");
+    // A configuration that cannot be read refuses (nobody can say recording is optional),
+    // in one line that says so, not that enforce asked for it.
+    let broken = agent.dir.path().join("broken.toml");
+    std::fs::write(&broken, "enforce = \"perhaps\"\n[[[\n").unwrap();
+    let out = tokio::task::block_in_place(|| agent.shell(Some("echo nope"), b"", Some(&broken)));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.ends_with(".\n") && err.lines().count() == 1, "{err:?}");
+    assert!(err.contains("configuration cannot be used"), "{err}");
     backend.stop().await;
 }
 

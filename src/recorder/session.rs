@@ -208,9 +208,13 @@ pub fn user_shell() -> OsString {
 /// this is the likeliest failure left (`#!/usr/bin/python` where only python3 is installed).
 fn check_interpreter(program: &Path) -> io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
+    // Not ours to judge otherwise: the spawn says what is wrong. (A FIFO would block open.)
+    if !std::fs::metadata(program).is_ok_and(|m| m.is_file()) {
+        return Ok(());
+    }
     let mut head = [0u8; 256];
     let Ok(n) = File::open(program).and_then(|mut f| f.read(&mut head)) else {
-        return Ok(()); // not ours to judge: the spawn says what is wrong
+        return Ok(());
     };
     let Some(line) = head[..n].strip_prefix(b"#!") else {
         return Ok(());
@@ -223,6 +227,9 @@ fn check_interpreter(program: &Path) -> io::Result<()> {
         return Ok(());
     };
     let interp = Path::new(OsStr::from_bytes(interp));
+    if !interp.is_absolute() {
+        return Ok(()); // the kernel would look in the program's working directory
+    }
     nix::unistd::access(interp, nix::unistd::AccessFlags::X_OK).map_err(|e| {
         io::Error::new(
             io::Error::from(e).kind(),

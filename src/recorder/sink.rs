@@ -5,8 +5,8 @@ use std::io;
 use std::time::Duration;
 use ztna_common::asciicast::Header;
 
-/// A destination for a session's events. Called only from the session's recorder thread, in
-/// order: [`start`](Sink::start) once, [`event`](Sink::event) for each event (the last one is
+/// A destination for a session's events. Called from one thread at a time (the session's
+/// recorder thread once the program runs), in order: [`start`](Sink::start) once, [`event`](Sink::event) for each event (the last one is
 /// [`EventKind::Exit`](super::EventKind::Exit)) or [`not_started`](Sink::not_started) once,
 /// then [`finish`](Sink::finish) once.
 ///

@@ -356,10 +356,24 @@ fn unrecordable(cfg: &Config, why: &str) -> Plan {
 
 /// The one line a refused user sees.
 fn refuse(why: &str) -> u8 {
+    let why = one_line(why);
     eprintln!(
         "ztna-recorder: this session must be recorded and cannot be ({why}); access refused."
     );
     1
+}
+
+/// A session refused because the configuration cannot be used: nobody can say whether
+/// recording is optional, whatever `enforce` may say in it.
+fn refuse_unconfigured(e: &anyhow::Error) -> u8 {
+    let why = one_line(&format!("{e:#}"));
+    eprintln!("ztna-recorder: the recording configuration cannot be used ({why}); access refused.");
+    1
+}
+
+/// The user's terminal gets one line (a TOML error spans several).
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// Makes sshd's terminal the recorder's alone, first thing. It is the user's, so any of their
@@ -486,7 +500,7 @@ pub fn run(args: ShellArgs) -> anyhow::Result<u8> {
             l.config
         }
         // Without a configuration nobody can say whether recording is optional.
-        Err(e) => return Ok(refuse(&format!("configuration: {e:#}"))),
+        Err(e) => return Ok(refuse_unconfigured(&e)),
     };
     if let Some(pid) = holder {
         let why = format!("another process (pid {pid}) holds this session's terminal");
