@@ -2568,6 +2568,33 @@ async fn sshd_exec_without_pty_is_byte_exact() {
         output_of(&backend.events_text(rec)),
         "x\u{0}y\u{fffd}\r\n42 unset"
     );
+    // A program killed by a signal: the client gets 128+N, as from `record` and a shell
+    // (plain sshd sends an `exit-signal`, for which ssh says 255: less telling, and the same
+    // as a failed connection), with a PTY and without; the recordings say which signal.
+    for tty in [false, true] {
+        let out = tokio::task::block_in_place(|| {
+            let mut c = s.ssh();
+            if tty {
+                c.arg("-tt");
+            }
+            c.arg(s.target())
+                .arg("kill -9 $$")
+                .stdin(Stdio::null())
+                .output()
+                .unwrap()
+        });
+        assert_eq!(out.status.code(), Some(137), "tty {tty}: {out:?}");
+    }
+    let recs = backend.wait_completed(3, Duration::from_secs(20)).await;
+    let killed: Vec<_> = recs
+        .iter()
+        .filter(|r| r["metadata"]["command"] == "kill -9 $$")
+        .collect();
+    assert_eq!(killed.len(), 2, "{recs:#?}");
+    for r in killed {
+        assert_eq!(r["metadata"]["exit_signal"], 9, "{r:#}");
+        assert_eq!(r["metadata"]["exit_status"], 137, "{r:#}");
+    }
 
     // A command that only starts like a file transfer (whose contents are not recorded) is an
     // ordinary command: recorded. It used to run unrecorded, a whole shell included.
@@ -2578,7 +2605,7 @@ async fn sshd_exec_without_pty_is_byte_exact() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let recs = backend.wait_completed(2, Duration::from_secs(20)).await;
+    let recs = backend.wait_completed(4, Duration::from_secs(20)).await;
     let rec = recs
         .iter()
         .find(|r| r["metadata"]["command"] == sneaky)
