@@ -160,6 +160,10 @@ pub fn check(file: Option<&Path>, reach_backend: bool) -> Report {
             src = from(&["spool_dir"])
         ));
     }
+    if let Some(why) = crate::daemon::socket::not_a_socket(&config.socket) {
+        r.problems
+            .push(format!("{src}: {why}", src = from(&["socket"])));
+    }
     if config.spool_max_bytes < config.chunk_max_bytes {
         r.problems.push(format!(
             "{src}: spool_max_bytes ({}) is smaller than chunk_max_bytes ({}): no chunk would fit",

@@ -399,7 +399,8 @@ impl FrameClient {
                     cols: 100,
                     rows: 30,
                 },
-                Some(1_700_000_000),
+                // Now, as a real recorder's: the backend believes a start time within 30 days.
+                Some(time::OffsetDateTime::now_utc().unix_timestamp()),
             ),
             metadata,
         };
@@ -925,6 +926,9 @@ async fn daemon_killed_mid_session_is_recovered_as_interrupted() {
         }
     }
 
+    // Restarted a while later: the recording ends when the spool last heard of it, not then.
+    let restarted = time::OffsetDateTime::now_utc();
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let mut daemon = agent.daemon();
     let recs = backend.wait_completed(1, Duration::from_secs(30)).await;
     let rec = &recs[0];
@@ -932,6 +936,12 @@ async fn daemon_killed_mid_session_is_recovered_as_interrupted() {
     let got = backend.events_text(rec);
     assert_eq!(got, sent, "every whole line, in order, no torn line");
     assert_eq!(rec["duration_seconds"], 9); // last event at 9.0 s
+    let ended = time::OffsetDateTime::parse(
+        rec["ended_at"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    assert!(ended <= restarted, "{rec:#}");
     stop_all(&mut daemon, &mut backend).await;
 }
 

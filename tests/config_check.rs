@@ -316,6 +316,40 @@ async fn enforce_with_small_spool_limits_is_warned_about() {
 }
 
 /// A spool_dir the daemon could not create at its start is found now, not when it fails.
+/// A `socket` that names something other than a socket (here, by a slip, the node key): the
+/// daemon used to delete it as a stale socket, silently. Now `config check` and the daemon
+/// refuse, and the file stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_path_that_is_not_a_socket_is_left_alone() {
+    let dir = config_dir();
+    let f = write_config(dir.path(), "http://127.0.0.1:9", Some(&"a".repeat(128)));
+    let key = dir.path().join("node-key");
+    let mut conf = std::fs::read_to_string(&f).unwrap();
+    conf.push_str(&format!(
+        "socket = \"{}\"\nspool_dir = \"{}\"\n",
+        key.display(),
+        dir.path().join("spool").display()
+    ));
+    std::fs::write(&f, conf).unwrap();
+    assert_one_error(&check(&f).await, "is not a socket");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_ztna-recorder"))
+        .args(["daemon", "--config"])
+        .arg(&f)
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("is not a socket"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&key).unwrap(),
+        format!("{}\n", "a".repeat(128))
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spool_dir_that_cannot_be_created_is_an_error() {
     let dir = config_dir();

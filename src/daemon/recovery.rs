@@ -19,6 +19,8 @@ pub fn recover(spool: &Spool) -> std::io::Result<usize> {
     }
     for id in spool.list_sessions()? {
         let dir = spool.session(&id);
+        // Before sealing, which writes.
+        let heard = last_write(&dir.path);
         let recovered = (|| {
             dir.seal_parts()?;
             let end = match dir.end() {
@@ -29,7 +31,11 @@ pub fn recover(spool: &Spool) -> std::io::Result<usize> {
                 r => r?,
             };
             if end.is_none() {
-                dir.set_end(&EndMark::interrupted())?;
+                let mut mark = EndMark::interrupted();
+                // Its end was not seen: the last the spool heard of it is the best guess (the
+                // backend would otherwise take now, which may be hours after the crash).
+                mark.ended_at = heard;
+                dir.set_end(&mark)?;
                 interrupted += 1;
                 tracing::warn!(session = %id, "session left by an earlier run: completing it as interrupted");
             }
@@ -41,4 +47,18 @@ pub fn recover(spool: &Spool) -> std::io::Result<usize> {
         }
     }
     Ok(interrupted)
+}
+
+/// When anything in a session's folder last changed (a chunk written, or one removed after its
+/// upload), as RFC 3339.
+fn last_write(dir: &std::path::Path) -> Option<String> {
+    let mut last = std::fs::metadata(dir).and_then(|m| m.modified()).ok()?;
+    for e in std::fs::read_dir(dir).ok()?.flatten() {
+        if let Ok(t) = e.metadata().and_then(|m| m.modified()) {
+            last = last.max(t);
+        }
+    }
+    time::OffsetDateTime::from(last)
+        .format(&time::format_description::well_known::Rfc3339)
+        .ok()
 }

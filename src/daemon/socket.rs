@@ -19,12 +19,29 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+/// Why `path` cannot be taken for the socket: something other than a socket is there (a
+/// typo in `socket` naming the node key, say, which replacing it would delete).
+pub fn not_a_socket(path: &Path) -> Option<String> {
+    use std::os::unix::fs::FileTypeExt;
+    let m = std::fs::symlink_metadata(path).ok()?;
+    (!m.file_type().is_socket()).then(|| {
+        format!(
+            "socket {} exists and is not a socket: it is left alone (check `socket`)",
+            path.display()
+        )
+    })
+}
+
 /// Binds the socket with mode 0666 (any local user may record; who they are comes from the
-/// kernel). A stale socket file is replaced; a live daemon on it is an error.
+/// kernel). A stale socket file is replaced; a live daemon on it is an error, and so is
+/// anything else in its place.
 pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("creating the socket's folder {}", parent.display()))?;
+    }
+    if let Some(why) = not_a_socket(path) {
+        anyhow::bail!(why);
     }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
@@ -684,7 +701,10 @@ async fn record(
             tracing::info!(session = %id, ?exit_status, "session ended");
         }
         Outcome::Lost(why) => {
-            set_end_or_hold(shared, dir, id, EndMark::interrupted());
+            // It ended (as far as anyone will know) now.
+            let mut mark = EndMark::interrupted();
+            mark.ended_at = Some(now_rfc3339());
+            set_end_or_hold(shared, dir, id, mark);
             tracing::warn!(session = %id, "recorder connection lost ({why}): session completed as interrupted");
         }
         Outcome::SpoolFull(cut, _) => {

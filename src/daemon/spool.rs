@@ -192,6 +192,31 @@ pub struct SpoolLock {
     _held: nix::fcntl::Flock<fs::File>,
 }
 
+/// Makes `dir` this daemon's, as its mode is: its owner could otherwise move what waits in
+/// it away, or in. A daemon that may not (not root) refuses a folder someone else owns.
+fn take_ownership(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let (uid, gid) = (nix::unistd::geteuid(), nix::unistd::getegid());
+    let owner = fs::metadata(dir)?.uid();
+    if owner == uid.as_raw() {
+        return Ok(());
+    }
+    std::os::unix::fs::chown(dir, Some(uid.as_raw()), Some(gid.as_raw())).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "{} is owned by uid {owner}, not by this daemon (uid {uid}), and cannot be taken: {e}",
+                dir.display()
+            ),
+        )
+    })?;
+    tracing::warn!(
+        "{} was owned by uid {owner}: now this daemon's (uid {uid})",
+        dir.display()
+    );
+    Ok(())
+}
+
 impl Spool {
     /// Takes the spool for this daemon. A second daemon on the same spool (another socket,
     /// the same `spool_dir`) would recover the first one's live sessions as interrupted and
@@ -224,6 +249,7 @@ impl Spool {
                 .mode(0o700)
                 .create(&d)?;
             fs::set_permissions(&d, fs::Permissions::from_mode(0o700))?;
+            take_ownership(&d)?;
         }
         Ok(s)
     }
@@ -976,6 +1002,26 @@ mod tests {
         assert_eq!(u.sessions, 1);
         let mode = fs::metadata(&dir.path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o700);
+    }
+
+    /// A spool folder someone else owns (a user could move what waits in it) is taken, as its
+    /// mode is. (Set up as root, as CI runs; otherwise only our own folder can be made.)
+    #[test]
+    fn a_spool_owned_by_someone_else_is_taken() {
+        use std::os::unix::fs::MetadataExt;
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("spool");
+        fs::create_dir_all(root.join("sessions")).unwrap();
+        let me = nix::unistd::geteuid().as_raw();
+        if me == 0 {
+            for d in [&root, &root.join("sessions")] {
+                std::os::unix::fs::chown(d, Some(65534), Some(65534)).unwrap();
+            }
+        }
+        Spool::open(&root).unwrap();
+        for d in [&root, &root.join("sessions"), &root.join("failed")] {
+            assert_eq!(fs::metadata(d).unwrap().uid(), me, "{}", d.display());
+        }
     }
 
     #[test]
