@@ -2561,11 +2561,12 @@ async fn sshd_exec_without_pty_is_byte_exact() {
     let s = sshd::Sshd::start(&agent.config());
     // The program's environment is plain sshd's: no SSH_ORIGINAL_COMMAND (that is for forced
     // commands, and ours is not the user's).
-    let cmd = r#"printf 'x\000y\377\r\n%s %s' "$((40+2))" "${SSH_ORIGINAL_COMMAND-unset}""#;
+    // (And `$0` is the shell's name, as sshd sets it.)
+    let cmd = r#"printf 'x\000y\377\r\n%s %s %s' "$((40+2))" "${SSH_ORIGINAL_COMMAND-unset}" "$0""#;
     let out = tokio::task::block_in_place(|| s.ssh().arg(s.target()).arg(cmd).output().unwrap());
     assert_eq!(
         out.stdout,
-        b"x\x00y\xff\r\n42 unset",
+        b"x\x00y\xff\r\n42 unset bash",
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -2576,7 +2577,7 @@ async fn sshd_exec_without_pty_is_byte_exact() {
     assert_eq!(rec["metadata"]["command"], cmd);
     assert_eq!(
         output_of(&backend.events_text(rec)),
-        "x\u{0}y\u{fffd}\r\n42 unset"
+        "x\u{0}y\u{fffd}\r\n42 unset bash"
     );
     // A program killed by a signal: the client gets 128+N, as from `record` and a shell
     // (plain sshd sends an `exit-signal`, for which ssh says 255: less telling, and the same

@@ -605,9 +605,13 @@ fn program_for(acct: &Account, kind: SessionKind, command: Option<&std::ffi::OsS
                     };
                 }
             }
+            // As sshd runs a command: argv[0] is the shell's name (`bash`, so `$0` is too).
+            let name = Path::new(&acct.shell)
+                .file_name()
+                .map_or_else(|| acct.shell.clone().into(), |n| n.to_owned());
             Program {
                 path: acct.shell.clone().into(),
-                arg0: acct.shell.clone().into(),
+                arg0: name,
                 args: vec!["-c".into(), raw.to_owned()],
             }
         }
