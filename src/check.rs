@@ -6,6 +6,7 @@
 
 use crate::client::{AgentClient, ClientError};
 use crate::config::{Config, ConfigArgs, Loaded, ShareCheck, CONFIG_ENV, DEFAULT_CONFIG_FILE};
+use crate::logging::one_line;
 use std::path::{Path, PathBuf};
 use ztna_common::api::ErrorCode;
 
@@ -309,14 +310,6 @@ fn load_error(file: &Path, e: &anyhow::Error) -> String {
         );
     }
     one_line(e)
-}
-
-/// `{e:#}` with any line breaks folded, so that each problem stays on one line.
-fn one_line(e: &anyhow::Error) -> String {
-    format!("{e:#}")
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 /// Why other users could not read `file` (the file's or a folder's mode), if they could not.

@@ -31,3 +31,12 @@ pub fn init(default: &str) {
         tracing::warn!("{msg}");
     }
 }
+
+/// `{x:#}` (an error with its causes) with line breaks folded, for messages that must stay on
+/// one line (`config check`'s problems, a refused login).
+pub fn one_line(x: impl std::fmt::Display) -> String {
+    format!("{x:#}")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}

@@ -356,7 +356,8 @@ fn unrecordable(cfg: &Config, why: &str) -> Plan {
 
 /// The one line a refused user sees.
 fn refuse(why: &str) -> u8 {
-    let why = one_line(why);
+    // The user's terminal gets one line (a TOML error spans several).
+    let why = crate::logging::one_line(why);
     eprintln!(
         "ztna-recorder: this session must be recorded and cannot be ({why}); access refused."
     );
@@ -366,14 +367,9 @@ fn refuse(why: &str) -> u8 {
 /// A session refused because the configuration cannot be used: nobody can say whether
 /// recording is optional, whatever `enforce` may say in it.
 fn refuse_unconfigured(e: &anyhow::Error) -> u8 {
-    let why = one_line(&format!("{e:#}"));
+    let why = crate::logging::one_line(e);
     eprintln!("ztna-recorder: the recording configuration cannot be used ({why}); access refused.");
     1
-}
-
-/// The user's terminal gets one line (a TOML error spans several).
-fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// Makes sshd's terminal the recorder's alone, first thing. It is the user's, so any of their
