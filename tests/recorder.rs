@@ -1408,21 +1408,44 @@ fn a_login_shell_without_a_home_directory_starts_in_the_root() {
     assert!(shown.contains("/\r\n"), "{shown:?}");
 }
 
-/// A script whose interpreter is gone is refused before the spawn, with the reason, and the
-/// sinks hear it: without the check the child aborted with "fatal runtime error" on the
-/// user's terminal while the spawn reported success (portable-pty closes std's exec-error
-/// pipe in the child).
+/// A program that cannot be executed is not started, the spawn says why, and the sinks hear
+/// it. A script whose interpreter is gone is refused before the spawn, with the reason. A
+/// binary whose ELF loader is missing (built for another distribution) fails in `exec`: with
+/// portable-pty's spawn the child aborted with "fatal runtime error" on the user's terminal
+/// while the spawn reported success, as portable-pty closed std's exec-error pipe in the child.
 #[test]
-fn a_program_whose_interpreter_is_gone_is_not_started() {
+fn a_program_that_cannot_be_executed_is_not_started() {
     let dir = tempfile::tempdir().unwrap();
     let script = dir.path().join("old.py");
     std::fs::write(&script, "#!/nonexistent/python2\nprint 1\n").unwrap();
     std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    for command in [Command::new(&script), {
+    // `true` with its loader's name changed in its program interpreter (PT_INTERP).
+    let mut elf = std::fs::read("/bin/true").unwrap();
+    let at = elf
+        .windows(8)
+        .position(|w| w == b"ld-linux")
+        .expect("a dynamically linked /bin/true");
+    elf[at..at + 8].copy_from_slice(b"ld-gone-");
+    let loaderless = dir.path().join("loaderless");
+    std::fs::write(&loaderless, elf).unwrap();
+    std::fs::set_permissions(
+        &loaderless,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let login_shell = {
         let mut c = Command::login_shell();
         c.env("SHELL", &script);
         c
-    }] {
+    };
+    for (command, why) in [
+        (
+            Command::new(&script),
+            "bad interpreter /nonexistent/python2",
+        ),
+        (login_shell, "bad interpreter /nonexistent/python2"),
+        (Command::new(&loaderless), "No such file or directory"),
+    ] {
         let out = Shared::default();
         let mut c = SessionConfig::new(command);
         c.terminal = Terminal::Custom {
@@ -1439,13 +1462,17 @@ fn a_program_whose_interpreter_is_gone_is_not_started() {
             ),
         };
         assert!(
-            err.contains("bad interpreter /nonexistent/python2"),
+            err.starts_with("cannot start ") && err.contains(why),
             "{err}"
         );
         let seen = seen.0.lock().unwrap();
         assert_eq!(seen.len(), 3, "{seen:?}"); // header, why, finish
-        assert!(seen[1].starts_with("not started: ") && seen[1].contains("bad interpreter"));
+        assert!(seen[1].starts_with("not started: ") && seen[1].contains(why));
         assert_eq!(seen[2], "finish");
+        assert!(
+            out.0.lock().unwrap().is_empty(),
+            "nothing reaches the terminal"
+        );
     }
 }
 

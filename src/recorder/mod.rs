@@ -38,6 +38,7 @@ mod file;
 mod queue;
 mod session;
 mod sink;
+mod spawn;
 mod term;
 mod utf8;
 

@@ -4,12 +4,13 @@
 use super::event::{Event, EventKind, ExitStatus};
 use super::queue::{Batch, BytesKind, Item, Queue};
 use super::sink::{Sink, SinkFailure, SinkPolicy};
+use super::spawn;
 use super::term::{self, RawMode};
 use super::utf8::Utf8Repair;
 use nix::sys::signal::{killpg, Signal};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
-use portable_pty::{CommandBuilder, MasterPty, PtySize};
+use portable_pty::{MasterPty, PtySize};
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
@@ -121,50 +122,63 @@ impl Command {
         v
     }
 
-    /// `tty` is the name of the PTY the program runs on.
-    fn builder(&self, tty: Option<&Path>) -> io::Result<CommandBuilder> {
-        let mut b = if self.argv.is_empty() {
-            CommandBuilder::new_default_prog()
-        } else {
-            CommandBuilder::from_argv(self.argv.clone())
-        };
+    /// The program as std starts it. `tty` is the name of the PTY the program runs on.
+    fn std_command(&self, tty: &Path) -> io::Result<std::process::Command> {
+        use std::os::unix::process::CommandExt;
+        // The environment: ours, then the changes in order.
+        let mut env: BTreeMap<OsString, OsString> = std::env::vars_os().collect();
         for (k, v) in &self.env {
             match v {
-                Some(v) => b.env(k, v),
-                None => b.env_remove(k),
-            }
+                Some(v) => env.insert(k.clone(), v.clone()),
+                None => env.remove(k),
+            };
         }
-        // portable-pty sets a missing SHELL itself; set it here, the same way the header's
-        // is found, so that the recording says what the program saw.
-        if self.env_value("SHELL").is_none() {
-            b.env("SHELL", user_shell());
+        // Set here, the same way the header's is found, so that the recording says what the
+        // program saw.
+        if !env.contains_key(OsStr::new("SHELL")) {
+            env.insert("SHELL".into(), user_shell());
         }
         // sshd's `SSH_TTY` names its terminal, not the program's: writing there would bypass
         // the recording, and under `shell`, which makes it exclusive (TIOCEXCL), fails with
         // EBUSY (`echo > $SSH_TTY`, `GPG_TTY=$SSH_TTY` for pinentry).
-        if let (Some(_), Some(tty)) = (self.env_value("SSH_TTY"), tty) {
-            b.env("SSH_TTY", tty);
+        if let Some(v) = env.get_mut(OsStr::new("SSH_TTY")) {
+            *v = tty.as_os_str().to_owned();
         }
-        match &self.cwd {
-            Some(dir) => b.cwd(dir),
-            // portable-pty would start in $HOME; a command runs where it was asked from.
-            None if !self.argv.is_empty() => b.cwd(std::env::current_dir()?),
-            // A login shell starts at home, and in `/` when there is none, as sshd does
-            // ("Could not chdir to home directory"): portable-pty would not start it at all.
-            None if !self
-                .env_value("HOME")
-                .is_some_and(|h| Path::new(&h).is_dir()) =>
-            {
-                b.cwd("/")
+        let program = self.program_path();
+        check_interpreter(&program)?;
+        let mut cmd = std::process::Command::new(&program);
+        match self.argv.split_first() {
+            Some((arg0, args)) => {
+                cmd.arg0(arg0).args(args);
             }
-            None => {}
+            None => {
+                // A login shell: `-bash`, as login(1) and sshd start it.
+                let mut arg0 = OsString::from("-");
+                arg0.push(program.file_name().unwrap_or(program.as_os_str()));
+                cmd.arg0(arg0);
+            }
         }
-        check_interpreter(&self.program_path())?;
-        Ok(b)
+        cmd.env_clear().envs(env);
+        match &self.cwd {
+            Some(dir) => {
+                cmd.current_dir(dir);
+            }
+            // A command runs where it was asked from (the default).
+            None if !self.argv.is_empty() => {}
+            // A login shell starts at home, and in `/` when there is none, as sshd does
+            // ("Could not chdir to home directory").
+            None => {
+                match self.env_value("HOME").filter(|h| Path::new(h).is_dir()) {
+                    Some(home) => cmd.current_dir(home),
+                    None => cmd.current_dir("/"),
+                };
+            }
+        }
+        Ok(cmd)
     }
 
-    /// The file that will be executed, as portable-pty finds it: the login shell's `SHELL`, a
-    /// path as given, or the first executable of that name in `PATH`.
+    /// The file that will be executed: the login shell's `SHELL`, a path as given, or the first
+    /// executable of that name in `PATH` (else the name, for `exec` to say it was not found).
     fn program_path(&self) -> PathBuf {
         let Some(first) = self.argv.first() else {
             return self.env_value("SHELL").unwrap_or_else(user_shell).into();
@@ -201,11 +215,9 @@ pub fn user_shell() -> OsString {
         .unwrap_or_else(|| "/bin/sh".into())
 }
 
-/// A script whose interpreter cannot be run, found before the spawn. portable-pty closes
-/// every descriptor in the child before `exec`, std's exec-error pipe included
-/// (wezterm/wezterm#7893): a failed `exec` aborts the child with "fatal runtime error" on the
-/// user's terminal while the spawn reports success. portable-pty checks the program itself;
-/// this is the likeliest failure left (`#!/usr/bin/python` where only python3 is installed).
+/// A script whose interpreter cannot be run, found before the spawn: `exec` would fail with
+/// ENOENT, which names neither the script nor what is missing ("No such file or directory"
+/// for a script that is there, `#!/usr/bin/python` where only python3 is installed).
 fn check_interpreter(program: &Path) -> io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     // Not ours to judge otherwise: the spawn says what is wrong. (A FIFO would block open.)
@@ -523,13 +535,15 @@ impl Session {
             program: command.display(),
             reason,
         };
-        let spawned = command
-            .builder(pair.master.tty_name().as_deref())
-            .map_err(|e| spawn_err(e.to_string()))
-            .and_then(|b| {
-                pair.slave
-                    .spawn_command(b)
-                    .map_err(|e| spawn_err(format!("{e:#}")))
+        let spawned = pair
+            .master
+            .tty_name()
+            .ok_or_else(|| Error::Pty("the PTY has no name".into()))
+            .and_then(|tty| {
+                let cmd = command
+                    .std_command(&tty)
+                    .map_err(|e| spawn_err(e.to_string()))?;
+                spawn::spawn_on(&tty, cmd).map_err(|e| spawn_err(e.to_string()))
             });
         let child = match spawned {
             Ok(c) => c,
@@ -545,10 +559,7 @@ impl Session {
         };
         // Only the program may hold the slave side: its last close is our end-of-output.
         drop(pair.slave);
-        let pid = child
-            .process_id()
-            .map(|p| Pid::from_raw(p as i32))
-            .ok_or_else(|| spawn_err("no process id".into()))?;
+        let pid = Pid::from_raw(child.id() as i32);
 
         let queue = Arc::new(Queue::new());
 
