@@ -2579,6 +2579,17 @@ async fn sshd_exec_without_pty_is_byte_exact() {
         output_of(&backend.events_text(rec)),
         "x\u{0}y\u{fffd}\r\n42 unset bash"
     );
+    // With a PTY too, `$0` is the shell's name.
+    let out = tokio::task::block_in_place(|| {
+        s.ssh()
+            .arg("-tt")
+            .arg(s.target())
+            .arg(r#"printf '[%s]' "$0""#)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    });
+    assert_eq!(out.stdout, b"[bash]", "{out:?}");
     // A program killed by a signal: the client gets 128+N, as from `record` and a shell
     // (plain sshd sends an `exit-signal`, for which ssh says 255: less telling, and the same
     // as a failed connection), with a PTY and without; the recordings say which signal.
@@ -2596,7 +2607,7 @@ async fn sshd_exec_without_pty_is_byte_exact() {
         });
         assert_eq!(out.status.code(), Some(137), "tty {tty}: {out:?}");
     }
-    let recs = backend.wait_completed(3, Duration::from_secs(20)).await;
+    let recs = backend.wait_completed(4, Duration::from_secs(20)).await;
     let killed: Vec<_> = recs
         .iter()
         .filter(|r| r["metadata"]["command"] == "kill -9 $$")
@@ -2616,7 +2627,7 @@ async fn sshd_exec_without_pty_is_byte_exact() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let recs = backend.wait_completed(4, Duration::from_secs(20)).await;
+    let recs = backend.wait_completed(5, Duration::from_secs(20)).await;
     let rec = recs
         .iter()
         .find(|r| r["metadata"]["command"] == sneaky)

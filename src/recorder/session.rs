@@ -34,6 +34,8 @@ const RECORDER_STACK: usize = 512 * 1024;
 pub struct Command {
     /// Empty for the user's login shell.
     argv: Vec<OsString>,
+    /// What the program sees as its name, when not `argv[0]`.
+    arg0: Option<OsString>,
     /// `Some` sets, `None` removes; applied in order over the recorder's own environment.
     env: Vec<(OsString, Option<OsString>)>,
     cwd: Option<PathBuf>,
@@ -44,6 +46,7 @@ impl Command {
     pub fn new(program: impl AsRef<OsStr>) -> Self {
         Command {
             argv: vec![program.as_ref().to_owned()],
+            arg0: None,
             env: Vec::new(),
             cwd: None,
         }
@@ -54,14 +57,17 @@ impl Command {
     pub fn login_shell() -> Self {
         Command {
             argv: Vec::new(),
+            arg0: None,
             env: Vec::new(),
             cwd: None,
         }
     }
 
-    /// `shell -c command`, as sshd runs a remote command.
+    /// `shell -c command`, as sshd runs a remote command: `$0` is the shell's name (`bash`).
     pub fn shell_command(shell: impl AsRef<OsStr>, command: impl AsRef<OsStr>) -> Self {
+        let shell = shell.as_ref();
         let mut c = Command::new(shell);
+        c.arg0 = Path::new(shell).file_name().map(OsStr::to_owned);
         c.arg("-c").arg(command);
         c
     }
@@ -148,8 +154,8 @@ impl Command {
         check_interpreter(&program)?;
         let mut cmd = std::process::Command::new(&program);
         match self.argv.split_first() {
-            Some((arg0, args)) => {
-                cmd.arg0(arg0).args(args);
+            Some((first, args)) => {
+                cmd.arg0(self.arg0.as_ref().unwrap_or(first)).args(args);
             }
             None => {
                 // A login shell: `-bash`, as login(1) and sshd start it.
