@@ -202,6 +202,10 @@ pub fn check(file: Option<&Path>, reach_backend: bool) -> Report {
         )),
         ShareCheck::Fine => {}
     }
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let zshenv = std::fs::read_to_string("/etc/zsh/zshenv").unwrap_or_default();
+    r.warnings
+        .extend(shells_read_user_files_first(&passwd, &zshenv));
 
     let (Some(url), Some(key)) = (url, key) else {
         return r;
@@ -245,6 +249,37 @@ pub fn check(file: Option<&Path>, reach_backend: bool) -> Report {
             .push(format!("cannot set up the HTTP client: {}", one_line(&e))),
     }
     r
+}
+
+/// Local accounts whose login shell runs files the user owns before the `ForceCommand` (sshd
+/// runs it through `SHELL -c`), so that they could run commands unrecorded: fish, tcsh and csh
+/// always, zsh unless `/etc/zsh/zshenv` has the README's guard. bash is handled by the
+/// drop-in's `SHLVL`. Accounts that cannot log in (nologin, false) are skipped.
+fn shells_read_user_files_first(passwd: &str, zshenv: &str) -> Option<String> {
+    let zsh_guarded = zshenv
+        .lines()
+        .any(|l| l.contains("ZSH_EXECUTION_STRING") && l.contains("no_rcs"));
+    let found: Vec<String> = passwd
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(':').collect();
+            let (user, shell) = (fields.first()?, fields.get(6)?);
+            let name = shell.rsplit('/').next()?;
+            let exposed = match name {
+                "fish" | "tcsh" | "csh" => true,
+                "zsh" => !zsh_guarded,
+                _ => false,
+            };
+            exposed.then(|| format!("{user} ({name})"))
+        })
+        .collect();
+    if found.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "local accounts whose login shell reads their own files before the recorder starts, so that they could run commands unrecorded: {} (see the README, \"Users whose shell reads their own files first\")",
+        found.join(", ")
+    ))
 }
 
 fn backend_error(url: &str, e: &ClientError) -> String {
@@ -355,4 +390,31 @@ fn uncreatable(dir: &Path) -> Option<String> {
         up = p.parent();
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shells_that_read_user_files_first_are_named() {
+        let passwd = "root:x:0:0:root:/root:/bin/bash\n\
+                      daemon:x:1:1::/usr/sbin:/usr/sbin/nologin\n\
+                      alice:x:1000:1000::/home/alice:/usr/bin/zsh\n\
+                      bob:x:1001:1001::/home/bob:/usr/bin/fish\n\
+                      carol:x:1002:1002::/home/carol:/bin/sh\n\
+                      broken line\n";
+        let w = shells_read_user_files_first(passwd, "").expect("a warning");
+        assert!(w.contains("alice (zsh), bob (fish)"), "{w}");
+        assert!(!w.contains("root") && !w.contains("carol"), "{w}");
+        // The README's zshenv guard makes zsh safe; fish has none.
+        let guard =
+            "[[ $ZSH_EXECUTION_STRING == /usr/bin/ztna-recorder\\ shell* ]] && setopt no_rcs\n";
+        let w = shells_read_user_files_first(passwd, guard).expect("a warning");
+        assert!(w.contains(": bob (fish) (see"), "{w}");
+        assert_eq!(
+            shells_read_user_files_first("root:x:0:0:root:/root:/bin/bash\n", ""),
+            None
+        );
+    }
 }

@@ -2036,8 +2036,27 @@ mod sshd {
     /// The test user, with a usable (not locked) account: sshd without PAM refuses locked ones.
     pub fn ensure_user() {
         static ONCE: std::sync::Once = std::sync::Once::new();
-        ONCE.call_once(|| ensure_account(USER, "/bin/bash"));
+        ONCE.call_once(|| {
+            ensure_account(USER, "/bin/bash");
+            // A user's attempt to run commands before the recorder starts: sshd runs the
+            // ForceCommand through `bash -c`, and Debian's bash may read ~/.bashrc there. Only
+            // commands carrying the marker are affected (anything else is tests' business).
+            let home = nix::unistd::User::from_name(USER).unwrap().unwrap().dir;
+            let rc = home.join(".bashrc");
+            let old = std::fs::read_to_string(&rc).unwrap_or_default();
+            if !old.contains(BASHRC_BYPASS) {
+                let trick = format!(
+                    "case \"$BASH_EXECUTION_STRING/$SSH_ORIGINAL_COMMAND\" in\n\
+                     *ztna-recorder*/*{BASHRC_BYPASS}*) eval \"$SSH_ORIGINAL_COMMAND\"; exit 77 ;;\n\
+                     esac\n"
+                );
+                std::fs::write(&rc, trick + &old).unwrap();
+            }
+        });
     }
+
+    /// Marks the commands the test user's `~/.bashrc` tries to run unrecorded.
+    pub const BASHRC_BYPASS: &str = "bashrc-bypass";
 
     /// A second user whose login shell is an executable file that cannot start: its
     /// interpreter does not exist. (sshd runs even the ForceCommand through the user's shell,
@@ -2075,6 +2094,18 @@ mod sshd {
             .unwrap()
             .uid
             .as_raw()
+    }
+
+    /// The shipped sshd drop-in's `SetEnv` lines: what they are there for is tested with them.
+    fn dropin_setenv() -> String {
+        let dropin = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/packaging/sshd/50-ztna-recorder.conf"
+        );
+        let text = std::fs::read_to_string(dropin).unwrap();
+        let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("SetEnv ")).collect();
+        assert!(!lines.is_empty(), "{dropin} sets no environment");
+        lines.join("\n") + "\n"
     }
 
     pub struct Sshd {
@@ -2127,9 +2158,10 @@ mod sshd {
                  AuthorizedKeysFile {d}/authorized_keys\nUsePAM no\nStrictModes no\n\
                  PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n\
                  PermitRootLogin no\nAllowUsers {USER}\nSubsystem sftp internal-sftp\n\
-                 ForceCommand {before}{BIN} shell --config {cfg}\nLogLevel ERROR\n",
+                 ForceCommand {before}{BIN} shell --config {cfg}\nLogLevel ERROR\n{setenv}",
                 d = d.display(),
                 cfg = config.display(),
+                setenv = dropin_setenv(),
             );
             std::fs::write(d.join("sshd_config"), conf).unwrap();
             let log = std::fs::File::create(d.join("sshd.log")).unwrap();
@@ -2579,6 +2611,29 @@ async fn sshd_exec_without_pty_is_byte_exact() {
         output_of(&backend.events_text(rec)),
         "x\u{0}y\u{fffd}\r\n42 unset bash"
     );
+    // The user's ~/.bashrc cannot run a command before the recorder starts (sshd runs us
+    // through `bash -c`, where Debian's bash reads it, unless the drop-in's SHLVL says no), and
+    // the user's own shell counts its level from 1, as under plain sshd.
+    for tty in [false, true] {
+        let cmd = format!("echo {}-$((3*4)) level-$SHLVL", sshd::BASHRC_BYPASS);
+        let out = tokio::task::block_in_place(|| {
+            let mut c = s.ssh();
+            if tty {
+                c.arg("-tt");
+            }
+            c.arg(s.target())
+                .arg(&cmd)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap()
+        });
+        assert_eq!(out.status.code(), Some(0), "tty {tty}: {out:?}");
+        let shown = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            shown.contains(&format!("{}-12 level-1", sshd::BASHRC_BYPASS)),
+            "tty {tty}: {out:?}"
+        );
+    }
     // With a PTY too, `$0` is the shell's name.
     let out = tokio::task::block_in_place(|| {
         s.ssh()
@@ -2607,7 +2662,7 @@ async fn sshd_exec_without_pty_is_byte_exact() {
         });
         assert_eq!(out.status.code(), Some(137), "tty {tty}: {out:?}");
     }
-    let recs = backend.wait_completed(4, Duration::from_secs(20)).await;
+    let recs = backend.wait_completed(6, Duration::from_secs(20)).await;
     let killed: Vec<_> = recs
         .iter()
         .filter(|r| r["metadata"]["command"] == "kill -9 $$")
@@ -2627,7 +2682,22 @@ async fn sshd_exec_without_pty_is_byte_exact() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let recs = backend.wait_completed(5, Duration::from_secs(20)).await;
+    let recs = backend.wait_completed(7, Duration::from_secs(20)).await;
+    let bypass: Vec<_> = recs
+        .iter()
+        .filter(|r| {
+            r["metadata"]["command"]
+                .as_str()
+                .is_some_and(|c| c.contains(sshd::BASHRC_BYPASS))
+        })
+        .collect();
+    assert_eq!(bypass.len(), 2, "{recs:#?}");
+    for r in bypass {
+        assert!(
+            output_of(&backend.events_text(r)).contains("-12 level-1"),
+            "{r:#}"
+        );
+    }
     let rec = recs
         .iter()
         .find(|r| r["metadata"]["command"] == sneaky)

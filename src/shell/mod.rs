@@ -513,8 +513,11 @@ pub fn run(args: ShellArgs) -> anyhow::Result<u8> {
     // header are JSON, so they carry it with U+FFFD for what is not UTF-8.
     let raw_command = std::env::var_os("SSH_ORIGINAL_COMMAND");
     // Plain sshd sets it only for a forced command: the user's program sees what it would see
-    // without us. (No other thread runs yet.)
+    // without us. (No other thread runs yet.) `SHLVL` likewise: the drop-in sets it so that
+    // the shell sshd runs us through skips `~/.bashrc` (see the drop-in); the user's own shell
+    // then counts from 1, as under plain sshd.
     std::env::remove_var("SSH_ORIGINAL_COMMAND");
+    std::env::remove_var("SHLVL");
     let command = raw_command
         .as_ref()
         .map(|c| c.to_string_lossy().into_owned());
