@@ -593,9 +593,10 @@ async fn damaged_spool_files_cost_only_what_is_damaged() {
     let y = chunk2.iter().position(|&x| x == b'y').unwrap();
     chunk2[y] = 0xff;
     std::fs::write(a.join("chunk-2.cast"), &chunk2).unwrap();
-    // B: its end mark cut short. C: its header.
+    // B: its end mark cut short. C: its header (and the start time kept beside it).
     std::fs::write(b.join("end.json"), b"{\"exit_status\": 2, \"interr").unwrap();
     std::fs::write(c.join("header.json"), b"{\"version\": 2, \"wid").unwrap();
+    std::fs::remove_file(c.join("started_at")).unwrap();
     // D: its header gone, its metadata JSON but not an object.
     let d = sessions.join(&ids[3]);
     std::fs::remove_file(d.join("header.json")).unwrap();
@@ -2883,15 +2884,15 @@ async fn sshd_backend_down_then_back() {
         )
         .unwrap()
     };
-    // The header's time is in whole seconds.
-    let second = time::Duration::seconds(1);
+    // To the microsecond, not the header's whole second (a session that started at 12:00:00.9
+    // showed 12:00:00, and a 0.1 s session ended over a second after it started).
     assert!(
-        at("started_at") >= before - second && at("started_at") <= after,
-        "{rec:#}"
+        at("started_at") >= before && at("started_at") <= after,
+        "{before} {after} {rec:#}"
     );
     assert!(
-        at("ended_at") >= before && at("ended_at") <= after + second,
-        "{rec:#}"
+        at("ended_at") >= at("started_at") && at("ended_at") <= after,
+        "{after} {rec:#}"
     );
     stop_all(&mut daemon, &mut backend).await;
 }

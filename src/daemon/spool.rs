@@ -32,6 +32,8 @@ const CHUNK_SUFFIX: &str = ".cast";
 /// the end mark) on a disk that has filled up since: given back a block at a time, just
 /// before such a file is written again. Not counted as spooled bytes.
 const RESERVE: &str = "reserve";
+/// When the daemon took the session, to the microsecond (a header's timestamp is whole seconds).
+const STARTED: &str = "started_at";
 const RESERVE_BYTES: usize = 8192;
 const RESERVE_STEP: u64 = 4096;
 
@@ -287,6 +289,8 @@ impl Spool {
         let built = write_atomic(&tmp.join("header.json"), &serde_json::to_vec(header)?)
             .and_then(|()| write_atomic(&tmp.join("metadata.json"), &serde_json::to_vec(metadata)?))
             .and_then(|()| fs::write(tmp.join(RESERVE), [0u8; RESERVE_BYTES]))
+            // Not synced: the header's whole second stands in for it when a crash loses it.
+            .and_then(|()| fs::write(tmp.join(STARTED), super::now_rfc3339()))
             .and_then(|()| fs::rename(&tmp, &dir.path));
         if let Err(e) = built {
             // Recovery would remove it at the next start; the disk may be full now.
@@ -691,6 +695,11 @@ impl SessionDir {
     pub fn set_remote(&self, session_id: &str) -> io::Result<()> {
         let body = serde_json::to_vec(&serde_json::json!({ "session_id": session_id }))?;
         self.write_small("remote.json", &body)
+    }
+
+    /// When the daemon took the session (RFC 3339), if that was kept.
+    pub fn started_at(&self) -> Option<String> {
+        fs::read_to_string(self.path.join(STARTED)).ok()
     }
 
     pub fn end(&self) -> io::Result<Option<EndMark>> {

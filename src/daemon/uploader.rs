@@ -263,11 +263,15 @@ async fn step(
             let (header, metadata) = dir.start_info()?;
             // When the session started: it may have waited in the spool for days. (With its
             // header damaged, its end says: when it ended, less how long it ran.)
-            let started_at = header_time(&header).or_else(|| {
-                let end = dir.end().ok()??;
-                let ended = parse_time(end.ended_at.as_deref()?)?;
-                Some(ended - time::Duration::seconds(end.duration_seconds?))
-            });
+            let started_at = dir
+                .started_at()
+                .and_then(|t| parse_time(t.trim()))
+                .or_else(|| header_time(&header))
+                .or_else(|| {
+                    let end = dir.end().ok()??;
+                    let ended = parse_time(end.ended_at.as_deref()?)?;
+                    Some(ended - time::Duration::seconds(end.duration_seconds?))
+                });
             match client
                 .start(
                     "ssh",
