@@ -129,10 +129,16 @@ async fn cast(
     headers: HeaderMap,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Response {
-    match authorize(&app, &headers, query).await {
+    let response = match authorize(&app, &headers, query).await {
         Ok((rec, from_chunk)) => stream_cast(&app, rec, from_chunk),
         Err(f) => failure(f),
-    }
+    };
+    app.inner.metrics.request(
+        "/api/session-recording/cast",
+        None,
+        response.status().as_u16(),
+    );
+    response
 }
 
 /// The largest chunk index the API accepts.

@@ -17,6 +17,10 @@ async fn get(url: &str) -> (u16, String, String) {
     (status, ct, r.text().await.unwrap())
 }
 
+fn uuid_of_zeros() -> &'static str {
+    "00000000-0000-0000-0000-000000000000"
+}
+
 /// The value of the sample `name{labels}` (or bare `name`) in a Prometheus text page.
 fn sample(page: &str, series: &str) -> Option<f64> {
     page.lines()
@@ -74,6 +78,14 @@ async fn healthz_and_metrics_count_what_happened() {
     let (s, _) = post(json!({"action": "no-such-action", "node_key": node_key})).await;
     assert_eq!(s, 400);
 
+    // The dashboard's cast download is counted too (here refused: no token).
+    let (s, _, _) = get(&format!(
+        "{base}/api/session-recording/cast?org_id={}&session_id={session}",
+        uuid_of_zeros()
+    ))
+    .await;
+    assert_eq!(s, 401);
+
     // Let at least one periodic sweep run (every second here).
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let (status, ct, page) = get(&format!("{base}/metrics")).await;
@@ -91,6 +103,14 @@ async fn healthz_and_metrics_count_what_happened() {
     assert_eq!(req("config", 401), Some(1.0), "{page}");
     assert_eq!(req("other", 400), Some(1.0), "{page}");
     assert!(!page.contains("no-such-action"), "{page}");
+    assert_eq!(
+        sample(
+            &page,
+            "ztna_http_requests_total{route=\"/api/session-recording/cast\",action=\"none\",status=\"401\"}"
+        ),
+        Some(1.0),
+        "{page}"
+    );
     assert_eq!(
         sample(&page, "ztna_chunk_bytes_stored_total"),
         Some((2 * chunk.len()) as f64),
@@ -125,6 +145,99 @@ async fn healthz_and_metrics_count_what_happened() {
         );
     }
 
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+}
+
+/// A full disk fails writes while it is full, and only then: once there is room again the
+/// server writes as before, without a restart. (After SQLite rolled a transaction back by
+/// itself on SQLITE_FULL, sqlx still counted it open on the one write connection, and every
+/// later write failed with "begin_with at non-zero transaction depth" until a restart.)
+/// Needs root, to mount a 2 MiB tmpfs as the data directory (CI runs as root).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_fails_writes_only_while_it_is_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let mount = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+        .arg(&data)
+        .status()
+        .unwrap();
+    assert!(
+        mount.success(),
+        "this test mounts a small tmpfs and needs root (CI runs as root)"
+    );
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(data.clone());
+
+    let app = App::open(Config::with_data_dir(&data)).await.unwrap();
+    let Seed { node_key, .. } = app.seed("acme", "Linux-C", true).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let agent = format!(
+        "http://{}/api/session-recording-agent",
+        listener.local_addr().unwrap()
+    );
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(ztna_recorder_server::serve(listener, app, async {
+        let _ = stopped.await;
+    }));
+    let http = reqwest::Client::new();
+    let post = |body: Value| {
+        let http = http.clone();
+        let agent = agent.clone();
+        async move {
+            let r = http.post(&agent).json(&body).send().await.unwrap();
+            let s = r.status().as_u16();
+            (s, r.json::<Value>().await.unwrap())
+        }
+    };
+    let start = json!({"action": "start", "node_key": node_key, "session_type": "ssh",
+        "header": {"version": 2, "width": 80, "height": 24}});
+    let (s, v) = post(start.clone()).await;
+    assert_eq!(s, 201, "{v}");
+
+    // Fill the disk to the last byte.
+    let filler = data.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 4096];
+        while f.write_all(&block).is_ok() {}
+        while f.write_all(&block[..1]).is_ok() {}
+    }
+    let mut refused = 0;
+    for _ in 0..3 {
+        let (s, v) = post(start.clone()).await;
+        if s != 201 {
+            assert_eq!(s, 500, "{v}");
+            refused += 1;
+        }
+    }
+    assert!(refused > 0, "a full disk refused nothing");
+
+    std::fs::remove_file(&filler).unwrap();
+    for _ in 0..3 {
+        let (s, v) = post(start.clone()).await;
+        assert_eq!(s, 201, "room again, yet: {v}");
+        let session = v["data"]["session_id"].as_str().unwrap().to_string();
+        let (s, v) = post(json!({"action": "upload_chunk", "node_key": node_key,
+            "session_id": session, "chunk_index": 0, "chunk_data": "[0.5, \"o\", \"hi\"]\n"}))
+        .await;
+        assert_eq!(s, 200, "{v}");
+        let (s, v) = post(json!({"action": "complete", "node_key": node_key,
+            "session_id": session, "duration_seconds": 1}))
+        .await;
+        assert_eq!(s, 200, "{v}");
+    }
     let _ = stop.send(());
     server.await.unwrap().unwrap();
 }

@@ -64,8 +64,14 @@ impl Failure {
 
 impl From<MetaError> for Failure {
     fn from(e: MetaError) -> Self {
-        tracing::error!(error = %e, "metadata store failed");
-        Failure::internal()
+        match e {
+            // Written under the store's locks, but the object store is what failed.
+            MetaError::Objects(e) => e.into(),
+            e => {
+                tracing::error!(error = %e, "metadata store failed");
+                Failure::internal()
+            }
+        }
     }
 }
 

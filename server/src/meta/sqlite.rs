@@ -46,8 +46,22 @@ const UPSERT_CHUNK: &str = "INSERT INTO session_recording_chunks \
 /// A write transaction that takes the database's write lock at once. A deferred one that
 /// reads first fails (SQLITE_BUSY_SNAPSHOT, not retried by the busy timeout) when another
 /// process (an `admin` command beside `serve`) commits between its read and its write.
+///
+/// When SQLite rolls a transaction back by itself (it may on SQLITE_FULL or SQLITE_IOERR),
+/// sqlx does not notice: its ROLLBACK then fails, and it goes on counting the transaction open
+/// on the connection, refusing every later BEGIN on it. That connection is then closed here
+/// and the pool opens a fresh one: a disk that was full must not stop writes for good.
 async fn begin_write(pool: &SqlitePool) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
-    Ok(pool.begin_with("BEGIN IMMEDIATE").await?)
+    match pool.begin_with("BEGIN IMMEDIATE").await {
+        Err(sqlx::Error::InvalidSavePointStatement) => {
+            tracing::warn!(
+                "a write connection was left inside a transaction SQLite had ended: replaced"
+            );
+            pool.acquire().await?.close().await?;
+            Ok(pool.begin_with("BEGIN IMMEDIATE").await?)
+        }
+        r => Ok(r?),
+    }
 }
 
 async fn write_chunk_batch(write: &SqlitePool, jobs: &[ChunkJob]) -> Result<Vec<ChunkOutcome>> {
