@@ -21,6 +21,7 @@
     machines: new Map(), // machine_id -> name (or null), from every list page seen
     listSeq: 0,
     player: null, // the open recording: see openRecording
+    admin: null, // whether the token's user is an org admin: null until a `list` says
   };
 
   // ---------------------------------------------------------------- errors and messages
@@ -34,7 +35,7 @@
   }
 
   const EXPLAIN = {
-    UNAUTHORIZED: "Your token is missing, malformed, expired or not signed by this server. Sign out and sign in with a fresh token.",
+    UNAUTHORIZED: "Your token is missing, malformed, expired or not signed by this server. Sign in with a fresh one (an admin makes it with `ztna-recorder-server admin token`).",
     FORBIDDEN: "Not allowed: you are not a member of this org, this needs the admin role, or the recording is not yours.",
     FEATURE_DISABLED: "Session recording is not enabled for this org.",
     RECORDING_DISABLED: "Recording is switched off in this org's settings.",
@@ -197,6 +198,28 @@
     return el("span", { class: `badge ${known ? status : ""}`, text: String(status) });
   }
 
+  // A recording whose recorder died before the session ended holds only what was spooled.
+  function interruptedBadge(rec) {
+    const md = (rec && rec.metadata) || {};
+    if (md.interrupted !== true) return null;
+    return el("span", {
+      class: "badge interrupted",
+      text: "interrupted",
+      title: "The recorder stopped before the session ended: this holds what was recorded until then.",
+    });
+  }
+
+  // Members may not list, delete or change settings: those controls are hidden once a `list`
+  // has said FORBIDDEN (the server checks every action anyway).
+  function noteRole(admin) {
+    state.admin = admin;
+    document.body.classList.toggle("member", admin === false);
+    for (const id of ["set-enabled", "set-retention", "set-storage"]) $(id).disabled = admin === false;
+  }
+  function forbidden(e) {
+    return e instanceof ApiError && e.code === "FORBIDDEN";
+  }
+
   // ---------------------------------------------------------------- views
 
   function show(view) {
@@ -253,6 +276,7 @@
     sessionStorage.removeItem("ztna.org");
     state.token = "";
     state.org = "";
+    noteRole(null);
     $("token").value = "";
     clearMessage();
     location.hash = "";
@@ -306,7 +330,7 @@
         el("td", { class: "machine" }, machineLabel(r)),
         el("td", { class: "user", title: String(r.user_id || "") }, userLabel(r)),
         el("td", { class: "type" }, String(r.session_type)),
-        el("td", { class: "status" }, badge(r.status)),
+        el("td", { class: "status" }, badge(r.status), " ", interruptedBadge(r)),
         el("td", { class: "started", title: String(r.started_at) }, fmtTime(r.started_at)),
         el("td", { class: "duration" }, durationOf(r)),
         el("td", { class: "actions" },
@@ -335,6 +359,7 @@
         state.offset = Math.max(0, Math.floor((state.total - 1) / limit) * limit);
         return loadList();
       }
+      noteRole(true);
       noteMachines(recs);
       renderStats(data.stats, state.total);
       renderRows(recs);
@@ -347,7 +372,12 @@
       renderRows([]);
       $("empty").hidden = true;
       $("page-info").textContent = "";
-      showError(e);
+      if (forbidden(e)) {
+        noteRole(false);
+        showMessage("Only an org admin can list this org's recordings. A member can play their own: paste its session id above, or open its link.", "info");
+      } else {
+        showError(e);
+      }
     } finally {
       if (seq === state.listSeq) $("recordings").removeAttribute("aria-busy");
     }
@@ -357,8 +387,10 @@
   async function seedMachines() {
     try {
       const data = await api("list", { limit: 200, offset: 0 });
+      noteRole(true);
       noteMachines(Array.isArray(data.recordings) ? data.recordings : []);
-    } catch (_) {
+    } catch (e) {
+      if (forbidden(e)) noteRole(false);
       // loadList shows the error
     }
   }
@@ -558,7 +590,7 @@
       ["User", userLabel(rec)],
       ["User id", rec.user_id],
       ["Type", rec.session_type],
-      ["Status", rec.status],
+      ["Status", md.interrupted === true ? `${rec.status}, interrupted (the recorder stopped before the session ended)` : rec.status],
       ["Started", `${fmtTime(rec.started_at)} (${rec.started_at})`],
       ["Ended", rec.ended_at ? `${fmtTime(rec.ended_at)} (${rec.ended_at})` : "—"],
       ["Duration", durationOf(rec)],
@@ -600,6 +632,7 @@
     $("player-title").textContent = id;
     $("player-meta").replaceChildren();
     $("player-live").hidden = true;
+    $("player-view").classList.remove("failed");
     const p = { id, obj: null, text: "", chunks: 0, next: 0, timer: null, stopped: false, rec: null };
     state.player = p;
     try {
@@ -618,6 +651,8 @@
     } catch (e) {
       if (p.stopped) return;
       $("player-status").textContent = "";
+      // Nothing to play: no empty player, no buttons for a recording that is not there.
+      $("player-view").classList.add("failed");
       showError(e);
     }
   }
@@ -814,4 +849,5 @@
     rememberOrg(state.org);
   }
   route();
+  if (state.token && state.org) seedMachines();
 })();

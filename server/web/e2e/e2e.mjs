@@ -118,7 +118,8 @@ async function main() {
     chunk_data: ev(0.2, "$ echo hello-first-frame\r\n") + ev(0.4, "hello-first-frame\r\n") });
   await agent(web.node_key, { action: "upload_chunk", session_id: played, chunk_index: 1,
     chunk_data: ev(1.5, "$ ls\r\n") + ev(1.8, "second-chunk-text\r\n") });
-  await agent(web.node_key, { action: "complete", session_id: played, duration_seconds: 2 });
+  // As the daemon completes a session whose recorder died: marked in the list and the details.
+  await agent(web.node_key, { action: "complete", session_id: played, duration_seconds: 2, metadata: { interrupted: true } });
 
   const xssTranscript = JSON.stringify({ height: 24, version: 2, width: 80 }) + "\n" +
     ev(0.1, "<script>alert(2)</script> xss-output\r\n");
@@ -223,6 +224,8 @@ async function main() {
   log("list: sign-in, pagination, machine filter, escaping ok");
 
   // ------------------------------------------------------------------ play a completed recording
+  assert.equal(await page.locator(`#recordings tbody tr[data-id="${played}"] .badge.interrupted`).count(), 1);
+  assert.equal(await page.locator("#recordings tbody .badge.interrupted").count(), 1, "only the interrupted one");
   await page.locator(`#recordings tbody tr[data-id="${played}"] button.play`).click();
   await page.locator("#player-view").waitFor();
   await page.waitForFunction(() => (document.querySelector("#player .ap-term")?.textContent || "").includes("hello-first-frame"));
@@ -233,6 +236,7 @@ async function main() {
   const lines = await page.locator("#player .ap-term .ap-line").count();
   assert.equal(lines, 30, "terminal at the recorded height");
   assert.match(await page.textContent("#player-meta"), /<b>bold<\/b>/, "metadata shown as text");
+  assert.match(await page.textContent("#player-meta"), /completed, interrupted/);
   assert.equal(await page.locator("#player-meta b").count(), 0);
   await page.screenshot({ path: path.join(ARTIFACTS, "player.png"), fullPage: true });
   // play it through at 4x
@@ -327,13 +331,31 @@ async function main() {
   await page.fill("#org", org);
   await page.click("#signin-btn");
   await page.locator("#message").waitFor();
-  assert.match(await page.textContent("#message-text"), /FORBIDDEN/);
+  assert.match(await page.textContent("#message-text"), /Only an org admin can list/);
+  // no controls for what only an admin may do
+  await page.waitForFunction(() => document.body.classList.contains("member"));
+  await page.click("#tab-settings");
+  await page.waitForFunction(() => document.querySelector("#set-retention").value !== "");
+  assert.equal(await page.locator("#settings-save").isVisible(), false);
+  assert.equal(await page.locator("#cleanup").isVisible(), false);
+  assert.equal(await page.locator("#set-retention").isDisabled(), true);
+  await page.click("#tab-recordings");
+  // another user's recording: the refusal, not an empty player with buttons
+  await page.fill("#open-id", played);
+  await page.click("#open-id-btn");
+  await page.waitForFunction(() => /FORBIDDEN/.test(document.querySelector("#message-text").textContent));
+  assert.equal(await page.locator("#download").isVisible(), false);
+  assert.equal(await page.locator("#player-wrap").isVisible(), false);
+  await page.click("#back");
+  await page.locator("#list-view").waitFor();
   // …but can open their own recording by id
   await page.fill("#open-id", xssSession);
   await page.click("#open-id-btn");
   await page.waitForFunction(() => (document.querySelector("#player .ap-term")?.textContent || "").includes("xss-output"));
   assert.equal(await page.locator("#player img").count(), 0);
   assert.equal(await page.textContent("#player-title").then((t) => t.startsWith(XSS_NAME)), true);
+  assert.equal(await page.locator("#download").isVisible(), true);
+  assert.equal(await page.locator("#player-delete").isVisible(), false, "deleting is for admins");
   log("member: list refused readably, own recording plays");
 
   assert.deepEqual(dialogs, [], "no alert ran");
