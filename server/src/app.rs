@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use crate::auth::{self, JwtKeys};
 use crate::config::{self, Config};
-use crate::meta::{self, AdminRefusal, MetadataStore, Role, Settings, SettingsUpdate};
+use crate::meta::{self, AdminRefusal, MetadataStore, Role, Settings, SettingsUpdate, UserAdded};
 use crate::objects::Objects;
 
 /// Why the server could not open its stores.
@@ -163,6 +163,17 @@ impl App {
         email: &str,
         role: Role,
     ) -> Result<Uuid, AdminError> {
+        Ok(self.add_user(org, email, role).await?.id)
+    }
+
+    /// [`create_user`](Self::create_user), saying whether the account existed and its role in
+    /// the org before.
+    pub async fn add_user(
+        &self,
+        org: Uuid,
+        email: &str,
+        role: Role,
+    ) -> Result<UserAdded, AdminError> {
         // The address is how people find each other's accounts, so a typo should not become
         // one: the shape only (LOCAL@DOMAIN, no spaces); whether it receives mail is not ours.
         let shaped = match email.split_once('@') {
@@ -186,7 +197,7 @@ impl App {
             .create_user(org, Uuid::new_v4(), email, role)
             .await?
         {
-            Ok(id) => Ok(id),
+            Ok(added) => Ok(added),
             Err(_) => Err(AdminError::NoSuchOrg(org)),
         }
     }

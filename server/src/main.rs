@@ -370,8 +370,25 @@ async fn admin(
                 RoleArg::Admin => Role::Admin,
                 RoleArg::Member => Role::Member,
             };
-            let id = app.create_user(org, &email, role).await?;
-            json!({ "user_id": id })
+            let added = app.add_user(org, &email, role).await?;
+            // stdout is the contract's one object; what else happened goes to stderr, so that
+            // re-running the command never changes an account unseen.
+            if added.existed {
+                eprintln!(
+                    "note: {email} already had an account ({}): it is reused",
+                    added.id
+                );
+            }
+            match added.previous_role {
+                Some(old) if old != role => eprintln!(
+                    "note: its role in org {org} changed from {} to {}",
+                    old.as_str(),
+                    role.as_str()
+                ),
+                Some(_) => eprintln!("note: its role in org {org} was already {}", role.as_str()),
+                None => {}
+            }
+            json!({ "user_id": added.id })
         }
         AdminCommand::Token { user, ttl_secs } => {
             json!({ "token": app.issue_token(user, ttl_secs).await? })

@@ -2200,6 +2200,53 @@ mod scenarios {
             "--role",
             "member",
         ]));
+        // The same address again (in any case): the same account, and what changed is said.
+        let gavin = v["user_id"].clone();
+        let again = run(&[
+            "user",
+            "create",
+            "--org",
+            &org2,
+            "--email",
+            "Gavin@Hooli.test",
+            "--role",
+            "admin",
+        ]);
+        let said = again.2.clone();
+        assert_eq!(one_json(again)["user_id"], gavin);
+        assert!(
+            said.contains("already had an account")
+                && said.contains("changed from member to admin"),
+            "{said}"
+        );
+        let again = run(&[
+            "user",
+            "create",
+            "--org",
+            &org2,
+            "--email",
+            "gavin@hooli.test",
+            "--role",
+            "admin",
+        ]);
+        let said = again.2.clone();
+        assert_eq!(one_json(again)["user_id"], gavin);
+        assert!(said.contains("was already admin"), "{said}");
+        let again = run(&[
+            "user",
+            "create",
+            "--org",
+            &org2,
+            "--email",
+            "gavin@hooli.test",
+            "--role",
+            "member",
+        ]);
+        assert!(
+            again.2.contains("changed from admin to member"),
+            "{}",
+            again.2
+        );
         let t = one_json(run(&["token", "--user", v["user_id"].as_str().unwrap()]))["token"]
             .as_str()
             .unwrap()

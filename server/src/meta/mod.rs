@@ -244,6 +244,15 @@ fn is_fk_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.is_foreign_key_violation())
 }
 
+/// What `create_user` did: the user's id, whether an account with that address already
+/// existed, and its role in the org before (None: it was not a member).
+#[derive(Debug, Clone, Copy)]
+pub struct UserAdded {
+    pub id: Uuid,
+    pub existed: bool,
+    pub previous_role: Option<Role>,
+}
+
 /// Why `register_machine` or `create_user` refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AdminRefusal {
@@ -256,14 +265,15 @@ pub trait MetadataStore: Send + Sync {
     async fn create_org(&self, id: Uuid, name: &str, feature: bool) -> Result<()>;
     /// `false` when there is no such org.
     async fn set_feature(&self, org: Uuid, enabled: bool) -> Result<bool>;
-    /// Creates the user (or reuses the one with this email) and makes it a member.
+    /// Creates the user (or reuses the one with this email, compared without case) and makes
+    /// it a member with `role`.
     async fn create_user(
         &self,
         org: Uuid,
         new_id: Uuid,
         email: &str,
         role: Role,
-    ) -> Result<std::result::Result<Uuid, AdminRefusal>>;
+    ) -> Result<std::result::Result<UserAdded, AdminRefusal>>;
     async fn user_exists(&self, user: Uuid) -> Result<bool>;
     async fn register_machine(
         &self,

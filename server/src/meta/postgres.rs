@@ -117,7 +117,7 @@ impl MetadataStore for PgMeta {
         new_id: Uuid,
         email: &str,
         role: Role,
-    ) -> Result<std::result::Result<Uuid, AdminRefusal>> {
+    ) -> Result<std::result::Result<UserAdded, AdminRefusal>> {
         let mut tx = self.pool.begin().await?;
         let exists = sqlx::query("SELECT 1 FROM orgs WHERE id = $1")
             .bind(org)
@@ -126,16 +126,42 @@ impl MetadataStore for PgMeta {
         if exists.is_none() {
             return Ok(Err(AdminRefusal::NoSuchOrg));
         }
-        sqlx::query("INSERT INTO users (id, email) VALUES ($1, $2) ON CONFLICT (email) DO NOTHING")
-            .bind(new_id)
-            .bind(email)
-            .execute(&mut *tx)
-            .await?;
-        let user: Uuid = sqlx::query("SELECT id FROM users WHERE email = $1")
-            .bind(email)
-            .fetch_one(&mut *tx)
-            .await?
-            .try_get("id")?;
+        // Two `user create` for one new address at once: the loser's insert does nothing,
+        // and it takes the winner's row.
+        let found: Option<Uuid> =
+            sqlx::query("SELECT id FROM users WHERE lower(email) = lower($1) LIMIT 1")
+                .bind(email)
+                .fetch_optional(&mut *tx)
+                .await?
+                .map(|r| r.try_get("id"))
+                .transpose()?;
+        let (user, existed) = match found {
+            Some(id) => (id, true),
+            None => {
+                sqlx::query(
+                    "INSERT INTO users (id, email) VALUES ($1, $2) ON CONFLICT (email) DO NOTHING",
+                )
+                .bind(new_id)
+                .bind(email)
+                .execute(&mut *tx)
+                .await?;
+                let id: Uuid = sqlx::query("SELECT id FROM users WHERE email = $1")
+                    .bind(email)
+                    .fetch_one(&mut *tx)
+                    .await?
+                    .try_get("id")?;
+                (id, id != new_id)
+            }
+        };
+        let previous_role = sqlx::query(
+            "SELECT role FROM org_members WHERE org_id = $1 AND user_id = $2 FOR UPDATE",
+        )
+        .bind(org)
+        .bind(user)
+        .fetch_optional(&mut *tx)
+        .await?
+        .and_then(|r| r.try_get::<String, _>("role").ok())
+        .and_then(|r| Role::parse(&r));
         sqlx::query(
             "INSERT INTO org_members (org_id, user_id, role) VALUES ($1, $2, $3) \
              ON CONFLICT (org_id, user_id) DO UPDATE SET role = excluded.role",
@@ -146,7 +172,11 @@ impl MetadataStore for PgMeta {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(Ok(user))
+        Ok(Ok(UserAdded {
+            id: user,
+            existed,
+            previous_role,
+        }))
     }
 
     async fn user_exists(&self, user: Uuid) -> Result<bool> {

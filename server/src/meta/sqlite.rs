@@ -255,7 +255,7 @@ impl MetadataStore for SqliteMeta {
         new_id: Uuid,
         email: &str,
         role: Role,
-    ) -> Result<std::result::Result<Uuid, AdminRefusal>> {
+    ) -> Result<std::result::Result<UserAdded, AdminRefusal>> {
         let mut tx = begin_write(&self.write).await?;
         let exists = sqlx::query("SELECT 1 FROM orgs WHERE id = ?")
             .bind(org.to_string())
@@ -264,17 +264,30 @@ impl MetadataStore for SqliteMeta {
         if exists.is_none() {
             return Ok(Err(AdminRefusal::NoSuchOrg));
         }
-        sqlx::query("INSERT INTO users (id, email, created_at) VALUES (?, ?, ?) ON CONFLICT (email) DO NOTHING")
-            .bind(new_id.to_string())
+        let found = sqlx::query("SELECT id FROM users WHERE lower(email) = lower(?) LIMIT 1")
             .bind(email)
-            .bind(timefmt::format(timefmt::now()))
-            .execute(&mut *tx)
+            .fetch_optional(&mut *tx)
             .await?;
-        let row = sqlx::query("SELECT id FROM users WHERE email = ?")
-            .bind(email)
-            .fetch_one(&mut *tx)
-            .await?;
-        let user = uuid_col(&row, "id")?;
+        let (user, existed) = match found {
+            Some(row) => (uuid_col(&row, "id")?, true),
+            None => {
+                sqlx::query("INSERT INTO users (id, email, created_at) VALUES (?, ?, ?)")
+                    .bind(new_id.to_string())
+                    .bind(email)
+                    .bind(timefmt::format(timefmt::now()))
+                    .execute(&mut *tx)
+                    .await?;
+                (new_id, false)
+            }
+        };
+        let previous_role =
+            sqlx::query("SELECT role FROM org_members WHERE org_id = ? AND user_id = ?")
+                .bind(org.to_string())
+                .bind(user.to_string())
+                .fetch_optional(&mut *tx)
+                .await?
+                .and_then(|r| r.try_get::<String, _>("role").ok())
+                .and_then(|r| Role::parse(&r));
         sqlx::query(
             "INSERT INTO org_members (org_id, user_id, role) VALUES (?, ?, ?) \
              ON CONFLICT (org_id, user_id) DO UPDATE SET role = excluded.role",
@@ -285,7 +298,11 @@ impl MetadataStore for SqliteMeta {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(Ok(user))
+        Ok(Ok(UserAdded {
+            id: user,
+            existed,
+            previous_role,
+        }))
     }
 
     async fn user_exists(&self, user: Uuid) -> Result<bool> {
