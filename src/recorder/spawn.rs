@@ -3,9 +3,10 @@
 //!
 //! portable-pty opens the PTY; the program is started here instead of by its `spawn_command`,
 //! which closes every descriptor in the child before `exec`, std's exec-error pipe included
-//! (wezterm/wezterm#7893): any failed `exec` (a format the kernel cannot run, a missing ELF
-//! loader, a busy text file) then aborted the child with a Rust "fatal runtime error" on the
-//! user's terminal while the spawn reported success. Here descriptors are only marked
+//! (wezterm/wezterm#7893): any failed `exec` (a binary whose ELF loader is missing, a busy
+//! text file, a `noexec` mount) then aborted the child with a Rust "fatal runtime error" on
+//! the user's terminal while the spawn reported success. (A file the kernel cannot run at all
+//! is handed to `/bin/sh` by glibc's `execvp`, as a shell would.) Here descriptors are only marked
 //! close-on-exec, so they are gone in the program all the same, and `spawn` returns the error.
 
 use std::fs::OpenOptions;
