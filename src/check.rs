@@ -202,10 +202,7 @@ pub fn check(file: Option<&Path>, reach_backend: bool) -> Report {
         )),
         ShareCheck::Fine => {}
     }
-    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-    let zshenv = std::fs::read_to_string("/etc/zsh/zshenv").unwrap_or_default();
-    r.warnings
-        .extend(shells_read_user_files_first(&passwd, &zshenv));
+    r.warnings.extend(sshd_lets_users_run_code_first());
 
     let (Some(url), Some(key)) = (url, key) else {
         return r;
@@ -249,6 +246,131 @@ pub fn check(file: Option<&Path>, reach_backend: bool) -> Report {
             .push(format!("cannot set up the HTTP client: {}", one_line(&e))),
     }
     r
+}
+
+/// When sshd forces our recorder: what lets a user run code before it starts, in the shell sshd
+/// runs the ForceCommand through (see the drop-in and the README): the environment sshd lets
+/// through, and accounts whose shell reads their own files for `-c`. Needs root (`sshd -T`
+/// reads the host keys); says nothing when sshd is not there or does not force the recorder
+/// (yet): these are warnings about recorded logins.
+fn sshd_lets_users_run_code_first() -> Vec<String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Vec::new();
+    }
+    let Some(sshd) = ["/usr/sbin/sshd", "/usr/bin/sshd"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+    else {
+        return Vec::new();
+    };
+    // A user no Match block names: what an ordinary recorded login gets.
+    let Ok(out) = std::process::Command::new(sshd)
+        .args([
+            "-T",
+            "-C",
+            "user=ztna-recorder-check,host=localhost,addr=127.0.0.1",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+    else {
+        return Vec::new();
+    };
+    if !out.status.success() {
+        return Vec::new();
+    }
+    let sshd_t = String::from_utf8_lossy(&out.stdout);
+    if !forces_the_recorder(&sshd_t) {
+        return Vec::new();
+    }
+    let pam = std::fs::read_to_string("/etc/pam.d/sshd").unwrap_or_default();
+    let mut w = sshd_environment_warnings(&sshd_t, &pam);
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let zshenv = std::fs::read_to_string("/etc/zsh/zshenv").unwrap_or_default();
+    w.extend(shells_read_user_files_first(&passwd, &zshenv));
+    w
+}
+
+/// Whether `sshd -T`'s output forces our recorder.
+fn forces_the_recorder(sshd_t: &str) -> bool {
+    sshd_t.lines().any(|l| {
+        l.split_once(' ').is_some_and(|(k, v)| {
+            k.eq_ignore_ascii_case("forcecommand") && v.contains("ztna-recorder")
+        })
+    })
+}
+
+/// [`sshd_lets_users_run_code_first`] on `sshd -T`'s output and `/etc/pam.d/sshd`.
+fn sshd_environment_warnings(sshd_t: &str, pam_sshd: &str) -> Vec<String> {
+    let settings: Vec<(String, &str)> = sshd_t
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.trim()))
+        .collect();
+    let values = |key: &str| -> Vec<&str> {
+        settings
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, v)| *v)
+            .collect()
+    };
+    if !forces_the_recorder(sshd_t) {
+        return Vec::new();
+    }
+    let mut w = Vec::new();
+    let set: Vec<&str> = values("setenv");
+    let missing: Vec<String> = crate::shell::SSHD_SETENV
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .filter(|kv| !set.contains(&kv.as_str()))
+        .collect();
+    if !missing.is_empty() {
+        w.push(format!(
+            "sshd forces the recorder but does not set {} (the drop-in's SetEnv line): sshd keeps only the first SetEnv it reads, so an earlier one hides it; without it a user's ~/.bashrc or BASH_ENV runs before the recorder, unrecorded (add these to that earlier line)",
+            missing.join(" ")
+        ));
+    }
+    if values("permituserenvironment").iter().any(|v| *v != "no") {
+        w.push(
+            "sshd's PermitUserEnvironment is not `no`: a user's ~/.ssh/environment reaches the shell sshd runs the recorder through, with variables the drop-in does not neutralise".into(),
+        );
+    }
+    // Names no SetEnv of ours covers that still run code in bash or the loader.
+    let probes = ["LD_BIND_NOT", "BASH_FUNC_f%%", "GLIBC_TUNABLES", "ZDOTDIR"];
+    let broad: Vec<&str> = values("acceptenv")
+        .into_iter()
+        .flat_map(str::split_whitespace)
+        .filter(|pat| probes.iter().any(|p| glob_match(pat, p)))
+        .collect();
+    if !broad.is_empty() {
+        w.push(format!(
+            "sshd's AcceptEnv {} lets the client send variables the drop-in does not neutralise to the shell sshd runs the recorder through; accept only names such as LANG and LC_*",
+            broad.join(" ")
+        ));
+    }
+    let readenv = pam_sshd.lines().any(|l| {
+        let l = l.trim_start();
+        !l.starts_with('#') && l.contains("pam_env.so") && l.contains("user_readenv=1")
+    });
+    if readenv && values("usepam").contains(&"yes") {
+        w.push(
+            "/etc/pam.d/sshd reads each user's ~/.pam_environment (pam_env user_readenv=1, Debian's default): its variables reach the shell sshd runs the recorder through, and the drop-in neutralises only those known to run code; set user_readenv=0".into(),
+        );
+    }
+    w
+}
+
+/// sshd's `AcceptEnv` patterns: `*` any run, `?` one character.
+fn glob_match(pattern: &str, name: &str) -> bool {
+    fn go(p: &[u8], n: &[u8]) -> bool {
+        match p.split_first() {
+            None => n.is_empty(),
+            Some((b'*', rest)) => (0..=n.len()).any(|i| go(rest, &n[i..])),
+            Some((b'?', rest)) => !n.is_empty() && go(rest, &n[1..]),
+            Some((c, rest)) => n.first() == Some(c) && go(rest, &n[1..]),
+        }
+    }
+    go(pattern.as_bytes(), name.as_bytes())
 }
 
 /// Local accounts whose login shell runs files the user owns before the `ForceCommand` (sshd
@@ -395,6 +517,37 @@ fn uncreatable(dir: &Path) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sshd_settings_that_let_the_environment_through_are_named() {
+        let ours = crate::shell::SSHD_SETENV
+            .iter()
+            .map(|(k, v)| format!("setenv {k}={v}\n"))
+            .collect::<String>();
+        let forced = "forcecommand /usr/bin/ztna-recorder shell\nusepam yes\n\
+                      permituserenvironment no\nacceptenv LANG\nacceptenv LC_*\n";
+        let pam_quiet = "session required pam_env.so # [1]\n\
+                         #session required pam_env.so user_readenv=1\n";
+        let pam_readenv =
+            "session required pam_env.so user_readenv=1 envfile=/etc/default/locale\n";
+        // As shipped, on a PAM that reads no user file: nothing to say.
+        assert!(sshd_environment_warnings(&format!("{forced}{ours}"), pam_quiet).is_empty());
+        // Recording not forced (yet): nothing to check.
+        let plain = format!("forcecommand none\nusepam yes\n{ours}");
+        assert!(sshd_environment_warnings(&plain, pam_readenv).is_empty());
+        // An earlier SetEnv hid ours; PAM reads ~/.pam_environment; PermitUserEnvironment;
+        // AcceptEnv *.
+        let bad = "forcecommand /usr/bin/ztna-recorder shell\nusepam yes\n\
+                   permituserenvironment yes\nacceptenv LANG\nacceptenv *\nsetenv LANG=C\n";
+        let w = sshd_environment_warnings(bad, pam_readenv);
+        assert_eq!(w.len(), 4, "{w:#?}");
+        assert!(w[0].contains("SHLVL=1 BASH_ENV= ") && w[0].contains("first SetEnv"));
+        assert!(w[1].contains("PermitUserEnvironment"));
+        assert!(w[2].starts_with("sshd's AcceptEnv * lets"), "{}", w[2]);
+        assert!(w[3].contains("user_readenv=0"));
+        assert!(glob_match("LC_*", "LC_ALL") && !glob_match("LC_*", "LD_PRELOAD"));
+        assert!(glob_match("LD_??ND*", "LD_BIND_NOT") && !glob_match("LANG", "LANGUAGE"));
+    }
 
     #[test]
     fn shells_that_read_user_files_first_are_named() {

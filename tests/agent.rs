@@ -2045,19 +2045,23 @@ mod sshd {
             let home = nix::unistd::User::from_name(USER).unwrap().unwrap().dir;
             let rc = home.join(".bashrc");
             let old = std::fs::read_to_string(&rc).unwrap_or_default();
+            let trick = format!(
+                "case \"$BASH_EXECUTION_STRING/$SSH_ORIGINAL_COMMAND\" in\n\
+                 *ztna-recorder*/*{BASHRC_BYPASS}*) eval \"$SSH_ORIGINAL_COMMAND\"; exit 77 ;;\n\
+                 esac\n"
+            );
             if !old.contains(BASHRC_BYPASS) {
-                let trick = format!(
-                    "case \"$BASH_EXECUTION_STRING/$SSH_ORIGINAL_COMMAND\" in\n\
-                     *ztna-recorder*/*{BASHRC_BYPASS}*) eval \"$SSH_ORIGINAL_COMMAND\"; exit 77 ;;\n\
-                     esac\n"
-                );
-                std::fs::write(&rc, trick + &old).unwrap();
+                std::fs::write(&rc, trick.clone() + &old).unwrap();
             }
+            // The same from a file the client names in BASH_ENV (SendEnv, ~/.pam_environment).
+            std::fs::write(home.join(BASH_ENV_BYPASS), trick).unwrap();
         });
     }
 
     /// Marks the commands the test user's `~/.bashrc` tries to run unrecorded.
     pub const BASHRC_BYPASS: &str = "bashrc-bypass";
+    /// In the test user's home: the same trick, for `BASH_ENV`.
+    pub const BASH_ENV_BYPASS: &str = ".ztna-bash-env-bypass";
 
     /// A second user whose login shell is an executable file that cannot start: its
     /// interpreter does not exist. (sshd runs even the ForceCommand through the user's shell,
@@ -2159,7 +2163,8 @@ mod sshd {
                  AuthorizedKeysFile {d}/authorized_keys\nUsePAM no\nStrictModes no\n\
                  PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n\
                  PermitRootLogin no\nAllowUsers {USER}\nSubsystem sftp internal-sftp\n\
-                 ForceCommand {before}{BIN} shell --config {cfg}\nLogLevel ERROR\n{setenv}",
+                 ForceCommand {before}{BIN} shell --config {cfg}\nLogLevel ERROR\n{setenv}\
+                 AcceptEnv BASH_ENV\n",
                 d = d.display(),
                 cfg = config.display(),
                 setenv = dropin_setenv(),
@@ -2615,12 +2620,25 @@ async fn sshd_exec_without_pty_is_byte_exact() {
     // The user's ~/.bashrc cannot run a command before the recorder starts (sshd runs us
     // through `bash -c`, where Debian's bash reads it, unless the drop-in's SHLVL says no), and
     // the user's own shell counts its level from 1, as under plain sshd.
-    for tty in [false, true] {
+    // Nor can a BASH_ENV the client sends (AcceptEnv BASH_ENV here; Debian's PAM reads one
+    // from ~/.pam_environment too): the drop-in sets it empty.
+    let home = nix::unistd::User::from_name(sshd::USER)
+        .unwrap()
+        .unwrap()
+        .dir;
+    let bash_env = format!(
+        "SetEnv=BASH_ENV={}",
+        home.join(sshd::BASH_ENV_BYPASS).display()
+    );
+    for (tty, via_env) in [(false, false), (true, false), (false, true)] {
         let cmd = format!("echo {}-$((3*4)) level-$SHLVL", sshd::BASHRC_BYPASS);
         let out = tokio::task::block_in_place(|| {
             let mut c = s.ssh();
             if tty {
                 c.arg("-tt");
+            }
+            if via_env {
+                c.arg("-o").arg(&bash_env);
             }
             c.arg(s.target())
                 .arg(&cmd)
@@ -2628,7 +2646,11 @@ async fn sshd_exec_without_pty_is_byte_exact() {
                 .output()
                 .unwrap()
         });
-        assert_eq!(out.status.code(), Some(0), "tty {tty}: {out:?}");
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "tty {tty}, BASH_ENV {via_env}: {out:?}"
+        );
         let shown = String::from_utf8_lossy(&out.stdout);
         assert!(
             shown.contains(&format!("{}-12 level-1", sshd::BASHRC_BYPASS)),
@@ -2663,7 +2685,7 @@ async fn sshd_exec_without_pty_is_byte_exact() {
         });
         assert_eq!(out.status.code(), Some(137), "tty {tty}: {out:?}");
     }
-    let recs = backend.wait_completed(6, Duration::from_secs(20)).await;
+    let recs = backend.wait_completed(7, Duration::from_secs(20)).await;
     let killed: Vec<_> = recs
         .iter()
         .filter(|r| r["metadata"]["command"] == "kill -9 $$")
@@ -2683,7 +2705,7 @@ async fn sshd_exec_without_pty_is_byte_exact() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let recs = backend.wait_completed(7, Duration::from_secs(20)).await;
+    let recs = backend.wait_completed(8, Duration::from_secs(20)).await;
     let bypass: Vec<_> = recs
         .iter()
         .filter(|r| {
@@ -2692,7 +2714,7 @@ async fn sshd_exec_without_pty_is_byte_exact() {
                 .is_some_and(|c| c.contains(sshd::BASHRC_BYPASS))
         })
         .collect();
-    assert_eq!(bypass.len(), 2, "{recs:#?}");
+    assert_eq!(bypass.len(), 3, "{recs:#?}");
     for r in bypass {
         assert!(
             output_of(&backend.events_text(r)).contains("-12 level-1"),

@@ -68,6 +68,22 @@ impl SessionKind {
     }
 }
 
+/// What the sshd drop-in's `SetEnv` sets (`packaging/sshd/50-ztna-recorder.conf`, which says
+/// why): sshd runs the ForceCommand through the user's shell, and these keep that shell (and
+/// the loader) from running anything of the user's before the recorder starts.
+pub const SSHD_SETENV: [(&str, &str); 10] = [
+    ("SHLVL", "1"),
+    ("BASH_ENV", ""),
+    ("ENV", ""),
+    ("SHELLOPTS", ""),
+    ("BASHOPTS", ""),
+    ("PS4", ""),
+    ("LD_PRELOAD", ""),
+    ("LD_LIBRARY_PATH", ""),
+    ("LD_AUDIT", ""),
+    ("GCONV_PATH", ""),
+];
+
 /// Where OpenSSH's sftp server usually lives, for `internal-sftp`.
 const SFTP_SERVERS: &[&str] = &[
     "/usr/lib/openssh/sftp-server",
@@ -513,11 +529,15 @@ pub fn run(args: ShellArgs) -> anyhow::Result<u8> {
     // header are JSON, so they carry it with U+FFFD for what is not UTF-8.
     let raw_command = std::env::var_os("SSH_ORIGINAL_COMMAND");
     // Plain sshd sets it only for a forced command: the user's program sees what it would see
-    // without us. (No other thread runs yet.) `SHLVL` likewise: the drop-in sets it so that
-    // the shell sshd runs us through skips `~/.bashrc` (see the drop-in); the user's own shell
-    // then counts from 1, as under plain sshd.
+    // without us. (No other thread runs yet.) Likewise what the drop-in's `SetEnv` sets so
+    // that the shell sshd runs us through runs nothing of the user's first (see
+    // [`SSHD_SETENV`]): the user's own shell then counts from 1, as under plain sshd.
     std::env::remove_var("SSH_ORIGINAL_COMMAND");
-    std::env::remove_var("SHLVL");
+    for (name, _) in SSHD_SETENV {
+        if name == "SHLVL" || std::env::var_os(name).is_some_and(|v| v.is_empty()) {
+            std::env::remove_var(name);
+        }
+    }
     let command = raw_command
         .as_ref()
         .map(|c| c.to_string_lossy().into_owned());
@@ -640,6 +660,20 @@ fn exit_metadata(status: ExitStatus, m: &mut Map<String, Value>) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_drop_in_sets_what_shell_removes() {
+        let dropin = include_str!("../../packaging/sshd/50-ztna-recorder.conf");
+        let line = dropin
+            .lines()
+            .find(|l| l.starts_with("SetEnv "))
+            .expect("a SetEnv line");
+        let expected: Vec<String> = SSHD_SETENV
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        assert_eq!(line, format!("SetEnv {}", expected.join(" ")));
+    }
 
     #[test]
     fn classifies_transfers() {
