@@ -267,6 +267,10 @@ sshd_T alice | grep -xe 'forcecommand /usr/bin/ztna-recorder shell' >/dev/null \
 for k in allowtcpforwarding allowstreamlocalforwarding x11forwarding permittunnel; do
   sshd_T alice | grep -xe "$k no" >/dev/null || fail "the drop-in leaves $k on"
 done
+# The shell sshd runs the recorder through must run nothing of the user's first (see the drop-in).
+for kv in SHLVL=1 BASH_ENV= LD_PRELOAD=; do
+  sshd_T alice | grep -xe "setenv $kv" >/dev/null || fail "the drop-in does not set $kv"
+done
 sed -i -E 's/^#(Match User )breakglass/\1root/; s/^#(    ForceCommand none)/\1/' "$S/sshd_config.d/50-ztna-recorder.conf"
 /usr/sbin/sshd -t -f "$S/sshd_config" || fail "sshd -t rejects the drop-in with the break-glass block"
 sshd_T root | grep -xe 'forcecommand none' >/dev/null \
