@@ -120,6 +120,13 @@ fn load_config(args: &RecordArgs) -> anyhow::Result<crate::config::Config> {
     Ok(loaded.config)
 }
 
+/// When a recording began and ended (wall clock).
+#[derive(Clone, Copy)]
+struct Span {
+    began: time::OffsetDateTime,
+    ended: time::OffsetDateTime,
+}
+
 /// Records, then with `--upload` ships the recording to the backend.
 pub fn run_and_upload(args: RecordArgs) -> anyhow::Result<u8> {
     let config = load_config(&args)?;
@@ -129,13 +136,19 @@ pub fn run_and_upload(args: RecordArgs) -> anyhow::Result<u8> {
     } else {
         None
     };
+    let began = time::OffsetDateTime::now_utc();
     let Some((file, outcome)) = record(&args, &config)? else {
         return Ok(NOT_STARTED);
+    };
+    // When it happened, not when it was uploaded: the backend lists and ages it by these.
+    let when = Span {
+        began,
+        ended: time::OffsetDateTime::now_utc(),
     };
     if let Some(up) = uploader {
         // The command's exit status stays ours whatever the upload does (the contract); a
         // failed upload is said on stderr, and the file is there to send again.
-        match up.upload(&file, &args, &outcome) {
+        match up.upload(&file, &args, &outcome, when) {
             Ok(session) if !args.quiet => eprintln!("ztna-recorder: uploaded as session {session}"),
             Ok(_) => {}
             Err(e) => eprintln!(
@@ -320,7 +333,13 @@ impl Uploader {
         file: &std::path::Path,
         args: &RecordArgs,
         outcome: &crate::recorder::Outcome,
+        when: Span,
     ) -> anyhow::Result<String> {
+        let rfc3339 = |t: time::OffsetDateTime| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default()
+        };
+        let (began, ended) = (rfc3339(when.began), rfc3339(when.ended));
         let text = std::fs::read_to_string(file)?;
         let cast = ztna_common::asciicast::parse_transcript(&text)?;
         let header = cast.header.unwrap_or(serde_json::Value::Null);
@@ -353,7 +372,7 @@ impl Uploader {
         rt.block_on(async {
             let started = self
                 .client
-                .start("record", &header, &metadata, None)
+                .start("record", &header, &metadata, Some(&began))
                 .await?;
             for (i, chunk) in chunks.into_iter().enumerate() {
                 let body = self
@@ -368,7 +387,7 @@ impl Uploader {
                     Some(duration),
                     Some(cast.summary.events as u64),
                     &done,
-                    None,
+                    Some(&ended),
                 )
                 .await?;
             Ok::<_, crate::client::ClientError>(started.session_id)

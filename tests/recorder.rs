@@ -1543,6 +1543,7 @@ async fn upload_ships_the_recording_to_the_backend() {
     .unwrap();
     let cast = dir.path().join("up.cast");
     let (cfg, cast2) = (config.clone(), cast.clone());
+    let before = time::OffsetDateTime::now_utc();
     let out = tokio::task::spawn_blocking(move || {
         StdCommand::new(BIN)
             .args(["record", "-q", "--upload", "--config"])
@@ -1583,6 +1584,19 @@ async fn upload_ships_the_recording_to_the_backend() {
     assert_eq!(rec["session_type"], "record");
     let last = local.events.last().unwrap().time;
     assert_eq!(rec["duration_seconds"], last.ceil() as i64);
+    // When it was recorded (eight lines 30 ms apart), not when it was uploaded.
+    let at = |k: &str| {
+        time::OffsetDateTime::parse(
+            rec[k].as_str().unwrap(),
+            &time::format_description::well_known::Rfc3339,
+        )
+        .unwrap()
+    };
+    assert!(at("started_at") >= before, "{rec}");
+    assert!(
+        at("ended_at") - at("started_at") >= time::Duration::milliseconds(200),
+        "{rec}"
+    );
     assert_eq!(rec["metadata"]["header"]["width"], local.header["width"]);
     // The session metadata of the contract, as for an SSH session.
     assert_eq!(rec["metadata"]["kind"], "exec");
