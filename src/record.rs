@@ -79,14 +79,10 @@ pub fn run(args: RecordArgs) -> anyhow::Result<u8> {
     }
     let config = load_config(&args)?;
     Ok(match record(&args, &config)? {
-        Some((_, outcome)) => outcome.status.code(),
-        None => NOT_STARTED,
+        Ok((_, outcome)) => outcome.status.code(),
+        Err(not_started) => not_started,
     })
 }
-
-/// The exit status when the command could not be started, as a shell answers for a command
-/// it cannot run.
-const NOT_STARTED: u8 = 127;
 
 /// The agent's configuration (defaults, file, `ZTNA_RECORDER_*`), `--[no-]capture-input` on
 /// top: `record` follows `capture_input` as `shell` does. A local recording needs nothing else
@@ -137,8 +133,9 @@ pub fn run_and_upload(args: RecordArgs) -> anyhow::Result<u8> {
         None
     };
     let began = time::OffsetDateTime::now_utc();
-    let Some((file, outcome)) = record(&args, &config)? else {
-        return Ok(NOT_STARTED);
+    let (file, outcome) = match record(&args, &config)? {
+        Ok(done) => done,
+        Err(not_started) => return Ok(not_started),
     };
     // When it happened, not when it was uploaded: the backend lists and ages it by these.
     let when = Span {
@@ -167,12 +164,13 @@ fn positive_secs(s: &str) -> Result<f64, String> {
     }
 }
 
-/// Records to FILE (and `--chunk-dir`). `None` when the command could not be started: the
-/// error is said, and no recording is left behind.
+/// Records to FILE (and `--chunk-dir`). `Err(status)` when the command could not be started
+/// (a shell's exit status for it, 127 or 126): the error is said, and no recording is left
+/// behind.
 fn record(
     args: &RecordArgs,
     agent: &crate::config::Config,
-) -> anyhow::Result<Option<(PathBuf, crate::recorder::Outcome)>> {
+) -> anyhow::Result<Result<(PathBuf, crate::recorder::Outcome), u8>> {
     // The chunk directory first: when it cannot be used, no FILE is left behind.
     let chunks = match &args.chunk_dir {
         Some(dir) => {
@@ -220,14 +218,14 @@ fn record(
     }
     let outcome = match Session::new(config).run(sinks) {
         Ok(o) => o,
-        Err(e @ crate::recorder::Error::Spawn { .. }) => {
+        Err(e @ crate::recorder::Error::Spawn { status, .. }) => {
             // Nothing ran: no recording of nothing is left in the way of the next attempt.
             let _ = std::fs::remove_file(&file);
             if let Some(dir) = &args.chunk_dir {
                 let _ = clear_chunk_dir(dir, true);
             }
             eprintln!("ztna-recorder: {e}");
-            return Ok(None);
+            return Ok(Err(status));
         }
         Err(e) => return Err(e.into()),
     };
@@ -237,7 +235,7 @@ fn record(
     if !args.quiet {
         eprintln!("ztna-recorder: recording finished: {}", file.display());
     }
-    Ok(Some((file, outcome)))
+    Ok(Ok((file, outcome)))
 }
 
 /// Creates FILE, or with no FILE given a new `ztna-SECONDS.cast` in the working directory

@@ -1262,11 +1262,11 @@ impl Sink for Collect {
         self.0.lock().unwrap().push(s);
         Ok(())
     }
-    fn not_started(&mut self, reason: &str) -> std::io::Result<()> {
+    fn not_started(&mut self, reason: &str, status: u8) -> std::io::Result<()> {
         self.0
             .lock()
             .unwrap()
-            .push(format!("not started: {reason}"));
+            .push(format!("not started ({status}): {reason}"));
         Ok(())
     }
     fn finish(&mut self) -> std::io::Result<()> {
@@ -1438,13 +1438,22 @@ fn a_program_that_cannot_be_executed_is_not_started() {
         c.env("SHELL", &script);
         c
     };
-    for (command, why) in [
+    // There, but not executable: 126 (as from bash), where the others are 127.
+    let unrunnable = dir.path().join("unrunnable");
+    std::fs::write(&unrunnable, "#!/bin/sh\n").unwrap();
+    for (command, why, status) in [
         (
             Command::new(&script),
             "bad interpreter /nonexistent/python2",
+            127,
         ),
-        (login_shell, "bad interpreter /nonexistent/python2"),
-        (Command::new(&loaderless), "No such file or directory"),
+        (login_shell, "bad interpreter /nonexistent/python2", 127),
+        (
+            Command::new(&loaderless),
+            "required file not found (the program is there",
+            127,
+        ),
+        (Command::new(&unrunnable), "Permission denied", 126),
     ] {
         let out = Shared::default();
         let mut c = SessionConfig::new(command);
@@ -1467,7 +1476,10 @@ fn a_program_that_cannot_be_executed_is_not_started() {
         );
         let seen = seen.0.lock().unwrap();
         assert_eq!(seen.len(), 3, "{seen:?}"); // header, why, finish
-        assert!(seen[1].starts_with("not started: ") && seen[1].contains(why));
+        assert!(
+            seen[1].starts_with(&format!("not started ({status}): ")) && seen[1].contains(why),
+            "{seen:?}"
+        );
         assert_eq!(seen[2], "finish");
         assert!(
             out.0.lock().unwrap().is_empty(),

@@ -46,7 +46,8 @@ pub use chunk::{ChunkLimits, ChunkSink, ChunkWriter, ClosedChunk, CHUNK_HEADER_F
 pub use event::{Event, EventKind, ExitStatus};
 pub use file::FileSink;
 pub use session::{
-    user_shell, Command, Control, Error, Outcome, Session, SessionConfig, Terminal, Termination,
+    check_interpreter, exec_failure, user_shell, Command, Control, Error, Outcome, Session,
+    SessionConfig, Terminal, Termination,
 };
 pub use sink::{Sink, SinkFailure, SinkPolicy};
 pub use term::{stdin_is_tty, terminal_size};

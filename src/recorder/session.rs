@@ -202,10 +202,30 @@ impl Command {
 
     fn display(&self) -> String {
         if self.argv.is_empty() {
-            return String::from("login shell");
+            return format!("login shell {}", self.program_path().display());
         }
         self.argv[0].to_string_lossy().into_owned()
     }
+}
+
+/// Why `program` could not be started, and a shell's exit status for it: 127 when something
+/// is not found, 126 when it is there and cannot be run (as bash answers). An ENOENT for a
+/// program that is there means what it names is missing: its ELF loader or interpreter.
+pub fn exec_failure(program: &Path, e: &io::Error) -> (String, u8) {
+    let status = if e.kind() == io::ErrorKind::NotFound {
+        127
+    } else {
+        126
+    };
+    if e.raw_os_error() == Some(nix::libc::ENOENT) && program.is_file() {
+        return (
+            "cannot execute: required file not found (the program is there; the loader or \
+             interpreter it names is not)"
+                .into(),
+            status,
+        );
+    }
+    (e.to_string(), status)
 }
 
 /// The user's shell: `SHELL`, else the password database's, else `/bin/sh`.
@@ -224,7 +244,7 @@ pub fn user_shell() -> OsString {
 /// A script whose interpreter cannot be run, found before the spawn: `exec` would fail with
 /// ENOENT, which names neither the script nor what is missing ("No such file or directory"
 /// for a script that is there, `#!/usr/bin/python` where only python3 is installed).
-fn check_interpreter(program: &Path) -> io::Result<()> {
+pub fn check_interpreter(program: &Path) -> io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     // Not ours to judge otherwise: the spawn says what is wrong. (A FIFO would block open.)
     if !std::fs::metadata(program).is_ok_and(|m| m.is_file()) {
@@ -357,7 +377,12 @@ pub enum Error {
     #[error("cannot open a PTY: {0}")]
     Pty(String),
     #[error("cannot start {program}: {reason}")]
-    Spawn { program: String, reason: String },
+    Spawn {
+        program: String,
+        reason: String,
+        /// A shell's exit status for it: 127 not found, 126 found but not runnable.
+        status: u8,
+    },
     #[error("terminal: {0}")]
     Io(#[from] io::Error),
     #[error("recording refused: {0}")]
@@ -537,27 +562,34 @@ impl Session {
         };
 
         let start = Instant::now();
-        let spawn_err = |reason: String| Error::Spawn {
-            program: command.display(),
-            reason,
+        let program = command.program_path();
+        let spawn_err = |e: io::Error| {
+            let (reason, status) = exec_failure(&program, &e);
+            Error::Spawn {
+                program: command.display(),
+                reason,
+                status,
+            }
         };
         let spawned = pair
             .master
             .tty_name()
             .ok_or_else(|| Error::Pty("the PTY has no name".into()))
             .and_then(|tty| {
-                let cmd = command
-                    .std_command(&tty)
-                    .map_err(|e| spawn_err(e.to_string()))?;
-                spawn::spawn_on(&tty, cmd).map_err(|e| spawn_err(e.to_string()))
+                let cmd = command.std_command(&tty).map_err(spawn_err)?;
+                spawn::spawn_on(&tty, cmd).map_err(spawn_err)
             });
         let child = match spawned {
             Ok(c) => c,
             Err(e) => {
                 // The sinks have a header and no events: close them properly.
                 let reason = e.to_string();
+                let status = match &e {
+                    Error::Spawn { status, .. } => *status,
+                    _ => 126,
+                };
                 for mut sink in live {
-                    let _ = sink.not_started(&reason);
+                    let _ = sink.not_started(&reason, status);
                     let _ = sink.finish();
                 }
                 return Err(e);

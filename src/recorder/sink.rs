@@ -43,9 +43,9 @@ pub trait Sink: Send {
         Ok(())
     }
 
-    /// Instead of any event, when the program could not be started (`reason` says why);
-    /// [`finish`](Sink::finish) follows.
-    fn not_started(&mut self, _reason: &str) -> io::Result<()> {
+    /// Instead of any event, when the program could not be started (`reason` says why,
+    /// `status` is a shell's exit status for it: 127 or 126); [`finish`](Sink::finish) follows.
+    fn not_started(&mut self, _reason: &str, _status: u8) -> io::Result<()> {
         Ok(())
     }
 
@@ -72,8 +72,8 @@ impl<S: Sink + ?Sized> Sink for Box<S> {
     fn flush(&mut self) -> io::Result<()> {
         (**self).flush()
     }
-    fn not_started(&mut self, reason: &str) -> io::Result<()> {
-        (**self).not_started(reason)
+    fn not_started(&mut self, reason: &str, status: u8) -> io::Result<()> {
+        (**self).not_started(reason, status)
     }
     fn finish(&mut self) -> io::Result<()> {
         (**self).finish()

@@ -646,10 +646,6 @@ fn exec_unrecorded(_acct: &Account, p: &Program) -> anyhow::Error {
     anyhow::anyhow!("cannot run {}: {err}", Path::new(&p.path).display())
 }
 
-/// The exit status of a session whose program could not be started (a shell's "command not
-/// found"); the recording says why in `metadata.error`.
-const NOT_STARTED: u8 = 127;
-
 fn exit_metadata(status: ExitStatus, m: &mut Map<String, Value>) -> i32 {
     if let ExitStatus::Signal(n) = status {
         m.insert("exit_signal".into(), Value::from(n));

@@ -258,24 +258,25 @@ pub(super) fn run_piped(
     // spawn (the program starts with default handlers: `exec` resets caught signals).
     use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGHUP, SIGINT, SIGQUIT])?;
-    let mut child = match std::process::Command::new(&p.path)
-        .arg0(&p.arg0)
-        .args(&p.args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-    {
+    let program = Path::new(&p.path);
+    let spawned = recorder::check_interpreter(program).and_then(|()| {
+        std::process::Command::new(&p.path)
+            .arg0(&p.arg0)
+            .args(&p.args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+    });
+    let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
-            eprintln!(
-                "ztna-recorder: cannot run {}: {e}",
-                Path::new(&p.path).display()
-            );
+            let (why, status) = recorder::exec_failure(program, &e);
+            eprintln!("ztna-recorder: cannot run {}: {why}", program.display());
             let mut meta = Map::new();
-            meta.insert("error".into(), Value::from(e.to_string()));
-            finish_piped(&rec, i32::from(NOT_STARTED), meta);
-            return Ok(NOT_STARTED);
+            meta.insert("error".into(), Value::from(why));
+            finish_piped(&rec, i32::from(status), meta);
+            return Ok(status);
         }
     };
     let bytes_in = Arc::new(AtomicU64::new(0));

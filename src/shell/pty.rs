@@ -362,11 +362,12 @@ impl Sink for DaemonSink {
         }
     }
 
-    /// As the piped path says it: exit status 127 and why, not a session that was cut off.
-    fn not_started(&mut self, reason: &str) -> io::Result<()> {
+    /// As the piped path says it: a shell's exit status (127 or 126) and why, not a session
+    /// that was cut off.
+    fn not_started(&mut self, reason: &str, status: u8) -> io::Result<()> {
         let mut meta = Map::new();
         meta.insert("error".into(), Value::from(reason));
-        self.end(i32::from(NOT_STARTED), meta)
+        self.end(i32::from(status), meta)
     }
 
     fn next_deadline(&self) -> Option<Duration> {
@@ -452,9 +453,9 @@ pub(super) fn run_pty(
     let outcome = match session.run(vec![Box::new(sink)]) {
         Ok(o) => o,
         Err(recorder::Error::SinkStart(f)) => return Ok(refuse(&f.error)),
-        Err(e @ recorder::Error::Spawn { .. }) => {
+        Err(e @ recorder::Error::Spawn { status, .. }) => {
             eprintln!("ztna-recorder: {e}");
-            return Ok(NOT_STARTED);
+            return Ok(status);
         }
         Err(e) => return Err(e.into()),
     };
