@@ -386,6 +386,12 @@ async fn admin(
                     role.as_str()
                 ),
                 Some(_) => eprintln!("note: its role in org {org} was already {}", role.as_str()),
+                None if added.existed => {
+                    eprintln!(
+                        "note: it is now a member of org {org} too, as {}",
+                        role.as_str()
+                    )
+                }
                 None => {}
             }
             json!({ "user_id": added.id })

@@ -2236,6 +2236,23 @@ mod scenarios {
             "user",
             "create",
             "--org",
+            &org,
+            "--email",
+            "gavin@hooli.test",
+            "--role",
+            "member",
+        ]);
+        assert!(
+            again
+                .2
+                .contains(&format!("now a member of org {org} too, as member")),
+            "{}",
+            again.2
+        );
+        let again = run(&[
+            "user",
+            "create",
+            "--org",
             &org2,
             "--email",
             "gavin@hooli.test",

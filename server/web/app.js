@@ -754,7 +754,8 @@
       try {
         await signIn($("token").value, $("org").value);
         $("token").value = "";
-        if (location.hash === "#/recordings") route();
+        // A link to a recording or to the settings opened before signing in is kept.
+        if (/^#\/(play\/|settings$|recordings$)/.test(location.hash)) route();
         else location.hash = "#/recordings";
         seedMachines();
       } catch (e) {

@@ -357,6 +357,16 @@ async function main() {
   assert.equal(await page.locator("#download").isVisible(), true);
   assert.equal(await page.locator("#player-delete").isVisible(), false, "deleting is for admins");
   log("member: list refused readably, own recording plays");
+  // A link to a recording opened before signing in is where sign-in lands.
+  await page.click("#signout");
+  await page.locator("#signin-view").waitFor();
+  await page.goto(`${server.base}/#/play/${xssSession}`);
+  await page.fill("#token", memberToken);
+  await page.fill("#org", org);
+  await page.click("#signin-btn");
+  await page.waitForFunction(() => (document.querySelector("#player .ap-term")?.textContent || "").includes("xss-output"));
+  assert.equal(await page.evaluate(() => location.hash), `#/play/${xssSession}`);
+  log("a link opened before sign-in survives it");
 
   assert.deepEqual(dialogs, [], "no alert ran");
   assert.deepEqual(pageErrors, [], "no page errors");
