@@ -1298,6 +1298,42 @@ async fn no_daemon_follows_the_enforce_policy() {
     let out = tokio::task::block_in_place(|| agent.shell(Some("echo runs"), b"", Some(&lax)));
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(out.stdout, b"runs\n");
+    // Nor may the environment name another socket or file, even root's: without enforce that
+    // ran the session unrecorded (a root-owned file in a root-owned folder passed as "only
+    // root could have set it").
+    let mut daemon = agent.daemon();
+    for (var, val) in [
+        ("ZTNA_RECORDER_SOCKET", "/etc/passwd"),
+        ("ZTNA_RECORDER_CONFIG", "/dev/null"),
+    ] {
+        let mut c = Command::new("setpriv");
+        c.args([
+            "--reuid",
+            sshd::USER,
+            "--regid",
+            sshd::USER,
+            "--clear-groups",
+            "--",
+            BIN,
+        ])
+        .args(["shell", "--config"])
+        .arg(&lax)
+        .env("SSH_ORIGINAL_COMMAND", format!("echo recorded-{var}"))
+        .env(var, val)
+        .stdin(Stdio::null());
+        let out = tokio::task::block_in_place(|| c.output().unwrap());
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+    }
+    let recs = backend.wait_completed(2, Duration::from_secs(20)).await;
+    for var in ["ZTNA_RECORDER_SOCKET", "ZTNA_RECORDER_CONFIG"] {
+        assert!(
+            recs.iter()
+                .any(|r| r["metadata"]["command"] == format!("echo recorded-{var}")),
+            "{var}: {recs:#?}"
+        );
+    }
+    kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);
+    let _ = daemon.wait();
     // The warning is for syslog: the user's streams carry only the program's bytes (this
     // machine may have no /dev/log at all).
     assert_eq!(String::from_utf8_lossy(&out.stderr), "");
@@ -2497,13 +2533,15 @@ async fn sshd_enforce_ends_a_session_whose_daemon_stays_away_and_the_terminal_is
 
 /// A process that opened sshd's terminal before the recorder claimed it (here one started
 /// ahead of it, as one left by an earlier session could) could talk to the client past the
-/// recording: under `enforce` the login is refused; without, it is recorded and says so.
+/// recording: under `enforce` the login is refused; without, the process is killed, and the
+/// session is recorded and says so. (It used to go on beside the recorder, which one could
+/// then stop, driving the client's terminal unrecorded.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sshd_a_terminal_held_by_another_process() {
     let mut backend = Backend::new(true).await;
     let agent = Agent::new(&backend, "");
     let mut daemon = agent.daemon();
-    let before = "sleep 3 & exec ";
+    let before = "sleep 30 & exec ";
     let s = sshd::Sshd::start_with(&agent.strict_config(), before);
     let (code, text) = tokio::task::block_in_place(|| {
         sshd::interactive(&s, &["echo in-$((2+2))\n", "exit\n"], Duration::ZERO)
@@ -2518,13 +2556,24 @@ async fn sshd_a_terminal_held_by_another_process() {
     });
     assert_eq!(code, Some(2), "{text}");
     let recs = backend.wait_completed(1, Duration::from_secs(20)).await;
-    assert!(
-        recs[0]["metadata"]["terminal_held_by_pid"]
-            .as_u64()
-            .is_some(),
+    let pid = recs[0]["metadata"]["terminal_held_by_pid"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{:#}", recs[0]));
+    assert_eq!(
+        recs[0]["metadata"]["terminal_holders_killed"],
+        json!([pid]),
         "{:#}",
         recs[0]
     );
+    // Gone (or a zombie: nothing open), not sleeping on with the terminal.
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = state
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .next();
+    assert!(matches!(state, None | Some("Z")), "{state:?}");
     stop_all(&mut daemon, &mut backend).await;
 }
 

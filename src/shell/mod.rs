@@ -128,18 +128,8 @@ fn transfer_program_in(cmd: &str, present: &dyn Fn(&Path) -> bool) -> Option<Pat
     let transfer = match name {
         "internal-sftp" => first == name,
         "sftp-server" => true,
-        "scp" => words[1..]
-            .iter()
-            .take_while(|w| w.starts_with('-'))
-            .any(|w| w.contains('t') || w.contains('f')),
-        // Not its single-use daemon mode (`--server --daemon`): that reads the user's own
-        // rsyncd.conf, whose `pre-xfer exec` and the like run any command.
-        "rsync" => {
-            words.get(1) == Some(&"--server")
-                && !words
-                    .iter()
-                    .any(|w| w.starts_with("--daemon") || w.starts_with("--config"))
-        }
+        "scp" => scp_server_mode(&words[1..]),
+        "rsync" => rsync_server_mode(&words[1..]),
         _ => false,
     };
     if !transfer {
@@ -160,6 +150,49 @@ fn transfer_program_in(cmd: &str, present: &dyn Fn(&Path) -> bool) -> Option<Pat
         return candidates.contains(&p).then_some(p).filter(found);
     }
     candidates.into_iter().find(found)
+}
+
+/// Exactly what an OpenSSH client sends for the remote end of a copy: `scp [-v] [-r] [-p]
+/// [-d] -t|-f [--] PATH…`, each flag a word of its own. Any other option is client mode, where
+/// scp starts ssh, which runs what `-oProxyCommand=…` or `-S` names: a shell, unrecorded.
+fn scp_server_mode(args: &[&str]) -> bool {
+    let mut mode = 0;
+    let mut rest = args;
+    while let Some((w, more)) = rest.split_first() {
+        match *w {
+            "-t" | "-f" => mode += 1,
+            "-v" | "-r" | "-p" | "-d" => {}
+            "--" => {
+                rest = more;
+                break;
+            }
+            w if w.starts_with('-') => return false,
+            _ => break,
+        }
+        rest = more;
+    }
+    mode == 1 && !rest.is_empty()
+}
+
+/// `rsync --server …`, as the client sends it, and none of the modes that run what the user
+/// chooses: the single-use daemon (`--daemon`, `--config`) reads the user's own rsyncd.conf,
+/// whose `pre-xfer exec` runs any command, and secluded (protected) arguments (`-s`,
+/// `--secluded-args`, `--protect-args`) are read from the connection, where `--daemon` can
+/// come after all.
+fn rsync_server_mode(args: &[&str]) -> bool {
+    if args.first() != Some(&"--server") {
+        return false;
+    }
+    !args.iter().any(|w| match w.strip_prefix("--") {
+        Some(long) => ["daemon", "config", "secluded-args", "protect-args"]
+            .iter()
+            .any(|bad| long.starts_with(bad)),
+        // A cluster of short options: `-e` takes the rest of the word as its value (the
+        // protocol's compatibility letters, where an `s` means something else).
+        None => w
+            .strip_prefix('-')
+            .is_some_and(|cluster| cluster.split('e').next().is_some_and(|o| o.contains('s'))),
+    })
 }
 
 /// The user the session runs as.
@@ -394,12 +427,15 @@ fn refuse_unconfigured(e: &anyhow::Error) -> u8 {
 /// descriptors we have). One that opened it before, in the moment between sshd handing it to
 /// the user and now (a process left by an earlier session can watch /dev/pts), is looked
 /// for among the processes we can see (the user's own, unless one made itself undumpable):
-/// returns its pid.
-fn claim_terminal() -> Option<u32> {
+/// returns their pids.
+fn claim_terminal() -> Vec<u32> {
+    let mut holders = Vec::new();
     if let Err(e) = rustix::termios::ioctl_tiocexcl(io::stdin()) {
         syslog_warn(&format!("cannot make the terminal exclusive: {e}"));
     }
-    let tty = std::fs::read_link("/proc/self/fd/0").ok()?;
+    let Ok(tty) = std::fs::read_link("/proc/self/fd/0") else {
+        return holders;
+    };
     // Ours, and our parents' (sshd, and a shell that ran us without exec), hold it rightly.
     let mut ours = vec![std::process::id()];
     while let Some(parent) = ours.last().and_then(|&p| parent_of(p)) {
@@ -408,7 +444,10 @@ fn claim_terminal() -> Option<u32> {
         }
         ours.push(parent);
     }
-    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return holders;
+    };
+    for e in procs.flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
             continue;
         };
@@ -422,35 +461,31 @@ fn claim_terminal() -> Option<u32> {
             .flatten()
             .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l == tty))
         {
-            return Some(pid);
+            holders.push(pid);
         }
     }
-    None
+    holders
 }
 
 /// Where `shell`'s configuration comes from. It runs as the user, and its environment is the
-/// user's to set (~/.pam_environment, `SendEnv`): a `ZTNA_RECORDER_*` variable may make
-/// recording stricter (`enforce`, `capture_input` on), and may name the config file or the
-/// daemon's socket only when root owns it and its folder and nobody else may change them (a
-/// user's own "daemon" would record nothing). Anything else it says is ignored, and syslog
-/// says so. `--config`, from sshd's ForceCommand line, is the administrator's.
+/// user's to set (~/.pam_environment, `SendEnv`): a `ZTNA_RECORDER_*` variable may only make
+/// recording stricter (`enforce`, `capture_input` on). Anything else it says is ignored, and
+/// syslog says so. `--config`, from sshd's ForceCommand line, is the administrator's.
 fn shell_sources(flag: Option<PathBuf>) -> anyhow::Result<crate::config::Sources> {
-    let mut file = flag;
+    let file = flag;
     let mut env = Vec::new();
     for (name, val) in crate::config::our_env()? {
         let key = &name[crate::config::ENV_PREFIX.len()..];
+        // Not CONFIG nor SOCKET: whatever file or socket they name, even root's (an empty
+        // TOML file is every default, enforce off; /dev/log is no daemon), they could only
+        // make this session unrecordable, and then, without enforce, unrecorded.
         let kept = match key {
-            "CONFIG" if file.is_none() && root_only(Path::new(&val)) => {
-                file = Some(PathBuf::from(&val));
-                continue;
-            }
             "ENFORCE" | "CAPTURE_INPUT" => {
                 matches!(
                     val.trim().to_ascii_lowercase().as_str(),
                     "1" | "true" | "yes" | "on"
                 )
             }
-            "SOCKET" => root_only(Path::new(&val)),
             "LOG" => continue,
             _ => false,
         };
@@ -458,8 +493,8 @@ fn shell_sources(flag: Option<PathBuf>) -> anyhow::Result<crate::config::Sources
             env.push((name, val));
         } else {
             syslog_warn(&format!(
-                "{name} ignored: `shell` takes from the environment only what root alone could \
-                 have set, or what makes recording stricter"
+                "{name} ignored: `shell` takes from the environment only what makes recording \
+                 stricter (the ForceCommand's --config names another file)"
             ));
         }
     }
@@ -468,24 +503,6 @@ fn shell_sources(flag: Option<PathBuf>) -> anyhow::Result<crate::config::Sources
         env,
         flags: Vec::new(),
     })
-}
-
-/// Whether only root could have put `path` there: root owns it and its folder, and neither is
-/// writable by anyone else (a socket's own mode aside: connecting needs write permission).
-/// Always true for a root `shell`.
-fn root_only(path: &Path) -> bool {
-    use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    let safe = |m: &std::fs::Metadata| m.uid() == 0 && m.mode() & 0o022 == 0;
-    let (Ok(m), Some(Ok(dir))) = (
-        std::fs::metadata(path),
-        path.parent().map(std::fs::metadata),
-    ) else {
-        return false;
-    };
-    m.uid() == 0 && (m.file_type().is_socket() || safe(&m)) && safe(&dir)
 }
 
 /// A process's parent, from `/proc/PID/stat` (the field after the command's closing paren).
@@ -503,7 +520,11 @@ pub fn run(args: ShellArgs) -> anyhow::Result<u8> {
     if let Err(e) = nix::sys::prctl::set_dumpable(false) {
         syslog_warn(&format!("cannot make the recorder undumpable: {e}"));
     }
-    let holder = io::stdin().is_terminal().then(claim_terminal).flatten();
+    let holders = if io::stdin().is_terminal() {
+        claim_terminal()
+    } else {
+        Vec::new()
+    };
     let cfg = match shell_sources(args.config).and_then(Config::load_from) {
         Ok(l) => {
             for w in l.notices() {
@@ -514,14 +535,24 @@ pub fn run(args: ShellArgs) -> anyhow::Result<u8> {
         // Without a configuration nobody can say whether recording is optional.
         Err(e) => return Ok(refuse_unconfigured(&e)),
     };
-    if let Some(pid) = holder {
+    if let Some(pid) = holders.first() {
         let why = format!("another process (pid {pid}) holds this session's terminal");
         if cfg.enforce {
             syslog_warn(&format!("session refused (enforce = true): {why}"));
             return Ok(refuse(&why));
         }
+        // It could talk to the client past the recording (after stopping us: it is the
+        // user's, as we are). Nothing has a right to a terminal sshd has just made, and in
+        // exclusive mode it cannot be opened again: ending these leaves it the recorder's.
+        for &p in &holders {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(p as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
         syslog_warn(&format!(
-            "{why}: it can reach the client past the recording"
+            "{why}: killed it (and {} more) so that nothing reaches the client past the recording",
+            holders.len() - 1
         ));
     }
     let acct = account();
@@ -544,8 +575,12 @@ pub fn run(args: ShellArgs) -> anyhow::Result<u8> {
     let kind = classify(command.as_deref());
     let tty = io::stdin().is_terminal();
     let mut meta = metadata(&acct, kind, command.as_deref(), tty);
-    if let Some(pid) = holder {
+    if let Some(&pid) = holders.first() {
         meta.insert("terminal_held_by_pid".into(), Value::from(pid));
+        meta.insert(
+            "terminal_holders_killed".into(),
+            Value::from(holders.clone()),
+        );
     }
     let size = if tty {
         recorder::terminal_size(io::stdin()).unwrap_or_default()
@@ -712,6 +747,15 @@ mod tests {
             Some("/usr/bin/rsync".into())
         );
         assert_eq!(
+            t("rsync --server --sender -vlogDtpre.iLsfxCIvu . x"),
+            Some("/usr/bin/rsync".into())
+        );
+        assert_eq!(
+            t("scp -v -r -p -d -t -- /tmp/x"),
+            Some("/usr/bin/scp".into())
+        );
+        assert_eq!(t("scp -f -- -dashed"), Some("/usr/bin/scp".into()));
+        assert_eq!(
             t("internal-sftp"),
             Some("/usr/lib/openssh/sftp-server".into())
         );
@@ -722,6 +766,19 @@ mod tests {
         for evasion in [
             "rsync --server --daemon .",
             "rsync --server --daemon --config=rsyncd.conf .",
+            // Arguments read from the connection, where --daemon may come.
+            "rsync --server -se.LsfxCIvu",
+            "rsync --server -vse.LsfxCIvu . d/",
+            "rsync --server --secluded-args -e.LsfxCIvu . d/",
+            "rsync --server --protect-args . d/",
+            "rsync --sender --server . x",
+            // scp's client mode: ssh runs a ProxyCommand (or -S's program) as the user.
+            "scp -oProxyCommand=/home/u/p.sh /etc/hostname x:y",
+            "scp -S /home/u/fake-ssh -t x",
+            "scp -tf x",
+            "scp -t -f x",
+            "scp -t",
+            "scp -3 -t x",
             "rsync --server --version >/dev/null; exec bash -i",
             "scp -f /etc/hostname; echo x",
             "scp -t /tmp/x$(touch /tmp/y)",
