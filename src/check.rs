@@ -288,7 +288,29 @@ fn sshd_lets_users_run_code_first() -> Vec<String> {
     let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
     let zshenv = std::fs::read_to_string("/etc/zsh/zshenv").unwrap_or_default();
     w.extend(shells_read_user_files_first(&passwd, &zshenv));
+    let yama = std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope").ok();
+    w.extend(ptrace_open_to_users(yama.as_deref()));
     w
+}
+
+/// Without Yama's `ptrace_scope` at 1 or more, any process a user left running (from an
+/// earlier, recorded session) may trace the user's next login before the recorder starts
+/// (sshd's `bash -c` is traceable until it execs us), and change what it runs.
+fn ptrace_open_to_users(scope: Option<&str>) -> Option<String> {
+    let scope = scope.map(str::trim);
+    if scope
+        .and_then(|s| s.parse::<u8>().ok())
+        .is_some_and(|s| s >= 1)
+    {
+        return None;
+    }
+    Some(format!(
+        "{}: a process a user left running can trace (ptrace) their next login before the recorder starts and make it run something else, unrecorded; set kernel.yama.ptrace_scope = 1 (or more) in /etc/sysctl.d/",
+        match scope {
+            Some(s) => format!("kernel.yama.ptrace_scope is {s}"),
+            None => "this kernel has no Yama ptrace_scope".into(),
+        }
+    ))
 }
 
 /// Whether `sshd -T`'s output forces our recorder.
@@ -547,6 +569,14 @@ mod tests {
         assert!(w[3].contains("user_readenv=0"));
         assert!(glob_match("LC_*", "LC_ALL") && !glob_match("LC_*", "LD_PRELOAD"));
         assert!(glob_match("LD_??ND*", "LD_BIND_NOT") && !glob_match("LANG", "LANGUAGE"));
+    }
+
+    #[test]
+    fn ptrace_must_be_limited() {
+        assert!(ptrace_open_to_users(Some("1\n")).is_none());
+        assert!(ptrace_open_to_users(Some("3")).is_none());
+        assert!(ptrace_open_to_users(Some("0\n")).is_some_and(|w| w.contains("is 0")));
+        assert!(ptrace_open_to_users(None).is_some_and(|w| w.contains("no Yama")));
     }
 
     #[test]

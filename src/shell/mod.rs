@@ -71,7 +71,7 @@ impl SessionKind {
 /// What the sshd drop-in's `SetEnv` sets (`packaging/sshd/50-ztna-recorder.conf`, which says
 /// why): sshd runs the ForceCommand through the user's shell, and these keep that shell (and
 /// the loader) from running anything of the user's before the recorder starts.
-pub const SSHD_SETENV: [(&str, &str); 10] = [
+pub const SSHD_SETENV: [(&str, &str); 11] = [
     ("SHLVL", "1"),
     ("BASH_ENV", ""),
     ("ENV", ""),
@@ -82,6 +82,7 @@ pub const SSHD_SETENV: [(&str, &str); 10] = [
     ("LD_LIBRARY_PATH", ""),
     ("LD_AUDIT", ""),
     ("GCONV_PATH", ""),
+    ("LOCPATH", ""),
 ];
 
 /// Where OpenSSH's sftp server usually lives, for `internal-sftp`.
