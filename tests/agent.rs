@@ -2566,14 +2566,38 @@ async fn sshd_a_terminal_held_by_another_process() {
         recs[0]
     );
     // Gone (or a zombie: nothing open), not sleeping on with the terminal.
-    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let state = state
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .next();
-    assert!(matches!(state, None | Some("Z")), "{state:?}");
+    let gone = |pid: u64| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .next();
+        matches!(state, None | Some("Z"))
+    };
+    assert!(gone(pid));
+    // One that made itself undumpable hides its descriptors from `shell` (the user's): the
+    // daemon (root) finds it. It used to go on writing to the client, unrecorded.
+    drop(s);
+    let hidden =
+        "python3 -c 'import ctypes,time; ctypes.CDLL(None).prctl(4, 0); time.sleep(30)' & \
+                  sleep 0.5; exec ";
+    let s = sshd::Sshd::start_with(&agent.config(), hidden);
+    let (code, text) = tokio::task::block_in_place(|| {
+        sshd::interactive(&s, &["echo in-$((3+3))\n", "exit 3\n"], Duration::ZERO)
+    });
+    assert_eq!(code, Some(3), "{text}");
+    let recs = backend.wait_completed(2, Duration::from_secs(20)).await;
+    let rec = recs
+        .iter()
+        .find(|r| r["metadata"]["exit_status"] == 3)
+        .unwrap_or_else(|| panic!("{recs:#?}"));
+    let pids = rec["metadata"]["terminal_holders_killed"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{rec:#}"));
+    assert_eq!(pids.len(), 1, "{rec:#}");
+    assert!(gone(pids[0].as_u64().unwrap()), "{rec:#}");
     stop_all(&mut daemon, &mut backend).await;
 }
 

@@ -135,6 +135,49 @@ fn drop_owned(m: &mut serde_json::Map<String, Value>) {
     }
 }
 
+/// Processes of `uid` other than the session's `shell` (`peer`) and its ancestors that have
+/// the terminal `shell` got from sshd open: killed, and returned. `shell` does the same before
+/// it connects, but cannot see a process that made itself undumpable; root can. Only the
+/// user's own: anyone else's (root's) is not ours to end, and a client could name any of its
+/// terminals. Nothing when `shell` has no terminal, or the client is not `ztna-recorder` (a
+/// test's client, whose terminal is a developer's).
+fn kill_terminal_holders(peer: i32, uid: u32) -> Vec<u32> {
+    let Ok(peer) = u32::try_from(peer) else {
+        return Vec::new();
+    };
+    let is_shell = std::fs::read_link(format!("/proc/{peer}/exe")).is_ok_and(|exe| {
+        exe.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n == "ztna-recorder" || n.starts_with("ztna-recorder "))
+    });
+    if !is_shell {
+        return Vec::new();
+    }
+    let Ok(tty) = std::fs::read_link(format!("/proc/{peer}/fd/0")) else {
+        return Vec::new();
+    };
+    if !tty.starts_with("/dev/pts/") {
+        return Vec::new();
+    }
+    let ours = crate::shell::with_ancestors(peer);
+    let real_uid = |pid: u32| -> Option<u32> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    };
+    let holders: Vec<u32> = crate::shell::terminal_holders(&tty, &ours)
+        .into_iter()
+        .filter(|&p| real_uid(p) == Some(uid))
+        .collect();
+    for &p in &holders {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(p as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    holders
+}
+
 fn user_name(uid: u32) -> Option<String> {
     nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
         .ok()
@@ -393,6 +436,24 @@ async fn handle(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
     let id = uuid::Uuid::new_v4().to_string();
     let mut metadata = start.metadata;
     drop_owned(&mut metadata);
+    if let Some(peer) = cred.pid() {
+        let killed = tokio::task::spawn_blocking(move || kill_terminal_holders(peer, uid))
+            .await
+            .unwrap_or_default();
+        if !killed.is_empty() {
+            tracing::warn!(%user, pids = ?killed, "processes of the user's held the session's terminal (hidden from `shell`): killed");
+            let mut all: Vec<Value> = metadata
+                .get("terminal_holders_killed")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            all.extend(killed.iter().map(|&p| Value::from(p)));
+            metadata.insert("terminal_holders_killed".into(), Value::Array(all));
+            metadata
+                .entry("terminal_held_by_pid")
+                .or_insert(Value::from(killed[0]));
+        }
+    }
     metadata.insert("uid".into(), Value::from(uid));
     metadata.insert("user".into(), Value::from(user.clone()));
     // The local id: a session whose daemon restarted under it goes on in a new recording

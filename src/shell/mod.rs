@@ -438,34 +438,42 @@ fn claim_terminal() -> Vec<u32> {
         return holders;
     };
     // Ours, and our parents' (sshd, and a shell that ran us without exec), hold it rightly.
-    let mut ours = vec![std::process::id()];
+    holders.extend(terminal_holders(&tty, &with_ancestors(std::process::id())));
+    holders
+}
+
+/// `pid` and its ancestors, up to (not including) init.
+pub(crate) fn with_ancestors(pid: u32) -> Vec<u32> {
+    let mut ours = vec![pid];
     while let Some(parent) = ours.last().and_then(|&p| parent_of(p)) {
         if parent <= 1 || ours.contains(&parent) {
             break;
         }
         ours.push(parent);
     }
+    ours
+}
+
+/// The processes other than `ours` that have `tty` open, among those whose descriptors this
+/// process may read (as root: all of them).
+pub(crate) fn terminal_holders(tty: &Path, ours: &[u32]) -> Vec<u32> {
     let Ok(procs) = std::fs::read_dir("/proc") else {
-        return holders;
+        return Vec::new();
     };
-    for e in procs.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
-            continue;
-        };
-        if ours.contains(&pid) {
-            continue;
-        }
-        let Ok(fds) = std::fs::read_dir(e.path().join("fd")) else {
-            continue;
-        };
-        if fds
-            .flatten()
-            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l == tty))
-        {
-            holders.push(pid);
-        }
-    }
-    holders
+    procs
+        .flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_str()?.parse::<u32>().ok()?;
+            if ours.contains(&pid) {
+                return None;
+            }
+            std::fs::read_dir(e.path().join("fd"))
+                .ok()?
+                .flatten()
+                .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l == tty))
+                .then_some(pid)
+        })
+        .collect()
 }
 
 /// Where `shell`'s configuration comes from. It runs as the user, and its environment is the
