@@ -265,6 +265,11 @@ pub struct DecisionMsg {
     /// The daemon's local id of the session (its spool folder), when recording.
     #[serde(default)]
     pub session: Option<String>,
+    /// `Refused` for a limit of the user's own (their connections, their spool share): the
+    /// session is refused whatever `enforce` says, or a user could go unrecorded at will by
+    /// filling them (straight through the socket).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub own_limit: bool,
 }
 
 /// `End`: how the session ended; `metadata` is merged into the recording's metadata.

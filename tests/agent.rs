@@ -3090,6 +3090,16 @@ async fn sshd_one_user_fills_only_their_share_of_the_spool() {
     assert_eq!(out.stdout.len(), 600_000);
     let spooled = chunk_bytes(&agent.spool());
     assert!(spooled <= 300_000, "{spooled} bytes spooled for one user");
+    // Their next session is refused, without enforce too: a share a user can fill at will
+    // (straight through the socket) must not be a way to go unrecorded. It used to run
+    // unrecorded.
+    let out = exec("echo should-not-run");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(out.stdout.is_empty(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("share of the recording spool is full"),
+        "{out:?}"
+    );
     // Another user's session is still recorded, past that user's share.
     let (mut c, d) = FrameClient::start(&agent.socket());
     assert_eq!(d.mode, Mode::Record, "{d:?}");

@@ -325,6 +325,7 @@ async fn handle(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
                     "this user already has {MAX_CONNECTIONS_PER_USER} sessions with the recording daemon"
                 ),
                 session: None,
+                own_limit: true,
             },
         )
         .await;
@@ -366,6 +367,7 @@ async fn handle(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
         mode,
         reason: reason.to_string(),
         session: None,
+        own_limit: false,
     };
     if *shared.stopping.borrow() {
         send_json(
@@ -411,17 +413,21 @@ async fn handle(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
     let full = if usage.bytes + shared.spool.held() + room >= shared.config.spool_max_bytes
         || disk_free < shared.config.chunk_max_bytes
     {
-        Some("the recording spool is full")
+        Some(("the recording spool is full", false))
     } else if has_share && users + room + shared.config.chunk_max_bytes > share {
         // Less than a chunk left: the session would be cut at once (under enforce, ended
         // after showing its first output); refused instead, as the disk-free rule does.
-        Some("this user's share of the recording spool is full")
+        Some(("this user's share of the recording spool is full", true))
     } else {
         None
     };
-    if let Some(why) = full {
+    if let Some((why, own_limit)) = full {
         tracing::warn!(bytes = usage.bytes, held = shared.spool.held(), max = shared.config.spool_max_bytes, user_bytes = users, user_max = share, disk_free, %user, "{why}: refusing to record a new session");
-        send_json(&mut wr, Kind::Decision, &decide(Mode::Refused, why)).await?;
+        let decision = DecisionMsg {
+            own_limit,
+            ..decide(Mode::Refused, why)
+        };
+        send_json(&mut wr, Kind::Decision, &decision).await?;
         return Ok(());
     }
 
@@ -605,6 +611,7 @@ async fn record(
             mode: Mode::Record,
             reason: String::new(),
             session: Some(id.to_string()),
+            own_limit: false,
         },
     )
     .await?;

@@ -387,6 +387,14 @@ fn plan(cfg: &Config, start: &StartMsg) -> Plan {
         Ok((s, d)) => match d.mode {
             Mode::Record => Plan::Record(s, d.session),
             Mode::Unrecorded => Plan::Unrecorded,
+            // Whatever enforce says: it is in the user's hands (see `own_limit`).
+            Mode::Refused if d.own_limit => {
+                syslog_warn(&format!(
+                    "session refused (the user's own limit): {}",
+                    d.reason
+                ));
+                Plan::Refuse(d.reason)
+            }
             Mode::Refused => unrecordable(cfg, &d.reason),
         },
         Err(e) => unrecordable(cfg, &e),
