@@ -453,7 +453,12 @@ async fn handle(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
                 .and_then(Value::as_array)
                 .cloned()
                 .unwrap_or_default();
-            all.extend(killed.iter().map(|&p| Value::from(p)));
+            // `shell` may have killed some a moment ago (SIGKILL takes effect asynchronously).
+            for &p in &killed {
+                if !all.contains(&Value::from(p)) {
+                    all.push(Value::from(p));
+                }
+            }
             metadata.insert("terminal_holders_killed".into(), Value::Array(all));
             metadata
                 .entry("terminal_held_by_pid")
