@@ -1267,7 +1267,8 @@ async fn no_daemon_follows_the_enforce_policy() {
     for f in [&strict, &lax] {
         std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o644)).unwrap();
     }
-    let as_user = |config: &Path, enforce: &str| {
+    // `shell --config CONFIG` running COMMAND, as the test user, with one variable set.
+    let as_user = |config: &Path, command: &str, var: &str, val: &str| {
         let mut c = Command::new("setpriv");
         c.args([
             "--reuid",
@@ -1280,16 +1281,17 @@ async fn no_daemon_follows_the_enforce_policy() {
         ])
         .args(["shell", "--config"])
         .arg(config)
-        .env("SSH_ORIGINAL_COMMAND", "echo ran")
-        .env("ZTNA_RECORDER_ENFORCE", enforce)
+        .env("SSH_ORIGINAL_COMMAND", command)
+        .env(var, val)
         .stdin(Stdio::null());
         tokio::task::block_in_place(|| c.output().unwrap())
     };
-    let out = as_user(&strict, "false");
+    let enforce = "ZTNA_RECORDER_ENFORCE";
+    let out = as_user(&strict, "echo ran", enforce, "false");
     assert_eq!(out.status.code(), Some(1), "{out:?}");
-    let out = as_user(&lax, "true");
+    let out = as_user(&lax, "echo ran", enforce, "true");
     assert_eq!(out.status.code(), Some(1), "{out:?}");
-    let out = as_user(&lax, "false");
+    let out = as_user(&lax, "echo ran", enforce, "false");
     assert_eq!(
         (out.status.code(), &out.stdout[..]),
         (Some(0), &b"ran\n"[..]),
@@ -1306,22 +1308,7 @@ async fn no_daemon_follows_the_enforce_policy() {
         ("ZTNA_RECORDER_SOCKET", "/etc/passwd"),
         ("ZTNA_RECORDER_CONFIG", "/dev/null"),
     ] {
-        let mut c = Command::new("setpriv");
-        c.args([
-            "--reuid",
-            sshd::USER,
-            "--regid",
-            sshd::USER,
-            "--clear-groups",
-            "--",
-            BIN,
-        ])
-        .args(["shell", "--config"])
-        .arg(&lax)
-        .env("SSH_ORIGINAL_COMMAND", format!("echo recorded-{var}"))
-        .env(var, val)
-        .stdin(Stdio::null());
-        let out = tokio::task::block_in_place(|| c.output().unwrap());
+        let out = as_user(&lax, &format!("echo recorded-{var}"), var, val);
         assert_eq!(out.status.code(), Some(0), "{out:?}");
     }
     let recs = backend.wait_completed(2, Duration::from_secs(20)).await;
