@@ -128,8 +128,9 @@ impl Command {
         v
     }
 
-    /// The program as std starts it. `tty` is the name of the PTY the program runs on.
-    fn std_command(&self, tty: &Path) -> io::Result<std::process::Command> {
+    /// The program as std starts it. `program` is its [`program_path`](Self::program_path),
+    /// `tty` the name of the PTY it runs on.
+    fn std_command(&self, program: &Path, tty: &Path) -> io::Result<std::process::Command> {
         use std::os::unix::process::CommandExt;
         // The environment: ours, then the changes in order.
         let mut env: BTreeMap<OsString, OsString> = std::env::vars_os().collect();
@@ -150,9 +151,8 @@ impl Command {
         if let Some(v) = env.get_mut(OsStr::new("SSH_TTY")) {
             *v = tty.as_os_str().to_owned();
         }
-        let program = self.program_path();
-        check_interpreter(&program)?;
-        let mut cmd = std::process::Command::new(&program);
+        check_interpreter(program)?;
+        let mut cmd = std::process::Command::new(program);
         match self.argv.split_first() {
             Some((first, args)) => {
                 cmd.arg0(self.arg0.as_ref().unwrap_or(first)).args(args);
@@ -200,9 +200,10 @@ impl Command {
             .unwrap_or_else(|| p.to_path_buf())
     }
 
-    fn display(&self) -> String {
+    /// What to call it in a message; `program` is its [`program_path`](Self::program_path).
+    fn display(&self, program: &Path) -> String {
         if self.argv.is_empty() {
-            return format!("login shell {}", self.program_path().display());
+            return format!("login shell {}", program.display());
         }
         self.argv[0].to_string_lossy().into_owned()
     }
@@ -566,7 +567,7 @@ impl Session {
         let spawn_err = |e: io::Error| {
             let (reason, status) = exec_failure(&program, &e);
             Error::Spawn {
-                program: command.display(),
+                program: command.display(&program),
                 reason,
                 status,
             }
@@ -576,7 +577,7 @@ impl Session {
             .tty_name()
             .ok_or_else(|| Error::Pty("the PTY has no name".into()))
             .and_then(|tty| {
-                let cmd = command.std_command(&tty).map_err(spawn_err)?;
+                let cmd = command.std_command(&program, &tty).map_err(spawn_err)?;
                 spawn::spawn_on(&tty, cmd).map_err(spawn_err)
             });
         let child = match spawned {
