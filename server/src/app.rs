@@ -9,7 +9,10 @@ use uuid::Uuid;
 
 use crate::auth::{self, JwtKeys};
 use crate::config::{self, Config};
-use crate::meta::{self, AdminRefusal, MetadataStore, Role, Settings, SettingsUpdate, UserAdded};
+use crate::meta::{
+    self, AdminRefusal, MachineEntry, MemberEntry, MetadataStore, OrgEntry, Role, Settings,
+    SettingsUpdate, UserAdded,
+};
 use crate::objects::Objects;
 
 /// Why the server could not open its stores.
@@ -276,6 +279,24 @@ impl App {
         } else {
             Err(AdminError::NoSuchMachine(machine))
         }
+    }
+
+    /// Every org, oldest first.
+    pub async fn orgs(&self) -> Result<Vec<OrgEntry>, AdminError> {
+        Ok(self.inner.meta.orgs().await?)
+    }
+
+    /// An org's members by email.
+    pub async fn members(&self, org: Uuid) -> Result<Vec<MemberEntry>, AdminError> {
+        // A mistyped org id is an error, not an empty list.
+        self.settings(org).await?;
+        Ok(self.inner.meta.members(org).await?)
+    }
+
+    /// An org's machines, oldest first.
+    pub async fn machines(&self, org: Uuid) -> Result<Vec<MachineEntry>, AdminError> {
+        self.settings(org).await?;
+        Ok(self.inner.meta.machines(org).await?)
     }
 
     /// An org's recording settings.

@@ -59,7 +59,7 @@ use std::future::Future;
 pub use app::{AdminError, App, OpenError, Seed, FEATURE_SESSION_RECORDING};
 pub use auth::node_key_hash;
 pub use config::{Config, S3Config};
-pub use meta::{Role, Settings, SettingsUpdate};
+pub use meta::{MachineEntry, MemberEntry, OrgEntry, Role, Settings, SettingsUpdate};
 
 /// Serves the API on `listener` until `shutdown` completes, then finishes the requests in
 /// flight and returns. Also runs the retention sweep every `config.sweep_interval`.

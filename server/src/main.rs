@@ -160,6 +160,8 @@ enum OrgCommand {
         #[arg(long, value_name = "FEATURE")]
         feature: Vec<String>,
     },
+    /// Every org, oldest first: {"orgs": [{org_id, name, session_recording, created_at}]}.
+    List,
 }
 
 #[derive(Args, Debug)]
@@ -195,6 +197,11 @@ enum UserCommand {
         #[arg(long, value_enum)]
         role: RoleArg,
     },
+    /// An org's members by email: {"org_id", "users": [{user_id, email, role}]}.
+    List {
+        #[arg(long, value_name = "ORG")]
+        org: Uuid,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -212,6 +219,12 @@ enum MachineCommand {
     Delete {
         #[arg(long, value_name = "MACHINE")]
         machine: Uuid,
+    },
+    /// An org's machines, oldest first: {"org_id", "machines": [{machine_id, name, owner_id,
+    /// created_at}]} (node keys are kept only hashed and never shown again).
+    List {
+        #[arg(long, value_name = "ORG")]
+        org: Uuid,
     },
 }
 
@@ -355,6 +368,12 @@ async fn admin(
             let id = app.create_org(&name, session_recording).await?;
             json!({ "org_id": id })
         }
+        AdminCommand::Org {
+            command: OrgCommand::List,
+        } => json!({ "orgs": app.orgs().await? }),
+        AdminCommand::User {
+            command: UserCommand::List { org },
+        } => json!({ "org_id": org, "users": app.members(org).await? }),
         AdminCommand::Feature { command } => {
             let (args, enabled) = match command {
                 FeatureCommand::Enable(a) => (a, true),
@@ -407,6 +426,9 @@ async fn admin(
             MachineCommand::Delete { machine } => {
                 app.delete_machine(machine).await?;
                 json!({ "deleted": machine })
+            }
+            MachineCommand::List { org } => {
+                json!({ "org_id": org, "machines": app.machines(org).await? })
             }
         },
         AdminCommand::Settings { command } => {

@@ -2160,8 +2160,43 @@ mod scenarios {
         let (st, b) = s.agent(json!({"action": "config", "node_key": key})).await;
         assert_eq!(st, 200);
         assert_eq!(b["data"]["machine_id"], machine.as_str());
+        // The lists show what was made, and never a node key.
+        let v = one_json(run(&["machine", "list", "--org", &org]));
+        assert_eq!(
+            v,
+            json!({"org_id": org, "machines": [{"machine_id": machine, "name": "Linux-C",
+                "owner_id": user, "created_at": v["machines"][0]["created_at"]}]})
+        );
+        assert!(v["machines"][0]["created_at"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z')));
+        assert!(!v.to_string().contains(&key));
+        let v = one_json(run(&["user", "list", "--org", &org]));
+        assert_eq!(
+            v,
+            json!({"org_id": org, "users": [{"user_id": user, "email": "boss@initech.test",
+                "role": "admin"}]})
+        );
+        let v = one_json(run(&["org", "list"]));
+        let listed: Vec<&Value> = v["orgs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|o| o["org_id"] == org.as_str())
+            .collect();
+        assert_eq!(listed.len(), 1, "{v}");
+        assert_eq!(listed[0]["name"], "Initech");
+        assert_eq!(listed[0]["session_recording"], true);
+        // A mistyped org is an error, not an empty list.
+        let (ok, out, err) = run(&["user", "list", "--org", &uuid::Uuid::new_v4().to_string()]);
+        assert!(
+            !ok && out.is_empty() && err.contains("no such org"),
+            "{err}"
+        );
         let v = one_json(run(&["machine", "delete", "--machine", &machine]));
         assert_eq!(v, json!({"deleted": machine}));
+        let v = one_json(run(&["machine", "list", "--org", &org]));
+        assert_eq!(v["machines"], json!([]));
         let v = one_json(run(&[
             "feature",
             "disable",

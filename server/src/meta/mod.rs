@@ -253,6 +253,34 @@ pub struct UserAdded {
     pub previous_role: Option<Role>,
 }
 
+/// An org as `admin org list` prints it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OrgEntry {
+    pub org_id: Uuid,
+    pub name: String,
+    pub session_recording: bool,
+    /// RFC 3339, UTC.
+    pub created_at: String,
+}
+
+/// A member of an org as `admin user list` prints it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MemberEntry {
+    pub user_id: Uuid,
+    pub email: String,
+    pub role: String,
+}
+
+/// A machine as `admin machine list` prints it (never its node key, which is kept hashed).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MachineEntry {
+    pub machine_id: Uuid,
+    pub name: String,
+    pub owner_id: Uuid,
+    /// RFC 3339, UTC.
+    pub created_at: String,
+}
+
 /// Why `register_machine` or `create_user` refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AdminRefusal {
@@ -285,6 +313,13 @@ pub trait MetadataStore: Send + Sync {
     ) -> Result<std::result::Result<(), AdminRefusal>>;
     /// `false` when there is no such machine.
     async fn delete_machine(&self, id: Uuid) -> Result<bool>;
+
+    /// Every org, oldest first.
+    async fn orgs(&self) -> Result<Vec<OrgEntry>>;
+    /// An org's members by email (empty also when there is no such org).
+    async fn members(&self, org: Uuid) -> Result<Vec<MemberEntry>>;
+    /// An org's machines, oldest first (empty also when there is no such org).
+    async fn machines(&self, org: Uuid) -> Result<Vec<MachineEntry>>;
 
     /// `None` when the org does not exist or the user is not a member.
     async fn access(&self, org: Uuid, user: Uuid) -> Result<Option<Access>>;

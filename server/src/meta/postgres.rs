@@ -12,6 +12,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::*;
+use crate::timefmt;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -270,6 +271,64 @@ impl MetadataStore for PgMeta {
             name: row.try_get("name")?,
             feature_enabled: row.try_get("feature_session_recording")?,
         }))
+    }
+
+    async fn orgs(&self) -> Result<Vec<OrgEntry>> {
+        let rows = sqlx::query(
+            "SELECT id, name, feature_session_recording, created_at FROM orgs \
+             ORDER BY created_at, id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(OrgEntry {
+                    org_id: r.try_get("id")?,
+                    name: r.try_get("name")?,
+                    session_recording: r.try_get("feature_session_recording")?,
+                    created_at: timefmt::format(r.try_get("created_at")?),
+                })
+            })
+            .collect()
+    }
+
+    async fn members(&self, org: Uuid) -> Result<Vec<MemberEntry>> {
+        let rows = sqlx::query(
+            "SELECT u.id, u.email, m.role FROM org_members m JOIN users u ON u.id = m.user_id \
+             WHERE m.org_id = $1 ORDER BY u.email, u.id",
+        )
+        .bind(org)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(MemberEntry {
+                    user_id: r.try_get("id")?,
+                    email: r.try_get("email")?,
+                    role: r.try_get("role")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn machines(&self, org: Uuid) -> Result<Vec<MachineEntry>> {
+        let rows = sqlx::query(
+            "SELECT id, name, owner_id, created_at FROM machines WHERE org_id = $1 \
+             ORDER BY created_at, id",
+        )
+        .bind(org)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(MachineEntry {
+                    machine_id: r.try_get("id")?,
+                    name: r.try_get("name")?,
+                    owner_id: r.try_get("owner_id")?,
+                    created_at: timefmt::format(r.try_get("created_at")?),
+                })
+            })
+            .collect()
     }
 
     async fn machine_name(&self, org: Uuid, machine: Uuid) -> Result<Option<String>> {

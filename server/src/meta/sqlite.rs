@@ -143,6 +143,13 @@ fn ts_col(row: &SqliteRow, col: &str) -> Result<Option<OffsetDateTime>> {
         .transpose()
 }
 
+/// A NOT NULL time column, normalised to the form every listing uses.
+fn listed_time(row: &SqliteRow, col: &str) -> Result<String> {
+    ts_col(row, col)?
+        .map(timefmt::format)
+        .ok_or_else(|| MetaError::Corrupt(format!("{col} is null")))
+}
+
 const RECORDING_COLUMNS: &str = "r.id, r.org_id, r.machine_id, r.user_id, r.session_type, \
      r.status, r.started_at, r.ended_at, r.duration_seconds, r.metadata, r.r2_key, \
      m.name AS machine_name";
@@ -397,6 +404,64 @@ impl MetadataStore for SqliteMeta {
             name: row.try_get("name")?,
             feature_enabled: row.try_get("feature_session_recording")?,
         }))
+    }
+
+    async fn orgs(&self) -> Result<Vec<OrgEntry>> {
+        let rows = sqlx::query(
+            "SELECT id, name, feature_session_recording, created_at FROM orgs \
+             ORDER BY created_at, id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(OrgEntry {
+                    org_id: uuid_col(r, "id")?,
+                    name: r.try_get("name")?,
+                    session_recording: r.try_get("feature_session_recording")?,
+                    created_at: listed_time(r, "created_at")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn members(&self, org: Uuid) -> Result<Vec<MemberEntry>> {
+        let rows = sqlx::query(
+            "SELECT u.id, u.email, m.role FROM org_members m JOIN users u ON u.id = m.user_id \
+             WHERE m.org_id = ? ORDER BY u.email, u.id",
+        )
+        .bind(org.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(MemberEntry {
+                    user_id: uuid_col(r, "id")?,
+                    email: r.try_get("email")?,
+                    role: r.try_get("role")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn machines(&self, org: Uuid) -> Result<Vec<MachineEntry>> {
+        let rows = sqlx::query(
+            "SELECT id, name, owner_id, created_at FROM machines WHERE org_id = ? \
+             ORDER BY created_at, id",
+        )
+        .bind(org.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(MachineEntry {
+                    machine_id: uuid_col(r, "id")?,
+                    name: r.try_get("name")?,
+                    owner_id: uuid_col(r, "owner_id")?,
+                    created_at: listed_time(r, "created_at")?,
+                })
+            })
+            .collect()
     }
 
     async fn machine_name(&self, org: Uuid, machine: Uuid) -> Result<Option<String>> {
