@@ -99,13 +99,20 @@ list() {
   curl -fsS -X POST "$URL/api/session-recording" -H "Authorization: Bearer $TOKEN" \
     -H 'Content-Type: application/json' -d "{\"action\":\"list\",\"org_id\":\"$ORG\"}"
 }
+uploaded=
 for _ in $(seq 1 100); do
   if list | python3 -c 'import json,sys; r=json.load(sys.stdin)["data"]["recordings"]; sys.exit(0 if r and r[0]["status"]=="completed" else 1)'; then
+    uploaded=1
     break
   fi
   sleep 0.2
 done
 "$AGENT_BIN" status
+if [ -z "$uploaded" ]; then
+  echo "quickstart: the session did not reach the backend in 20 s; the daemon's log:" >&2
+  tail -n 20 "$DIR/daemon.log" >&2
+  exit 1
+fi
 
 say "the recording as the backend lists it"
 list | python3 -m json.tool
@@ -126,6 +133,7 @@ for c in rec["metadata"].get("chunks", []):
 open(sys.argv[2], "w").write("\n".join(out) + "\n")
 ' "$DIR/server/objects" "$CAST"
 echo "asciicast: $CAST"
+grep -q 'step 3' "$CAST" || { echo "quickstart: the recording lacks the session's output" >&2; exit 1; }
 if command -v asciinema >/dev/null; then
   say "played back with asciinema"
   asciinema cat "$CAST"

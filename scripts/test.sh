@@ -103,3 +103,7 @@ ZTNA_SERVER_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/ztna-recorder-server" \
 # --- with dpkg --root; the units verified; man pages rendered; the sshd drop-in checked.
 log "packaging test (packaging/test.sh)"
 packaging/test.sh
+
+# --- The README's first command, on the release build the packaging test made.
+log "quickstart (scripts/quickstart.sh)"
+ZTNA_QUICKSTART_DIR="$WORK/quickstart" scripts/quickstart.sh
