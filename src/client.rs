@@ -8,8 +8,9 @@ use serde_json::{json, Map, Value};
 use std::time::Duration;
 use ztna_common::api::{
     AgentConfig, ApiError, ChunkStored, Completed, Envelope, ErrorCode, Started, AGENT_ROUTE,
+    MAX_METADATA_BYTES,
 };
-use ztna_common::asciicast::push_json_string;
+use ztna_common::asciicast::{self, push_json_string};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -168,6 +169,11 @@ impl AgentClient {
         metadata: &Value,
         started_at: Option<&str>,
     ) -> Result<Started, ClientError> {
+        // What the user chose (a long `ssh host '…'` command, a `TERM`) is cut to what the
+        // backend takes, rather than the session refused for it.
+        let (mut header, mut metadata) = (header.clone(), metadata.clone());
+        asciicast::clip_to_fit(&mut header, asciicast::MAX_HEADER_BYTES);
+        asciicast::clip_to_fit(&mut metadata, MAX_METADATA_BYTES);
         let mut body =
             json!({"session_type": session_type, "header": header, "metadata": metadata});
         if let (Some(t), Some(m)) = (started_at, body.as_object_mut()) {
@@ -215,6 +221,8 @@ impl AgentClient {
         metadata: &Value,
         ended_at: Option<&str>,
     ) -> Result<Completed, ClientError> {
+        let mut metadata = metadata.clone();
+        asciicast::clip_to_fit(&mut metadata, MAX_METADATA_BYTES);
         let mut body = json!({"session_id": session_id, "metadata": metadata});
         if let Some(m) = body.as_object_mut() {
             if let Some(d) = duration_seconds {

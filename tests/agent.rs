@@ -1158,6 +1158,29 @@ async fn exec_without_pty_is_byte_exact_and_recorded() {
         .find(|r| r["metadata"]["command"] == "printf '%s' 'caf\u{fffd}'")
         .expect("the Latin-1 command's recording");
     assert_eq!(output_of(&backend.events_text(rec)), "caf\u{fffd}");
+
+    // A command longer than the backend keeps in a recording's metadata and header (a whole
+    // script as `ssh host '…'`): run whole, recorded, its text cut to fit.
+    let long = format!(": '{}'; echo long-done", "A".repeat(100_000));
+    let out = tokio::task::block_in_place(|| agent.shell(Some(&long), b"", None));
+    assert_eq!(
+        out.stdout,
+        b"long-done\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let recs = backend.wait_completed(3, Duration::from_secs(20)).await;
+    let rec = recs
+        .iter()
+        .find(|r| {
+            r["metadata"]["command"]
+                .as_str()
+                .is_some_and(|c| c.starts_with(": 'AAAA"))
+        })
+        .expect("the long command's recording");
+    let kept = rec["metadata"]["command"].as_str().unwrap();
+    assert!(kept.ends_with('…') && kept.len() < 20_000, "{}", kept.len());
+    assert_eq!(output_of(&backend.events_text(rec)), "long-done\n");
     stop_all(&mut daemon, &mut backend).await;
 }
 
@@ -1652,6 +1675,7 @@ async fn a_daemon_restart_mid_session_records_the_rest_as_a_continuation() {
         .spawn()
         .unwrap();
     let mut tail = Tail::new(child.stdout.take().unwrap());
+    let mut restarted = time::OffsetDateTime::now_utc();
     let status = tokio::task::block_in_place(|| {
         tail.wait_for("one\n");
         kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);
@@ -1659,6 +1683,9 @@ async fn a_daemon_restart_mid_session_records_the_rest_as_a_continuation() {
         // Output while no daemon runs waits for the next one.
         std::fs::write(go.with_file_name("go1"), "").unwrap();
         tail.wait_for("two\n");
+        // The continuation starts when "two" was shown, not when a daemon took it.
+        std::thread::sleep(Duration::from_millis(1500));
+        restarted = time::OffsetDateTime::now_utc();
         daemon = agent.daemon();
         std::fs::write(go.with_file_name("go2"), "").unwrap();
         tail.wait_for("three\n");
@@ -1676,6 +1703,20 @@ async fn a_daemon_restart_mid_session_records_the_rest_as_a_continuation() {
     );
     assert_eq!(a.clone() + &b, "one\ntwo\nthree\n");
     assert!(b.ends_with("two\nthree\n"), "{b:?}");
+    let at = |r: &Value| {
+        time::OffsetDateTime::parse(
+            r["started_at"].as_str().unwrap(),
+            &time::format_description::well_known::Rfc3339,
+        )
+        .unwrap()
+    };
+    assert!(
+        // (The header's whole seconds: up to two early.)
+        at(second) <= restarted - time::Duration::milliseconds(500)
+            && at(second) >= at(first) - time::Duration::seconds(2),
+        "the continuation's start {} is when its first output was shown, before the restart at {restarted}",
+        second["started_at"]
+    );
     let m = &second["metadata"];
     assert_eq!(m["exit_status"], 3, "{m}");
     assert_eq!(m["command"], cmd.as_str());

@@ -11,6 +11,9 @@ pub const AGENT_ROUTE: &str = "/api/session-recording-agent";
 pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 /// Largest `chunk_data` the server accepts.
 pub const MAX_CHUNK_BYTES: usize = 8 * 1024 * 1024;
+/// Largest `metadata` object an agent's `start` or `complete` may carry, as JSON: each
+/// recording's row is sent whole in every `list` page, so what a caller adds stays small.
+pub const MAX_METADATA_BYTES: usize = 64 * 1024;
 
 /// `{"success", "data", "error"}`, the envelope of every answer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -65,6 +68,8 @@ pub enum ErrorCode {
     NotFound,
     Conflict,
     PayloadTooLarge,
+    /// Not the contract's: a route asked with another method than POST (405).
+    MethodNotAllowed,
     InternalError,
 }
 
@@ -84,6 +89,7 @@ impl ErrorCode {
             ErrorCode::NotFound => "NOT_FOUND",
             ErrorCode::Conflict => "CONFLICT",
             ErrorCode::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
+            ErrorCode::MethodNotAllowed => "METHOD_NOT_ALLOWED",
             ErrorCode::InternalError => "INTERNAL_ERROR",
         }
     }
@@ -101,6 +107,7 @@ impl ErrorCode {
             ErrorCode::NotFound => 404,
             ErrorCode::Conflict => 409,
             ErrorCode::PayloadTooLarge => 413,
+            ErrorCode::MethodNotAllowed => 405,
             ErrorCode::InternalError => 500,
         }
     }

@@ -147,6 +147,8 @@ pub enum ParseError {
     BadResize { line: usize, data: String },
     #[error("line {line}: header is not a valid asciicast v2 header: {reason}")]
     BadHeader { line: usize, reason: String },
+    #[error("line {line}: event time goes backwards (events are in time order)")]
+    TimeBackwards { line: usize },
     #[error("no events")]
     Empty,
 }
@@ -198,6 +200,11 @@ pub fn validate_events(text: &str) -> Result<EventsSummary, ParseError> {
             continue;
         }
         let ev = parse_event_line(line, i + 1)?;
+        // The last event's time is the recording's duration: one that goes back in time
+        // would make it a lie.
+        if summary.last_time.is_some_and(|t| ev.time < t) {
+            return Err(ParseError::TimeBackwards { line: i + 1 });
+        }
         summary.events += 1;
         summary.last_time = Some(ev.time);
     }
@@ -220,6 +227,110 @@ pub fn normalise_events(text: &str) -> Result<(String, EventsSummary), ParseErro
     Ok((out, summary))
 }
 
+/// The most a header may take as JSON (its `env` holds two variables; a title or command
+/// longer than this is cut by the agent).
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// Checks a header object against asciicast v2: `version` 2, `width` and `height` whole
+/// numbers from 1 to 65535, and the optional keys, when present and not `null`, of their
+/// types (`timestamp` a whole number, `duration` and `idle_time_limit` numbers `>= 0`,
+/// `command` and `title` strings, `env` an object of strings, `theme` an object). Other keys
+/// are kept as they are. Players trust these, so a bad one is refused, not stored.
+pub fn check_header(v: &serde_json::Value) -> Result<(), String> {
+    use serde_json::Value;
+    let Value::Object(h) = v else {
+        return Err("must be a JSON object".into());
+    };
+    if h.get("version").and_then(Value::as_u64) != Some(2) {
+        return Err("version must be 2".into());
+    }
+    for k in ["width", "height"] {
+        match h.get(k).and_then(Value::as_u64) {
+            Some(n) if (1..=u64::from(u16::MAX)).contains(&n) => {}
+            _ => return Err(format!("{k} must be a whole number from 1 to 65535")),
+        }
+    }
+    let present = |k: &str| h.get(k).filter(|x| !x.is_null());
+    if present("timestamp").is_some_and(|t| t.as_i64().is_none()) {
+        return Err("timestamp must be a whole number (Unix seconds)".into());
+    }
+    for k in ["duration", "idle_time_limit"] {
+        if present(k).is_some_and(|x| !x.as_f64().is_some_and(|f| f >= 0.0)) {
+            return Err(format!("{k} must be a number >= 0"));
+        }
+    }
+    for k in ["command", "title"] {
+        if present(k).is_some_and(|x| !x.is_string()) {
+            return Err(format!("{k} must be a string"));
+        }
+    }
+    match present("env") {
+        None => {}
+        Some(Value::Object(env)) if env.values().all(|x| x.is_string() || x.is_null()) => {}
+        Some(_) => return Err("env must be an object of strings".into()),
+    }
+    if present("theme").is_some_and(|x| !x.is_object()) {
+        return Err("theme must be an object".into());
+    }
+    if json_len(v) > MAX_HEADER_BYTES {
+        return Err(format!(
+            "must be at most {} KiB as JSON",
+            MAX_HEADER_BYTES / 1024
+        ));
+    }
+    Ok(())
+}
+
+/// How many bytes `v` takes as compact JSON.
+pub fn json_len(v: &serde_json::Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Count(0);
+    // Writing a Value to a sink that never fails cannot fail.
+    let _ = serde_json::to_writer(&mut c, v);
+    c.0
+}
+
+/// Cuts the longest strings of `v` (values, not keys) until it takes at most `max` bytes as
+/// JSON: every string is cut to 16 KiB, then a quarter of that, and so on (a cut string ends
+/// in `…`). Whether anything was cut. An agent does this to a session's header and metadata,
+/// whose `command` (an `ssh host '…'` can carry a whole script) and `TERM` come from the
+/// user, so that the backend never refuses them for their size.
+pub fn clip_to_fit(v: &mut serde_json::Value, max: usize) -> bool {
+    fn clip(v: &mut serde_json::Value, limit: usize) -> bool {
+        use serde_json::Value;
+        match v {
+            Value::String(s) if s.len() > limit => {
+                let mut end = limit;
+                while !s.is_char_boundary(end) {
+                    end -= 1;
+                }
+                s.truncate(end);
+                s.push('…');
+                true
+            }
+            Value::Array(a) => a.iter_mut().fold(false, |cut, x| clip(x, limit) | cut),
+            Value::Object(m) => m.values_mut().fold(false, |cut, x| clip(x, limit) | cut),
+            _ => false,
+        }
+    }
+    let mut limit = 16 * 1024;
+    let mut cut = false;
+    while json_len(v) > max && limit >= 16 {
+        cut |= clip(v, limit);
+        limit /= 4;
+    }
+    cut
+}
+
 /// A transcript: an optional header line followed by event lines.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Transcript {
@@ -239,12 +350,7 @@ pub fn parse_transcript(text: &str) -> Result<Transcript, ParseError> {
                 line: 1,
                 reason: e.to_string(),
             })?;
-        if v.get("version").and_then(|x| x.as_u64()) != Some(2) {
-            return Err(ParseError::BadHeader {
-                line: 1,
-                reason: "version must be 2".into(),
-            });
-        }
+        check_header(&v).map_err(|reason| ParseError::BadHeader { line: 1, reason })?;
         (Some(v), rest)
     } else {
         (None, trimmed)
@@ -352,6 +458,49 @@ fn escape_mask(w: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clip_to_fit_cuts_long_strings_until_the_value_fits() {
+        let long = "é".repeat(40_000); // 80,000 bytes
+        let mut v = serde_json::json!({"command": long, "user": "alice", "uid": 1000,
+            "nested": {"title": "t".repeat(30_000)}});
+        assert!(json_len(&v) > 64 * 1024);
+        assert!(clip_to_fit(&mut v, 64 * 1024));
+        assert!(json_len(&v) <= 64 * 1024);
+        // The first round (16 KiB a string) is enough here: short values are untouched, and
+        // a cut never splits a character.
+        let cmd = v["command"].as_str().unwrap();
+        assert!(
+            cmd.ends_with('…') && cmd.len() <= 16 * 1024 + 3,
+            "{}",
+            cmd.len()
+        );
+        assert!(cmd.starts_with("éé"));
+        assert_eq!(v["user"], "alice");
+        assert_eq!(v["uid"], 1000);
+        // Many long values: it goes on cutting until they fit.
+        let mut many = serde_json::json!((0..40)
+            .map(|i| (i.to_string(), serde_json::Value::from("x".repeat(5000))))
+            .collect::<serde_json::Map<_, _>>());
+        assert!(clip_to_fit(&mut many, 64 * 1024));
+        assert!(json_len(&many) <= 64 * 1024);
+        // What already fits is left alone.
+        let mut small = serde_json::json!({"a": "b"});
+        assert!(!clip_to_fit(&mut small, 64 * 1024));
+        assert_eq!(small, serde_json::json!({"a": "b"}));
+    }
+
+    #[test]
+    fn events_out_of_time_order_are_refused() {
+        assert_eq!(
+            validate_events("[5, \"o\", \"a\"]\n[2, \"o\", \"b\"]\n"),
+            Err(ParseError::TimeBackwards { line: 2 })
+        );
+        assert_eq!(
+            validate_events("[1, \"o\", \"a\"]\n[1, \"o\", \"b\"]\n").map(|s| s.events),
+            Ok(2)
+        );
+    }
 
     #[test]
     fn resize_data_is_cols_x_rows() {

@@ -55,6 +55,9 @@ pub struct Config {
     pub sweep_interval: Duration,
     /// Most connections to the metadata database from this process.
     pub max_db_connections: u32,
+    /// How long a request body may go without a byte arriving before the request is
+    /// answered `INVALID_JSON` and its connection closed.
+    pub body_idle_timeout: Duration,
 }
 
 impl fmt::Debug for Config {
@@ -73,6 +76,7 @@ impl fmt::Debug for Config {
             )
             .field("s3", &self.s3)
             .field("sweep_interval", &self.sweep_interval)
+            .field("body_idle_timeout", &self.body_idle_timeout)
             .field("max_db_connections", &self.max_db_connections)
             .finish()
     }
@@ -132,6 +136,7 @@ impl Config {
             s3: S3Config::default(),
             sweep_interval: Duration::from_secs(DEFAULT_SWEEP_SECS),
             max_db_connections: 16,
+            body_idle_timeout: Duration::from_secs(30),
         }
     }
 

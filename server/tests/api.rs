@@ -121,6 +121,8 @@ impl Stores {
     fn config(&self) -> Config {
         let mut c = Config::with_data_dir(self.dir.path());
         c.database_url = self.database_url.clone();
+        // Short, so the stalled-body test does not wait the default 30 s.
+        c.body_idle_timeout = std::time::Duration::from_secs(3);
         if let Some(s3) = &self.s3 {
             c.store_url = Some(format!("s3://{}", s3.bucket));
             c.s3 = S3Config {
@@ -454,6 +456,7 @@ both!(races);
 both!(complete_races);
 both!(hostile_values);
 both!(agent_times);
+both!(strict_input);
 
 // ---------------------------------------------------------------------------------------
 // Scenarios
@@ -1908,6 +1911,217 @@ mod scenarios {
 
     /// An agent says when a session that waited in its spool really started and ended;
     /// the backend believes it within 30 days, never in the future, never before the start.
+    /// Input that would mean two things, or that players and `list` pages trust, is refused
+    /// and changes nothing; so is a method other than POST, and a body that stops arriving.
+    pub async fn strict_input(s: &Server) {
+        let org = &s.fx.org;
+        let nk = &s.fx.node_key;
+        // A key given twice: a proxy reading the first would see another action than ours.
+        let old = s.agent(json!({"node_key": nk, "session_type": "ssh", "session_data": {"transcript": "[0, \"o\", \"x\"]"}})).await;
+        assert_eq!(old.0, 201);
+        s.app
+            .update_settings(
+                org.parse().unwrap(),
+                ztna_recorder_server::SettingsUpdate {
+                    recording_enabled: None,
+                    retention_days: Some(1),
+                    storage_mode: None,
+                },
+            )
+            .await
+            .unwrap();
+        let t = s.fx.admin_token.clone();
+        let (st, b) = s
+            .raw_user(
+                Some(&t),
+                format!(r#"{{"action": "get_settings", "action": "cleanup", "org_id": "{org}"}}"#)
+                    .into_bytes(),
+            )
+            .await;
+        assert_eq!((st, code(&b)), (400, "INVALID_JSON"), "{b}");
+        assert!(
+            b["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("\"action\" is given twice"),
+            "{b}"
+        );
+        let (st, b) = s
+            .raw_user(
+                Some(&t),
+                format!(r#"{{"action": "get_settings", "org_id": "{org}", "org_id": "{org}"}}"#)
+                    .into_bytes(),
+            )
+            .await;
+        assert_eq!((st, code(&b)), (400, "INVALID_JSON"), "{b}");
+        // Keys inside values are the caller's own business; one key each at the top is fine.
+        let (st, b) = s
+            .raw_user(
+                Some(&t),
+                format!(r#"{{"action": "get_settings", "org_id": "{org}"}}"#).into_bytes(),
+            )
+            .await;
+        assert_eq!(st, 200, "{b}");
+
+        // Any method but POST: 405 with the envelope and `Allow: POST`.
+        for route in ["/api/session-recording", "/api/session-recording-agent"] {
+            for method in [
+                reqwest::Method::GET,
+                reqwest::Method::PUT,
+                reqwest::Method::DELETE,
+            ] {
+                let r = s
+                    .http
+                    .request(method.clone(), format!("{}{route}", s.base))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status().as_u16(), 405, "{method} {route}");
+                assert_eq!(r.headers()["allow"], "POST");
+                let b: Value = r.json().await.unwrap();
+                assert_eq!(b["success"], false);
+                assert_eq!(code(&b), "METHOD_NOT_ALLOWED", "{b}");
+            }
+        }
+
+        // Headers: what asciicast v2 says of each known key.
+        let start = |header: Value| json!({"action": "start", "node_key": nk, "session_type": "ssh", "header": header});
+        let before =
+            s.admin(json!({"action": "list", "org_id": org})).await.1["data"]["total"].clone();
+        for bad in [
+            json!({"version": 2}),
+            json!({"version": 2, "width": -1, "height": 24}),
+            json!({"version": 2, "width": 80, "height": 1e9}),
+            json!({"version": 2, "width": 0, "height": 24}),
+            json!({"version": 2, "width": "wide", "height": 24}),
+            json!({"version": 2, "width": 80.5, "height": 24}),
+            json!({"version": 2, "width": 80, "height": 24, "timestamp": "yesterday"}),
+            json!({"version": 2, "width": 80, "height": 24, "env": 5}),
+            json!({"version": 2, "width": 80, "height": 24, "env": {"TERM": 5}}),
+            json!({"version": 2, "width": 80, "height": 24, "idle_time_limit": -5}),
+            json!({"version": 2, "width": 80, "height": 24, "title": ["x"]}),
+            json!({"version": 2, "width": 80, "height": 24, "theme": "dark"}),
+            json!({"version": 2, "width": 80, "height": 24, "title": "t".repeat(70_000)}),
+        ] {
+            let (st, b) = s.agent(start(bad.clone())).await;
+            assert_eq!((st, code(&b)), (400, "INVALID_FIELD"), "{bad}: {b}");
+            let (st, b) = s
+                .agent(json!({"node_key": nk, "session_type": "ssh", "session_data": {"transcript": format!("{bad}\n[0, \"o\", \"x\"]")}}))
+                .await;
+            assert_eq!((st, code(&b)), (400, "INVALID_CHUNK"), "{bad}: {b}");
+        }
+        // Optional keys may be null (asciinema 2 writes an unset variable as null), and keys
+        // asciicast does not know are kept.
+        let fine = json!({"version": 2, "width": 80, "height": 24, "timestamp": null,
+            "env": {"SHELL": "/bin/bash", "TERM": null}, "idle_time_limit": 2.5, "x-ours": [1]});
+        let (st, b) = s.agent(start(fine.clone())).await;
+        assert_eq!(st, 201, "{b}");
+        let rec = b["data"]["session_id"].as_str().unwrap().to_string();
+        let got = s
+            .admin(json!({"action": "get", "org_id": org, "session_id": rec}))
+            .await
+            .1;
+        assert_eq!(got["data"]["recording"]["metadata"]["header"], fine);
+
+        // Metadata: 64 KiB as JSON at most, on start and on complete.
+        let (st, b) = s
+            .agent(
+                json!({"action": "start", "node_key": nk, "session_type": "ssh",
+                "header": {"version": 2, "width": 80, "height": 24},
+                "metadata": {"x": "a".repeat(70_000)}}),
+            )
+            .await;
+        assert_eq!((st, code(&b)), (400, "INVALID_FIELD"), "{b}");
+        let (st, b) = s
+            .agent(
+                json!({"action": "start", "node_key": nk, "session_type": "ssh",
+                "header": {"version": 2, "width": 80, "height": 24},
+                "metadata": {"x": "a".repeat(60_000)}}),
+            )
+            .await;
+        assert_eq!(st, 201, "{b}");
+        let (st, b) = s
+            .agent(
+                json!({"action": "complete", "node_key": nk, "session_id": rec,
+                "metadata": {"x": "a".repeat(70_000)}}),
+            )
+            .await;
+        assert_eq!((st, code(&b)), (400, "INVALID_FIELD"), "{b}");
+        let after = s
+            .admin(json!({"action": "list", "org_id": org, "status": "completed"}))
+            .await
+            .1;
+        assert!(
+            after["data"]["recordings"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|r| r["id"] != rec.as_str()),
+            "a refused complete completed it"
+        );
+        let total =
+            s.admin(json!({"action": "list", "org_id": org})).await.1["data"]["total"].clone();
+        assert_eq!(
+            total.as_i64().unwrap(),
+            before.as_i64().unwrap() + 2,
+            "only the two good starts made recordings"
+        );
+
+        // Event times in order within a chunk (equal is fine); the duration is the last one's.
+        let chunk = |data: &str| json!({"action": "upload_chunk", "node_key": nk, "session_id": rec, "chunk_index": 0, "chunk_data": data});
+        let (st, b) = s
+            .agent(chunk("[5, \"o\", \"a\"]\n[2, \"o\", \"b\"]\n"))
+            .await;
+        assert_eq!((st, code(&b)), (400, "INVALID_CHUNK"), "{b}");
+        assert!(
+            b["error"]["message"].as_str().unwrap().contains("line 2"),
+            "{b}"
+        );
+        let (st, b) = s
+            .agent(json!({"node_key": nk, "session_type": "ssh", "session_data": {"transcript": "[5, \"o\", \"a\"]\n[2, \"o\", \"b\"]"}}))
+            .await;
+        assert_eq!((st, code(&b)), (400, "INVALID_CHUNK"), "{b}");
+        let (st, b) = s
+            .agent(chunk(
+                "[1.5, \"o\", \"a\"]\n[1.5, \"o\", \"b\"]\n[2.25, \"r\", \"100x30\"]\n",
+            ))
+            .await;
+        assert_eq!(st, 200, "{b}");
+        let (st, b) = s
+            .agent(json!({"action": "complete", "node_key": nk, "session_id": rec}))
+            .await;
+        assert_eq!(st, 200, "{b}");
+        let got = s
+            .admin(json!({"action": "get", "org_id": org, "session_id": rec}))
+            .await
+            .1;
+        assert_eq!(got["data"]["recording"]["duration_seconds"], 3);
+
+        // A body that stops arriving is answered (after the idle timeout, 3 s in these tests)
+        // and its connection closed, not held for ever.
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let addr = s.base.trim_start_matches("http://").to_string();
+        for (length, status) in [("100", "400"), ("99999999", "413")] {
+            let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            c.write_all(format!("POST /api/session-recording-agent HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n{{").as_bytes())
+                .await
+                .unwrap();
+            let mut answer = Vec::new();
+            tokio::time::timeout(
+                std::time::Duration::from_secs(20),
+                c.read_to_end(&mut answer),
+            )
+            .await
+            .expect("a stalled body is answered and closed")
+            .unwrap();
+            let answer = String::from_utf8_lossy(&answer);
+            assert!(
+                answer.starts_with(&format!("HTTP/1.1 {status}")),
+                "{answer}"
+            );
+        }
+    }
+
     pub async fn agent_times(s: &Server) {
         let nk = &s.fx.node_key;
         let now = time::OffsetDateTime::now_utc();

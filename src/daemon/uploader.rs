@@ -68,8 +68,8 @@ fn disposition(e: &ClientError) -> Disposition {
         | Some(ErrorCode::FeatureDisabled)
         | Some(ErrorCode::RecordingDisabled) => Disposition::Retry,
         // Not the backend's own answer: something in front of it (a proxy's 404 page, its
-        // 413 for a body limit) that configuration can fix.
-        None => Disposition::Retry,
+        // 413 for a body limit, a route that takes no POST) that configuration can fix.
+        None | Some(ErrorCode::MethodNotAllowed) => Disposition::Retry,
         Some(_) => Disposition::Quarantine,
     }
 }

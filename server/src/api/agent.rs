@@ -91,20 +91,8 @@ fn parse(body: &Map<String, Value>) -> Result<Action, Failure> {
         "config" => Action::Config,
         "start" => {
             f.require(&["session_type", "header"])?;
-            let header = f
-                .opt_object("header")?
-                .ok_or_else(|| Failure::new(ErrorCode::MissingFields, "missing header"))?;
-            if header.get("version").and_then(Value::as_u64) != Some(2) {
-                return Err(Failure::invalid_field(
-                    "header",
-                    "must be an asciicast v2 header (version 2)",
-                ));
-            }
-            let metadata = f.opt_object("metadata")?;
-            fields::no_nul("header", &body["header"])?;
-            if let Some(m) = body.get("metadata") {
-                fields::no_nul("metadata", m)?;
-            }
+            let header = fields::header(&f)?;
+            let metadata = fields::metadata(&f)?;
             Action::Start {
                 session_type: fields::session_type(&f)?,
                 header: header.clone(),
@@ -122,10 +110,7 @@ fn parse(body: &Map<String, Value>) -> Result<Action, Failure> {
         }
         "complete" => {
             f.require(&["session_id"])?;
-            let metadata = f.opt_object("metadata")?;
-            if let Some(m) = body.get("metadata") {
-                fields::no_nul("metadata", m)?;
-            }
+            let metadata = fields::metadata(&f)?;
             Action::Complete {
                 session_id: f.uuid("session_id")?,
                 duration_seconds: f.opt_seconds("duration_seconds")?,

@@ -159,6 +159,40 @@ pub fn no_nul(k: &str, v: &Value) -> Result<(), Failure> {
     }
 }
 
+/// A caller's `metadata` object: at most [`MAX_METADATA_BYTES`] as JSON, no U+0000.
+///
+/// [`MAX_METADATA_BYTES`]: ztna_common::api::MAX_METADATA_BYTES
+pub fn metadata<'a>(f: &Fields<'a>) -> Result<Option<&'a Map<String, Value>>, Failure> {
+    let m = f.opt_object("metadata")?;
+    if let Some(v) = f.get("metadata") {
+        no_nul("metadata", v)?;
+        if asciicast::json_len(v) > ztna_common::api::MAX_METADATA_BYTES {
+            return Err(Failure::invalid_field(
+                "metadata",
+                "must be at most 64 KiB as JSON",
+            ));
+        }
+    }
+    Ok(m)
+}
+
+/// An asciicast v2 `header` object (see [`asciicast::check_header`]), no U+0000.
+pub fn header<'a>(f: &Fields<'a>) -> Result<&'a Map<String, Value>, Failure> {
+    let h = f
+        .opt_object("header")?
+        .ok_or_else(|| Failure::new(ErrorCode::MissingFields, "missing header"))?;
+    if let Some(v) = f.get("header") {
+        asciicast::check_header(v).map_err(|reason| {
+            Failure::invalid_field(
+                "header",
+                &format!("is not an asciicast v2 header: {reason}"),
+            )
+        })?;
+        no_nul("header", v)?;
+    }
+    Ok(h)
+}
+
 /// A `session_type`: a short, non-empty name.
 pub fn session_type(f: &Fields<'_>) -> Result<String, Failure> {
     let s = f.str("session_type")?;

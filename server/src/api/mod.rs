@@ -43,8 +43,8 @@ impl Success {
 
 pub fn router(app: App) -> Router {
     Router::new()
-        .route(USER_ROUTE, post(user_route))
-        .route(AGENT_ROUTE, post(agent_route))
+        .route(USER_ROUTE, post(user_route).fallback(method_not_allowed))
+        .route(AGENT_ROUTE, post(agent_route).fallback(method_not_allowed))
         .fallback(fallback)
         .with_state(app)
 }
@@ -88,12 +88,65 @@ async fn fallback() -> Response {
     failure_response(Failure::new(ErrorCode::NotFound, "no such route"))
 }
 
+/// The API routes take POST only; any other method gets the envelope too, and `Allow`.
+async fn method_not_allowed() -> Response {
+    let mut r = failure_response(Failure::new(
+        ErrorCode::MethodNotAllowed,
+        "this route takes POST with a JSON body",
+    ));
+    r.headers_mut().insert(
+        axum::http::header::ALLOW,
+        axum::http::HeaderValue::from_static("POST"),
+    );
+    r
+}
+
+/// The body's top-level object, each key given once: `{"action": "get", "action": "delete"}`
+/// would mean one thing to a proxy or log that reads the first and another to us.
+struct UniqueKeys(Map<String, Value>);
+
+impl<'de> serde::Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Keys;
+        impl<'de> serde::de::Visitor<'de> for Keys {
+            type Value = UniqueKeys;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<UniqueKeys, A::Error> {
+                let mut m = Map::new();
+                while let Some(k) = a.next_key::<String>()? {
+                    if m.contains_key(&k) {
+                        return Err(serde::de::Error::custom(format!(
+                            "the key {k:?} is given twice"
+                        )));
+                    }
+                    let v: Value = a.next_value()?;
+                    m.insert(k, v);
+                }
+                Ok(UniqueKeys(m))
+            }
+        }
+        d.deserialize_map(Keys)
+    }
+}
+
 /// How much of an oversized body we read and throw away before answering 413, so that a
 /// client still writing gets the answer instead of a broken pipe. Past this we just close.
 const DRAIN_LIMIT: usize = 4 * MAX_BODY_BYTES;
 
 /// Reads the body up to 16 MiB (413 past that) and parses it as a JSON object.
-async fn read_object(headers: &HeaderMap, body: Body) -> Result<Map<String, Value>, Failure> {
+/// A client that announced a body and stops sending is answered after `idle` without data:
+/// it would otherwise hold its connection (and our buffer) for ever.
+async fn read_object(
+    app: &App,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Map<String, Value>, Failure> {
+    let idle = app.inner.body_idle_timeout;
     use http_body_util::BodyExt as _;
     let declared = headers
         .get(axum::http::header::CONTENT_LENGTH)
@@ -103,7 +156,19 @@ async fn read_object(headers: &HeaderMap, body: Body) -> Result<Map<String, Valu
     let mut buf = bytes::BytesMut::new();
     let mut seen = 0usize;
     let mut body = body;
-    while let Some(frame) = body.frame().await {
+    loop {
+        let frame = match tokio::time::timeout(idle, body.frame()).await {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            // An oversized body is answered as such, whether or not the rest came.
+            Err(_) if too_large => break,
+            Err(_) => {
+                return Err(Failure::invalid_json(format!(
+                    "the request body stopped arriving ({} s without data)",
+                    idle.as_secs()
+                )))
+            }
+        };
         let frame = match frame {
             Ok(f) => f,
             Err(_) => return Err(Failure::invalid_json("could not read the request body")),
@@ -127,16 +192,23 @@ async fn read_object(headers: &HeaderMap, body: Body) -> Result<Map<String, Valu
     if too_large {
         return Err(Failure::too_large("request body is over 16 MiB"));
     }
-    match serde_json::from_slice::<Value>(&buf) {
-        Ok(Value::Object(m)) => Ok(m),
-        Ok(_) => Err(Failure::invalid_json("the body must be a JSON object")),
+    match serde_json::from_slice::<UniqueKeys>(&buf) {
+        Ok(UniqueKeys(m)) => Ok(m),
+        Err(e) if e.is_data() => {
+            let m = e.to_string();
+            Err(Failure::invalid_json(match m.find("is given twice") {
+                // The message without serde's " at line 1 column 40".
+                Some(_) => m.split(" at line ").next().unwrap_or(&m).to_string(),
+                None => String::from("the body must be a JSON object"),
+            }))
+        }
         Err(_) => Err(Failure::invalid_json("the body is not valid JSON")),
     }
 }
 
 async fn user_route(State(app): State<App>, headers: HeaderMap, body: Body) -> Response {
     let mut action = None;
-    let r = match read_object(&headers, body).await {
+    let r = match read_object(&app, &headers, body).await {
         Ok(obj) => {
             action = action_of(&obj);
             user::handle(&app, &headers, obj).await
@@ -148,7 +220,7 @@ async fn user_route(State(app): State<App>, headers: HeaderMap, body: Body) -> R
 
 async fn agent_route(State(app): State<App>, headers: HeaderMap, body: Body) -> Response {
     let mut action = None;
-    let r = match read_object(&headers, body).await {
+    let r = match read_object(&app, &headers, body).await {
         Ok(obj) => {
             action = action_of(&obj).or_else(|| Some(String::from("report")));
             agent::handle(&app, obj).await
