@@ -188,15 +188,17 @@ fn user_name(uid: u32) -> Option<String> {
 /// Checks that an `Events` payload is whole asciicast event lines (`[time, "c", …]`, one a
 /// line); returns the time of the last one. A structural check, not a full JSON parse: this
 /// is the hot path, and the backend validates every chunk again (`INVALID_CHUNK`), so a
-/// client that lies only spoils its own recording. Also returns how many lines there are.
-fn check_events(payload: &[u8]) -> anyhow::Result<(Option<f64>, u64)> {
+/// client that lies only spoils its own recording. Times must not go back, from `after` (the
+/// session's last event) on: the backend refuses a chunk whose times do. Also returns how
+/// many lines there are.
+fn check_events(payload: &[u8], after: Option<f64>) -> anyhow::Result<(Option<f64>, u64)> {
     let text = simdutf8::basic::from_utf8(payload)
         .ok()
         .context("events are not UTF-8")?;
     if !text.is_empty() && !text.ends_with('\n') {
         anyhow::bail!("events frame does not end with a newline");
     }
-    let mut last = None;
+    let mut last = after;
     let mut lines = 0;
     let mut start = 0;
     for end in memchr::memchr_iter(b'\n', payload) {
@@ -216,6 +218,9 @@ fn check_events(payload: &[u8]) -> anyhow::Result<(Option<f64>, u64)> {
             .ok()
             .filter(|t| (0.0..=ztna_common::asciicast::MAX_EVENT_TIME).contains(t))
             .context("event time must be a number from 0 to 2^31-1")?;
+        if last.is_some_and(|l| t < l) {
+            anyhow::bail!("event time goes backwards");
+        }
         let rest = rest.trim_start();
         let code_ok = ["\"o\"", "\"i\"", "\"r\"", "\"m\""]
             .iter()
@@ -226,7 +231,8 @@ fn check_events(payload: &[u8]) -> anyhow::Result<(Option<f64>, u64)> {
         last = Some(t);
         lines += 1;
     }
-    Ok((last, lines))
+    // With no line, `last` is still `after`: "no event in this payload" stays `None`.
+    Ok((if lines == 0 { None } else { last }, lines))
 }
 
 /// The most connections one user (root aside) may hold open at once: each may hold a frame
@@ -470,17 +476,21 @@ async fn handle(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
     // The local id: a session whose daemon restarted under it goes on in a new recording
     // whose `continues` names this one.
     metadata.insert("agent_session".into(), Value::from(id.clone()));
+    // When the daemon let go of the session this one continues (unix seconds).
+    let mut let_go = None;
     if let Some(c) = metadata.remove("continues") {
         // Only a session of this user that an orderly stop let go can be continued.
-        let mine = c.as_str().is_some_and(|c| {
+        let_go = c.as_str().and_then(|c| {
             let mut known = lock(&shared.continuable);
-            let mine = known.get(c).is_some_and(|(owner, _)| *owner == uid);
-            if mine {
-                known.remove(c);
+            match known.get(c) {
+                Some(&(owner, at)) if owner == uid => {
+                    known.remove(c);
+                    Some(at)
+                }
+                _ => None,
             }
-            mine
         });
-        if mine {
+        if let_go.is_some() {
             metadata.insert("continues".into(), c);
         } else {
             tracing::warn!(%user, continues = %c, "`continues` names no session of this user that was let go: dropped");
@@ -512,7 +522,26 @@ async fn handle(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
             started_at: now_rfc3339(),
         },
     );
-    let dir = match shared.spool.create_session(&id, &header, &meta_v) {
+    // A continuation starts at its first event, which the user saw while no daemon ran: its
+    // header says when. Believed from the moment the last daemon let the session go.
+    let started_at = match (let_go, start.header.timestamp) {
+        (Some(from), Some(t))
+            if t >= from - 1 && t <= time::OffsetDateTime::now_utc().unix_timestamp() =>
+        {
+            time::OffsetDateTime::from_unix_timestamp(t)
+                .ok()
+                .and_then(|t| {
+                    t.format(&time::format_description::well_known::Rfc3339)
+                        .ok()
+                })
+                .unwrap_or_else(now_rfc3339)
+        }
+        _ => now_rfc3339(),
+    };
+    let dir = match shared
+        .spool
+        .create_session(&id, &header, &meta_v, &started_at)
+    {
         Ok(dir) => dir,
         Err(e) => {
             lock(&shared.live).remove(&id);
@@ -653,7 +682,7 @@ async fn record(
         tokio::select! {
             f = rx.recv() => match f {
                 Some(Ok(f)) if f.kind == Kind::Events => {
-                    let (last, lines) = match check_events(&f.payload) {
+                    let (last, lines) = match check_events(&f.payload, w.last_time) {
                         Ok(x) => x,
                         Err(e) => break Outcome::Lost(format!("bad events: {e:#}")),
                     };
@@ -893,7 +922,7 @@ async fn spool_lines(
     let (last, lines) = if rest.is_empty() {
         (last, lines)
     } else {
-        check_events(written).unwrap_or_default()
+        check_events(written, None).unwrap_or_default()
     };
     if last.is_some() {
         w.last_time = last;
@@ -952,7 +981,10 @@ async fn spool_late(
                 // neither. Once one frame is dropped nothing after it is spooled: no gaps.
                 let n = f.payload.len() as u64;
                 let fits = n <= late.hold.left();
-                let Some((last, lines)) = check_events(&f.payload).ok().filter(|_| fits) else {
+                let Some((last, lines)) = check_events(&f.payload, late.w.last_time)
+                    .ok()
+                    .filter(|_| fits)
+                else {
                     if late.hold.left() > 0 || dropped == 0 {
                         // The first dropped: the user may have seen it (under enforce).
                         tracing::warn!(bytes = n, room_left = late.hold.left(), "late output of a cut session dropped: its room is used up or its window over");
@@ -998,9 +1030,15 @@ mod tests {
 
     #[test]
     fn event_lines_are_checked() {
-        let t =
-            check_events(b"[0.5, \"o\", \"a\"]\n[1.25, \"r\", \"80x24\"]\n").unwrap_or_default();
-        assert_eq!(t, (Some(1.25), 2));
+        let two = b"[0.5, \"o\", \"a\"]\n[1.25, \"r\", \"80x24\"]\n";
+        assert_eq!(check_events(two, None).unwrap_or_default(), (Some(1.25), 2));
+        // Equal times are fine; a time before the session's last event is not.
+        assert_eq!(
+            check_events(two, Some(0.5)).unwrap_or_default(),
+            (Some(1.25), 2)
+        );
+        assert!(check_events(two, Some(0.75)).is_err());
+        assert_eq!(check_events(b"", Some(3.0)).unwrap_or_default(), (None, 0));
         for bad in [
             &b"[0.5, \"o\", \"a\"]"[..],
             b"{\"a\": 1}\n",
@@ -1008,9 +1046,10 @@ mod tests {
             b"[1, \"x\", \"a\"]\n",
             b"[1, \"o\", 3]\n",
             b"[nan, \"o\", \"a\"]\n",
+            b"[2, \"o\", \"a\"]\n[1, \"o\", \"b\"]\n",
         ] {
             assert!(
-                check_events(bad).is_err(),
+                check_events(bad, None).is_err(),
                 "{}",
                 String::from_utf8_lossy(bad)
             );

@@ -280,6 +280,7 @@ impl Spool {
         id: &str,
         header: &Value,
         metadata: &Value,
+        started_at: &str,
     ) -> io::Result<SessionDir> {
         // Built under a name the scanner ignores, then renamed: the uploader never sees a
         // session without its header and metadata.
@@ -290,7 +291,7 @@ impl Spool {
             .and_then(|()| write_atomic(&tmp.join("metadata.json"), &serde_json::to_vec(metadata)?))
             .and_then(|()| fs::write(tmp.join(RESERVE), [0u8; RESERVE_BYTES]))
             // Not synced: the header's whole second stands in for it when a crash loses it.
-            .and_then(|()| fs::write(tmp.join(STARTED), super::now_rfc3339()))
+            .and_then(|()| fs::write(tmp.join(STARTED), started_at))
             .and_then(|()| fs::rename(&tmp, &dir.path));
         if let Err(e) = built {
             // Recovery would remove it at the next start; the disk may be full now.
@@ -971,6 +972,7 @@ mod tests {
                 &id,
                 &serde_json::json!({"version": 2}),
                 &serde_json::json!({}),
+                &crate::daemon::now_rfc3339(),
             )
             .unwrap();
         (t, spool, dir)
@@ -1124,7 +1126,12 @@ mod tests {
             let id = uuid::Uuid::new_v4().to_string();
             let meta = serde_json::json!({ "uid": uid });
             let dir = spool
-                .create_session(&id, &serde_json::json!({"version": 2}), &meta)
+                .create_session(
+                    &id,
+                    &serde_json::json!({"version": 2}),
+                    &meta,
+                    &crate::daemon::now_rfc3339(),
+                )
                 .unwrap();
             let mut w = ChunkWriter::new(dir, 1 << 20, 10);
             w.write(line).unwrap();
