@@ -264,7 +264,7 @@ sshd_T() { local out; out=$(/usr/sbin/sshd -T -f "$S/sshd_config" -C "user=$1,ho
 sshd_T alice | grep -xe 'forcecommand /usr/bin/ztna-recorder shell' >/dev/null \
   || fail "the drop-in does not force the recorder"
 # Forwarding would carry unrecorded traffic: off, even though sshd_config says yes for X11.
-for k in allowtcpforwarding allowstreamlocalforwarding x11forwarding permittunnel; do
+for k in allowagentforwarding allowtcpforwarding allowstreamlocalforwarding x11forwarding permittunnel; do
   sshd_T alice | grep -xe "$k no" >/dev/null || fail "the drop-in leaves $k on"
 done
 # The shell sshd runs the recorder through must run nothing of the user's first (see the drop-in).

@@ -285,6 +285,7 @@ fn sshd_lets_users_run_code_first() -> Vec<String> {
     }
     let pam = std::fs::read_to_string("/etc/pam.d/sshd").unwrap_or_default();
     let mut w = sshd_environment_warnings(&sshd_t, &pam);
+    w.extend(forwarding_left_on(&sshd_t));
     let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
     let zshenv = std::fs::read_to_string("/etc/zsh/zshenv").unwrap_or_default();
     w.extend(shells_read_user_files_first(&passwd, &zshenv));
@@ -311,6 +312,44 @@ fn ptrace_open_to_users(scope: Option<&str>) -> Option<String> {
             None => "this kernel has no Yama ptrace_scope".into(),
         }
     ))
+}
+
+/// Forwarding a recorded login still has (`sshd -T`'s output): each carries traffic that
+/// never passes through the recorder. An agent forwarded to the host is a channel both ways
+/// (keys and their comments added and listed), so a program left on the host can take
+/// commands and return output through it, unrecorded.
+fn forwarding_left_on(sshd_t: &str) -> Option<String> {
+    let on: Vec<&str> = sshd_t
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .filter(|(k, v)| {
+            let k = k.to_ascii_lowercase();
+            [
+                "allowagentforwarding",
+                "allowtcpforwarding",
+                "allowstreamlocalforwarding",
+                "x11forwarding",
+                "permittunnel",
+            ]
+            .contains(&k.as_str())
+                && v.trim() != "no"
+        })
+        .map(|(k, _)| k)
+        .collect();
+    // DisableForwarding overrides them all (except tunnels, which it leaves to PermitTunnel).
+    let disabled = sshd_t
+        .lines()
+        .any(|l| l.eq_ignore_ascii_case("disableforwarding yes"));
+    let on: Vec<&str> = on
+        .into_iter()
+        .filter(|k| !disabled || k.eq_ignore_ascii_case("permittunnel"))
+        .collect();
+    (!on.is_empty()).then(|| {
+        format!(
+            "sshd lets recorded logins use {}: that traffic never passes through the recorder (an agent forwarded with `ssh -A` can carry commands and their output); the drop-in sets each to no, unless an earlier setting wins",
+            on.join(", ")
+        )
+    })
 }
 
 /// Whether `sshd -T`'s output forces our recorder.
@@ -569,6 +608,24 @@ mod tests {
         assert!(w[3].contains("user_readenv=0"));
         assert!(glob_match("LC_*", "LC_ALL") && !glob_match("LC_*", "LD_PRELOAD"));
         assert!(glob_match("LD_??ND*", "LD_BIND_NOT") && !glob_match("LANG", "LANGUAGE"));
+    }
+
+    #[test]
+    fn forwarding_left_on_is_named() {
+        let off = "allowagentforwarding no\nallowtcpforwarding no\n\
+                   allowstreamlocalforwarding no\nx11forwarding no\npermittunnel no\n";
+        assert_eq!(forwarding_left_on(off), None);
+        let agent = off.replace("allowagentforwarding no", "allowagentforwarding yes");
+        let w = forwarding_left_on(&agent).unwrap();
+        assert!(w.contains("use allowagentforwarding:"), "{w}");
+        let two = agent.replace("allowtcpforwarding no", "allowtcpforwarding local");
+        assert!(forwarding_left_on(&two)
+            .unwrap()
+            .contains("allowagentforwarding, allowtcpforwarding"));
+        assert_eq!(
+            forwarding_left_on(&format!("{two}disableforwarding yes\n")),
+            None
+        );
     }
 
     #[test]
