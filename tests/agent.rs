@@ -2561,38 +2561,15 @@ async fn sshd_enforce_ends_a_session_whose_daemon_stays_away_and_the_terminal_is
 
 /// A process that opened sshd's terminal before the recorder claimed it (here one started
 /// ahead of it, as one left by an earlier session could) could talk to the client past the
-/// recording: under `enforce` the login is refused; without, the process is killed, and the
-/// session is recorded and says so. (It used to go on beside the recorder, which one could
-/// then stop, driving the client's terminal unrecorded.)
+/// recording: it is killed, with or without `enforce`, and the session is recorded and says
+/// so. (It used to go on beside the recorder, which one could then stop, driving the client's
+/// terminal unrecorded; and under `enforce` the login used to be refused, leaving no trace.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sshd_a_terminal_held_by_another_process() {
     let mut backend = Backend::new(true).await;
     let agent = Agent::new(&backend, "");
     let mut daemon = agent.daemon();
     let before = "sleep 30 & exec ";
-    let s = sshd::Sshd::start_with(&agent.strict_config(), before);
-    let (code, text) = tokio::task::block_in_place(|| {
-        sshd::interactive(&s, &["echo in-$((2+2))\n", "exit\n"], Duration::ZERO)
-    });
-    assert_eq!(code, Some(1), "{text}");
-    assert!(text.contains("holds this session's terminal"), "{text}");
-    assert!(!text.contains("in-4"), "{text}");
-    drop(s);
-    let s = sshd::Sshd::start_with(&agent.config(), before);
-    let (code, text) = tokio::task::block_in_place(|| {
-        sshd::interactive(&s, &["echo in-$((2+2))\n", "exit 2\n"], Duration::ZERO)
-    });
-    assert_eq!(code, Some(2), "{text}");
-    let recs = backend.wait_completed(1, Duration::from_secs(20)).await;
-    let pid = recs[0]["metadata"]["terminal_held_by_pid"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("{:#}", recs[0]));
-    assert_eq!(
-        recs[0]["metadata"]["terminal_holders_killed"],
-        json!([pid]),
-        "{:#}",
-        recs[0]
-    );
     // Gone (or a zombie: nothing open), not sleeping on with the terminal.
     let gone = |pid: u64| {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -2604,22 +2581,46 @@ async fn sshd_a_terminal_held_by_another_process() {
             .next();
         matches!(state, None | Some("Z"))
     };
-    assert!(gone(pid));
+    for (n, config) in [(1, agent.strict_config()), (2, agent.config())] {
+        let s = sshd::Sshd::start_with(&config, before);
+        let exit = format!("exit {}\n", n + 1);
+        let (code, text) = tokio::task::block_in_place(|| {
+            sshd::interactive(&s, &["echo in-$((2+2))\n", &exit], Duration::ZERO)
+        });
+        assert_eq!(code, Some(n + 1), "{text}");
+        assert!(text.contains("in-4"), "{text}");
+        let recs = backend
+            .wait_completed(n as usize, Duration::from_secs(20))
+            .await;
+        let rec = recs
+            .iter()
+            .find(|r| r["metadata"]["exit_status"] == n + 1)
+            .unwrap_or_else(|| panic!("{recs:#?}"));
+        let pid = rec["metadata"]["terminal_held_by_pid"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{rec:#}"));
+        assert_eq!(
+            rec["metadata"]["terminal_holders_killed"],
+            json!([pid]),
+            "{rec:#}"
+        );
+        assert!(gone(pid));
+        drop(s);
+    }
     // One that made itself undumpable hides its descriptors from `shell` (the user's): the
     // daemon (root) finds it. It used to go on writing to the client, unrecorded.
-    drop(s);
     let hidden =
         "python3 -c 'import ctypes,time; ctypes.CDLL(None).prctl(4, 0); time.sleep(30)' & \
                   sleep 0.5; exec ";
     let s = sshd::Sshd::start_with(&agent.config(), hidden);
     let (code, text) = tokio::task::block_in_place(|| {
-        sshd::interactive(&s, &["echo in-$((3+3))\n", "exit 3\n"], Duration::ZERO)
+        sshd::interactive(&s, &["echo in-$((3+3))\n", "exit 4\n"], Duration::ZERO)
     });
-    assert_eq!(code, Some(3), "{text}");
-    let recs = backend.wait_completed(2, Duration::from_secs(20)).await;
+    assert_eq!(code, Some(4), "{text}");
+    let recs = backend.wait_completed(3, Duration::from_secs(20)).await;
     let rec = recs
         .iter()
-        .find(|r| r["metadata"]["exit_status"] == 3)
+        .find(|r| r["metadata"]["exit_status"] == 4)
         .unwrap_or_else(|| panic!("{recs:#?}"));
     let pids = rec["metadata"]["terminal_holders_killed"]
         .as_array()

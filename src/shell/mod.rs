@@ -450,6 +450,18 @@ fn claim_terminal() -> Vec<u32> {
     holders
 }
 
+/// Whether the holders [`claim_terminal`] found are gone within a moment of their SIGKILL (a
+/// process closes its descriptors as it exits, not when the signal is sent).
+fn terminal_freed() -> bool {
+    for _ in 0..50 {
+        if claim_terminal().is_empty() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    false
+}
+
 /// `pid` and its ancestors, up to (not including) init.
 pub(crate) fn with_ancestors(pid: u32) -> Vec<u32> {
     let mut ours = vec![pid];
@@ -554,18 +566,21 @@ pub fn run(args: ShellArgs) -> anyhow::Result<u8> {
     };
     if let Some(pid) = holders.first() {
         let why = format!("another process (pid {pid}) holds this session's terminal");
-        if cfg.enforce {
-            syslog_warn(&format!("session refused (enforce = true): {why}"));
-            return Ok(refuse(&why));
-        }
         // It could talk to the client past the recording (after stopping us: it is the
         // user's, as we are). Nothing has a right to a terminal sshd has just made, and in
-        // exclusive mode it cannot be opened again: ending these leaves it the recorder's.
+        // exclusive mode it cannot be opened again: ending these leaves it the recorder's,
+        // and the session is recorded, saying so (a refusal would leave no trace of it).
         for &p in &holders {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(p as i32),
                 nix::sys::signal::Signal::SIGKILL,
             );
+        }
+        if cfg.enforce && !terminal_freed() {
+            syslog_warn(&format!(
+                "session refused (enforce = true): {why}, and it is still there after SIGKILL"
+            ));
+            return Ok(refuse(&why));
         }
         syslog_warn(&format!(
             "{why}: killed it (and {} more) so that nothing reaches the client past the recording",
