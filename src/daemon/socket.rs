@@ -398,8 +398,9 @@ async fn handle(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
         return Ok(());
     }
     let usage = shared.spool.usage().unwrap_or_default();
-    // The disk itself may be full before the spool reaches its limit: a session that could
-    // not spool its first chunk would be lost, so it is refused as well.
+    // The disk itself may be full before the spool reaches its limit: a session whose room
+    // and first chunk are not on it, besides the room live sessions keep, would be cut at
+    // once, so it is refused as well.
     let disk_free = shared.spool.disk_free().unwrap_or(u64::MAX);
     let share = shared.config.spool_share(uid);
     let has_share = share < shared.config.spool_max_bytes;
@@ -417,7 +418,7 @@ async fn handle(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
         late_room(shared.config.spool_max_bytes)
     };
     let full = if usage.bytes + shared.spool.held() + room >= shared.config.spool_max_bytes
-        || disk_free < shared.config.chunk_max_bytes
+        || disk_free < shared.spool.held() + room + shared.config.chunk_max_bytes
     {
         Some(("the recording spool is full", false))
     } else if has_share && users + room + shared.config.chunk_max_bytes > share {

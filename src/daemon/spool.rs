@@ -402,6 +402,15 @@ impl Spool {
         if self.bytes_estimate() + self.held() + pending + n > max {
             return Err(Limit::Spool);
         }
+        // The disk may fill first (a small filesystem, other files on it). The room live
+        // sessions keep must be on the disk too: what they send before they hear of a cut was
+        // shown to their users, and is spooled in it (one statvfs a frame of up to 32 KiB).
+        if self
+            .disk_free()
+            .is_ok_and(|free| self.held() + pending + n > free)
+        {
+            return Err(Limit::Spool);
+        }
         if let Some((uid, cap)) = share {
             if self.bytes_of_uid(uid) + self.held_of_uid(uid) + pending + n > cap {
                 return Err(Limit::Share);
