@@ -294,12 +294,30 @@ pub fn syslog_warn(msg: &str) {
         .and_then(|s| s.send_to(line.as_bytes(), "/dev/log"));
 }
 
+/// How long a write to the daemon may wait (its socket's send timeout).
+const DAEMON_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A failed write to the daemon, said plainly: the socket's timeout means the daemon took
+/// nothing for that long (it is stuck, or this user's frames wait behind their own others).
+pub(super) fn daemon_write_error(e: io::Error) -> io::Error {
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "the recording daemon took no output for {} s",
+                DAEMON_WRITE_TIMEOUT.as_secs()
+            ),
+        ),
+        _ => e,
+    }
+}
+
 /// Connects to the daemon, announces the session and reads its decision.
 fn open_session(socket: &Path, start: &StartMsg) -> Result<(UnixStream, DecisionMsg), String> {
     let mut s = UnixStream::connect(socket)
         .map_err(|e| format!("recording daemon unreachable at {}: {e}", socket.display()))?;
     let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-    let _ = s.set_write_timeout(Some(Duration::from_secs(10)));
+    let _ = s.set_write_timeout(Some(DAEMON_WRITE_TIMEOUT));
     let f = Frame::json(Kind::Start, start).map_err(|e| e.to_string())?;
     ipc::write_frame(&mut s, f.kind, &f.payload).map_err(|e| format!("recording daemon: {e}"))?;
     let reply = ipc::read_frame(&mut s).map_err(|e| format!("recording daemon: {e}"))?;

@@ -80,7 +80,7 @@ impl Recording {
         frame.clear();
         frame.extend_from_slice(&head);
         frame.extend_from_slice(line.as_bytes());
-        if let Err(e) = s.write_all(frame) {
+        if let Err(e) = s.write_all(frame).map_err(daemon_write_error) {
             self.mark_lost(&format!("recording daemon: {e}"));
             // The daemon may have stopped in order (its watch thread is about to say so):
             // the output waits for the next one.

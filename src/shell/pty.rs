@@ -263,7 +263,11 @@ impl DaemonSink {
         }
         let head = ipc::head(Kind::Events, self.buf.len() - ipc::HEAD_BYTES).map_err(frame_io)?;
         self.buf[..ipc::HEAD_BYTES].copy_from_slice(&head);
-        let sent = self.link.stream.write_all(&self.buf);
+        let sent = self
+            .link
+            .stream
+            .write_all(&self.buf)
+            .map_err(daemon_write_error);
         match sent {
             Ok(()) => {
                 self.buf.clear();
