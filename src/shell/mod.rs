@@ -294,6 +294,26 @@ pub fn syslog_warn(msg: &str) {
         .and_then(|s| s.send_to(line.as_bytes(), "/dev/log"));
 }
 
+/// Cuts what the user chose (the command, `TERM`) in a session's header and metadata to what
+/// the backend keeps of each (64 KiB as JSON, where a control character takes six bytes):
+/// the Start is one frame of at most 1 MiB, and one over that would leave the session
+/// unrecorded (or, under enforce, refused). The program still gets the whole command.
+fn fit_start(start: &mut StartMsg) {
+    use ztna_common::asciicast::{clip_to_fit, MAX_HEADER_BYTES};
+    let mut meta = Value::Object(std::mem::take(&mut start.metadata));
+    clip_to_fit(&mut meta, ztna_common::api::MAX_METADATA_BYTES);
+    if let Value::Object(m) = meta {
+        start.metadata = m;
+    }
+    if let Ok(mut h) = serde_json::to_value(&start.header) {
+        if clip_to_fit(&mut h, MAX_HEADER_BYTES) {
+            if let Ok(h) = serde_json::from_value(h) {
+                start.header = h;
+            }
+        }
+    }
+}
+
 /// How long a write to the daemon may wait (its socket's send timeout).
 const DAEMON_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -645,11 +665,12 @@ pub fn run(args: ShellArgs) -> anyhow::Result<u8> {
     }
     header.env = Some(env);
     header.command = command.clone();
-    let start = StartMsg {
+    let mut start = StartMsg {
         session_type: "ssh".into(),
         header,
         metadata: meta,
     };
+    fit_start(&mut start);
 
     let program = program_for(&acct, kind, raw_command.as_deref());
     match plan(&cfg, &start) {
