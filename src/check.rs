@@ -263,30 +263,53 @@ fn sshd_lets_users_run_code_first() -> Vec<String> {
     else {
         return Vec::new();
     };
+    // sshd's effective settings for a login by `user` (Match blocks applied).
+    let settings_for = |user: &str| -> Option<String> {
+        let out = std::process::Command::new(sshd)
+            .args(["-T", "-C"])
+            .arg(format!("user={user},host=localhost,addr=127.0.0.1"))
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    };
     // A user no Match block names: what an ordinary recorded login gets.
-    let Ok(out) = std::process::Command::new(sshd)
-        .args([
-            "-T",
-            "-C",
-            "user=ztna-recorder-check,host=localhost,addr=127.0.0.1",
-        ])
-        .stdin(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .output()
-    else {
+    let Some(sshd_t) = settings_for("ztna-recorder-check") else {
         return Vec::new();
     };
-    if !out.status.success() {
-        return Vec::new();
-    }
-    let sshd_t = String::from_utf8_lossy(&out.stdout);
     if !forces_the_recorder(&sshd_t) {
         return Vec::new();
     }
     let pam = std::fs::read_to_string("/etc/pam.d/sshd").unwrap_or_default();
     let mut w = sshd_environment_warnings(&sshd_t, &pam);
-    w.extend(forwarding_left_on(&sshd_t));
+    let everyone = forwarding_left_on(&sshd_t);
+    w.extend(everyone.clone());
     let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    // A Match block may turn forwarding back on for some of them: each account that can log
+    // in, as sshd would treat it (a few hundred at most).
+    let mut by_user = Vec::new();
+    for user in login_accounts(&passwd).into_iter().take(500) {
+        if let Some(t) = settings_for(user) {
+            if forces_the_recorder(&t) {
+                match forwarding_left_on(&t) {
+                    // Said once above for every login.
+                    Some(on) if Some(&on) != everyone.as_ref() => {
+                        by_user.push(format!("{user}: {on}"))
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    if !by_user.is_empty() {
+        w.push(format!(
+            "for some accounts (a Match block): {}",
+            by_user.join("; ")
+        ));
+    }
     let zshenv = std::fs::read_to_string("/etc/zsh/zshenv").unwrap_or_default();
     w.extend(shells_read_user_files_first(&passwd, &zshenv));
     let yama = std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope").ok();
@@ -312,6 +335,20 @@ fn ptrace_open_to_users(scope: Option<&str>) -> Option<String> {
             None => "this kernel has no Yama ptrace_scope".into(),
         }
     ))
+}
+
+/// The accounts of `/etc/passwd` that have a shell to log in with.
+fn login_accounts(passwd: &str) -> Vec<&str> {
+    passwd
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(':').collect();
+            let (user, shell) = (*fields.first()?, *fields.get(6)?);
+            let name = shell.rsplit('/').next()?;
+            let can_log_in = !shell.is_empty() && !matches!(name, "nologin" | "false" | "sync");
+            (can_log_in && !user.is_empty()).then_some(user)
+        })
+        .collect()
 }
 
 /// Forwarding a recorded login still has (`sshd -T`'s output): each carries traffic that
@@ -608,6 +645,14 @@ mod tests {
         assert!(w[3].contains("user_readenv=0"));
         assert!(glob_match("LC_*", "LC_ALL") && !glob_match("LC_*", "LD_PRELOAD"));
         assert!(glob_match("LD_??ND*", "LD_BIND_NOT") && !glob_match("LANG", "LANGUAGE"));
+    }
+
+    #[test]
+    fn accounts_that_can_log_in() {
+        let passwd = "root:x:0:0:root:/root:/bin/bash\nbin:x:2:2:bin:/bin:/usr/sbin/nologin\n\
+                      sync:x:4:65534:sync:/bin:/bin/sync\nalice:x:1000:1000::/home/alice:/bin/zsh\n\
+                      svc:x:999:999::/:/bin/false\nbad line\n";
+        assert_eq!(login_accounts(passwd), ["root", "alice"]);
     }
 
     #[test]
