@@ -60,7 +60,7 @@ pub(crate) struct Inner {
     pub objects: Objects,
     pub jwt: JwtKeys,
     pub sweep_interval: Duration,
-    pub body_idle_timeout: Duration,
+    pub request_idle_timeout: Duration,
     pub metrics: crate::metrics::Metrics,
     pub locks: crate::api::recording::Locks,
 }
@@ -112,7 +112,7 @@ impl App {
                 objects,
                 jwt: JwtKeys::new(&secret),
                 sweep_interval: config.sweep_interval,
-                body_idle_timeout: config.body_idle_timeout,
+                request_idle_timeout: config.request_idle_timeout,
                 metrics: crate::metrics::Metrics::default(),
                 locks: crate::api::recording::Locks::default(),
             }),

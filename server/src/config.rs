@@ -55,9 +55,10 @@ pub struct Config {
     pub sweep_interval: Duration,
     /// Most connections to the metadata database from this process.
     pub max_db_connections: u32,
-    /// How long a request body may go without a byte arriving before the request is
-    /// answered `INVALID_JSON` and its connection closed.
-    pub body_idle_timeout: Duration,
+    /// How long a client may take to send a request's head (the connection is then closed),
+    /// or leave its body without a byte arriving (it is then answered `INVALID_JSON` and its
+    /// connection closed).
+    pub request_idle_timeout: Duration,
 }
 
 impl fmt::Debug for Config {
@@ -76,7 +77,7 @@ impl fmt::Debug for Config {
             )
             .field("s3", &self.s3)
             .field("sweep_interval", &self.sweep_interval)
-            .field("body_idle_timeout", &self.body_idle_timeout)
+            .field("request_idle_timeout", &self.request_idle_timeout)
             .field("max_db_connections", &self.max_db_connections)
             .finish()
     }
@@ -136,7 +137,7 @@ impl Config {
             s3: S3Config::default(),
             sweep_interval: Duration::from_secs(DEFAULT_SWEEP_SECS),
             max_db_connections: 16,
-            body_idle_timeout: Duration::from_secs(30),
+            request_idle_timeout: Duration::from_secs(30),
         }
     }
 

@@ -94,17 +94,75 @@ pub async fn serve(
             }
         })
     };
-    let result = axum::serve(
-        listener,
-        api::router(app.clone())
-            .merge(metrics::router(app.clone()))
-            .merge(web::router(app)),
-    )
-    .with_graceful_shutdown(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-    })
-    .await;
+    let idle = app.inner.request_idle_timeout;
+    let router = api::router(app.clone())
+        .merge(metrics::router(app.clone()))
+        .merge(web::router(app));
+    accept_loop(listener, router, idle, shutdown).await;
+    let _ = stop_tx.send(true);
     let _ = sweeper.await;
-    result
+    Ok(())
+}
+
+/// Serves `router` on each connection `listener` accepts until `shutdown` completes, then lets
+/// the connections finish what they are answering and returns. As `axum::serve` does, with
+/// hyper's header read timeout on (it needs a timer, which axum does not give it): a
+/// connection that takes longer than `header_timeout` to send a request's head (its line
+/// and headers), from its start or the previous response, is closed. One that sends half a
+/// line would otherwise hold a socket for ever (bodies are timed in `api`).
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    header_timeout: std::time::Duration,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::service::TowerToHyperService;
+    // Every connection task holds a receiver: when the last is dropped, all have finished.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, _peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of descriptors, say: what axum::serve does, wait and go on.
+                    tracing::error!("accepting a connection: {e}");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let service = TowerToHyperService::new(router.clone());
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut builder = Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!("connection: {e}");
+                    }
+                    return;
+                }
+                _ = stop.wait_for(|s| *s) => {}
+            }
+            conn.as_mut().graceful_shutdown();
+            if let Err(e) = conn.await {
+                tracing::debug!("connection: {e}");
+            }
+            drop(stop);
+        });
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    drop(stop_rx);
+    stop_tx.closed().await;
 }

@@ -122,7 +122,7 @@ impl Stores {
         let mut c = Config::with_data_dir(self.dir.path());
         c.database_url = self.database_url.clone();
         // Short, so the stalled-body test does not wait the default 30 s.
-        c.body_idle_timeout = std::time::Duration::from_secs(3);
+        c.request_idle_timeout = std::time::Duration::from_secs(3);
         if let Some(s3) = &self.s3 {
             c.store_url = Some(format!("s3://{}", s3.bucket));
             c.s3 = S3Config {
@@ -2101,6 +2101,19 @@ mod scenarios {
         // and its connection closed, not held for ever.
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
         let addr = s.base.trim_start_matches("http://").to_string();
+        // A request head that stops arriving: the connection is closed, with no answer.
+        let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        c.write_all(b"POST /api/session-recording-agent HTTP/1.1\r\nHost: x\r\nX-A: ")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            c.read_to_end(&mut answer),
+        )
+        .await
+        .expect("a stalled request head ends its connection")
+        .ok();
         for (length, status) in [("100", "400"), ("99999999", "413")] {
             let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
             c.write_all(format!("POST /api/session-recording-agent HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n{{").as_bytes())

@@ -134,6 +134,9 @@ impl<'de> serde::Deserialize<'de> for UniqueKeys {
     }
 }
 
+/// The longest a request body may take to arrive, however steadily.
+const BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// How much of an oversized body we read and throw away before answering 413, so that a
 /// client still writing gets the answer instead of a broken pipe. Past this we just close.
 const DRAIN_LIMIT: usize = 4 * MAX_BODY_BYTES;
@@ -146,7 +149,7 @@ async fn read_object(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Map<String, Value>, Failure> {
-    let idle = app.inner.body_idle_timeout;
+    let idle = app.inner.request_idle_timeout;
     use http_body_util::BodyExt as _;
     let declared = headers
         .get(axum::http::header::CONTENT_LENGTH)
@@ -156,12 +159,22 @@ async fn read_object(
     let mut buf = bytes::BytesMut::new();
     let mut seen = 0usize;
     let mut body = body;
+    // A byte now and then would reset the idle timer for ever: the whole body has a deadline
+    // too (16 MiB in it is 28 KiB/s).
+    let until = tokio::time::Instant::now() + BODY_DEADLINE;
     loop {
-        let frame = match tokio::time::timeout(idle, body.frame()).await {
+        let wait = idle.min(until.saturating_duration_since(tokio::time::Instant::now()));
+        let frame = match tokio::time::timeout(wait, body.frame()).await {
             Ok(Some(f)) => f,
             Ok(None) => break,
             // An oversized body is answered as such, whether or not the rest came.
             Err(_) if too_large => break,
+            Err(_) if tokio::time::Instant::now() >= until => {
+                return Err(Failure::invalid_json(format!(
+                    "the request body took over {} s",
+                    BODY_DEADLINE.as_secs()
+                )))
+            }
             Err(_) => {
                 return Err(Failure::invalid_json(format!(
                     "the request body stopped arriving ({} s without data)",
