@@ -138,6 +138,18 @@ async fn accept_loop(
         let service = TowerToHyperService::new(router.clone());
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
+            // hyper's timer starts with a request's first byte: a connection that sends none
+            // at all is timed here.
+            let mut first = [0u8; 1];
+            tokio::select! {
+                r = tokio::time::timeout(header_timeout, stream.peek(&mut first)) => match r {
+                    Ok(Ok(n)) if n > 0 => {}
+                    // Silent past the timeout, closed, or broken: nothing to serve.
+                    _ => return,
+                },
+                // Stopping: a connection that has asked nothing yet is not waited for.
+                _ = stop.wait_for(|s| *s) => return,
+            }
             let mut builder = Builder::new(TokioExecutor::new());
             builder
                 .http1()

@@ -2101,19 +2101,24 @@ mod scenarios {
         // and its connection closed, not held for ever.
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
         let addr = s.base.trim_start_matches("http://").to_string();
-        // A request head that stops arriving: the connection is closed, with no answer.
-        let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
-        c.write_all(b"POST /api/session-recording-agent HTTP/1.1\r\nHost: x\r\nX-A: ")
+        // A request head that stops arriving, or never starts: the connection is closed, with
+        // no answer.
+        let heads: [&[u8]; 2] = [
+            b"POST /api/session-recording-agent HTTP/1.1\r\nHost: x\r\nX-A: ",
+            b"",
+        ];
+        for head in heads {
+            let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            c.write_all(head).await.unwrap();
+            let mut answer = Vec::new();
+            tokio::time::timeout(
+                std::time::Duration::from_secs(20),
+                c.read_to_end(&mut answer),
+            )
             .await
-            .unwrap();
-        let mut answer = Vec::new();
-        tokio::time::timeout(
-            std::time::Duration::from_secs(20),
-            c.read_to_end(&mut answer),
-        )
-        .await
-        .expect("a stalled request head ends its connection")
-        .ok();
+            .expect("a stalled request head ends its connection")
+            .ok();
+        }
         for (length, status) in [("100", "400"), ("99999999", "413")] {
             let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
             c.write_all(format!("POST /api/session-recording-agent HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n{{").as_bytes())
