@@ -64,9 +64,15 @@ struct SizeEstimate {
     /// Bytes claimed for writes in progress ([`Claim`]), not yet noted.
     pending: AtomicU64,
     /// Makes a claim's check and its count one step: two sessions writing at once cannot
-    /// both take the last room.
-    claiming: Mutex<()>,
+    /// both take the last room. Holds the disk's free bytes as last read, and when.
+    claiming: Mutex<Option<(Instant, u64)>>,
 }
+
+/// Far from full, a claim reads the disk's free space at most this often...
+const DISK_EVERY: Duration = Duration::from_millis(50);
+/// ...and every time once less than this is left beyond what it needs (more than the
+/// daemon writes between two reads).
+const DISK_MARGIN: u64 = 64 * 1024 * 1024;
 
 /// Which limit refused a [`Claim`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -396,7 +402,7 @@ impl Spool {
     /// writes in progress leave that much under `max`; and, for a user with a share of their
     /// own (`share`: uid, limit), the same within it. Refused: which limit it was.
     pub fn claim(&self, n: u64, max: u64, share: Option<(u32, u64)>) -> Result<Claim, Limit> {
-        let _one_at_a_time = super::lock(&self.size.claiming);
+        let mut disk = super::lock(&self.size.claiming);
         // Writes in progress are counted whole against both limits: it errs on full.
         let pending = self.size.pending.load(Ordering::Relaxed);
         if self.bytes_estimate() + self.held() + pending + n > max {
@@ -404,11 +410,16 @@ impl Spool {
         }
         // The disk may fill first (a small filesystem, other files on it). The room live
         // sessions keep must be on the disk too: what they send before they hear of a cut was
-        // shown to their users, and is spooled in it (one statvfs a frame of up to 32 KiB).
-        if self
-            .disk_free()
-            .is_ok_and(|free| self.held() + pending + n > free)
-        {
+        // shown to their users, and is spooled in it.
+        let need = self.held() + pending + n;
+        let fresh = match *disk {
+            Some((at, free)) => at.elapsed() < DISK_EVERY && free > need + DISK_MARGIN,
+            None => false,
+        };
+        if !fresh {
+            *disk = self.disk_free().ok().map(|free| (Instant::now(), free));
+        }
+        if disk.is_some_and(|(_, free)| need > free) {
             return Err(Limit::Spool);
         }
         if let Some((uid, cap)) = share {
