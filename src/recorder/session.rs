@@ -656,6 +656,7 @@ impl Session {
             termination: None,
             held_writer: None,
             eof_sent_in: None,
+            eof_sent_at: None,
             eof_resends: 0,
             eof_check_at: None,
             cut,
@@ -739,8 +740,10 @@ struct ControlLoop {
     /// The PTY writer once input has ended: dropping it writes an end-of-file to the PTY, so
     /// it is kept until the session is over.
     held_writer: Option<Box<dyn Write + Send>>,
-    /// Input without a terminal has ended: the PTY's mode when the last end-of-file was sent.
+    /// Input without a terminal has ended: the PTY's mode when the last end-of-file was sent,
+    /// and when.
     eof_sent_in: Option<EofMode>,
+    eof_sent_at: Option<Instant>,
     eof_resends: u32,
     eof_check_at: Option<Instant>,
     cut: Arc<AtomicBool>,
@@ -759,6 +762,9 @@ enum EofMode {
 /// [`ControlLoop::follow_eof`]), and how many more end-of-files are sent at most.
 const EOF_CHECK: Duration = Duration::from_millis(50);
 const EOF_RESENDS: u32 = 64;
+/// How long a program in character mode may run on after an end-of-file before it gets
+/// another.
+const EOF_AGAIN: Duration = Duration::from_secs(1);
 
 impl ControlLoop {
     /// Until the program has exited and its output is drained. Returns its status and
@@ -812,6 +818,7 @@ impl ControlLoop {
                 Some(Ctl::InputEof(mut w, mid_line)) => {
                     if !self.tty && self.stdio && status.is_none() {
                         self.eof_sent_in = self.send_eof(&mut w, if mid_line { 2 } else { 1 });
+                        self.eof_sent_at = Some(Instant::now());
                         self.eof_check_at = Some(Instant::now() + EOF_CHECK);
                     }
                     self.held_writer = Some(w);
@@ -939,8 +946,16 @@ impl ControlLoop {
             return;
         };
         let now = self.pty_mode().map(|(mode, _)| mode);
-        if now.is_some() && now != self.eof_sent_in {
+        // In character mode one may also be lost without a mode change seen here: the line
+        // discipline takes a write in whatever mode it is in when it gets to it, a moment
+        // later, and the program may switch in between. Bash's readline once waited for ever
+        // that way (`record` with piped input, in CI, under load): while the program runs on
+        // in character mode, another follows every second.
+        let again = now == Some(EofMode::Chars)
+            && self.eof_sent_at.is_some_and(|t| t.elapsed() >= EOF_AGAIN);
+        if now.is_some() && (now != self.eof_sent_in || again) {
             self.eof_sent_in = self.send_eof(&mut w, 1);
+            self.eof_sent_at = Some(Instant::now());
             self.eof_resends += 1;
         }
         self.held_writer = Some(w);
