@@ -476,23 +476,26 @@ fn refuse_unconfigured(e: &anyhow::Error) -> u8 {
 /// for among the processes we can see (the user's own, unless one made itself undumpable):
 /// returns their pids.
 fn claim_terminal() -> Vec<u32> {
-    let mut holders = Vec::new();
     if let Err(e) = rustix::termios::ioctl_tiocexcl(io::stdin()) {
         syslog_warn(&format!("cannot make the terminal exclusive: {e}"));
     }
+    other_holders()
+}
+
+/// The processes besides ours that have our terminal (stdin) open.
+fn other_holders() -> Vec<u32> {
     let Ok(tty) = std::fs::read_link("/proc/self/fd/0") else {
-        return holders;
+        return Vec::new();
     };
     // Ours, and our parents' (sshd, and a shell that ran us without exec), hold it rightly.
-    holders.extend(terminal_holders(&tty, &with_ancestors(std::process::id())));
-    holders
+    terminal_holders(&tty, &with_ancestors(std::process::id()))
 }
 
 /// Whether the holders [`claim_terminal`] found are gone within a moment of their SIGKILL (a
 /// process closes its descriptors as it exits, not when the signal is sent).
 fn terminal_freed() -> bool {
     for _ in 0..50 {
-        if claim_terminal().is_empty() {
+        if other_holders().is_empty() {
             return true;
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
