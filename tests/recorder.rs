@@ -1269,6 +1269,10 @@ impl Sink for Collect {
             .push(format!("not started ({status}): {reason}"));
         Ok(())
     }
+    fn held(&mut self, _now: std::time::Duration) -> std::io::Result<()> {
+        self.0.lock().unwrap().push("held".into());
+        Ok(())
+    }
     fn finish(&mut self) -> std::io::Result<()> {
         self.0.lock().unwrap().push("finish".into());
         Ok(())
@@ -1345,6 +1349,49 @@ fn a_failing_sink_never_breaks_the_session_and_is_reported() {
     // The caller's sink saw exactly the lines of the file.
     let file_text = std::fs::read_to_string(&path).unwrap();
     assert_eq!(seen[..seen.len() - 2].concat(), file_text);
+}
+
+/// While held, output is recorded but not shown; the sinks hear when the relay stopped, and
+/// release shows what was held.
+#[test]
+fn held_output_is_recorded_first_and_shown_on_release() {
+    let dir = tempfile::tempdir().unwrap();
+    let go = dir.path().join("go");
+    let out = Shared::default();
+    let collect = Collect::default();
+    let session = Session::new(custom_config(
+        &format!(
+            "stty -opost; echo one; while [ ! -e {} ]; do sleep 0.05; done; echo two; exit 4",
+            go.display()
+        ),
+        &out,
+    ));
+    let control = session.control();
+    let sinks: Vec<Box<dyn Sink>> = vec![Box::new(collect.clone())];
+    let run = std::thread::spawn(move || session.run(sinks).unwrap());
+    let shown = || String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+    let until = |what: &str, cond: &dyn Fn() -> bool| {
+        let t0 = std::time::Instant::now();
+        while !cond() {
+            assert!(t0.elapsed() < std::time::Duration::from_secs(20), "{what}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    until("one shown", &|| shown() == "one\n");
+    control.hold();
+    std::fs::write(&go, "").unwrap();
+    until("held", &|| {
+        collect.0.lock().unwrap().iter().any(|l| l == "held")
+    });
+    let seen = collect.0.lock().unwrap().clone();
+    let at = seen.iter().position(|l| l == "held").unwrap();
+    assert!(seen[at - 1].ends_with(", \"o\", \"two\\n\"]\n"), "{seen:?}");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(shown(), "one\n", "shown while held");
+    control.release();
+    let outcome = run.join().unwrap();
+    assert_eq!(outcome.status, ExitStatus::Code(4));
+    assert_eq!(shown(), "one\ntwo\n");
 }
 
 #[test]

@@ -47,6 +47,11 @@ pub(crate) enum Item {
         status: ExitStatus,
         time: Duration,
     },
+    /// The relay stopped showing output (see `Control::hold`): everything it showed is queued
+    /// before this.
+    Held {
+        time: Duration,
+    },
 }
 
 #[derive(Debug, Default)]

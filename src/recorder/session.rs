@@ -408,6 +408,7 @@ enum Ctl {
 pub struct Control {
     tx: Sender<Ctl>,
     cut: Arc<AtomicBool>,
+    hold: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Control {
@@ -434,6 +435,20 @@ impl Control {
         self.cut.store(true, Ordering::SeqCst);
         self.tx.send(Ctl::Terminate).is_ok()
     }
+
+    /// Stops showing the program's output until [`release`](Self::release) (or the session is
+    /// cut): what the relay reads from then on is recorded first and shown after, and the
+    /// program blocks once the PTY's buffer fills. The sinks get [`Sink::held`] once the relay
+    /// stops, when everything it showed has reached them. For a recording that must show
+    /// nothing it does not have yet (under enforce, while the daemon restarts).
+    pub fn hold(&self) {
+        self.hold.store(true, Ordering::SeqCst);
+    }
+
+    /// Shows output again after [`hold`](Self::hold).
+    pub fn release(&self) {
+        self.hold.store(false, Ordering::SeqCst);
+    }
 }
 
 /// A session to run. See the module docs.
@@ -443,6 +458,8 @@ pub struct Session {
     ctl_rx: Receiver<Ctl>,
     /// Set once the session is being hung up: the relay stops showing output.
     cut: Arc<AtomicBool>,
+    /// Set while output is held (see [`Control::hold`]).
+    hold: Arc<AtomicBool>,
 }
 
 impl Session {
@@ -453,6 +470,7 @@ impl Session {
             ctl_tx,
             ctl_rx,
             cut: Arc::new(AtomicBool::new(false)),
+            hold: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -461,6 +479,7 @@ impl Session {
         Control {
             tx: self.ctl_tx.clone(),
             cut: self.cut.clone(),
+            hold: self.hold.clone(),
         }
     }
 
@@ -473,6 +492,7 @@ impl Session {
             ctl_tx,
             ctl_rx,
             cut,
+            hold,
         } = self;
         let SessionConfig {
             command,
@@ -622,9 +642,9 @@ impl Session {
             let q = queue.clone();
             let ctl = ctl_tx.clone();
             let buf = vec![0u8; BUF_SIZE];
-            let cut = cut.clone();
+            let (cut, hold) = (cut.clone(), hold.clone());
             spawn("ztna-pty-out", SMALL_STACK, move || {
-                output_loop(reader, output, buf, q, ctl, start, &cut)
+                output_loop(reader, output, buf, q, ctl, start, &cut, &hold)
             })?
         };
         if let Some(input) = input {
@@ -660,6 +680,7 @@ impl Session {
             eof_resends: 0,
             eof_check_at: None,
             cut,
+            hold,
         };
         let (status, output_eof) = lp.run(&ctl_rx, drain_timeout);
 
@@ -747,6 +768,7 @@ struct ControlLoop {
     eof_resends: u32,
     eof_check_at: Option<Instant>,
     cut: Arc<AtomicBool>,
+    hold: Arc<AtomicBool>,
 }
 
 /// The PTY's input mode, as far as an end-of-file is concerned.
@@ -773,10 +795,24 @@ impl ControlLoop {
         let mut status: Option<ExitStatus> = None;
         let mut output_eof = false;
         let mut drain_until: Option<Instant> = None;
+        let mut was_held = false;
         loop {
             if let Some(st) = status {
-                if output_eof || drain_until.is_some_and(|d| Instant::now() >= d) {
+                if output_eof {
                     return (st, output_eof);
+                }
+                if drain_until.is_some_and(|d| Instant::now() >= d) {
+                    if self.output_held() {
+                        // Held output is shown (or the session cut) before the session ends,
+                        // and then drained as any other.
+                        drain_until = Some(Instant::now() + HOLD_POLL);
+                        was_held = true;
+                    } else if was_held {
+                        drain_until = Some(Instant::now() + drain_timeout);
+                        was_held = false;
+                    } else {
+                        return (st, output_eof);
+                    }
                 }
             }
             let deadline = [self.kill_at, drain_until, self.eof_check_at]
@@ -856,6 +892,10 @@ impl ControlLoop {
                 }
             }
         }
+    }
+
+    fn output_held(&self) -> bool {
+        self.hold.load(Ordering::SeqCst) && !self.cut.load(Ordering::SeqCst)
     }
 
     fn hang_up(&mut self, running: bool, why: Termination) {
@@ -963,6 +1003,10 @@ impl ControlLoop {
     }
 }
 
+/// How often a held relay looks whether it may show output again.
+const HOLD_POLL: Duration = Duration::from_millis(10);
+
+#[allow(clippy::too_many_arguments)]
 fn output_loop(
     mut reader: Box<dyn Read + Send>,
     mut out: Box<dyn Write + Send>,
@@ -971,6 +1015,7 @@ fn output_loop(
     ctl: Sender<Ctl>,
     start: Instant,
     cut: &AtomicBool,
+    hold: &AtomicBool,
 ) {
     let mut out_ok = true;
     let mut recording = true;
@@ -986,6 +1031,20 @@ fn output_loop(
             break;
         }
         let time = start.elapsed();
+        if hold.load(Ordering::Relaxed) {
+            // Recorded first, shown once released (or never, if the session is cut).
+            if recording {
+                recording = queue.push_bytes(BytesKind::Output, &buf[..n], time)
+                    && queue.push(Item::Held { time });
+            }
+            while hold.load(Ordering::SeqCst) && !cut.load(Ordering::SeqCst) {
+                thread::sleep(HOLD_POLL);
+            }
+            if out_ok && (cut.load(Ordering::SeqCst) || out.write_all(&buf[..n]).is_err()) {
+                out_ok = false;
+            }
+            continue;
+        }
         // The user gets the bytes first; a terminal that went away stops the relay to it,
         // not the recording. So does a hang-up (one relaxed load per read).
         if out_ok && cut.load(Ordering::Relaxed) {
@@ -1153,6 +1212,7 @@ impl Recorder {
                     }
                     Item::Resize { size, time } => self.emit(time, EventKind::Resize(size)),
                     Item::Marker { label, time } => self.emit(time, EventKind::Marker(&label)),
+                    Item::Held { time } => self.held(time.max(self.last)),
                     Item::Finish { status, time } => {
                         let tail = out_utf8.finish();
                         if !tail.is_empty() {
@@ -1242,6 +1302,19 @@ impl Recorder {
                 Err(e) => {
                     let sink = self.sinks.remove(i);
                     self.fail(sink.name(), "tick", e, now);
+                }
+            }
+        }
+    }
+
+    fn held(&mut self, now: Duration) {
+        let mut i = 0;
+        while i < self.sinks.len() {
+            match self.sinks[i].held(now) {
+                Ok(()) => i += 1,
+                Err(e) => {
+                    let sink = self.sinks.remove(i);
+                    self.fail(sink.name(), "held", e, now);
                 }
             }
         }

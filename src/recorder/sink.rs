@@ -43,6 +43,13 @@ pub trait Sink: Send {
         Ok(())
     }
 
+    /// The relay stopped showing output at the session's request
+    /// ([`Control::hold`](super::Control::hold)): every event shown so far has reached this
+    /// sink.
+    fn held(&mut self, _now: Duration) -> io::Result<()> {
+        Ok(())
+    }
+
     /// Instead of any event, when the program could not be started (`reason` says why,
     /// `status` is a shell's exit status for it: 127 or 126); [`finish`](Sink::finish) follows.
     fn not_started(&mut self, _reason: &str, _status: u8) -> io::Result<()> {
@@ -72,6 +79,9 @@ impl<S: Sink + ?Sized> Sink for Box<S> {
     fn flush(&mut self) -> io::Result<()> {
         (**self).flush()
     }
+    fn held(&mut self, now: Duration) -> io::Result<()> {
+        (**self).held(now)
+    }
     fn not_started(&mut self, reason: &str, status: u8) -> io::Result<()> {
         (**self).not_started(reason, status)
     }
@@ -96,7 +106,7 @@ pub enum SinkPolicy {
 pub struct SinkFailure {
     /// The sink's [`Sink::name`].
     pub sink: String,
-    /// Which call failed: "start", "event", "flush", "tick" or "finish".
+    /// Which call failed: "start", "event", "flush", "tick", "held" or "finish".
     pub during: &'static str,
     pub error: String,
     /// Session time of the failure.

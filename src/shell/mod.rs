@@ -13,7 +13,8 @@
 //! policy decides: fail open (run unrecorded, warn to syslog) or fail closed (a one-line
 //! message, exit status 1). When the org switched recording off the session runs unrecorded.
 //! When the daemon stops in order (a restart) the session goes on and the next daemon records
-//! the rest ([`resume`]).
+//! the rest ([`resume`]); under `enforce` its output is held meanwhile, shown once a daemon
+//! has it.
 
 use crate::config::Config;
 use crate::ipc::{self, DecisionMsg, EndMsg, Frame, FrameError, Kind, Mode, StartMsg};

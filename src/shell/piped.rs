@@ -64,6 +64,7 @@ impl Recording {
         // nothing it could not send).
         if self.lost.load(Ordering::Acquire) {
             self.pause_and_resume(&mut guard, Some((code, text)), now, false);
+            self.hold(&mut guard);
             return;
         }
         let Some(s) = guard.as_mut() else { return };
@@ -85,6 +86,30 @@ impl Recording {
             // The daemon may have stopped in order (its watch thread is about to say so):
             // the output waits for the next one.
             self.pause_and_resume(&mut guard, Some((code, text)), now, false);
+            self.hold(&mut guard);
+        }
+    }
+
+    /// Under enforce, with the recording lost: shows nothing until a daemon records the
+    /// session again (what was kept for it is sent first), recording is switched off, or the
+    /// session is being ended (`cut`: never shown). Output shown while only our memory held
+    /// it would be lost if no daemon came back. Called with the stream's lock held: the other
+    /// relays wait too.
+    fn hold(self: &Arc<Self>, stream: &mut Option<UnixStream>) {
+        if !self.enforce {
+            return;
+        }
+        while self.lost.load(Ordering::SeqCst)
+            && !self.cut.load(Ordering::SeqCst)
+            && !locked(&self.resume).2
+        {
+            if self.overdue().is_some() {
+                // The program may have ended already, with no one else to look.
+                self.cut.store(true, Ordering::SeqCst);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            self.pause_and_resume(stream, None, self.started.elapsed(), false);
         }
     }
 

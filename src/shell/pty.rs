@@ -41,6 +41,11 @@ struct Link {
     /// Set by the watch thread when the daemon stopped in order: events go to the gap buffer
     /// until a daemon takes the session again, whatever the enforce policy.
     orderly: Arc<AtomicBool>,
+    /// Set with `orderly` under enforce: the relay is held, and this daemon still gets what was
+    /// shown until the relay says it stopped ([`DaemonSink::held`]).
+    drain: Arc<AtomicBool>,
+    /// Our side is closed: the daemon has all it gets from this link.
+    let_go: bool,
     /// Set by the watch thread when the daemon stopped recording this session (its spool is
     /// full) or went away: events are no longer sent, only the End (for the exit status).
     stopped: Arc<AtomicBool>,
@@ -61,11 +66,12 @@ impl Link {
     /// ends then, even if the program is silent and no write would notice.
     fn open(stream: UnixStream, session: Option<String>, ctx: &WatchCtx) -> io::Result<Link> {
         let orderly = Arc::new(AtomicBool::new(false));
+        let drain = Arc::new(AtomicBool::new(false));
         let stopped = Arc::new(AtomicBool::new(false));
         let (ack_tx, acks) = mpsc::channel();
         let mut watch = stream.try_clone()?;
         let ctx = ctx.clone();
-        let (o, s) = (orderly.clone(), stopped.clone());
+        let (o, d, s) = (orderly.clone(), drain.clone(), stopped.clone());
         std::thread::Builder::new()
             .name("daemon-watch".into())
             .stack_size(64 * 1024)
@@ -79,8 +85,16 @@ impl Link {
                     if stopping {
                         // An orderly stop (upgrade, restart) keeps users' sessions running.
                         // Closing our side tells the daemon that what we sent is all it gets;
-                        // the rest waits for the next daemon.
-                        let _ = watch.shutdown(std::net::Shutdown::Write);
+                        // the rest waits for the next daemon. Under enforce nothing is shown
+                        // meanwhile: output shown but kept only in our memory would be lost
+                        // if no daemon came back, so the relay is held, and the sink closes
+                        // our side once what was shown has reached this daemon.
+                        if ctx.enforce {
+                            d.store(true, Ordering::SeqCst);
+                            ctx.control.hold();
+                        } else {
+                            let _ = watch.shutdown(std::net::Shutdown::Write);
+                        }
                         o.store(true, Ordering::SeqCst);
                         syslog_warn(&format!("recording paused until the daemon is back: {why}"));
                     } else if !ctx.ended.load(Ordering::SeqCst) {
@@ -104,6 +118,8 @@ impl Link {
             session,
             acks,
             orderly,
+            drain,
+            let_go: false,
             stopped,
         })
     }
@@ -123,13 +139,19 @@ impl DaemonSink {
         Err(e)
     }
 
+    /// Whether the daemon stopped in order and still gets what was shown (under enforce, until
+    /// the relay is held).
+    fn draining(&self) -> bool {
+        self.link.drain.load(Ordering::SeqCst) && !self.link.let_go
+    }
+
     /// Whether the current link no longer records (the daemon stopped in order): from then on
     /// events wait in the gap buffer for the next daemon.
     fn paused(&mut self, now: Duration) -> bool {
         if self.given_up {
             return true;
         }
-        if self.resume.is_none() && self.link.orderly.load(Ordering::SeqCst) {
+        if self.resume.is_none() && self.link.orderly.load(Ordering::SeqCst) && !self.draining() {
             let mut r = Resume::new(self.link.session.clone(), now);
             // The frame the stopping daemon did not take waits with the rest.
             let unsent = std::mem::take(&mut self.buf);
@@ -156,8 +178,10 @@ impl DaemonSink {
         let (stream, session) = match r.ask(&self.socket, &self.start, self.size, now) {
             Resumed::Record(s, id) => (s, id),
             Resumed::Off => {
+                // Recording is switched off: the rest runs unrecorded, whatever enforce says.
                 self.resume = None;
                 self.given_up = true;
+                self.watch.control.release();
                 return;
             }
             Resumed::Later => return,
@@ -173,6 +197,21 @@ impl DaemonSink {
                 break;
             }
         }
+        // What the relay holds is in the gap: it may be shown now.
+        self.watch.control.release();
+    }
+
+    /// Under enforce, once the relay is held (or the session ends): lets the stopping daemon go
+    /// with everything shown, and waits for the next one.
+    fn let_go(&mut self, now: Duration) {
+        if !self.draining() {
+            return;
+        }
+        // A failed send is the daemon already gone: the frame stays, for the next one.
+        let _ = self.send_pending();
+        let _ = self.link.stream.shutdown(std::net::Shutdown::Write);
+        self.link.let_go = true;
+        self.paused(now);
     }
 
     /// Keeps an event for the next daemon.
@@ -318,6 +357,9 @@ impl Sink for DaemonSink {
         if let EventKind::Resize(s) = event.kind {
             self.size = s;
         }
+        if let EventKind::Exit(_) = event.kind {
+            self.let_go(event.time);
+        }
         if self.paused(event.time) {
             match event.kind {
                 EventKind::Exit(_) => {
@@ -389,8 +431,17 @@ impl Sink for DaemonSink {
         Ok(())
     }
 
+    fn held(&mut self, now: Duration) -> io::Result<()> {
+        self.let_go(now);
+        Ok(())
+    }
+
     fn flush(&mut self) -> io::Result<()> {
-        if self.link.orderly.load(Ordering::Relaxed) && self.resume.is_none() && !self.given_up {
+        if self.link.orderly.load(Ordering::Relaxed)
+            && self.resume.is_none()
+            && !self.given_up
+            && !self.draining()
+        {
             // Held for the next daemon (see `paused`).
             return Ok(());
         }

@@ -9,7 +9,8 @@ pub(super) const GAP_MAX_BYTES: usize = 1024 * 1024;
 /// How long the exit waits for a daemon that stopped in order, when output is waiting for it.
 pub(super) const RESUME_AT_EXIT: Duration = Duration::from_secs(2);
 /// Under enforce, how long a session runs while no daemon records it after an orderly stop (a
-/// restart takes a second or two); past this, or past [`GAP_MAX_BYTES`] of output, it ends.
+/// restart takes a second or two), its output held; past this it ends (or past
+/// [`GAP_MAX_BYTES`] kept, which the hold leaves to what was in flight).
 pub(super) const ENFORCE_GRACE: Duration = Duration::from_secs(10);
 
 /// Reconnecting to the daemon after it stopped in order: when to try next, and the output
