@@ -70,6 +70,9 @@ pub enum ErrorCode {
     PayloadTooLarge,
     /// Not the contract's: a route asked with another method than POST (405).
     MethodNotAllowed,
+    /// Not the contract's: the server holds as many request bodies as its memory budget
+    /// allows, and this one waited too long for room (503; retry later).
+    ServerBusy,
     InternalError,
 }
 
@@ -90,6 +93,7 @@ impl ErrorCode {
             ErrorCode::Conflict => "CONFLICT",
             ErrorCode::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
             ErrorCode::MethodNotAllowed => "METHOD_NOT_ALLOWED",
+            ErrorCode::ServerBusy => "SERVER_BUSY",
             ErrorCode::InternalError => "INTERNAL_ERROR",
         }
     }
@@ -108,6 +112,7 @@ impl ErrorCode {
             ErrorCode::Conflict => 409,
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::MethodNotAllowed => 405,
+            ErrorCode::ServerBusy => 503,
             ErrorCode::InternalError => 500,
         }
     }
@@ -115,7 +120,7 @@ impl ErrorCode {
     /// Whether an agent should retry a request that got this answer (the backend may recover),
     /// or give the request up (retrying would get the same answer).
     pub fn is_retryable(self) -> bool {
-        matches!(self, ErrorCode::InternalError)
+        matches!(self, ErrorCode::InternalError | ErrorCode::ServerBusy)
     }
 }
 
@@ -206,6 +211,8 @@ mod tests {
             NotFound,
             Conflict,
             PayloadTooLarge,
+            MethodNotAllowed,
+            ServerBusy,
             InternalError,
         ] {
             assert_eq!(serde_json::to_value(c).unwrap(), c.as_str());

@@ -63,7 +63,16 @@ pub(crate) struct Inner {
     pub request_idle_timeout: Duration,
     pub metrics: crate::metrics::Metrics,
     pub locks: crate::api::recording::Locks,
+    /// Bytes of request bodies that may be held at once (see `Config::max_body_memory`).
+    pub body_budget: Arc<tokio::sync::Semaphore>,
+    /// Object writes made under a database transaction (uploads, completes), fewer than the
+    /// pool's connections: a stalled object store then holds only some of them, and every
+    /// other request (and `/healthz`) still gets one.
+    pub object_writes: tokio::sync::Semaphore,
 }
+
+/// Database connections kept for requests other than object writes (see `object_writes`).
+const CONNECTIONS_KEPT: u32 = 4;
 
 /// What [`App::seed`] made.
 #[derive(Debug, Clone)]
@@ -115,6 +124,17 @@ impl App {
                 request_idle_timeout: config.request_idle_timeout,
                 metrics: crate::metrics::Metrics::default(),
                 locks: crate::api::recording::Locks::default(),
+                body_budget: Arc::new(tokio::sync::Semaphore::new(config.max_body_memory.clamp(
+                    ztna_common::api::MAX_BODY_BYTES,
+                    tokio::sync::Semaphore::MAX_PERMITS,
+                ))),
+                object_writes: tokio::sync::Semaphore::new(
+                    config
+                        .max_db_connections
+                        .saturating_sub(CONNECTIONS_KEPT)
+                        .max(config.max_db_connections / 2)
+                        .max(1) as usize,
+                ),
             }),
         })
     }

@@ -59,6 +59,10 @@ pub struct Config {
     /// or leave its body without a byte arriving (it is then answered `INVALID_JSON` and its
     /// connection closed).
     pub request_idle_timeout: Duration,
+    /// Most bytes of request bodies this process holds at once (at least one body's 16 MiB):
+    /// a body waits for room as it arrives, and is answered `SERVER_BUSY` after
+    /// `request_idle_timeout` without any.
+    pub max_body_memory: usize,
 }
 
 impl fmt::Debug for Config {
@@ -78,6 +82,7 @@ impl fmt::Debug for Config {
             .field("s3", &self.s3)
             .field("sweep_interval", &self.sweep_interval)
             .field("request_idle_timeout", &self.request_idle_timeout)
+            .field("max_body_memory", &self.max_body_memory)
             .field("max_db_connections", &self.max_db_connections)
             .finish()
     }
@@ -123,6 +128,8 @@ fn secret_param(key: &str) -> bool {
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_SWEEP_SECS: u64 = 3600;
+/// See [`Config::max_body_memory`].
+pub const DEFAULT_MAX_BODY_MEMORY: usize = 256 * 1024 * 1024;
 const SECRET_FILE: &str = "jwt-secret";
 
 impl Config {
@@ -138,6 +145,7 @@ impl Config {
             sweep_interval: Duration::from_secs(DEFAULT_SWEEP_SECS),
             max_db_connections: 16,
             request_idle_timeout: Duration::from_secs(30),
+            max_body_memory: DEFAULT_MAX_BODY_MEMORY,
         }
     }
 

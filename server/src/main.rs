@@ -108,6 +108,11 @@ struct ServeArgs {
     #[arg(long, env = "ZTNA_SWEEP_INTERVAL_SECS", default_value_t = config::DEFAULT_SWEEP_SECS,
           value_parser = clap::value_parser!(u64).range(1..=31_536_000))]
     sweep_interval_secs: u64,
+    /// MiB of request bodies held at once, at most (at least 16: one whole body). A body waits
+    /// for room as it arrives; one that waits too long is answered 503 `SERVER_BUSY`.
+    #[arg(long, env = "ZTNA_MAX_BODY_MEMORY_MIB", default_value_t = 256,
+          value_parser = clap::value_parser!(u64).range(16..=1_048_576), value_name = "MIB")]
+    max_body_memory_mib: u64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -308,6 +313,9 @@ async fn run(cli: Cli) -> Result<(), String> {
         Command::Serve(args) => {
             init_tracing("info");
             config.sweep_interval = Duration::from_secs(args.sweep_interval_secs);
+            config.max_body_memory =
+                usize::try_from(args.max_body_memory_mib.saturating_mul(1024 * 1024))
+                    .unwrap_or(usize::MAX);
             tracing::info!(?config, "starting");
             // Resolved before anything is opened, so a bad address creates no data directory.
             let addrs: Vec<SocketAddr> = tokio::net::lookup_host(config.listen.as_str())

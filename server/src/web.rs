@@ -127,7 +127,7 @@ fn failure(f: Failure) -> Response {
 async fn cast(
     State(app): State<App>,
     headers: HeaderMap,
-    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Response {
     let response = match authorize(&app, &headers, query).await {
         Ok((rec, from_chunk)) => stream_cast(&app, rec, from_chunk),
@@ -150,10 +150,19 @@ const MAX_CHUNK_INDEX: i64 = 1_000_000_000;
 async fn authorize(
     app: &App,
     headers: &HeaderMap,
-    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<(Recording, Option<i64>), Failure> {
-    let Query(q) =
+    let Query(pairs) =
         query.map_err(|_| Failure::invalid_field("query", "not a valid query string"))?;
+    // Each parameter once: `org_id=A&org_id=B` would mean one org to a proxy or log that
+    // reads the first and another to us.
+    let mut q = HashMap::new();
+    for (k, v) in pairs {
+        if q.contains_key(&k) {
+            return Err(Failure::invalid_field(&k, "given twice"));
+        }
+        q.insert(k, v);
+    }
     let present = |k: &str| q.get(k).filter(|v| !v.is_empty());
     let missing: Vec<&str> = ["org_id", "session_id"]
         .into_iter()

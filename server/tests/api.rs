@@ -281,7 +281,14 @@ impl Server {
     }
 
     async fn start_with(stores: Stores) -> Server {
-        let app = App::open(stores.config()).await.unwrap();
+        Server::start_config(stores, |_| {}).await
+    }
+
+    /// As `start_with`, with the configuration changed by `tweak` first.
+    async fn start_config(stores: Stores, tweak: impl FnOnce(&mut Config)) -> Server {
+        let mut config = stores.config();
+        tweak(&mut config);
+        let app = App::open(config).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -1691,6 +1698,17 @@ mod scenarios {
     /// its summary, and its duration) or refused, and a deleted recording leaves no object.
     pub async fn races(s: &Server) {
         let org = &s.fx.org;
+        // One address given at once in two cases is one user (addresses are compared without
+        // case; on PostgreSQL two creates used to insert one row each).
+        let o: uuid::Uuid = org.parse().unwrap();
+        for i in 0..6 {
+            let (x, y) = (format!("Race{i}@acme.test"), format!("race{i}@ACME.test"));
+            let (a, b) = tokio::join!(
+                s.app.create_user(o, &x, Role::Member),
+                s.app.create_user(o, &y, Role::Member),
+            );
+            assert_eq!(a.unwrap(), b.unwrap(), "race{i}");
+        }
         let upload = |rec: &str, i: u64| json!({"action": "upload_chunk", "node_key": s.fx.node_key, "session_id": rec, "chunk_index": i, "chunk_data": format!("[{}.5, \"o\", \"{}\"]\n", i * 10, "x".repeat(20_000))});
         for trial in 0..8 {
             let rec = agent_start(s).await;
@@ -1916,6 +1934,27 @@ mod scenarios {
     pub async fn strict_input(s: &Server) {
         let org = &s.fx.org;
         let nk = &s.fx.node_key;
+        // A node key that is not a string is a malformed field, checked before credentials.
+        assert_err(
+            s.agent(json!({"action": "config", "node_key": 5})).await,
+            400,
+            "INVALID_FIELD",
+        );
+        // A query parameter given twice on the cast endpoint, as a key twice in a body.
+        let rec = s.start_recording().await;
+        let r = s
+            .http
+            .get(format!(
+                "{}/api/session-recording/cast?org_id={org}&session_id={rec}&org_id={}",
+                s.base,
+                uuid::Uuid::new_v4()
+            ))
+            .bearer_auth(&s.fx.admin_token)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        assert_err((status, r.json().await.unwrap()), 400, "INVALID_FIELD");
         // A key given twice: a proxy reading the first would see another action than ours.
         let old = s.agent(json!({"node_key": nk, "session_type": "ssh", "session_data": {"transcript": "[0, \"o\", \"x\"]"}})).await;
         assert_eq!(old.0, 201);
@@ -2582,6 +2621,8 @@ mod scenarios {
 struct Toggle {
     url: String,
     up: Arc<std::sync::atomic::AtomicBool>,
+    /// While set, connections are taken and held, with nothing relayed (a store that hangs).
+    stalled: Arc<std::sync::atomic::AtomicBool>,
     relays: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
 }
 
@@ -2591,12 +2632,20 @@ impl Toggle {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let stalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let relays = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (u, r) = (up.clone(), relays.clone());
+        let (u, st, r) = (up.clone(), stalled.clone(), relays.clone());
         tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
                 if !u.load(std::sync::atomic::Ordering::SeqCst) {
                     continue; // dropped: closed at once
+                }
+                if st.load(std::sync::atomic::Ordering::SeqCst) {
+                    r.lock().unwrap().push(tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_secs(600)).await;
+                        drop(client);
+                    }));
+                    continue;
                 }
                 let target = target.clone();
                 r.lock().unwrap().push(tokio::spawn(async move {
@@ -2606,7 +2655,23 @@ impl Toggle {
                 }));
             }
         });
-        Toggle { url, up, relays }
+        Toggle {
+            url,
+            up,
+            stalled,
+            relays,
+        }
+    }
+
+    /// Holds new connections without relaying them; `false` closes those held, and relays
+    /// again.
+    fn stall(&self, on: bool) {
+        self.stalled.store(on, std::sync::atomic::Ordering::SeqCst);
+        if !on {
+            for relay in self.relays.lock().unwrap().drain(..) {
+                relay.abort();
+            }
+        }
     }
 
     fn set(&self, up: bool) {
@@ -2675,6 +2740,136 @@ async fn an_unreachable_object_store_refuses_and_loses_nothing() {
     ]
     .concat();
     assert_eq!(all, b"[0, \"o\", \"chunk 0\"]\n[1, \"o\", \"chunk 1\"]\n");
+    s.stop().await;
+}
+
+/// An object store that hangs holds up only the uploads and `complete`s waiting on it: they
+/// get fewer database connections than the pool has, so settings, `list` and `/healthz` still
+/// answer (they used to wait out the pool's 30 s with every connection held by an upload).
+/// Once the store answers again, every upload answered 200 is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_object_store_holds_up_only_uploads() {
+    let mut stores = Stores::new(Backend::PgS3).await;
+    let s3 = stores.s3.as_mut().unwrap();
+    let proxy = Toggle::start(&s3.endpoint).await;
+    s3.endpoint = proxy.url.clone();
+    let s = Arc::new(Server::start_config(stores, |c| c.max_db_connections = 6).await);
+    let org = s.fx.org.clone();
+    let session = s.start_recording().await;
+    let rec = session.clone();
+    let upload = move |i: u64| {
+        json!({"action": "upload_chunk", "org_id": org, "session_id": rec,
+               "chunk_index": i, "chunk_data": format!("[{i}, \"o\", \"chunk {i}\"]\n")})
+    };
+    let (st, b) = s.member(upload(0)).await;
+    assert_eq!(st, 200, "{b}");
+    proxy.stall(true);
+    let mut uploads = Vec::new();
+    for i in 1..=8 {
+        let (s, body) = (s.clone(), upload(i));
+        uploads.push(tokio::spawn(async move { s.member(body).await }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let org = s.fx.org.clone();
+    for action in ["get_settings", "list"] {
+        let (st, b) = tokio::time::timeout(
+            Duration::from_secs(5),
+            s.admin(json!({"action": action, "org_id": org})),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{action}: no answer within 5 s while the store hangs"));
+        assert_eq!(st, 200, "{b}");
+    }
+    let health = tokio::time::timeout(
+        Duration::from_secs(5),
+        s.http.get(format!("{}/healthz", s.base)).send(),
+    )
+    .await
+    .expect("/healthz: no answer within 5 s while the store hangs")
+    .unwrap();
+    assert_eq!(health.status().as_u16(), 200);
+    proxy.stall(false);
+    let mut stored = vec![0];
+    for (i, u) in uploads.into_iter().enumerate() {
+        let (st, b) = u.await.unwrap();
+        match st {
+            200 => stored.push(i as i64 + 1),
+            500 => assert_eq!(code(&b), "INTERNAL_ERROR", "{b}"),
+            _ => panic!("{st} {b}"),
+        }
+    }
+    let d = s.get(&session).await;
+    let indexes: Vec<i64> = d["recording"]["metadata"]["chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["index"].as_i64().unwrap())
+        .collect();
+    for i in &stored {
+        assert!(indexes.contains(i), "chunk {i} was acknowledged: {d}");
+    }
+    match Arc::try_unwrap(s) {
+        Ok(s) => s.stop().await,
+        Err(_) => panic!("the server is still shared"),
+    }
+}
+
+/// Request bodies are held within the process's budget: a body that finds no room for 30 s
+/// (3 s here) is answered 503 SERVER_BUSY, small requests still get in past a large one
+/// waiting, and room comes back when a body's connection goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_share_a_memory_budget() {
+    use tokio::io::AsyncWriteExt as _;
+    const MIB: usize = 1024 * 1024;
+    let s = Server::start_config(Stores::new(Backend::Sqlite).await, |c| {
+        c.max_body_memory = 16 * MIB;
+    })
+    .await;
+    let addr = s.base.trim_start_matches("http://").to_string();
+    // One client announces almost all of the budget and sends over half of it (room is taken
+    // by doubling), then a byte a second: it holds its room and is never idle for 3 s.
+    let mut hog = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let declared = 16 * MIB - 64 * 1024;
+    hog.write_all(format!("POST /api/session-recording-agent HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {declared}\r\n\r\n{{\"pad\": \"").as_bytes())
+        .await
+        .unwrap();
+    hog.write_all(&vec![b'x'; 9 * MIB]).await.unwrap();
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let trickle = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = &mut stopped => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                    if hog.write_all(b"x").await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let org = s.fx.org.clone();
+    let big = json!({"action": "get_settings", "org_id": org, "pad": "y".repeat(200_000)});
+    let t0 = std::time::Instant::now();
+    assert_err(s.admin(big.clone()).await, 503, "SERVER_BUSY");
+    assert!(t0.elapsed() >= Duration::from_secs(2), "{:?}", t0.elapsed());
+    let (st, b) = s
+        .admin(json!({"action": "get_settings", "org_id": org}))
+        .await;
+    assert_eq!(st, 200, "a small request past the large one: {b}");
+    let _ = stop.send(());
+    trickle.await.unwrap();
+    // The hog's connection is gone: its room is back.
+    let mut answered = None;
+    for _ in 0..50 {
+        let (st, b) = s.admin(big.clone()).await;
+        if st == 200 {
+            answered = Some(b);
+            break;
+        }
+        assert_err((st, b), 503, "SERVER_BUSY");
+    }
+    assert!(answered.is_some(), "room never came back");
     s.stop().await;
 }
 

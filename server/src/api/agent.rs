@@ -128,7 +128,10 @@ pub async fn handle(app: &App, body: Map<String, Value>) -> Result<Success, Fail
     // Never logged, never echoed: only its hash is looked up.
     let node_key = match body.get("node_key") {
         Some(Value::String(k)) if !k.is_empty() => auth::node_key_hash(k),
-        _ => return Err(Failure::unauthorized()),
+        // Missing or empty is no key (the contract's UNAUTHORIZED); another type is a
+        // malformed field, which is checked before credentials.
+        None | Some(Value::Null) | Some(Value::String(_)) => return Err(Failure::unauthorized()),
+        Some(_) => return Err(Failure::invalid_field("node_key", "must be a string")),
     };
     drop(body);
     let machine = app

@@ -69,7 +69,7 @@ impl From<MetaError> for Failure {
             MetaError::Objects(e) => e.into(),
             e => {
                 tracing::error!(error = %e, "metadata store failed");
-                Failure::internal()
+                internal_or_full(&e)
             }
         }
     }
@@ -78,6 +78,65 @@ impl From<MetaError> for Failure {
 impl From<ObjectError> for Failure {
     fn from(e: ObjectError) -> Self {
         tracing::error!(error = %e, "object store failed");
+        internal_or_full(&e)
+    }
+}
+
+/// A full disk is said as such (the client, or its operator, can do something about it);
+/// any other internal failure stays "internal error".
+fn internal_or_full(e: &(dyn std::error::Error + 'static)) -> Failure {
+    if storage_full(e) {
+        Failure::new(
+            ErrorCode::InternalError,
+            "the server's storage is full; nothing was changed",
+        )
+    } else {
         Failure::internal()
+    }
+}
+
+fn storage_full(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            // ENOSPC, EDQUOT
+            if io.kind() == std::io::ErrorKind::StorageFull
+                || matches!(io.raw_os_error(), Some(28) | Some(122))
+            {
+                return true;
+            }
+        }
+        // SQLite's SQLITE_FULL comes as a database error with this text.
+        if e.to_string().contains("database or disk is full") {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn a_full_disk_is_said_as_such() {
+        let full = ObjectError::Io {
+            key: "recordings/o/s/chunk-0.cast".into(),
+            source: std::io::Error::from_raw_os_error(28),
+        };
+        let f = Failure::from(MetaError::Objects(full));
+        assert_eq!(f.code, ErrorCode::InternalError);
+        assert!(f.message.contains("storage is full"), "{}", f.message);
+        let sqlite = MetaError::Batch(
+            "error returned from database: (code: 13) database or disk is full".into(),
+        );
+        assert!(Failure::from(sqlite).message.contains("storage is full"));
+        let other = ObjectError::Io {
+            key: "k".into(),
+            source: std::io::Error::from_raw_os_error(5),
+        };
+        assert_eq!(Failure::from(other), Failure::internal());
     }
 }

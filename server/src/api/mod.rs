@@ -141,14 +141,51 @@ const BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(600);
 /// client still writing gets the answer instead of a broken pipe. Past this we just close.
 const DRAIN_LIMIT: usize = 4 * MAX_BODY_BYTES;
 
-/// Reads the body up to 16 MiB (413 past that) and parses it as a JSON object.
+/// Room for `n` more bytes of request bodies in the process's budget, waiting up to `patience`
+/// for it. Not first come, first served: a large body waiting for room must not hold up the
+/// small requests behind it.
+async fn body_room(
+    app: &App,
+    n: usize,
+    patience: std::time::Duration,
+) -> Result<tokio::sync::OwnedSemaphorePermit, Failure> {
+    let until = tokio::time::Instant::now() + patience;
+    let n = u32::try_from(n).map_err(|_| Failure::too_large("request body is over 16 MiB"))?;
+    loop {
+        match app.inner.body_budget.clone().try_acquire_many_owned(n) {
+            Ok(p) => return Ok(p),
+            Err(tokio::sync::TryAcquireError::Closed) => return Err(Failure::internal()),
+            Err(tokio::sync::TryAcquireError::NoPermits) => {}
+        }
+        if tokio::time::Instant::now() >= until {
+            tracing::warn!(
+                bytes = n,
+                "request body refused: the body memory budget is taken"
+            );
+            return Err(Failure::new(
+                ErrorCode::ServerBusy,
+                "the server is receiving as many request bodies as it can hold; try again",
+            ));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Reads the body up to 16 MiB (413 past that) and parses it as a JSON object, holding room
+/// for it in the process's body budget (returned: kept until the request is answered).
 /// A client that announced a body and stops sending is answered after `idle` without data:
 /// it would otherwise hold its connection (and our buffer) for ever.
 async fn read_object(
     app: &App,
     headers: &HeaderMap,
     body: Body,
-) -> Result<Map<String, Value>, Failure> {
+) -> Result<
+    (
+        Map<String, Value>,
+        Option<tokio::sync::OwnedSemaphorePermit>,
+    ),
+    Failure,
+> {
     let idle = app.inner.request_idle_timeout;
     use http_body_util::BodyExt as _;
     let declared = headers
@@ -156,7 +193,9 @@ async fn read_object(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     let mut too_large = declared.is_some_and(|n| n > MAX_BODY_BYTES as u64);
-    let mut buf = bytes::BytesMut::new();
+    let mut buf: Vec<u8> = Vec::new();
+    // Room taken in the budget; the buffer never grows past it (no doubling behind its back).
+    let mut room: Option<tokio::sync::OwnedSemaphorePermit> = None;
     let mut seen = 0usize;
     let mut body = body;
     // A byte now and then would reset the idle timer for ever: the whole body has a deadline
@@ -192,7 +231,7 @@ async fn read_object(
         seen = seen.saturating_add(data.len());
         if seen > MAX_BODY_BYTES {
             too_large = true;
-            buf = bytes::BytesMut::new();
+            buf = Vec::new();
         }
         if too_large {
             if seen > DRAIN_LIMIT {
@@ -200,13 +239,31 @@ async fn read_object(
             }
             continue;
         }
+        let need = buf.len() + data.len();
+        if need > buf.capacity() {
+            let have = room.as_ref().map_or(0, |r| r.num_permits());
+            // Doubling, up to what was announced: room is taken as bytes arrive, so holding
+            // much of the budget takes sending about half as much.
+            let cap = declared
+                .and_then(|d| usize::try_from(d).ok())
+                .filter(|&d| d >= need)
+                .unwrap_or(MAX_BODY_BYTES)
+                .max(need);
+            let target = need.next_power_of_two().max(64 * 1024).clamp(need, cap);
+            let more = body_room(app, target.saturating_sub(have), idle).await?;
+            match room.as_mut() {
+                Some(r) => r.merge(more),
+                None => room = Some(more),
+            }
+            buf.reserve_exact(target - buf.len());
+        }
         buf.extend_from_slice(&data);
     }
     if too_large {
         return Err(Failure::too_large("request body is over 16 MiB"));
     }
     match serde_json::from_slice::<UniqueKeys>(&buf) {
-        Ok(UniqueKeys(m)) => Ok(m),
+        Ok(UniqueKeys(m)) => Ok((m, room)),
         Err(e) if e.is_data() => {
             let m = e.to_string();
             Err(Failure::invalid_json(match m.find("is given twice") {
@@ -222,7 +279,7 @@ async fn read_object(
 async fn user_route(State(app): State<App>, headers: HeaderMap, body: Body) -> Response {
     let mut action = None;
     let r = match read_object(&app, &headers, body).await {
-        Ok(obj) => {
+        Ok((obj, _room)) => {
             action = action_of(&obj);
             user::handle(&app, &headers, obj).await
         }
@@ -234,7 +291,7 @@ async fn user_route(State(app): State<App>, headers: HeaderMap, body: Body) -> R
 async fn agent_route(State(app): State<App>, headers: HeaderMap, body: Body) -> Response {
     let mut action = None;
     let r = match read_object(&app, &headers, body).await {
-        Ok(obj) => {
+        Ok((obj, _room)) => {
             action = action_of(&obj).or_else(|| Some(String::from("report")));
             agent::handle(&app, obj).await
         }

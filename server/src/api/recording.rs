@@ -58,6 +58,7 @@ pub async fn store_chunk(
         last_event_time,
     };
     let write = Box::pin(app.inner.objects.put(&key, Bytes::from(events)));
+    let _slot = object_write_slot(app).await?;
     match app.inner.meta.put_chunk(rec.id, &row, write).await? {
         ChunkOutcome::Stored => {}
         ChunkOutcome::NotActive => {
@@ -127,6 +128,16 @@ impl Locks {
     pub async fn complete(&self, session: uuid::Uuid) -> tokio::sync::RwLockWriteGuard<'_, ()> {
         self.recordings[stripe(session)].write().await
     }
+}
+
+/// One of the object writes that may hold a database connection at once (see
+/// `Inner::object_writes`).
+async fn object_write_slot(app: &App) -> Result<tokio::sync::SemaphorePermit<'_>, Failure> {
+    app.inner
+        .object_writes
+        .acquire()
+        .await
+        .map_err(|_| Failure::internal())
 }
 
 /// `Ok` while the recording is still there and `active`; else the answer to give.
@@ -239,6 +250,7 @@ pub async fn complete(
         let write = Box::pin(objects.put(&key, Bytes::from(summary.to_string())));
         (completion, write as ObjectWrite<'_>)
     });
+    let _slot = object_write_slot(app).await?;
     match app.inner.meta.complete(rec.id, summarize).await? {
         CompleteOutcome::Done => Ok(json!({"completed": session})),
         // Completed or deleted by another server meanwhile.

@@ -15,6 +15,9 @@ use super::*;
 use crate::timefmt;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+/// The first key of the advisory locks that serialise `create_user` per address (a key space
+/// apart from the chunks' one-key locks).
+const EMAIL_LOCK_CLASS: i32 = 0x7a75;
 
 pub struct PgMeta {
     pool: PgPool,
@@ -127,8 +130,14 @@ impl MetadataStore for PgMeta {
         if exists.is_none() {
             return Ok(Err(AdminRefusal::NoSuchOrg));
         }
-        // Two `user create` for one new address at once: the loser's insert does nothing,
-        // and it takes the winner's row.
+        // Two `user create` for one new address at once take turns (addresses are compared
+        // without case, which the column's unique constraint does not do): the second finds
+        // the first's row.
+        sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext(lower($2)))")
+            .bind(EMAIL_LOCK_CLASS)
+            .bind(email)
+            .execute(&mut *tx)
+            .await?;
         let found: Option<Uuid> =
             sqlx::query("SELECT id FROM users WHERE lower(email) = lower($1) LIMIT 1")
                 .bind(email)
