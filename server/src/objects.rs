@@ -211,6 +211,20 @@ impl Objects {
         }
     }
 
+    /// The size of every object under `prefix` (a `dir/` style prefix), by key, without
+    /// reading them: one listing, not a request per object.
+    pub async fn sizes(
+        &self,
+        prefix: &str,
+    ) -> Result<std::collections::HashMap<String, u64>, ObjectError> {
+        let prefix = Path::from(prefix.trim_end_matches('/'));
+        let metas: Vec<_> = self.store.list(Some(&prefix)).try_collect().await?;
+        Ok(metas
+            .into_iter()
+            .map(|m| (m.location.to_string(), m.size))
+            .collect())
+    }
+
     /// Deletes `key`; an object that is already gone is not an error.
     pub async fn delete(&self, key: &str) -> Result<(), ObjectError> {
         match self.store.delete(&Path::from(key)).await {

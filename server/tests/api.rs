@@ -2345,6 +2345,28 @@ mod scenarios {
         s.member(json!({"action": "upload_chunk", "org_id": org, "session_id": rec, "chunk_index": 1, "chunk_data": "[0, \"o\", \"x\"]"}))
             .await;
         assert_eq!(s.get(&rec).await["integrity"], "ok");
+
+        // Past 64 MiB a `get` reads no more chunks whole: the rest are checked by their size.
+        let big = s.start_recording().await;
+        let line = format!("[0, \"o\", \"{}\"]\n", "z".repeat(7_500_000));
+        for i in 0..9 {
+            let (st, b) = s.member(json!({"action": "upload_chunk", "org_id": org, "session_id": big, "chunk_index": i, "chunk_data": line})).await;
+            assert_eq!(st, 200, "{b}");
+        }
+        assert_eq!(s.get(&big).await["integrity"], "sizes_ok");
+        // Within the first 64 MiB a change of the same size is still found.
+        let k0 = format!("recordings/{org}/{big}/chunk-0.cast");
+        let mut changed = line.clone().into_bytes();
+        changed[20] = b'q';
+        s.stores.put_object(&k0, &changed).await;
+        assert_eq!(s.get(&big).await["integrity"], "mismatch");
+        s.stores.put_object(&k0, line.as_bytes()).await;
+        assert_eq!(s.get(&big).await["integrity"], "sizes_ok");
+        let k8 = format!("recordings/{org}/{big}/chunk-8.cast");
+        s.stores.put_object(&k8, b"[0, \"o\", \"y\"]\n").await;
+        assert_eq!(s.get(&big).await["integrity"], "mismatch");
+        s.stores.delete_object(&k8).await;
+        assert_eq!(s.get(&big).await["integrity"], "missing");
     }
 
     /// The admin commands of the binary, against the same stores as the running server.

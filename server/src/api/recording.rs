@@ -285,23 +285,49 @@ pub fn recording_json(rec: &Recording) -> Value {
 /// most of a small chunk's read, and at most this many chunks (8 MiB each at worst) are held.
 const INTEGRITY_READS: usize = 4;
 
-/// `"ok"` when every chunk's object is there with its recorded SHA-256, `"missing"` when
+/// The most chunk bytes one `get` reads to check their SHA-256: past this, chunks are checked
+/// by their size only (a large recording would otherwise be read whole on every `get`, which
+/// any member may repeat at will).
+const INTEGRITY_READ_BYTES: i64 = 64 * 1024 * 1024;
+
+/// `"ok"` when every chunk's object is there with its recorded SHA-256, `"sizes_ok"` when the
+/// recording is over [`INTEGRITY_READ_BYTES`] and every chunk is there with its recorded size
+/// (the SHA-256 of those within the first [`INTEGRITY_READ_BYTES`] checked), `"missing"` when
 /// one is gone, `"mismatch"` when one differs.
 pub async fn integrity(app: &App, rec: &Recording) -> Result<&'static str, Failure> {
     use futures::{StreamExt as _, TryStreamExt as _};
     let org = rec.org_id.to_string();
     let session = rec.id.to_string();
+    let mut read = 0i64;
+    let mut by_size = Vec::new();
     // Built first: a stream that maps with a closure borrowing `app` is not `Send` to axum.
-    let reads: Vec<_> = rec
-        .chunks
-        .iter()
-        .map(|c| check_chunk(app, chunk_key(&org, &session, c.index.unsigned_abs()), c))
-        .collect();
-    let verdicts: Vec<&'static str> = futures::stream::iter(reads)
+    let mut reads = Vec::new();
+    for c in &rec.chunks {
+        let key = chunk_key(&org, &session, c.index.unsigned_abs());
+        read = read.saturating_add(c.bytes);
+        if read <= INTEGRITY_READ_BYTES {
+            reads.push(check_chunk(app, key, c));
+        } else {
+            by_size.push((key, c.bytes));
+        }
+    }
+    let mut verdicts: Vec<&'static str> = futures::stream::iter(reads)
         .buffer_unordered(INTEGRITY_READS)
         .try_collect()
         .await?;
-    Ok(["missing", "mismatch"]
+    if !by_size.is_empty() {
+        let sizes = app
+            .inner
+            .objects
+            .sizes(&ztna_common::api::chunk_prefix(&org, &session))
+            .await?;
+        verdicts.extend(by_size.iter().map(|(key, bytes)| match sizes.get(key) {
+            None => "missing",
+            Some(&n) if i64::try_from(n).ok() != Some(*bytes) => "mismatch",
+            Some(_) => "sizes_ok",
+        }));
+    }
+    Ok(["missing", "mismatch", "sizes_ok"]
         .into_iter()
         .find(|v| verdicts.contains(v))
         .unwrap_or("ok"))
