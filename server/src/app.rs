@@ -52,6 +52,24 @@ pub enum AdminError {
     Token(#[from] auth::TokenError),
 }
 
+/// An org's or machine's name: shown in lists and the dashboard, so not empty and without
+/// control characters (a newline would forge a line of its own in a listing).
+fn check_name(name: &str) -> Result<(), AdminError> {
+    let why = if name.trim().is_empty() {
+        "must not be empty"
+    } else if name.chars().any(char::is_control) {
+        "must not contain control characters"
+    } else if name.len() > 200 {
+        "must be at most 200 bytes"
+    } else {
+        return Ok(());
+    };
+    Err(AdminError::Invalid {
+        field: "name",
+        why: why.into(),
+    })
+}
+
 /// The one feature flag this server knows.
 pub const FEATURE_SESSION_RECORDING: &str = "session_recording";
 
@@ -150,12 +168,7 @@ impl App {
         name: &str,
         session_recording: bool,
     ) -> Result<Uuid, AdminError> {
-        if name.trim().is_empty() {
-            return Err(AdminError::Invalid {
-                field: "name",
-                why: "must not be empty".into(),
-            });
-        }
+        check_name(name)?;
         let id = Uuid::new_v4();
         self.inner
             .meta
@@ -243,12 +256,7 @@ impl App {
         name: &str,
         owner: Uuid,
     ) -> Result<(Uuid, String), AdminError> {
-        if name.trim().is_empty() {
-            return Err(AdminError::Invalid {
-                field: "name",
-                why: "must not be empty".into(),
-            });
-        }
+        check_name(name)?;
         let id = Uuid::new_v4();
         let key = auth::new_node_key();
         match self

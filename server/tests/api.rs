@@ -2398,6 +2398,14 @@ mod scenarios {
             assert!(v.is_object());
             v
         };
+        // A name is one line of a listing: no newline (it would forge one), not empty.
+        for bad in ["Initech\nEvil", " ", "\u{7}bell"] {
+            let (ok, out, err) = run(&["org", "create", "--name", bad]);
+            assert!(
+                !ok && out.is_empty() && err.contains("name"),
+                "{bad:?}: {err}"
+            );
+        }
         let v = one_json(run(&["org", "create", "--name", "Initech"]));
         let org = v["org_id"].as_str().unwrap().to_string();
         assert_eq!(v.as_object().unwrap().len(), 1);
