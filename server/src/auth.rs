@@ -86,7 +86,8 @@ impl JwtKeys {
         if data.claims.exp <= now {
             return None;
         }
-        Uuid::parse_str(&data.claims.sub).ok()
+        // The same strict form as every id in a request (ours are made that way).
+        crate::api::fields::parse_uuid(&data.claims.sub)
     }
 }
 
@@ -130,6 +131,24 @@ mod tests {
         )
         .unwrap();
         assert_eq!(k.verify(&hs512), None);
+        // A `sub` in another spelling of the UUID is not the user's id.
+        for sub in [
+            format!("{{{u}}}"),
+            format!("urn:uuid:{u}"),
+            u.simple().to_string(),
+        ] {
+            let t = jsonwebtoken::encode(
+                &Header::new(Algorithm::HS256),
+                &Claims {
+                    sub: sub.clone(),
+                    exp: unix_now().unwrap() + 60,
+                    iat: None,
+                },
+                &EncodingKey::from_secret(b"secret"),
+            )
+            .unwrap();
+            assert_eq!(k.verify(&t), None, "{sub}");
+        }
     }
 
     #[test]
