@@ -52,6 +52,9 @@ pub(crate) enum Item {
     Held {
         time: Duration,
     },
+    /// Nothing: the recorder thread looks at its sinks' timers again (a sink's state changed
+    /// from another thread).
+    Wake,
 }
 
 #[derive(Debug, Default)]

@@ -409,6 +409,7 @@ pub struct Control {
     tx: Sender<Ctl>,
     cut: Arc<AtomicBool>,
     hold: Arc<AtomicBool>,
+    queue: Arc<Queue>,
 }
 
 impl std::fmt::Debug for Control {
@@ -443,6 +444,9 @@ impl Control {
     /// nothing it does not have yet (under enforce, while the daemon restarts).
     pub fn hold(&self) {
         self.hold.store(true, Ordering::SeqCst);
+        // A relay blocked on a silent program says nothing: the sinks' timers are looked at
+        // again, so that one can act on the hold without output.
+        self.queue.push(Item::Wake);
     }
 
     /// Shows output again after [`hold`](Self::hold).
@@ -460,6 +464,7 @@ pub struct Session {
     cut: Arc<AtomicBool>,
     /// Set while output is held (see [`Control::hold`]).
     hold: Arc<AtomicBool>,
+    queue: Arc<Queue>,
 }
 
 impl Session {
@@ -471,6 +476,7 @@ impl Session {
             ctl_rx,
             cut: Arc::new(AtomicBool::new(false)),
             hold: Arc::new(AtomicBool::new(false)),
+            queue: Arc::new(Queue::new()),
         }
     }
 
@@ -480,6 +486,7 @@ impl Session {
             tx: self.ctl_tx.clone(),
             cut: self.cut.clone(),
             hold: self.hold.clone(),
+            queue: self.queue.clone(),
         }
     }
 
@@ -493,6 +500,7 @@ impl Session {
             ctl_rx,
             cut,
             hold,
+            queue,
         } = self;
         let SessionConfig {
             command,
@@ -619,8 +627,6 @@ impl Session {
         // Only the program may hold the slave side: its last close is our end-of-output.
         drop(pair.slave);
         let pid = Pid::from_raw(child.id() as i32);
-
-        let queue = Arc::new(Queue::new());
 
         let recorder = Recorder {
             sinks: live,
@@ -1213,6 +1219,7 @@ impl Recorder {
                     Item::Resize { size, time } => self.emit(time, EventKind::Resize(size)),
                     Item::Marker { label, time } => self.emit(time, EventKind::Marker(&label)),
                     Item::Held { time } => self.held(time.max(self.last)),
+                    Item::Wake => {}
                     Item::Finish { status, time } => {
                         let tail = out_utf8.finish();
                         if !tail.is_empty() {

@@ -46,6 +46,9 @@ struct Link {
     drain: Arc<AtomicBool>,
     /// Our side is closed: the daemon has all it gets from this link.
     let_go: bool,
+    /// When the sink first saw `drain` (session time): the relay of a silent program never
+    /// says it stopped, so the daemon is let go after [`DRAIN_WAIT`] all the same.
+    drain_seen: Option<Duration>,
     /// Set by the watch thread when the daemon stopped recording this session (its spool is
     /// full) or went away: events are no longer sent, only the End (for the exit status).
     stopped: Arc<AtomicBool>,
@@ -120,6 +123,7 @@ impl Link {
             orderly,
             drain,
             let_go: false,
+            drain_seen: None,
             stopped,
         })
     }
@@ -264,6 +268,10 @@ fn code_and_data<'a>(kind: &EventKind<'a>) -> Option<(EventCode, std::borrow::Co
         EventKind::Exit(_) => return None,
     })
 }
+
+/// How long a stopping daemon is sent what was shown when the relay does not say it stopped
+/// (a silent program): the daemon waits 0.5 s for a session to close its side.
+const DRAIN_WAIT: Duration = Duration::from_millis(450);
 
 /// The size at which the Events frame being built is sent without waiting for the batch's end.
 const FRAME_TARGET: usize = 32 * 1024;
@@ -417,6 +425,13 @@ impl Sink for DaemonSink {
     }
 
     fn next_deadline(&self) -> Option<Duration> {
+        if self.draining() {
+            return Some(
+                self.link
+                    .drain_seen
+                    .map_or(Duration::ZERO, |t| t + DRAIN_WAIT),
+            );
+        }
         let r = self.resume.as_ref()?;
         Some(if self.watch.enforce {
             r.next_try.min(r.since + ENFORCE_GRACE)
@@ -426,6 +441,15 @@ impl Sink for DaemonSink {
     }
 
     fn tick(&mut self, now: Duration) -> io::Result<()> {
+        if self.draining() {
+            match self.link.drain_seen {
+                None => self.link.drain_seen = Some(now),
+                // Everything shown reached the daemon meanwhile, unless the relay is still
+                // writing it to a slow client (then it waits for the next daemon).
+                Some(t) if now >= t + DRAIN_WAIT => self.let_go(now),
+                Some(_) => {}
+            }
+        }
         self.try_resume(now, false);
         self.enforce_grace(now);
         Ok(())
@@ -528,7 +552,8 @@ pub(super) fn run_pty(
         let why = lost
             .or_else(|| outcome.sink_failures.first().map(|f| f.error.clone()))
             .unwrap_or_else(|| "recording failed".into());
-        eprintln!("\r\nztna-recorder: the recording stopped ({why}); session ended.\r");
+        // The terminal is back in its own mode by now: a newline is a new line.
+        eprintln!("\nztna-recorder: the recording stopped ({why}); session ended.");
         return Ok(1);
     }
     Ok(outcome.status.code())
