@@ -374,9 +374,28 @@ impl App {
         retention_days: i64,
     ) -> Result<u64, meta::MetaError> {
         let cutoff = OffsetDateTime::now_utc() - time::Duration::days(retention_days.clamp(1, 365));
+        // Objects are deleted under the rows' locks: a connection held meanwhile.
+        let _slot = self
+            .inner
+            .object_writes
+            .acquire()
+            .await
+            .map_err(|_| meta::MetaError::Batch("the server is shutting down".into()))?;
         self.inner
             .meta
             .sweep_org(org, cutoff, &self.inner.objects)
             .await
+    }
+
+    /// One of the object writes that may hold a database connection at once (see
+    /// `Inner::object_writes`).
+    pub(crate) async fn object_write_slot(
+        &self,
+    ) -> Result<tokio::sync::SemaphorePermit<'_>, crate::api::error::Failure> {
+        self.inner
+            .object_writes
+            .acquire()
+            .await
+            .map_err(|_| crate::api::error::Failure::internal())
     }
 }

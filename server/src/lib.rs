@@ -150,12 +150,15 @@ async fn accept_loop(
                 // Stopping: a connection that has asked nothing yet is not waited for.
                 _ = stop.wait_for(|s| *s) => return,
             }
-            let mut builder = Builder::new(TokioExecutor::new());
+            // HTTP/1 only: hyper has no header timeout for HTTP/2, where a client that sent
+            // the preface and nothing more held its connection for ever (and browsers speak
+            // HTTP/2 only over TLS, which a proxy in front of us ends).
+            let mut builder = Builder::new(TokioExecutor::new()).http1_only();
             builder
                 .http1()
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_timeout);
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
             let mut conn = std::pin::pin!(conn);
             tokio::select! {
                 r = conn.as_mut() => {
@@ -176,5 +179,19 @@ async fn accept_loop(
     drop(listener);
     let _ = stop_tx.send(true);
     drop(stop_rx);
-    stop_tx.closed().await;
+    // A client that reads nothing (a cast it never takes) or trickles a body would hold the
+    // stop for ever: past this, what is left is dropped (nothing unanswered was acknowledged)
+    // well within systemd's 30 s.
+    if tokio::time::timeout(SHUTDOWN_GRACE, stop_tx.closed())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "shutting down: connections still open after {} s are dropped",
+            SHUTDOWN_GRACE.as_secs()
+        );
+    }
 }
+
+/// How long a stop waits for requests in flight.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(20);

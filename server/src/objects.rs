@@ -202,6 +202,21 @@ impl Objects {
         }
     }
 
+    /// The object at `key` as a stream of pieces (what the store hands out at a time), or
+    /// `None` when there is none: a reader that takes its time holds a piece, not the object.
+    pub async fn get_stream(
+        &self,
+        key: &str,
+    ) -> Result<Option<futures::stream::BoxStream<'static, Result<Bytes, ObjectError>>>, ObjectError>
+    {
+        use futures::StreamExt as _;
+        match self.store.get(&Path::from(key)).await {
+            Ok(r) => Ok(Some(r.into_stream().map_err(ObjectError::from).boxed())),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// The object at `key`, or `None` when there is none.
     pub async fn get(&self, key: &str) -> Result<Option<Bytes>, ObjectError> {
         match self.store.get(&Path::from(key)).await {

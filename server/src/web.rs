@@ -18,7 +18,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use bytes::Bytes;
-use futures::StreamExt as _;
+use futures::{StreamExt as _, TryStreamExt as _};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 use ztna_common::api::{chunk_key, Envelope, ErrorCode};
@@ -269,12 +269,16 @@ fn stream_cast(app: &App, rec: Recording, from_chunk: Option<i64>) -> Response {
         Some(_) => Bytes::new(),
     };
     let head = futures::stream::once(futures::future::ready(Ok::<Bytes, std::io::Error>(header)));
-    // `then` polls one future at a time: one chunk object in memory, in index order.
+    // `then` polls one future at a time: one chunk open, in index order, and of it only the
+    // piece being sent in memory (a client that reads slowly holds no more).
     let body = futures::stream::iter(keys).then(move |key| {
         let objects = objects.clone();
         async move {
-            match objects.get(&key).await {
-                Ok(Some(bytes)) => Ok(bytes),
+            match objects.get_stream(&key).await {
+                Ok(Some(pieces)) => Ok(pieces.map_err(move |e| {
+                    tracing::error!(error = %e, "cast: cannot read a chunk; response cut short");
+                    std::io::Error::other(e.to_string())
+                })),
                 Ok(None) => {
                     tracing::error!(%key, "cast: chunk object is missing; response cut short");
                     Err(std::io::Error::other(format!("chunk {key} is missing")))
@@ -286,7 +290,7 @@ fn stream_cast(app: &App, rec: Recording, from_chunk: Option<i64>) -> Response {
             }
         }
     });
-    let mut res = Response::new(Body::from_stream(head.chain(body)));
+    let mut res = Response::new(Body::from_stream(head.chain(body.try_flatten())));
     let h = res.headers_mut();
     h.insert(
         header::CONTENT_TYPE,

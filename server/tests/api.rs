@@ -311,6 +311,19 @@ impl Server {
         self.raw_user(token, body.to_string().into_bytes()).await
     }
 
+    async fn raw_agent(&self, body: Vec<u8>) -> (u16, Value) {
+        let resp = self
+            .http
+            .post(format!("{}/api/session-recording-agent", self.base))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap())
+    }
+
     async fn raw_user(&self, token: Option<&str>, body: Vec<u8>) -> (u16, Value) {
         let mut r = self
             .http
@@ -1934,6 +1947,34 @@ mod scenarios {
     pub async fn strict_input(s: &Server) {
         let org = &s.fx.org;
         let nk = &s.fx.node_key;
+        // Arrays and objects cost tens of bytes each once parsed: a body of over 100,000 is
+        // refused before parsing (16 MiB of `[0,0,…]` took 270 MiB).
+        let many = format!(
+            "{{\"action\": \"config\", \"node_key\": \"x\", \"pad\": [{}0]}}",
+            "0,".repeat(100_000)
+        );
+        assert_err(s.raw_agent(many.into_bytes()).await, 400, "INVALID_JSON");
+        // Commas and brackets inside strings are text, not values.
+        let text = format!("[0, \"o\", \"{}\"]", "[{,:".repeat(60_000));
+        let (st, b) = s
+            .agent(json!({"action": "report", "node_key": nk, "session_type": "ssh", "session_data": {"transcript": text}}))
+            .await;
+        assert_eq!(st, 201, "{b}");
+        // HTTP/2 (without TLS) is not spoken: hyper times no HTTP/2 request head, and a
+        // client that sent only the preface held its connection for ever.
+        {
+            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+            let addr = s.base.trim_start_matches("http://").to_string();
+            let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            c.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+                .await
+                .unwrap();
+            let mut answer = Vec::new();
+            tokio::time::timeout(Duration::from_secs(20), c.read_to_end(&mut answer))
+                .await
+                .expect("an HTTP/2 preface ends its connection")
+                .ok();
+        }
         // A node key that is not a string is a malformed field, checked before credentials.
         assert_err(
             s.agent(json!({"action": "config", "node_key": 5})).await,
@@ -2793,11 +2834,27 @@ async fn a_stalled_object_store_holds_up_only_uploads() {
     };
     let (st, b) = s.member(upload(0)).await;
     assert_eq!(st, 200, "{b}");
+    // Deletes (and the retention sweep) remove objects under the rows' locks too.
+    let mut doomed = Vec::new();
+    for _ in 0..4 {
+        let rec = s.start_recording().await;
+        let (st, b) = s.member(json!({"action": "upload_chunk", "org_id": s.fx.org, "session_id": rec, "chunk_data": "[0, \"o\", \"x\"]"})).await;
+        assert_eq!(st, 200, "{b}");
+        doomed.push(rec);
+    }
     proxy.stall(true);
     let mut uploads = Vec::new();
     for i in 1..=8 {
         let (s, body) = (s.clone(), upload(i));
         uploads.push(tokio::spawn(async move { s.member(body).await }));
+    }
+    let mut deletes = Vec::new();
+    for rec in doomed {
+        let s = s.clone();
+        deletes.push(tokio::spawn(async move {
+            s.admin(json!({"action": "delete", "org_id": s.fx.org, "session_id": rec}))
+                .await
+        }));
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let org = s.fx.org.clone();
@@ -2819,6 +2876,10 @@ async fn a_stalled_object_store_holds_up_only_uploads() {
     .unwrap();
     assert_eq!(health.status().as_u16(), 200);
     proxy.stall(false);
+    for d in deletes {
+        let (st, b) = d.await.unwrap();
+        assert!(st == 200 || st == 500, "{st} {b}");
+    }
     let mut stored = vec![0];
     for (i, u) in uploads.into_iter().enumerate() {
         let (st, b) = u.await.unwrap();

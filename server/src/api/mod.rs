@@ -141,6 +141,39 @@ const BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(600);
 /// client still writing gets the answer instead of a broken pipe. Past this we just close.
 const DRAIN_LIMIT: usize = 4 * MAX_BODY_BYTES;
 
+/// The largest body that takes no room in the budget (see `read_object`).
+const SMALL_BODY_BYTES: usize = 64 * 1024;
+
+/// The most arrays, objects and elements a body may hold. Parsed, each costs tens of bytes
+/// where its text may take two: 16 MiB of `[0,0,…]` took 270 MiB. Text is what our callers
+/// send in bulk (chunks, transcripts), and a header or metadata is at most 64 KiB.
+const MAX_JSON_VALUES: usize = 100_000;
+
+/// Whether `body` holds more than `limit` arrays, objects, members and elements (counted by
+/// their `[`, `{`, `,` and `:` outside strings): checked before parsing, in one pass.
+fn json_values_over(body: &[u8], limit: usize) -> bool {
+    let (mut n, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in body {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+        } else if b == b'"' {
+            in_string = true;
+        } else if matches!(b, b'[' | b'{' | b',' | b':') {
+            n += 1;
+            if n > limit {
+                return true;
+            }
+        }
+    }
+    false
+}
+
 /// Room for `n` more bytes of request bodies in the process's budget, waiting up to `patience`
 /// for it. Not first come, first served: a large body waiting for room must not hold up the
 /// small requests behind it.
@@ -241,7 +274,6 @@ async fn read_object(
         }
         let need = buf.len() + data.len();
         if need > buf.capacity() {
-            let have = room.as_ref().map_or(0, |r| r.num_permits());
             // Doubling, up to what was announced: room is taken as bytes arrive, so holding
             // much of the budget takes sending about half as much.
             let cap = declared
@@ -249,11 +281,19 @@ async fn read_object(
                 .filter(|&d| d >= need)
                 .unwrap_or(MAX_BODY_BYTES)
                 .max(need);
-            let target = need.next_power_of_two().max(64 * 1024).clamp(need, cap);
-            let more = body_room(app, target.saturating_sub(have), idle).await?;
-            match room.as_mut() {
-                Some(r) => r.merge(more),
-                None => room = Some(more),
+            let target = need
+                .next_power_of_two()
+                .max(SMALL_BODY_BYTES)
+                .clamp(need, cap);
+            // Small bodies (settings, list, start, complete…) take no room: a budget held by
+            // large ones must not stop them.
+            if target > SMALL_BODY_BYTES {
+                let have = room.as_ref().map_or(0, |r| r.num_permits());
+                let more = body_room(app, target.saturating_sub(have), idle).await?;
+                match room.as_mut() {
+                    Some(r) => r.merge(more),
+                    None => room = Some(more),
+                }
             }
             buf.reserve_exact(target - buf.len());
         }
@@ -261,6 +301,11 @@ async fn read_object(
     }
     if too_large {
         return Err(Failure::too_large("request body is over 16 MiB"));
+    }
+    if json_values_over(&buf, MAX_JSON_VALUES) {
+        return Err(Failure::invalid_json(format!(
+            "the body holds over {MAX_JSON_VALUES} JSON values"
+        )));
     }
     match serde_json::from_slice::<UniqueKeys>(&buf) {
         Ok(UniqueKeys(m)) => Ok((m, room)),

@@ -58,7 +58,7 @@ pub async fn store_chunk(
         last_event_time,
     };
     let write = Box::pin(app.inner.objects.put(&key, Bytes::from(events)));
-    let _slot = object_write_slot(app).await?;
+    let _slot = app.object_write_slot().await?;
     match app.inner.meta.put_chunk(rec.id, &row, write).await? {
         ChunkOutcome::Stored => {}
         ChunkOutcome::NotActive => {
@@ -128,16 +128,6 @@ impl Locks {
     pub async fn complete(&self, session: uuid::Uuid) -> tokio::sync::RwLockWriteGuard<'_, ()> {
         self.recordings[stripe(session)].write().await
     }
-}
-
-/// One of the object writes that may hold a database connection at once (see
-/// `Inner::object_writes`).
-async fn object_write_slot(app: &App) -> Result<tokio::sync::SemaphorePermit<'_>, Failure> {
-    app.inner
-        .object_writes
-        .acquire()
-        .await
-        .map_err(|_| Failure::internal())
 }
 
 /// `Ok` while the recording is still there and `active`; else the answer to give.
@@ -250,7 +240,7 @@ pub async fn complete(
         let write = Box::pin(objects.put(&key, Bytes::from(summary.to_string())));
         (completion, write as ObjectWrite<'_>)
     });
-    let _slot = object_write_slot(app).await?;
+    let _slot = app.object_write_slot().await?;
     match app.inner.meta.complete(rec.id, summarize).await? {
         CompleteOutcome::Done => Ok(json!({"completed": session})),
         // Completed or deleted by another server meanwhile.
@@ -289,11 +279,13 @@ const INTEGRITY_READS: usize = 4;
 /// by their size only (a large recording would otherwise be read whole on every `get`, which
 /// any member may repeat at will).
 const INTEGRITY_READ_BYTES: i64 = 64 * 1024 * 1024;
+/// The most chunks one `get` reads whole (a request each), however small.
+const INTEGRITY_READ_CHUNKS: usize = 256;
 
 /// `"ok"` when every chunk's object is there with its recorded SHA-256, `"sizes_ok"` when the
-/// recording is over [`INTEGRITY_READ_BYTES`] and every chunk is there with its recorded size
-/// (the SHA-256 of those within the first [`INTEGRITY_READ_BYTES`] checked), `"missing"` when
-/// one is gone, `"mismatch"` when one differs.
+/// recording is over [`INTEGRITY_READ_BYTES`] or [`INTEGRITY_READ_CHUNKS`] and every chunk is
+/// there with its recorded size (the SHA-256 of those within the limits checked), `"missing"`
+/// when one is gone, `"mismatch"` when one differs.
 pub async fn integrity(app: &App, rec: &Recording) -> Result<&'static str, Failure> {
     use futures::{StreamExt as _, TryStreamExt as _};
     let org = rec.org_id.to_string();
@@ -305,7 +297,7 @@ pub async fn integrity(app: &App, rec: &Recording) -> Result<&'static str, Failu
     for c in &rec.chunks {
         let key = chunk_key(&org, &session, c.index.unsigned_abs());
         read = read.saturating_add(c.bytes);
-        if read <= INTEGRITY_READ_BYTES {
+        if read <= INTEGRITY_READ_BYTES && reads.len() < INTEGRITY_READ_CHUNKS {
             reads.push(check_chunk(app, key, c));
         } else {
             by_size.push((key, c.bytes));
