@@ -1740,6 +1740,48 @@ async fn a_daemon_restart_mid_session_records_the_rest_as_a_continuation() {
     stop_all(&mut daemon, &mut backend).await;
 }
 
+/// A stop cut short (SIGKILL soon after SIGTERM, as a stop timeout does) writes no list of the
+/// sessions it let go: the next daemon still takes the rest of a session as the continuation
+/// of the first recording (its `continues` used to be dropped), from the same user only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_cut_short_by_sigkill_still_links_the_continuation() {
+    let mut backend = Backend::new(true).await;
+    let agent = Agent::new(&backend, "");
+    let mut daemon = agent.daemon();
+    let go = agent.dir.path().join("go");
+    let cmd = format!(
+        "echo one; while [ ! -e {} ]; do sleep 0.05; done; echo two; exit 3",
+        go.display()
+    );
+    let mut child = agent
+        .shell_command(Some(&cmd), None)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut tail = Tail::new(child.stdout.take().unwrap());
+    let status = tokio::task::block_in_place(|| {
+        tail.wait_for("one\n");
+        kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);
+        // Killed as soon as it has let the session go, before its stop is over.
+        wait_until("the session let go", Duration::from_secs(10), || {
+            agent.log().contains("session sealed, left for recovery")
+        });
+        kill(&mut daemon, nix::sys::signal::Signal::SIGKILL);
+        let _ = daemon.wait();
+        std::fs::write(&go, "").unwrap();
+        tail.wait_for("two\n");
+        daemon = agent.daemon();
+        child.wait().unwrap()
+    });
+    assert_eq!(status.code(), Some(3));
+    assert_eq!(tail.all(), b"one\ntwo\n");
+    let recs = backend.wait_completed(2, Duration::from_secs(30)).await;
+    let (first, second) = continued_pair(&recs);
+    assert_eq!(first["metadata"]["interrupted"], true, "{first:#}");
+    assert_eq!(second["metadata"]["exit_status"], 3, "{second:#}");
+    stop_all(&mut daemon, &mut backend).await;
+}
+
 /// Under `enforce`, a piped session whose daemon stopped goes on while a daemon may come back
 /// for it, but shows nothing the next daemon has not got: output kept only in the session's
 /// memory would be lost if none came back. One that does gets what was held, which is then

@@ -338,15 +338,21 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     scheduler.abort();
-    let continuable = std::mem::take(&mut *lock(&shared.continuable));
-    if !continuable.is_empty() {
-        let written = serde_json::to_vec(&continuable)
-            .map_err(std::io::Error::other)
-            .and_then(|b| spool::write_atomic(&shared.spool.root().join(CONTINUABLE), &b));
-        if let Err(e) = written {
-            tracing::warn!("cannot keep the list of sessions to continue: {e}");
-        }
-    }
     tracing::info!("daemon stopped");
     Ok(())
+}
+
+/// Notes that an orderly stop let `id` (of `uid`) go, and keeps the list for the next run at
+/// once: a stop cut short (SIGKILL soon after SIGTERM, a stop timeout) would otherwise lose it,
+/// and with it the link of the session's continuation to its first recording.
+pub(crate) fn let_go(shared: &Shared, id: &str, uid: u32) {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let mut known = lock(&shared.continuable);
+    known.insert(id.to_string(), (uid, now));
+    let written = serde_json::to_vec(&*known)
+        .map_err(std::io::Error::other)
+        .and_then(|b| spool::write_atomic(&shared.spool.root().join(CONTINUABLE), &b));
+    if let Err(e) = written {
+        tracing::warn!("cannot keep the list of sessions to continue: {e}");
+    }
 }

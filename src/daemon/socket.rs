@@ -842,8 +842,7 @@ async fn record(
         Outcome::Stopping => {
             // No end mark: the next start completes it as interrupted with what it holds
             // (the session goes on in a new recording if it reconnects).
-            let now = time::OffsetDateTime::now_utc().unix_timestamp();
-            lock(&shared.continuable).insert(id.to_string(), (uid, now));
+            super::let_go(shared, id, uid);
             tracing::info!(session = %id, "daemon stopping: session sealed, left for recovery");
         }
     }
