@@ -230,6 +230,9 @@ async fn read_object(
     // Room taken in the budget; the buffer never grows past it (no doubling behind its back).
     let mut room: Option<tokio::sync::OwnedSemaphorePermit> = None;
     let mut seen = 0usize;
+    // No room came in time: the rest is read and dropped, as for an oversized body, so that
+    // a client still writing gets the answer instead of a reset.
+    let mut refused: Option<Failure> = None;
     let mut body = body;
     // A byte now and then would reset the idle timer for ever: the whole body has a deadline
     // too (16 MiB in it is 28 KiB/s).
@@ -240,7 +243,7 @@ async fn read_object(
             Ok(Some(f)) => f,
             Ok(None) => break,
             // An oversized body is answered as such, whether or not the rest came.
-            Err(_) if too_large => break,
+            Err(_) if too_large || refused.is_some() => break,
             Err(_) if tokio::time::Instant::now() >= until => {
                 return Err(Failure::invalid_json(format!(
                     "the request body took over {} s",
@@ -266,7 +269,7 @@ async fn read_object(
             too_large = true;
             buf = Vec::new();
         }
-        if too_large {
+        if too_large || refused.is_some() {
             if seen > DRAIN_LIMIT {
                 break;
             }
@@ -289,7 +292,14 @@ async fn read_object(
             // large ones must not stop them.
             if target > SMALL_BODY_BYTES {
                 let have = room.as_ref().map_or(0, |r| r.num_permits());
-                let more = body_room(app, target.saturating_sub(have), idle).await?;
+                let more = match body_room(app, target.saturating_sub(have), idle).await {
+                    Ok(more) => more,
+                    Err(f) => {
+                        refused = Some(f);
+                        (buf, room) = (Vec::new(), None);
+                        continue;
+                    }
+                };
                 match room.as_mut() {
                     Some(r) => r.merge(more),
                     None => room = Some(more),
@@ -301,6 +311,9 @@ async fn read_object(
     }
     if too_large {
         return Err(Failure::too_large("request body is over 16 MiB"));
+    }
+    if let Some(f) = refused {
+        return Err(f);
     }
     if json_values_over(&buf, MAX_JSON_VALUES) {
         return Err(Failure::invalid_json(format!(
