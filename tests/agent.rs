@@ -1794,10 +1794,19 @@ async fn enforce_shows_nothing_a_stopped_daemon_has_not_got() {
     let strict = agent.strict_config();
     let go = agent.dir.path().join("go");
     let wait = format!("while [ ! -e {} ]; do sleep 0.05; done", go.display());
+    // A daemon back after 1.5 s; one back late in the 10 s (the shell used to ask at 6.3 s,
+    // then at 11.3 s, and ended the session at 10 s with a daemon there); none.
     for (back, cmd) in [
-        (true, format!("echo one; {wait}; echo two; exit 3")),
         (
-            false,
+            Some(Duration::from_millis(1500)),
+            format!("echo one; {wait}; echo two; exit 3"),
+        ),
+        (
+            Some(Duration::from_millis(7500)),
+            format!("echo one; {wait}; echo late; exit 5"),
+        ),
+        (
+            None,
             format!("echo one; {wait}; head -c 3000000 /dev/zero | tr '\\0' z; echo never"),
         ),
     ] {
@@ -1812,14 +1821,18 @@ async fn enforce_shows_nothing_a_stopped_daemon_has_not_got() {
         let (status, took) = tokio::task::block_in_place(|| {
             tail.wait_for("one\n");
             kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);
-            assert!(daemon.wait().unwrap().success(), "{}", agent.log());
             let t0 = Instant::now();
+            assert!(daemon.wait().unwrap().success(), "{}", agent.log());
             std::fs::write(&go, "").unwrap();
-            if back {
-                std::thread::sleep(Duration::from_millis(1500));
+            if let Some(after) = back {
+                std::thread::sleep(after.saturating_sub(t0.elapsed()));
                 assert_eq!(tail.so_far(), b"one\n", "shown while no daemon had it");
                 daemon = agent.daemon();
-                tail.wait_for("two\n");
+                tail.wait_for(if after.as_secs() > 5 {
+                    "late\n"
+                } else {
+                    "two\n"
+                });
             }
             (child.wait().unwrap(), t0.elapsed())
         });
@@ -1830,24 +1843,47 @@ async fn enforce_shows_nothing_a_stopped_daemon_has_not_got() {
             .unwrap()
             .read_to_string(&mut err)
             .unwrap();
-        if back {
-            assert_eq!(status.code(), Some(3), "{err}");
-            assert_eq!(tail.all(), b"one\ntwo\n");
-            kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);
-            let _ = daemon.wait();
-        } else {
-            assert_eq!(status.code(), Some(1), "{err}");
-            assert!(err.contains("did not come back"), "{err}");
-            assert_eq!(tail.all(), b"one\n");
-            assert!(took >= Duration::from_secs(9), "{took:?}");
+        match back {
+            Some(after) => {
+                let (code, out): (i32, &[u8]) = if after.as_secs() > 5 {
+                    (5, b"one\nlate\n")
+                } else {
+                    (3, b"one\ntwo\n")
+                };
+                assert_eq!(status.code(), Some(code), "{err}");
+                assert_eq!(tail.all(), out);
+                kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);
+                let _ = daemon.wait();
+            }
+            None => {
+                assert_eq!(status.code(), Some(1), "{err}");
+                assert!(err.contains("did not come back"), "{err}");
+                assert_eq!(tail.all(), b"one\n");
+                assert!(took >= Duration::from_secs(9), "{took:?}");
+            }
         }
     }
-    // The first session's continuation holds what was held while no daemon ran.
+    // Each continuation holds what was held while no daemon ran, and the exit status.
     let mut daemon = agent.daemon();
-    let recs = backend.wait_completed(3, Duration::from_secs(30)).await;
-    let (_, second) = continued_pair(&recs);
-    assert_eq!(output_of(&backend.events_text(second)), "two\n");
-    assert_eq!(second["metadata"]["exit_status"], 3);
+    let recs = backend.wait_completed(5, Duration::from_secs(30)).await;
+    let mut held: Vec<(String, Value)> = recs
+        .iter()
+        .filter(|r| r["metadata"]["continues"].is_string())
+        .map(|r| {
+            (
+                output_of(&backend.events_text(r)),
+                r["metadata"]["exit_status"].clone(),
+            )
+        })
+        .collect();
+    held.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        held,
+        [
+            ("late\n".to_string(), json!(5)),
+            ("two\n".to_string(), json!(3))
+        ]
+    );
     stop_all(&mut daemon, &mut backend).await;
 }
 

@@ -348,6 +348,10 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
 pub(crate) fn let_go(shared: &Shared, id: &str, uid: u32) {
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let mut known = lock(&shared.continuable);
+    if known.contains_key(id) {
+        // Told first, let go later: the earlier time stands (and is already kept).
+        return;
+    }
     known.insert(id.to_string(), (uid, now));
     let written = serde_json::to_vec(&*known)
         .map_err(std::io::Error::other)

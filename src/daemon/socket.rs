@@ -735,6 +735,9 @@ async fn record(
                     },
                 )
                 .await;
+                // Continuable from now: a SIGKILL during the drain (a stop timeout) must not
+                // lose the link of the session's next recording to this one.
+                super::let_go(shared, id, uid);
                 draining = Some(std::time::Instant::now() + STOP_DRAIN);
             }
             _ = sleep_until_opt(draining), if draining.is_some() => break Outcome::Stopping,

@@ -104,9 +104,13 @@ impl Recording {
             && !locked(&self.resume).2
         {
             if self.overdue().is_some() {
-                // The program may have ended already, with no one else to look.
-                self.cut.store(true, Ordering::SeqCst);
-                break;
+                // One last try: a daemon that came back since the last one ends nothing.
+                self.pause_and_resume(stream, None, self.started.elapsed(), true);
+                if self.overdue().is_some() {
+                    // The program may have ended already, with no one else to look.
+                    self.cut.store(true, Ordering::SeqCst);
+                    break;
+                }
             }
             std::thread::sleep(Duration::from_millis(20));
             self.pause_and_resume(stream, None, self.started.elapsed(), false);
@@ -119,6 +123,16 @@ impl Recording {
                 *w = why.to_string();
             }
         }
+    }
+
+    /// As [`overdue`](Self::overdue), after one last try to give the session to a daemon (unless
+    /// a relay holds the stream: it tries itself).
+    fn overdue_after_trying(self: &Arc<Self>) -> Option<String> {
+        self.overdue()?;
+        if let Ok(mut guard) = self.stream.try_lock() {
+            self.pause_and_resume(&mut guard, None, self.started.elapsed(), true);
+        }
+        self.overdue()
     }
 
     /// Under enforce: why the session must end now, while the daemon that stopped in order is
@@ -386,7 +400,11 @@ pub(super) fn run_piped(
             break s;
         }
         if cfg.enforce {
-            if let Some(why) = lost_rx.try_recv().ok().or_else(|| rec.overdue()) {
+            if let Some(why) = lost_rx
+                .try_recv()
+                .ok()
+                .or_else(|| rec.overdue_after_trying())
+            {
                 rec.cut.store(true, Ordering::SeqCst);
                 let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
                 std::thread::sleep(Duration::from_millis(500));
@@ -418,7 +436,7 @@ pub(super) fn run_piped(
     }
     // The program may have ended because its output was cut (SIGPIPE) while the daemon that
     // stopped was away. (A daemon lost otherwise is dealt with below.)
-    if let Some(why) = rec.overdue() {
+    if let Some(why) = rec.overdue_after_trying() {
         eprintln!("ztna-recorder: the recording stopped ({why}); session ended.");
         return Ok(1);
     }

@@ -230,6 +230,11 @@ impl DaemonSink {
         if !self.watch.enforce {
             return;
         }
+        if self.resume.as_ref().and_then(|r| r.overdue(now)).is_none() {
+            return;
+        }
+        // One last try: a daemon that came back since the last one ends nothing.
+        self.try_resume(now, true);
         let Some(why) = self.resume.as_ref().and_then(|r| r.overdue(now)) else {
             return;
         };

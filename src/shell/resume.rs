@@ -58,13 +58,14 @@ impl Resume {
     }
 
     /// Whether an attempt is due (always when `force`); if so, the next one is scheduled
-    /// (100 ms, doubling, at most 5 s apart: a restart takes a second or two).
+    /// (100 ms, doubling, at most 1 s apart: a restart takes a second or two, and under
+    /// enforce a daemon back late in the grace must still be asked in time).
     pub(super) fn due(&mut self, now: Duration, force: bool) -> bool {
         if !force && now < self.next_try {
             return false;
         }
         self.next_try = now + self.wait;
-        self.wait = (self.wait * 2).min(Duration::from_secs(5));
+        self.wait = (self.wait * 2).min(Duration::from_secs(1));
         true
     }
 
