@@ -770,7 +770,13 @@ async fn a_session_that_gave_up_waiting_is_not_recorded() {
     let all = backend.recordings().await;
     assert_eq!(all.len(), 1, "{all:#?}\n{}", agent.log());
     assert_eq!(all[0]["id"], recs[0]["id"]);
-    assert!(agent.log().contains("gave up waiting"), "{}", agent.log());
+    // Stopped for the 10 s `status` waits, the daemon finds on waking both the first
+    // client's frame and its own 10 s deadline for it: either way that client is let go.
+    let log = agent.log();
+    assert!(
+        log.contains("gave up waiting") || log.contains("no first frame within 10 s"),
+        "{log}"
+    );
     stop_all(&mut daemon, &mut backend).await;
 }
 
