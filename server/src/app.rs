@@ -83,9 +83,10 @@ pub(crate) struct Inner {
     pub locks: crate::api::recording::Locks,
     /// Bytes of request bodies that may be held at once (see `Config::max_body_memory`).
     pub body_budget: Arc<tokio::sync::Semaphore>,
-    /// Object writes made under a database transaction (uploads, completes), fewer than the
-    /// pool's connections: a stalled object store then holds only some of them, and every
-    /// other request (and `/healthz`) still gets one.
+    /// Object writes and deletes made under a database transaction (uploads, completes,
+    /// deletes, retention sweeps), fewer than the pool's connections: a stalled object store
+    /// then holds only some of them, and every other request (and `/healthz`) still gets one.
+    /// Never closed.
     pub object_writes: tokio::sync::Semaphore,
 }
 
@@ -375,12 +376,7 @@ impl App {
     ) -> Result<u64, meta::MetaError> {
         let cutoff = OffsetDateTime::now_utc() - time::Duration::days(retention_days.clamp(1, 365));
         // Objects are deleted under the rows' locks: a connection held meanwhile.
-        let _slot = self
-            .inner
-            .object_writes
-            .acquire()
-            .await
-            .map_err(|_| meta::MetaError::Batch("the server is shutting down".into()))?;
+        let _slot = self.object_write_slot().await;
         self.inner
             .meta
             .sweep_org(org, cutoff, &self.inner.objects)
@@ -389,13 +385,8 @@ impl App {
 
     /// One of the object writes that may hold a database connection at once (see
     /// `Inner::object_writes`).
-    pub(crate) async fn object_write_slot(
-        &self,
-    ) -> Result<tokio::sync::SemaphorePermit<'_>, crate::api::error::Failure> {
-        self.inner
-            .object_writes
-            .acquire()
-            .await
-            .map_err(|_| crate::api::error::Failure::internal())
+    /// (`None` only if the semaphore were closed, which nothing does.)
+    pub(crate) async fn object_write_slot(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        self.inner.object_writes.acquire().await.ok()
     }
 }

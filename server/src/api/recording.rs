@@ -58,7 +58,7 @@ pub async fn store_chunk(
         last_event_time,
     };
     let write = Box::pin(app.inner.objects.put(&key, Bytes::from(events)));
-    let _slot = app.object_write_slot().await?;
+    let _slot = app.object_write_slot().await;
     match app.inner.meta.put_chunk(rec.id, &row, write).await? {
         ChunkOutcome::Stored => {}
         ChunkOutcome::NotActive => {
@@ -240,7 +240,7 @@ pub async fn complete(
         let write = Box::pin(objects.put(&key, Bytes::from(summary.to_string())));
         (completion, write as ObjectWrite<'_>)
     });
-    let _slot = app.object_write_slot().await?;
+    let _slot = app.object_write_slot().await;
     match app.inner.meta.complete(rec.id, summarize).await? {
         CompleteOutcome::Done => Ok(json!({"completed": session})),
         // Completed or deleted by another server meanwhile.

@@ -341,7 +341,7 @@ async fn apply(app: &App, org: Uuid, caller: &Caller, action: Action) -> Result<
         }
         Action::Delete { session_id } => {
             // Objects are deleted under the recording's row lock: a connection held meanwhile.
-            let _slot = app.object_write_slot().await?;
+            let _slot = app.object_write_slot().await;
             if !meta
                 .delete_recording(org, session_id, &app.inner.objects)
                 .await?
