@@ -162,12 +162,15 @@ impl AgentClient {
 
     /// `start`. `started_at` (RFC 3339) is when the session really started, for one that
     /// waited in the spool (the bundled backend takes it within 30 days; others ignore it).
+    /// `agent_session_id`, the spool's own id for the session, makes a start sent again (its
+    /// answer lost) answer the recording the first one made, on the bundled backend.
     pub async fn start(
         &self,
         session_type: &str,
         header: &Value,
         metadata: &Value,
         started_at: Option<&str>,
+        agent_session_id: Option<&str>,
     ) -> Result<Started, ClientError> {
         // What the user chose (a long `ssh host '…'` command, a `TERM`) is cut to what the
         // backend takes, rather than the session refused for it.
@@ -176,8 +179,13 @@ impl AgentClient {
         asciicast::clip_to_fit(&mut metadata, MAX_METADATA_BYTES);
         let mut body =
             json!({"session_type": session_type, "header": header, "metadata": metadata});
-        if let (Some(t), Some(m)) = (started_at, body.as_object_mut()) {
-            m.insert("started_at".into(), json!(t));
+        if let Some(m) = body.as_object_mut() {
+            if let Some(t) = started_at {
+                m.insert("started_at".into(), json!(t));
+            }
+            if let Some(id) = agent_session_id {
+                m.insert("agent_session_id".into(), json!(id));
+            }
         }
         self.call("start", obj(body)).await
     }

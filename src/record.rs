@@ -370,7 +370,7 @@ impl Uploader {
         rt.block_on(async {
             let started = self
                 .client
-                .start("record", &header, &metadata, Some(&began))
+                .start("record", &header, &metadata, Some(&began), None)
                 .await?;
             for (i, chunk) in chunks.into_iter().enumerate() {
                 let body = self

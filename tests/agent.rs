@@ -208,6 +208,11 @@ struct Agent {
 
 impl Agent {
     fn new(backend: &Backend, extra: &str) -> Agent {
+        Agent::with_url(backend, &backend.base(), extra)
+    }
+
+    /// As [`Agent::new`], reaching the backend at `url` (a proxy in front of it).
+    fn with_url(backend: &Backend, url: &str, extra: &str) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
             dir.path().join("node.key"),
@@ -222,7 +227,7 @@ impl Agent {
             .collect();
         let cfg = format!(
             "server_url = \"{}\"\nnode_key_file = \"{}\"\nspool_dir = \"{}\"\nsocket = \"{}\"\nrescan_secs = 1\nretry_max_secs = 1\n{quick}{extra}\n",
-            backend.base(),
+            url,
             dir.path().join("node.key").display(),
             dir.path().join("spool").display(),
             dir.path().join("run/recorder.sock").display(),
@@ -551,6 +556,96 @@ async fn backend_down_then_back_every_chunk_once_in_order() {
         "the node key reached the log"
     );
     backend.stop().await;
+}
+
+/// An HTTP/1 proxy to `target` that answers every request but the first `start`: that one
+/// reaches the backend, which acts on it, and its answer is lost (the connection closed), as
+/// when a network drops or the daemon is killed while it waits. Returns its address and how
+/// many `start`s it saw.
+async fn proxy_losing_the_first_start(
+    target: std::net::SocketAddr,
+) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let starts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = starts.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let starts = counter.clone();
+            tokio::spawn(async move {
+                let mut client = BufReader::new(client);
+                loop {
+                    // One request: its head (less any Connection header), then its body.
+                    let mut head = String::new();
+                    let mut length = 0usize;
+                    loop {
+                        let mut line = String::new();
+                        if client.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        let lower = line.to_ascii_lowercase();
+                        if let Some(v) = lower.strip_prefix("content-length:") {
+                            length = v.trim().parse().unwrap();
+                        }
+                        if !lower.starts_with("connection:") {
+                            head.push_str(&line);
+                        }
+                    }
+                    let mut body = vec![0u8; length];
+                    client.read_exact(&mut body).await.unwrap();
+                    let mut upstream = tokio::net::TcpStream::connect(target).await.unwrap();
+                    upstream
+                        .write_all(format!("{head}connection: close\r\n\r\n").as_bytes())
+                        .await
+                        .unwrap();
+                    upstream.write_all(&body).await.unwrap();
+                    let mut answer = Vec::new();
+                    upstream.read_to_end(&mut answer).await.unwrap();
+                    let start = String::from_utf8_lossy(&body).contains("\"action\":\"start\"");
+                    if start && starts.fetch_add(1, Ordering::SeqCst) == 0 {
+                        return;
+                    }
+                    if client.get_mut().write_all(&answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, starts)
+}
+
+/// The backend started a recording but its answer never reached the daemon: the daemon asks
+/// again with the same session id and gets the same recording, not a second one left active
+/// and empty forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_whose_answer_was_lost_makes_one_recording() {
+    let mut backend = Backend::new(true).await;
+    let (proxy, starts) = proxy_losing_the_first_start(backend.addr.unwrap()).await;
+    let agent = Agent::with_url(&backend, &format!("http://{proxy}"), "");
+    let mut daemon = agent.daemon();
+    let (mut c, d) = FrameClient::start(&agent.socket());
+    assert_eq!(d.mode, Mode::Record, "{d:?}");
+    let line = event_line(0.5, "after a lost answer\r\n");
+    c.events(&line);
+    c.end(0);
+    let recs = backend.wait_completed(1, Duration::from_secs(30)).await;
+    // The first start's answer lost, the second's delivered.
+    assert_eq!(
+        starts.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "{}",
+        agent.log()
+    );
+    let all = backend.recordings().await;
+    assert_eq!(all.len(), 1, "{all:#?}");
+    assert_eq!(backend.events_text(&recs[0]), line);
+    stop_all(&mut daemon, &mut backend).await;
 }
 
 /// Files in the spool damaged while the daemon was down (a bad disk block, a careless edit)

@@ -463,6 +463,7 @@ both!(st3_upload_chunks);
 both!(st4_list);
 both!(st5_agent_report);
 both!(agent_lifecycle);
+both!(agent_start_sent_again);
 both!(error_codes_and_order);
 both!(auth_failures);
 both!(cross_org);
@@ -1225,6 +1226,89 @@ mod scenarios {
         assert_eq!(st, 200, "{b}");
         assert_eq!(b["data"]["recording_enabled"], false);
         assert_eq!(b["data"]["org_id"], org.as_str());
+    }
+
+    /// A `start` sent again with the same `agent_session_id` (its answer lost) answers the
+    /// recording the first one made; another machine's same id is another recording.
+    pub async fn agent_start_sent_again(s: &Server) {
+        let org = &s.fx.org;
+        let key = &s.fx.node_key;
+        let header = json!({"version": 2, "width": 80, "height": 24, "timestamp": 1});
+        let total = || async {
+            let (_, b) = s.admin(json!({"action": "list", "org_id": org})).await;
+            b["data"]["total"].as_i64().unwrap()
+        };
+        let start = |key: String, local: String| {
+            let header = header.clone();
+            async move {
+                s.agent(json!({"action": "start", "node_key": key, "session_type": "ssh", "header": header, "agent_session_id": local}))
+                    .await
+            }
+        };
+        let local = uuid::Uuid::new_v4().to_string();
+        let (st, b) = start(key.clone(), local.clone()).await;
+        assert_eq!(st, 201, "{b}");
+        let id = b["data"]["session_id"].as_str().unwrap().to_string();
+        assert_ne!(id, local, "the backend's id is its own");
+        let (st, b) = start(key.clone(), local.clone()).await;
+        assert_eq!(
+            (st, &b["data"]),
+            (201, &json!({"session_id": id, "status": "active"}))
+        );
+        assert_eq!(total().await, 1);
+        // Without one, or with another one, a start is a new recording.
+        let (_, b) = s
+            .agent(json!({"action": "start", "node_key": key, "session_type": "ssh", "header": header}))
+            .await;
+        assert_ne!(b["data"]["session_id"], id.as_str());
+        assert_eq!(total().await, 2);
+        // Another machine with the same local id gets a recording of its own, and cannot
+        // reach the first machine's.
+        let (_, key2) = s
+            .app
+            .register_machine(org.parse().unwrap(), "second", s.fx.member.parse().unwrap())
+            .await
+            .unwrap();
+        let (st, b) = start(key2.clone(), local.clone()).await;
+        assert_eq!(st, 201, "{b}");
+        let id2 = b["data"]["session_id"].as_str().unwrap().to_string();
+        assert_ne!(id2, id);
+        assert_eq!(s.get(&id2).await["recording"]["machine_name"], "second");
+        assert_eq!(total().await, 3);
+        // Recording switched off: the start sent again still finds its active recording, which
+        // takes its chunks and completes; a new one is refused.
+        s.admin(json!({"action": "update_settings", "org_id": org, "recording_enabled": false}))
+            .await;
+        let (st, b) = start(key.clone(), local.clone()).await;
+        assert_eq!(
+            (st, &b["data"]),
+            (201, &json!({"session_id": id, "status": "active"}))
+        );
+        assert_err(
+            start(key.clone(), uuid::Uuid::new_v4().to_string()).await,
+            403,
+            "RECORDING_DISABLED",
+        );
+        let (st, _) = s
+            .agent(json!({"action": "upload_chunk", "node_key": key, "session_id": id, "chunk_index": 0, "chunk_data": "[0.5, \"o\", \"x\"]\n"}))
+            .await;
+        assert_eq!(st, 200);
+        let (st, _) = s
+            .agent(json!({"action": "complete", "node_key": key, "session_id": id}))
+            .await;
+        assert_eq!(st, 200);
+        let (st, b) = start(key.clone(), local.clone()).await;
+        assert_eq!(
+            (st, &b["data"]),
+            (201, &json!({"session_id": id, "status": "completed"}))
+        );
+        assert_eq!(s.get(&id).await["recording"]["duration_seconds"], 1);
+        assert_eq!(total().await, 3);
+        assert_err(
+            start(key.clone(), "nope".into()).await,
+            400,
+            "INVALID_FIELD",
+        );
     }
 
     pub async fn error_codes_and_order(s: &Server) {

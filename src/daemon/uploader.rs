@@ -278,6 +278,7 @@ async fn step(
                     &header,
                     &metadata,
                     started_at.map(format_time).as_deref(),
+                    Some(id),
                 )
                 .await
             {

@@ -31,6 +31,9 @@ enum Action {
         metadata: Map<String, Value>,
         /// When the session really started (ours: one that waited in the agent's spool).
         started_at: Option<time::OffsetDateTime>,
+        /// The agent's own id for the session: a `start` sent again with it (its answer was
+        /// lost) gets the recording the first one made, not a second one.
+        agent_session_id: Option<Uuid>,
     },
     UploadChunk {
         session_id: Uuid,
@@ -98,6 +101,7 @@ fn parse(body: &Map<String, Value>) -> Result<Action, Failure> {
                 header: header.clone(),
                 metadata: caller_metadata(metadata),
                 started_at: f.opt_time("started_at")?,
+                agent_session_id: f.opt_uuid("agent_session_id")?,
             }
         }
         "upload_chunk" => {
@@ -271,7 +275,14 @@ async fn apply(app: &App, machine: &MachineAuth, action: Action) -> Result<Succe
             header,
             mut metadata,
             started_at,
+            agent_session_id,
         } => {
+            let id = agent_session_id.map(|a| agent_recording_id(machine.id, a));
+            // A start sent again finds its recording even after recording was switched off:
+            // one already active may still get its chunks and complete.
+            if let Some(found) = earlier_start(app, machine, id).await? {
+                return Ok(found);
+            }
             if !recording_enabled(app, machine).await? {
                 return Err(Failure::recording_disabled());
             }
@@ -286,8 +297,14 @@ async fn apply(app: &App, machine: &MachineAuth, action: Action) -> Result<Succe
                 session_type,
                 metadata,
             );
+            rec.id = id.unwrap_or(rec.id);
             rec.started_at = recording::agent_time(started_at, None, rec.started_at);
-            meta.insert_recording(&rec).await?;
+            if !meta.insert_recording(&rec).await? {
+                // The same start, twice at once: the other one made it.
+                return earlier_start(app, machine, id)
+                    .await?
+                    .ok_or_else(|| Failure::conflict("this agent_session_id is taken"));
+            }
             Ok(Success::created(
                 json!({"session_id": rec.id.to_string(), "status": "active"}),
             ))
@@ -325,4 +342,34 @@ async fn apply(app: &App, machine: &MachineAuth, action: Action) -> Result<Succe
             Ok(Success::ok(data))
         }
     }
+}
+
+/// The backend's id for an agent's own session id: the same pair always gives the same id,
+/// and no machine can pick one that another machine's sessions map to.
+fn agent_recording_id(machine: Uuid, agent_session: Uuid) -> Uuid {
+    use sha2::{Digest as _, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"ztna-recorder agent session\0");
+    h.update(machine.as_bytes());
+    h.update(agent_session.as_bytes());
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&h.finalize()[..16]);
+    uuid::Builder::from_custom_bytes(bytes).into_uuid()
+}
+
+/// The answer a `start` got the first time, when the recording with this id is this
+/// machine's.
+async fn earlier_start(
+    app: &App,
+    machine: &MachineAuth,
+    id: Option<Uuid>,
+) -> Result<Option<Success>, Failure> {
+    let Some(id) = id else { return Ok(None) };
+    Ok(app
+        .inner
+        .meta
+        .recording(machine.org_id, id, false)
+        .await?
+        .filter(|r| r.machine_id == Some(machine.id))
+        .map(|r| Success::created(json!({"session_id": r.id.to_string(), "status": r.status}))))
 }

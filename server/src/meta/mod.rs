@@ -331,7 +331,8 @@ pub trait MetadataStore: Send + Sync {
     async fn settings(&self, org: Uuid) -> Result<Option<Settings>>;
     async fn update_settings(&self, org: Uuid, update: &SettingsUpdate) -> Result<()>;
 
-    async fn insert_recording(&self, rec: &Recording) -> Result<()>;
+    /// `false` when a recording with this id exists already: nothing is written then.
+    async fn insert_recording(&self, rec: &Recording) -> Result<bool>;
     /// The recording with this id in this org; its `chunks` only when `with_chunks` (an
     /// upload does not need them, and a long recording has many).
     async fn recording(&self, org: Uuid, id: Uuid, with_chunks: bool) -> Result<Option<Recording>>;

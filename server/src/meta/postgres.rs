@@ -385,12 +385,12 @@ impl MetadataStore for PgMeta {
         Ok(())
     }
 
-    async fn insert_recording(&self, rec: &Recording) -> Result<()> {
+    async fn insert_recording(&self, rec: &Recording) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
+        let inserted = sqlx::query(
             "INSERT INTO session_recordings (id, org_id, machine_id, user_id, session_type, \
              status, started_at, ended_at, duration_seconds, metadata, r2_key) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (id) DO NOTHING",
         )
         .bind(rec.id)
         .bind(rec.org_id)
@@ -404,7 +404,12 @@ impl MetadataStore for PgMeta {
         .bind(Value::Object(rec.metadata.clone()))
         .bind(rec.r2_key.as_deref())
         .execute(&mut *tx)
-        .await?;
+        .await?
+        .rows_affected()
+            == 1;
+        if !inserted {
+            return Ok(false);
+        }
         for c in &rec.chunks {
             sqlx::query(
                 "INSERT INTO session_recording_chunks \
@@ -420,7 +425,7 @@ impl MetadataStore for PgMeta {
             .await?;
         }
         tx.commit().await?;
-        Ok(())
+        Ok(true)
     }
 
     async fn recording(&self, org: Uuid, id: Uuid, with_chunks: bool) -> Result<Option<Recording>> {

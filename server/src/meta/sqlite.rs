@@ -511,12 +511,12 @@ impl MetadataStore for SqliteMeta {
         Ok(())
     }
 
-    async fn insert_recording(&self, rec: &Recording) -> Result<()> {
+    async fn insert_recording(&self, rec: &Recording) -> Result<bool> {
         let mut tx = begin_write(&self.write).await?;
-        sqlx::query(
+        let inserted = sqlx::query(
             "INSERT INTO session_recordings (id, org_id, machine_id, user_id, session_type, \
              status, started_at, ended_at, duration_seconds, metadata, r2_key) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
         )
         .bind(rec.id.to_string())
         .bind(rec.org_id.to_string())
@@ -530,7 +530,12 @@ impl MetadataStore for SqliteMeta {
         .bind(Value::Object(rec.metadata.clone()).to_string())
         .bind(rec.r2_key.as_deref())
         .execute(&mut *tx)
-        .await?;
+        .await?
+        .rows_affected()
+            == 1;
+        if !inserted {
+            return Ok(false);
+        }
         for c in &rec.chunks {
             sqlx::query(
                 "INSERT INTO session_recording_chunks \
@@ -545,7 +550,7 @@ impl MetadataStore for SqliteMeta {
             .await?;
         }
         tx.commit().await?;
-        Ok(())
+        Ok(true)
     }
 
     async fn recording(&self, org: Uuid, id: Uuid, with_chunks: bool) -> Result<Option<Recording>> {
