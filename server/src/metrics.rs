@@ -131,8 +131,8 @@ impl Metrics {
 
 pub fn router(app: App) -> Router {
     Router::new()
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics).fallback(crate::api::get_only))
+        .route("/healthz", get(healthz).fallback(crate::api::get_only))
         .with_state(app)
 }
 

@@ -27,6 +27,7 @@ use crate::api::error::Failure;
 use crate::api::fields::parse_uuid;
 use crate::app::App;
 use crate::meta::{Recording, Role};
+use crate::objects::ObjectError;
 
 /// The path of the cast endpoint.
 pub const CAST_ROUTE: &str = "/api/session-recording/cast";
@@ -89,10 +90,11 @@ pub fn router(app: App) -> Router {
         let (content_type, body) = (a.content_type, a.body);
         r = r.route(
             a.path,
-            get(move || async move { asset(content_type, body) }),
+            get(move || async move { asset(content_type, body) }).fallback(crate::api::get_only),
         );
     }
-    r.route(CAST_ROUTE, get(cast)).with_state(app)
+    r.route(CAST_ROUTE, get(cast).fallback(crate::api::get_only))
+        .with_state(app)
 }
 
 fn asset(content_type: &'static str, body: &'static [u8]) -> Response {
@@ -130,7 +132,7 @@ async fn cast(
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Response {
     let response = match authorize(&app, &headers, query).await {
-        Ok((rec, from_chunk)) => stream_cast(&app, rec, from_chunk),
+        Ok((rec, from_chunk)) => stream_cast(&app, rec, from_chunk).await,
         Err(f) => failure(f),
     };
     app.inner.metrics.request(
@@ -245,11 +247,16 @@ fn header_line(rec: &Recording) -> String {
     line
 }
 
+fn read_error(e: ObjectError) -> std::io::Error {
+    tracing::error!(error = %e, "cast: cannot read a chunk; response cut short");
+    std::io::Error::other(e.to_string())
+}
+
 /// The whole cast, or with `from_chunk` only the chunks from that index on (no header): what
 /// a viewer following a live recording fetches. The `X-Recording-*` headers tell it the
 /// recording's status, how many chunks it has, how many this answer carries and the index
 /// to ask from next.
-fn stream_cast(app: &App, rec: Recording, from_chunk: Option<i64>) -> Response {
+async fn stream_cast(app: &App, rec: Recording, from_chunk: Option<i64>) -> Response {
     let org = rec.org_id.to_string();
     let session = rec.id.to_string();
     let mut chunks: Vec<i64> = rec.chunks.iter().map(|c| c.index).collect();
@@ -264,6 +271,23 @@ fn stream_cast(app: &App, rec: Recording, from_chunk: Option<i64>) -> Response {
         .collect();
     let sent = keys.len();
     let objects = app.inner.objects.clone();
+    let mut keys = keys.into_iter();
+    // The first chunk is opened before the answer starts: a store that cannot be read is
+    // refused with a status and the envelope, not a 200 cut short after the header.
+    let first = match keys.next() {
+        None => None,
+        Some(key) => match objects.get_stream(&key).await {
+            Ok(Some(pieces)) => Some(Ok(pieces.map_err(read_error as fn(_) -> _))),
+            Ok(None) => {
+                tracing::error!(%key, "cast: chunk object is missing");
+                return failure(Failure::new(
+                    ErrorCode::InternalError,
+                    "a chunk of this recording is missing from the object store",
+                ));
+            }
+            Err(e) => return failure(e.into()),
+        },
+    };
     let header = match from_chunk {
         None => Bytes::from(header_line(&rec)),
         Some(_) => Bytes::new(),
@@ -271,14 +295,11 @@ fn stream_cast(app: &App, rec: Recording, from_chunk: Option<i64>) -> Response {
     let head = futures::stream::once(futures::future::ready(Ok::<Bytes, std::io::Error>(header)));
     // `then` polls one future at a time: one chunk open, in index order, and of it only the
     // piece being sent in memory (a client that reads slowly holds no more).
-    let body = futures::stream::iter(keys).then(move |key| {
+    let rest = futures::stream::iter(keys).then(move |key| {
         let objects = objects.clone();
         async move {
             match objects.get_stream(&key).await {
-                Ok(Some(pieces)) => Ok(pieces.map_err(move |e| {
-                    tracing::error!(error = %e, "cast: cannot read a chunk; response cut short");
-                    std::io::Error::other(e.to_string())
-                })),
+                Ok(Some(pieces)) => Ok(pieces.map_err(read_error as fn(_) -> _)),
                 Ok(None) => {
                     tracing::error!(%key, "cast: chunk object is missing; response cut short");
                     Err(std::io::Error::other(format!("chunk {key} is missing")))
@@ -290,6 +311,7 @@ fn stream_cast(app: &App, rec: Recording, from_chunk: Option<i64>) -> Response {
             }
         }
     });
+    let body = futures::stream::iter(first).chain(rest);
     let mut res = Response::new(Body::from_stream(head.chain(body.try_flatten())));
     let h = res.headers_mut();
     h.insert(

@@ -251,6 +251,58 @@ impl Stores {
             }
         }
     }
+    /// Runs one SQL statement on the server's database, as an operator at its shell would.
+    async fn sql(&self, statement: &str) {
+        match &self.database_url {
+            None => {
+                let url = format!(
+                    "sqlite://{}",
+                    self.dir.path().join("recordings.db").display()
+                );
+                let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+                sqlx::raw_sql(statement).execute(&pool).await.unwrap();
+                pool.close().await;
+            }
+            Some(url) => {
+                let pool = sqlx::PgPool::connect(url).await.unwrap();
+                sqlx::raw_sql(statement).execute(&pool).await.unwrap();
+                pool.close().await;
+            }
+        }
+    }
+
+    /// Every object key under `prefix`.
+    async fn object_keys(&self, prefix: &str) -> Vec<String> {
+        use futures::TryStreamExt as _;
+        use object_store::ObjectStore as _;
+        match self.bucket() {
+            None => {
+                let root = self.dir.path().join("objects");
+                let mut keys = Vec::new();
+                let mut dirs = vec![root.join(prefix)];
+                while let Some(d) = dirs.pop() {
+                    let Ok(entries) = std::fs::read_dir(&d) else {
+                        continue;
+                    };
+                    for e in entries {
+                        let p = e.unwrap().path();
+                        if p.is_dir() {
+                            dirs.push(p);
+                        } else {
+                            keys.push(p.strip_prefix(&root).unwrap().display().to_string());
+                        }
+                    }
+                }
+                keys
+            }
+            Some(b) => b
+                .list(Some(&object_store::path::Path::from(prefix)))
+                .map_ok(|m| m.location.to_string())
+                .try_collect()
+                .await
+                .unwrap(),
+        }
+    }
 }
 
 /// A server running in-process on port 0, with an org ready to record.
@@ -464,6 +516,7 @@ both!(st4_list);
 both!(st5_agent_report);
 both!(agent_lifecycle);
 both!(agent_start_sent_again);
+both!(a_refused_report_leaves_no_objects);
 both!(error_codes_and_order);
 both!(auth_failures);
 both!(cross_org);
@@ -1311,6 +1364,53 @@ mod scenarios {
         );
     }
 
+    /// A `report` the database refuses (full, or here a trigger) answers 500 and leaves no
+    /// object behind: no row would ever lead `delete` or retention to it.
+    pub async fn a_refused_report_leaves_no_objects(s: &Server) {
+        let org = &s.fx.org;
+        let report = json!({"node_key": s.fx.node_key, "session_type": "ssh",
+            "session_data": {"transcript": "{\"version\": 2, \"width\": 80, \"height\": 24}\n[0.5, \"o\", \"TOP-SECRET\"]\n"}});
+        s.stores
+            .sql(match s.stores.database_url {
+                None => {
+                    "CREATE TRIGGER refuse BEFORE INSERT ON session_recordings \
+                         BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;"
+                }
+                Some(_) => {
+                    "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS \
+                            $$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$; \
+                            CREATE TRIGGER refuse BEFORE INSERT ON session_recordings \
+                            FOR EACH ROW EXECUTE FUNCTION refuse();"
+                }
+            })
+            .await;
+        assert_err(s.agent(report.clone()).await, 500, "INTERNAL_ERROR");
+        for prefix in [
+            format!("recordings/{org}"),
+            format!("session-recordings/{org}"),
+        ] {
+            let left = s.stores.object_keys(&prefix).await;
+            assert!(left.is_empty(), "{left:?}");
+        }
+        let (_, b) = s.admin(json!({"action": "list", "org_id": org})).await;
+        assert_eq!(b["data"]["total"], 0, "{b}");
+        // The same report once the database takes it again: all of it is there.
+        s.stores
+            .sql(match s.stores.database_url {
+                None => "DROP TRIGGER refuse",
+                Some(_) => "DROP TRIGGER refuse ON session_recordings",
+            })
+            .await;
+        let (st, b) = s.agent(report).await;
+        assert_eq!(st, 201, "{b}");
+        let id = b["data"]["session_id"].as_str().unwrap();
+        assert_eq!(
+            s.stores.object_keys(&format!("recordings/{org}")).await,
+            [format!("recordings/{org}/{id}/chunk-0.cast")]
+        );
+        assert_eq!(s.get(id).await["integrity"], "ok");
+    }
+
     pub async fn error_codes_and_order(s: &Server) {
         let org = &s.fx.org;
         let t = s.fx.admin_token.clone();
@@ -2147,6 +2247,24 @@ mod scenarios {
                 assert_eq!(code(&b), "METHOD_NOT_ALLOWED", "{b}");
             }
         }
+        // The GET routes answer other methods the same way, with `Allow: GET, HEAD`.
+        for route in [
+            "/",
+            "/healthz",
+            "/metrics",
+            "/api/session-recording/cast?org_id=x&session_id=y",
+        ] {
+            let r = s
+                .http
+                .post(format!("{}{route}", s.base))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 405, "POST {route}");
+            assert_eq!(r.headers()["allow"], "GET, HEAD");
+            let b: Value = r.json().await.unwrap();
+            assert_eq!(code(&b), "METHOD_NOT_ALLOWED", "{b}");
+        }
 
         // Headers: what asciicast v2 says of each known key.
         let start = |header: Value| json!({"action": "start", "node_key": nk, "session_type": "ssh", "header": header});
@@ -2863,6 +2981,19 @@ async fn an_unreachable_object_store_refuses_and_loses_nothing() {
     proxy.set(false);
     assert_err(s.member(upload(1)).await, 500, "INTERNAL_ERROR");
     assert_err(s.member(complete.clone()).await, 500, "INTERNAL_ERROR");
+    // The cast is refused with a status, not a 200 cut short after its header line.
+    let r = s
+        .http
+        .get(format!(
+            "{}/api/session-recording/cast?org_id={org}&session_id={session}",
+            s.base
+        ))
+        .bearer_auth(&s.fx.member_token)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    assert_err((status, r.json().await.unwrap()), 500, "INTERNAL_ERROR");
     let d = s.get(&session).await;
     assert_eq!(d["recording"]["status"], "active", "{d}");
     let indexes: Vec<&Value> = d["recording"]["metadata"]["chunks"]

@@ -216,56 +216,77 @@ async fn apply(app: &App, machine: &MachineAuth, action: Action) -> Result<Succe
             let org = machine.org_id.to_string();
             let session = id.to_string();
             let now = timefmt::now();
-            let chunks: Vec<ChunkRow> = if t.summary.events > 0 {
-                let row = ChunkRow {
-                    index: 0,
-                    bytes: t.events_text.len() as i64,
-                    sha256: recording::sha256_hex(t.events_text.as_bytes()),
-                    last_event_time: t.summary.last_time,
+            let chunk = chunk_key(&org, &session, 0);
+            let key = summary_key(&org, &session);
+            // The objects go first and the row last, so that a recording is never listed
+            // without its objects; a refused report takes back what it wrote (a full database,
+            // a store that failed half way), or it would stay where no row leads to it.
+            let written = async {
+                let chunks: Vec<ChunkRow> = if t.summary.events > 0 {
+                    let row = ChunkRow {
+                        index: 0,
+                        bytes: t.events_text.len() as i64,
+                        sha256: recording::sha256_hex(t.events_text.as_bytes()),
+                        last_event_time: t.summary.last_time,
+                    };
+                    app.inner
+                        .objects
+                        .put(&chunk, Bytes::from(t.events_text))
+                        .await?;
+                    vec![row]
+                } else {
+                    Vec::new()
                 };
+                let summary = recording::summary_json(
+                    &session,
+                    duration,
+                    None,
+                    Some(t.summary.events as i64),
+                    now,
+                    &chunks,
+                );
                 app.inner
                     .objects
-                    .put(&chunk_key(&org, &session, 0), Bytes::from(t.events_text))
+                    .put(&key, Bytes::from(summary.to_string()))
                     .await?;
-                vec![row]
-            } else {
-                Vec::new()
-            };
-            let key = summary_key(&org, &session);
-            let summary = recording::summary_json(
-                &session,
-                duration,
-                None,
-                Some(t.summary.events as i64),
-                now,
-                &chunks,
-            );
-            app.inner
-                .objects
-                .put(&key, Bytes::from(summary.to_string()))
+                let mut metadata = Map::new();
+                if let Some(h) = t.header {
+                    metadata.insert("header".into(), h);
+                }
+                metadata.insert("reported_by_agent".into(), Value::Bool(true));
+                metadata.insert("machine_name".into(), Value::String(machine.name.clone()));
+                meta.insert_recording(&Recording {
+                    id,
+                    org_id: machine.org_id,
+                    machine_id: Some(machine.id),
+                    user_id: machine.owner_id,
+                    session_type,
+                    status: "completed".into(),
+                    started_at: now,
+                    ended_at: Some(now),
+                    duration_seconds: Some(duration),
+                    metadata,
+                    r2_key: Some(key.clone()),
+                    machine_name: None,
+                    chunks,
+                })
                 .await?;
-            let mut metadata = Map::new();
-            if let Some(h) = t.header {
-                metadata.insert("header".into(), h);
+                Ok::<(), Failure>(())
             }
-            metadata.insert("reported_by_agent".into(), Value::Bool(true));
-            metadata.insert("machine_name".into(), Value::String(machine.name.clone()));
-            meta.insert_recording(&Recording {
-                id,
-                org_id: machine.org_id,
-                machine_id: Some(machine.id),
-                user_id: machine.owner_id,
-                session_type,
-                status: "completed".into(),
-                started_at: now,
-                ended_at: Some(now),
-                duration_seconds: Some(duration),
-                metadata,
-                r2_key: Some(key),
-                machine_name: None,
-                chunks,
-            })
-            .await?;
+            .await;
+            if let Err(e) = written {
+                // Only once the row is known not to be there: a commit whose answer was lost
+                // may have made it, and its objects must stay then.
+                if !matches!(meta.recording(machine.org_id, id, false).await, Ok(None)) {
+                    return Err(e);
+                }
+                for k in [&chunk, &key] {
+                    if let Err(d) = app.inner.objects.delete(k).await {
+                        tracing::warn!(error = %d, key = k, "could not take back an object of a refused report");
+                    }
+                }
+                return Err(e);
+            }
             Ok(Success::created(
                 json!({"session_id": session, "status": "completed"}),
             ))

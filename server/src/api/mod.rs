@@ -90,15 +90,22 @@ async fn fallback() -> Response {
 
 /// The API routes take POST only; any other method gets the envelope too, and `Allow`.
 async fn method_not_allowed() -> Response {
-    let mut r = failure_response(Failure::new(
-        ErrorCode::MethodNotAllowed,
-        "this route takes POST with a JSON body",
-    ));
+    wrong_method("POST", "this route takes POST with a JSON body")
+}
+
+/// A route's refusal of a method it does not take: the envelope, and `Allow`.
+pub(crate) fn wrong_method(allow: &'static str, message: &str) -> Response {
+    let mut r = failure_response(Failure::new(ErrorCode::MethodNotAllowed, message));
     r.headers_mut().insert(
         axum::http::header::ALLOW,
-        axum::http::HeaderValue::from_static("POST"),
+        axum::http::HeaderValue::from_static(allow),
     );
     r
+}
+
+/// The refusal for the GET routes (the dashboard, the cast, `/healthz`, `/metrics`).
+pub(crate) async fn get_only() -> Response {
+    wrong_method("GET, HEAD", "this route takes GET")
 }
 
 /// The body's top-level object, each key given once: `{"action": "get", "action": "delete"}`
