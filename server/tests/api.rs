@@ -271,6 +271,39 @@ impl Stores {
         }
     }
 
+    /// A recording's `metadata` column as the database holds it.
+    async fn metadata_column(&self, session: &str) -> Value {
+        match &self.database_url {
+            None => {
+                let url = format!(
+                    "sqlite://{}",
+                    self.dir.path().join("recordings.db").display()
+                );
+                let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+                let text: String =
+                    sqlx::query_scalar("SELECT metadata FROM session_recordings WHERE id = ?")
+                        .bind(session)
+                        .fetch_one(&pool)
+                        .await
+                        .unwrap();
+                pool.close().await;
+                serde_json::from_str(&text).unwrap()
+            }
+            Some(url) => {
+                let pool = sqlx::PgPool::connect(url).await.unwrap();
+                let v: Value = sqlx::query_scalar(
+                    "SELECT metadata FROM session_recordings WHERE id = $1::uuid",
+                )
+                .bind(session)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+                pool.close().await;
+                v
+            }
+        }
+    }
+
     /// Every object key under `prefix`.
     async fn object_keys(&self, prefix: &str) -> Vec<String> {
         use futures::TryStreamExt as _;
@@ -1408,7 +1441,11 @@ mod scenarios {
             s.stores.object_keys(&format!("recordings/{org}")).await,
             [format!("recordings/{org}/{id}/chunk-0.cast")]
         );
-        assert_eq!(s.get(id).await["integrity"], "ok");
+        let d = s.get(id).await;
+        assert_eq!(d["integrity"], "ok");
+        let column = s.stores.metadata_column(id).await;
+        assert_eq!(column["chunks"], d["recording"]["metadata"]["chunks"]);
+        assert_eq!(column["chunks"].as_array().unwrap().len(), 1, "{column}");
     }
 
     pub async fn error_codes_and_order(s: &Server) {
@@ -1843,12 +1880,22 @@ mod scenarios {
             .collect();
         assert_eq!(idx, (0..40).collect::<Vec<_>>());
         assert_eq!(d["integrity"], "ok");
+        // The row's own metadata column holds the same list, for whoever reads the database.
+        assert_eq!(
+            s.stores.metadata_column(&rec).await["chunks"],
+            d["recording"]["metadata"]["chunks"]
+        );
         // Complete without duration from the agent: last event of chunk 39 (39.5 → 40).
         let (st, _) = s
             .agent(json!({"action": "complete", "node_key": s.fx.node_key, "session_id": rec}))
             .await;
         assert_eq!(st, 200);
-        assert_eq!(s.get(&rec).await["recording"]["duration_seconds"], 40);
+        let d = s.get(&rec).await;
+        assert_eq!(d["recording"]["duration_seconds"], 40);
+        assert_eq!(
+            s.stores.metadata_column(&rec).await["chunks"],
+            d["recording"]["metadata"]["chunks"]
+        );
         // Different bodies sent for one index at once: whichever is stored, the row describes
         // it (integrity compares each chunk's size and SHA-256 with its object).
         for trial in 0..8 {

@@ -88,6 +88,15 @@ impl PgMeta {
     }
 }
 
+/// Writes a recording's chunk rows into its `metadata.chunks` too (index order), so that the
+/// column says what the contract says it holds, for whoever reads the database itself. Run in
+/// the transaction that changed the rows, with the recording's row locked.
+const MIRROR_CHUNKS: &str =
+    "UPDATE session_recordings SET metadata = jsonb_set(metadata, '{chunks}', \
+     (SELECT COALESCE(jsonb_agg(jsonb_build_object('index', chunk_index, 'bytes', bytes, \
+     'sha256', sha256) ORDER BY chunk_index), '[]'::jsonb) \
+     FROM session_recording_chunks WHERE session_id = $1)) WHERE id = $1";
+
 #[async_trait::async_trait]
 impl MetadataStore for PgMeta {
     async fn create_org(&self, id: Uuid, name: &str, feature: bool) -> Result<()> {
@@ -424,6 +433,10 @@ impl MetadataStore for PgMeta {
             .execute(&mut *tx)
             .await?;
         }
+        sqlx::query(MIRROR_CHUNKS)
+            .bind(rec.id)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -457,17 +470,20 @@ impl MetadataStore for PgMeta {
         c: &ChunkRow,
         write: ObjectWrite<'_>,
     ) -> Result<ChunkOutcome> {
-        // The recording's row is share-locked until the chunk is in: a `complete` (which
-        // locks it for update) sees every chunk stored before it, and none comes after, in
-        // whichever server process each runs. The object is written under that lock (and
-        // under one for its index, so two bodies for one index take turns): a recording that
-        // is no longer active keeps its objects as its rows describe them.
+        // The recording's row is locked until the chunk is in: a `complete` (which locks it
+        // for update) sees every chunk stored before it, and none comes after, in whichever
+        // server process each runs. The object is written under that lock (and under one for
+        // its index, so two bodies for one index take turns): a recording that is no longer
+        // active keeps its objects as its rows describe them. The lock is exclusive (not a
+        // share lock) because the row's `metadata.chunks` is rewritten: uploads to one
+        // recording take turns, as an agent sends them anyway.
         let mut tx = self.pool.begin().await?;
-        let status: Option<String> =
-            sqlx::query_scalar("SELECT status FROM session_recordings WHERE id = $1 FOR SHARE")
-                .bind(session)
-                .fetch_optional(&mut *tx)
-                .await?;
+        let status: Option<String> = sqlx::query_scalar(
+            "SELECT status FROM session_recordings WHERE id = $1 FOR NO KEY UPDATE",
+        )
+        .bind(session)
+        .fetch_optional(&mut *tx)
+        .await?;
         match status.as_deref() {
             None => return Ok(ChunkOutcome::Gone),
             Some("active") => {}
@@ -497,6 +513,10 @@ impl MetadataStore for PgMeta {
             Err(e) if is_fk_violation(&e) => return Ok(ChunkOutcome::Gone),
             Err(e) => return Err(e.into()),
         }
+        sqlx::query(MIRROR_CHUNKS)
+            .bind(session)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(ChunkOutcome::Stored)
     }

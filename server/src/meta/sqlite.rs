@@ -43,6 +43,15 @@ const UPSERT_CHUNK: &str = "INSERT INTO session_recording_chunks \
      ON CONFLICT (session_id, chunk_index) DO UPDATE SET bytes = excluded.bytes, \
      sha256 = excluded.sha256, last_event_time = excluded.last_event_time";
 
+/// Writes a recording's chunk rows into its `metadata.chunks` too (index order), so that the
+/// column says what the contract says it holds, for whoever reads the database itself. Run in
+/// the write transaction that changed the rows.
+const MIRROR_CHUNKS: &str =
+    "UPDATE session_recordings SET metadata = json_set(metadata, '$.chunks', \
+     json((SELECT json_group_array(json_object('index', chunk_index, 'bytes', bytes, \
+     'sha256', sha256) ORDER BY chunk_index) FROM session_recording_chunks \
+     WHERE session_id = ?1))) WHERE id = ?1";
+
 /// A write transaction that takes the database's write lock at once. A deferred one that
 /// reads first fails (SQLITE_BUSY_SNAPSHOT, not retried by the busy timeout) when another
 /// process (an `admin` command beside `serve`) commits between its read and its write.
@@ -94,6 +103,20 @@ async fn write_chunk_batch(write: &SqlitePool, jobs: &[ChunkJob]) -> Result<Vec<
             Err(e) => return Err(e.into()),
         };
         out.push(outcome);
+    }
+    let mut stored: Vec<&Uuid> = jobs
+        .iter()
+        .zip(&out)
+        .filter(|(_, o)| matches!(o, ChunkOutcome::Stored))
+        .map(|((session, _, _), _)| session)
+        .collect();
+    stored.sort_unstable();
+    stored.dedup();
+    for session in stored {
+        sqlx::query(MIRROR_CHUNKS)
+            .bind(session.to_string())
+            .execute(&mut *tx)
+            .await?;
     }
     tx.commit().await?;
     Ok(out)
@@ -549,6 +572,10 @@ impl MetadataStore for SqliteMeta {
             .execute(&mut *tx)
             .await?;
         }
+        sqlx::query(MIRROR_CHUNKS)
+            .bind(rec.id.to_string())
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(true)
     }
