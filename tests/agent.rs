@@ -422,7 +422,12 @@ impl FrameClient {
     /// (who the user is, and how the session ended), which it must drop.
     fn end(mut self, code: i32) {
         let metadata = json!({"bytes_in": 7, "user": "mallory-claims-root", "uid": 0xdead,
-                              "exit_status": 99, "interrupted": false, "hostname": "linux-c"});
+                              "exit_status": 99, "interrupted": false, "hostname": "linux-c",
+                              // Checked at the start, or the daemon's own notes: not the End's.
+                              "continues": "2f1f0a4e-0000-4000-8000-000000000000",
+                              "terminal_held_by_pid": 1, "terminal_holders_killed": [1],
+                              "gap_dropped_bytes": 123, "damaged_lines": 7,
+                              "chunks_set_aside": [0]});
         let f = Frame::json(
             Kind::End,
             &EndMsg {
@@ -532,7 +537,16 @@ async fn backend_down_then_back_every_chunk_once_in_order() {
     // (the end's metadata used to overwrite them).
     assert_eq!(rec["metadata"]["uid"], nix::unistd::getuid().as_raw());
     assert_ne!(rec["metadata"]["user"], "mallory-claims-root");
-    assert!(rec["metadata"].get("continues").is_none(), "{rec:#}");
+    for k in [
+        "continues",
+        "terminal_held_by_pid",
+        "terminal_holders_killed",
+        "gap_dropped_bytes",
+        "damaged_lines",
+        "chunks_set_aside",
+    ] {
+        assert!(rec["metadata"].get(k).is_none(), "{k}: {rec:#}");
+    }
     assert_eq!(
         rec["metadata"]["hostname"].as_str(),
         nix::unistd::gethostname().unwrap().to_str()

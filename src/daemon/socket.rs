@@ -135,6 +135,18 @@ fn drop_owned(m: &mut serde_json::Map<String, Value>) {
     }
 }
 
+/// Metadata that is checked or completed when a session starts (a `continues` must name a
+/// session of this user that was let go; the terminal's holders are added to), or that the
+/// daemon notes while it uploads: an `End` cannot set them afterwards, past those checks.
+const START_OR_DAEMON_KEYS: &[&str] = &[
+    "continues",
+    "gap_dropped_bytes",
+    "terminal_held_by_pid",
+    "terminal_holders_killed",
+    "damaged_lines",
+    "chunks_set_aside",
+];
+
 /// Processes of `uid` other than the session's `shell` (`peer`) and its ancestors that have
 /// the terminal `shell` got from sshd open: killed, and returned. `shell` does the same before
 /// it connects, but cannot see a process that made itself undumpable; root can. Only the
@@ -870,6 +882,9 @@ impl Drop for AbortOnDrop {
 fn end_metadata(end: EndMsg) -> (Option<i32>, serde_json::Map<String, Value>) {
     let mut metadata = end.metadata;
     drop_owned(&mut metadata);
+    for k in START_OR_DAEMON_KEYS {
+        metadata.remove(*k);
+    }
     if let Some(s) = end.exit_status {
         metadata.insert("exit_status".into(), Value::from(s));
     }

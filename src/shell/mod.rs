@@ -335,13 +335,33 @@ pub(super) fn daemon_write_error(e: io::Error) -> io::Error {
 
 /// Connects to the daemon, announces the session and reads its decision.
 fn open_session(socket: &Path, start: &StartMsg) -> Result<(UnixStream, DecisionMsg), String> {
-    let mut s = UnixStream::connect(socket)
+    let s = UnixStream::connect(socket)
         .map_err(|e| format!("recording daemon unreachable at {}: {e}", socket.display()))?;
+    start_session(s, start)
+}
+
+/// Sends the Start on a connection to the daemon and reads its decision.
+fn start_session(mut s: UnixStream, start: &StartMsg) -> Result<(UnixStream, DecisionMsg), String> {
     let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
     let _ = s.set_write_timeout(Some(DAEMON_WRITE_TIMEOUT));
     let f = Frame::json(Kind::Start, start).map_err(|e| e.to_string())?;
-    ipc::write_frame(&mut s, f.kind, &f.payload).map_err(|e| format!("recording daemon: {e}"))?;
-    let reply = ipc::read_frame(&mut s).map_err(|e| format!("recording daemon: {e}"))?;
+    let sent = ipc::write_frame(&mut s, f.kind, &f.payload);
+    // A daemon refusing a user over their connection limit answers without reading the
+    // Start and closes: the write may then fail, and the refusal is still there to read. Were
+    // it taken for "daemon unreachable", the user could retry until a session ran unrecorded.
+    let reply = ipc::read_frame(&mut s).map_err(|e| match &sent {
+        Err(w) => format!("recording daemon: {w}"),
+        Ok(()) => format!("recording daemon: {e}"),
+    })?;
+    if let Err(w) = sent {
+        let refused = reply.kind == Kind::Decision
+            && reply
+                .parse::<DecisionMsg>()
+                .is_ok_and(|d| d.mode == Mode::Refused);
+        if !refused {
+            return Err(format!("recording daemon: {w}"));
+        }
+    }
     let d = match reply.kind {
         Kind::Decision => reply.parse::<DecisionMsg>().map_err(|e| e.to_string())?,
         Kind::Error => {
@@ -766,6 +786,34 @@ fn exit_metadata(status: ExitStatus, m: &mut Map<String, Value>) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The daemon's refusal of a user over their connection limit, written and closed before
+    /// the Start is: the Start's write fails, and the session is still refused, not taken for
+    /// a daemon that is unreachable (which runs unrecorded without `enforce`).
+    #[test]
+    fn a_refusal_sent_before_the_start_was_read_is_a_refusal() {
+        let (client, mut daemon) = UnixStream::pair().unwrap();
+        let refusal = DecisionMsg {
+            mode: Mode::Refused,
+            reason: "this user already has 256 sessions with the recording daemon".into(),
+            session: None,
+            own_limit: true,
+        };
+        let f = Frame::json(Kind::Decision, &refusal).unwrap();
+        ipc::write_frame(&mut daemon, f.kind, &f.payload).unwrap();
+        drop(daemon);
+        let start = StartMsg {
+            session_type: "ssh".into(),
+            header: ztna_common::Header::new(TtySize { cols: 80, rows: 24 }, Some(0)),
+            metadata: serde_json::Map::new(),
+        };
+        let (_, d) = start_session(client, &start).unwrap();
+        assert_eq!(d, refusal);
+        // A daemon that went away without a word is still an error.
+        let (client, daemon) = UnixStream::pair().unwrap();
+        drop(daemon);
+        assert!(start_session(client, &start).is_err());
+    }
 
     #[test]
     fn the_drop_in_sets_what_shell_removes() {
