@@ -2099,6 +2099,38 @@ fn record_on_a_full_disk_keeps_a_playable_file() {
     assert!(cast.events_text.contains("line 1 of a session"));
 }
 
+/// A file-size limit (`ulimit -f`) is a full disk to the recorder: the recording stops at
+/// its last whole line and the program's exit status comes back (SIGXFSZ used to kill the
+/// recorder, leaving the terminal raw and the file cut mid-line).
+#[test]
+fn record_past_a_file_size_limit_keeps_a_playable_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("limited.cast");
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -f 100; exec '{BIN}' record -q -c \"seq -f 'line %g of a session past the limit' 1 10000; exit 5\" '{}'",
+            file.display()
+        ))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    assert!(
+        !out.stderr.is_empty(),
+        "the recorder says the recording is incomplete"
+    );
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(
+        text.len() > 50_000 && text.len() <= 102_400 && text.ends_with('\n'),
+        "{} bytes",
+        text.len()
+    );
+    let cast = ztna_common::asciicast::parse_transcript(&text).unwrap();
+    assert!(cast.header.is_some());
+    assert!(cast.events_text.contains("line 1 of a session"));
+}
+
 /// The spool's disk full (a 1 MiB tmpfs, the spool limit above it): the live session is
 /// told and stops being recorded while the disk still holds the room it keeps for what it
 /// sends before it hears (256 KiB here, more than a socket's buffer), a new session is

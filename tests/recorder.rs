@@ -1074,6 +1074,25 @@ fn type_ahead_is_not_lost() {
     read_cast(&dir.path().join("out.cast"));
 }
 
+/// The program's PTY starts with the user's terminal modes, as under `script`: their erase
+/// and interrupt keys, and `iutf8` (without it, a backspace in a cooked-mode prompt takes one
+/// byte of a multi-byte character and leaves the rest).
+#[test]
+fn the_program_gets_the_users_terminal_modes() {
+    let dir = tempfile::tempdir().unwrap();
+    let script =
+        format!("stty iutf8 erase ^H intr ^G; exec '{BIN}' record -q -c 'stty -a' out.cast");
+    let run = PtyRun::start_program("bash", &["-c", &script], dir.path(), size(80, 24), &[]);
+    assert_eq!(run.finish().0, 0);
+    let said = read_cast(&dir.path().join("out.cast")).output();
+    assert!(said.contains("erase = ^H"), "{said}");
+    assert!(said.contains("intr = ^G"), "{said}");
+    assert!(
+        said.contains(" iutf8") && !said.contains("-iutf8"),
+        "{said}"
+    );
+}
+
 /// A terminal left non-blocking by an earlier program (the file description is shared): the
 /// relay waits where a read or write would block. It used to stop at the first `EAGAIN`, so
 /// typed keys never reached the program and output stopped reaching the user.

@@ -606,7 +606,7 @@ impl Session {
             .ok_or_else(|| Error::Pty("the PTY has no name".into()))
             .and_then(|tty| {
                 let cmd = command.std_command(&program, &tty).map_err(spawn_err)?;
-                spawn::spawn_on(&tty, cmd).map_err(spawn_err)
+                spawn::spawn_on(&tty, raw.as_ref().map(RawMode::saved), cmd).map_err(spawn_err)
             });
         let child = match spawned {
             Ok(c) => c,
@@ -1124,9 +1124,14 @@ impl Drop for SignalThread {
 
 impl SignalThread {
     fn start(ctl: Sender<Ctl>) -> io::Result<Self> {
-        use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGWINCH};
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGWINCH, SIGXFSZ};
         let mut signals =
             signal_hook::iterator::Signals::new([SIGWINCH, SIGTERM, SIGHUP, SIGINT, SIGQUIT])?;
+        // A file-size limit (`ulimit -f`) reached by the recording would kill the recorder
+        // (SIGXFSZ's default), leaving the terminal raw and the file cut mid-line: with a
+        // handler, the write fails with EFBIG instead, as on a full disk. Handlers do not
+        // survive `exec`, so the program keeps the default.
+        signal_hook::flag::register(SIGXFSZ, Arc::new(AtomicBool::new(false)))?;
         let handle = signals.handle();
         let thread = spawn("ztna-signals", SMALL_STACK, move || {
             for sig in signals.forever() {

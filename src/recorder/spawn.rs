@@ -16,15 +16,25 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command};
 
-/// Opens the slave side named `tty` (without making it our controlling terminal) and starts
-/// `cmd` on it. `cmd` is consumed so that no copy of the slave side stays open here: the
-/// program's last close of it is what ends the output.
-pub(super) fn spawn_on(tty: &Path, mut cmd: Command) -> io::Result<Child> {
+/// Opens the slave side named `tty` (without making it our controlling terminal), gives it
+/// the user's terminal `modes` when there is one, and starts `cmd` on it. `cmd` is consumed so
+/// that no copy of the slave side stays open here: the program's last close of it is what
+/// ends the output.
+pub(super) fn spawn_on(
+    tty: &Path,
+    modes: Option<&nix::sys::termios::Termios>,
+    mut cmd: Command,
+) -> io::Result<Child> {
     let slave = OpenOptions::new()
         .read(true)
         .write(true)
         .custom_flags(nix::libc::O_NOCTTY)
         .open(tty)?;
+    if let Some(m) = modes {
+        // As `script` does: the user's erase and interrupt keys, and `iutf8` (without it, a
+        // backspace in a cooked-mode prompt removes one byte of a multi-byte character).
+        nix::sys::termios::tcsetattr(&slave, nix::sys::termios::SetArg::TCSANOW, m)?;
+    }
     cmd.stdin(slave.try_clone()?)
         .stdout(slave.try_clone()?)
         .stderr(slave);
@@ -114,7 +124,7 @@ mod tests {
         cmd.arg("-c").arg(format!(
             "test -t 0 && tty && if [ -e /proc/self/fd/{fd} ]; then echo leaked; else echo closed; fi"
         ));
-        let mut child = spawn_on(&tty, cmd).expect("spawn");
+        let mut child = spawn_on(&tty, None, cmd).expect("spawn");
         drop(pair.slave);
         let mut out = Vec::new();
         let mut reader = pair.master.try_clone_reader().expect("reader");

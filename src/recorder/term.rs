@@ -41,6 +41,11 @@ impl RawMode {
         termios::tcsetattr(&fd, SetArg::TCSANOW, &raw)?;
         Ok(RawMode { fd, saved })
     }
+
+    /// The terminal's modes from before: what the program's PTY starts with.
+    pub(crate) fn saved(&self) -> &Termios {
+        &self.saved
+    }
 }
 
 impl Drop for RawMode {
