@@ -338,20 +338,16 @@ impl Uploader {
                 .unwrap_or_default()
         };
         let (began, ended) = (rfc3339(when.began), rfc3339(when.ended));
-        let text = std::fs::read_to_string(file)?;
-        let cast = ztna_common::asciicast::parse_transcript(&text)?;
-        let header = cast.header.unwrap_or(serde_json::Value::Null);
-        let mut chunks: Vec<String> = Vec::new();
-        let mut cur = String::new();
-        for line in cast.events_text.split_inclusive('\n') {
-            if !cur.is_empty() && cur.len() + line.len() > self.chunk_max_bytes {
-                chunks.push(std::mem::take(&mut cur));
-            }
-            cur.push_str(line);
-        }
-        if !cur.is_empty() {
-            chunks.push(cur);
-        }
+        // Read a line at a time and sent a chunk at a time: the process holds one chunk, not
+        // the recording (which may be gigabytes).
+        use std::io::BufRead as _;
+        let mut lines = std::io::BufReader::new(std::fs::File::open(file)?);
+        let mut first = String::new();
+        lines.read_line(&mut first)?;
+        let header: serde_json::Value = serde_json::from_str(first.trim_end())
+            .with_context(|| format!("{}: the header line", file.display()))?;
+        ztna_common::asciicast::check_header(&header)
+            .map_err(|e| anyhow::anyhow!("{}: the header line: {e}", file.display()))?;
         // The same metadata as an SSH session's (user, uid, hostname, tty…), so the backend
         // lists a manual recording like any other.
         let kind = match args.command {
@@ -362,34 +358,57 @@ impl Uploader {
         let mut metadata = crate::shell::session_metadata(kind, args.command.as_deref(), tty);
         metadata.insert("recorded_by".into(), "ztna-recorder record".into());
         let metadata = serde_json::Value::Object(metadata);
-        let duration = ztna_common::asciicast::duration_secs(cast.summary.last_time);
         let done = serde_json::json!({"exit_status": outcome.status.code()});
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
+        let client = &self.client;
         rt.block_on(async {
-            let started = self
-                .client
+            let started = client
                 .start("record", &header, &metadata, Some(&began), None)
                 .await?;
-            for (i, chunk) in chunks.into_iter().enumerate() {
-                let body = self
-                    .client
-                    .chunk_body(&started.session_id, i as u64, &chunk);
-                drop(chunk);
-                self.client.post_chunk(body).await?;
+            let session = started.session_id;
+            let (mut chunk, mut index, mut events) = (String::new(), 0u64, 0u64);
+            let mut last_time: Option<f64> = None;
+            let mut line = String::new();
+            let mut number = 1;
+            loop {
+                line.clear();
+                number += 1;
+                if lines.read_line(&mut line)? == 0 {
+                    break;
+                }
+                let text = line.trim_end_matches(['\n', '\r']);
+                if text.trim().is_empty() {
+                    continue;
+                }
+                let ev = ztna_common::asciicast::parse_event_line(text, number)
+                    .with_context(|| format!("{}: line {number}", file.display()))?;
+                if last_time.is_some_and(|t| ev.time < t) {
+                    anyhow::bail!("{}: line {number} goes back in time", file.display());
+                }
+                last_time = Some(ev.time);
+                events += 1;
+                if !chunk.is_empty() && chunk.len() + text.len() + 1 > self.chunk_max_bytes {
+                    client
+                        .post_chunk(client.chunk_body(&session, index, &chunk))
+                        .await?;
+                    index += 1;
+                    chunk.clear();
+                }
+                chunk.push_str(text);
+                chunk.push('\n');
             }
-            self.client
-                .complete(
-                    &started.session_id,
-                    Some(duration),
-                    Some(cast.summary.events as u64),
-                    &done,
-                    Some(&ended),
-                )
+            if !chunk.is_empty() {
+                client
+                    .post_chunk(client.chunk_body(&session, index, &chunk))
+                    .await?;
+            }
+            let duration = ztna_common::asciicast::duration_secs(last_time);
+            client
+                .complete(&session, Some(duration), Some(events), &done, Some(&ended))
                 .await?;
-            Ok::<_, crate::client::ClientError>(started.session_id)
+            Ok::<_, anyhow::Error>(session)
         })
-        .map_err(|e| anyhow::anyhow!("{e}"))
     }
 }

@@ -1709,6 +1709,45 @@ async fn upload_ships_the_recording_to_the_backend() {
         "the backend has the whole cast"
     );
 
+    // A large recording is sent a chunk at a time: the process never holds all of it (it
+    // used to read the file whole and build every chunk first, 3.5 times its size).
+    let big_config = dir.path().join("big.toml");
+    std::fs::write(
+        &big_config,
+        format!(
+            "server_url = \"http://{addr}\"\nnode_key_file = \"{}\"\n",
+            key_file.display()
+        ),
+    )
+    .unwrap();
+    let measure = format!(
+        "import resource, subprocess, sys\n\
+         r = subprocess.run(['{BIN}', 'record', '-q', '--upload', '--config', '{}', '-c', \
+         'yes 0123456789abcdef0123456789abcdef | head -c 32M', '{}'], stdin=subprocess.DEVNULL, \
+         stdout=subprocess.DEVNULL)\n\
+         print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n",
+        big_config.display(),
+        dir.path().join("big.cast").display()
+    );
+    let out = tokio::task::spawn_blocking(move || {
+        StdCommand::new("python3")
+            .args(["-c", &measure])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    let (status, kib) = said.trim().split_once(' ').unwrap();
+    assert_eq!(
+        status,
+        "0",
+        "{said} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let kib: u64 = kib.parse().unwrap();
+    assert!(kib < 24 * 1024, "peak RSS {kib} KiB for 32 MiB uploaded");
+
     // Without a server to upload to, nothing runs.
     let bad = dir.path().join("empty.toml");
     std::fs::write(&bad, "").unwrap();
