@@ -1855,6 +1855,56 @@ async fn a_daemon_restart_mid_session_records_the_rest_as_a_continuation() {
     stop_all(&mut daemon, &mut backend).await;
 }
 
+/// The daemon killed outright (a crash, the OOM killer) and started again, as systemd does:
+/// without enforce the session waits for it, and the rest (what was shown meanwhile included)
+/// is recorded as a continuation of the first part, which is completed as interrupted. (The
+/// rest used to go unrecorded for as long as the session ran.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_killed_mid_session_records_the_rest_once_it_is_back() {
+    let mut backend = Backend::new(true).await;
+    let agent = Agent::new(&backend, "chunk_max_secs = 1\n");
+    let mut daemon = agent.daemon();
+    let go = agent.dir.path().join("go");
+    let wait = |n: u8| format!("while [ ! -e {}{n} ]; do sleep 0.05; done", go.display());
+    let cmd = format!(
+        "echo one; {}; echo two; {}; echo three; exit 3",
+        wait(1),
+        wait(2)
+    );
+    let mut child = agent
+        .shell_command(Some(&cmd), None)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut tail = Tail::new(child.stdout.take().unwrap());
+    let spool = agent.spool();
+    let status = tokio::task::block_in_place(|| {
+        tail.wait_for("one\n");
+        wait_until("\"one\" spooled", Duration::from_secs(10), || {
+            tree_contains(&spool.join("sessions"), b"one")
+        });
+        kill(&mut daemon, nix::sys::signal::Signal::SIGKILL);
+        daemon.wait().unwrap();
+        std::fs::write(go.with_file_name("go1"), "").unwrap();
+        tail.wait_for("two\n");
+        std::thread::sleep(Duration::from_millis(1000));
+        daemon = agent.daemon();
+        std::fs::write(go.with_file_name("go2"), "").unwrap();
+        tail.wait_for("three\n");
+        child.wait().unwrap()
+    });
+    assert_eq!(status.code(), Some(3));
+    assert_eq!(tail.all(), b"one\ntwo\nthree\n");
+    let recs = backend.wait_completed(2, Duration::from_secs(30)).await;
+    let (first, second) = continued_pair(&recs);
+    assert_eq!(first["metadata"]["interrupted"], true, "{first:#}");
+    assert_eq!(output_of(&backend.events_text(first)), "one\n");
+    assert_eq!(output_of(&backend.events_text(second)), "two\nthree\n");
+    assert_eq!(second["metadata"]["exit_status"], 3, "{second:#}");
+    assert_eq!(first["metadata"]["uid"], second["metadata"]["uid"]);
+    stop_all(&mut daemon, &mut backend).await;
+}
+
 /// A stop cut short (SIGKILL soon after SIGTERM, as a stop timeout does) writes no list of the
 /// sessions it let go: the next daemon still takes the rest of a session as the continuation
 /// of the first recording (its `continues` used to be dropped), from the same user only.
@@ -3459,6 +3509,44 @@ async fn restart_and_expect_interrupted(agent: &Agent, mut backend: Backend, nee
     let rec = &recs[0];
     assert_eq!(rec["metadata"]["interrupted"], true, "{rec:#}");
     assert!(output_of(&backend.events_text(rec)).contains(needle));
+    stop_all(&mut daemon, &mut backend).await;
+}
+
+/// As above through sshd with a terminal: the daemon SIGKILLed, started again, and the rest
+/// of the login (typed while it was down and after) recorded as the continuation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sshd_daemon_killed_and_back_records_the_rest() {
+    let SpooledLogin {
+        mut backend,
+        agent,
+        mut daemon,
+        _sshd,
+        mut child,
+        mut stdin,
+    } = SpooledLogin::start("chunk_max_secs = 1\n", "crash").await;
+    let mut tail = Tail::new(child.stdout.take().unwrap());
+    let status = tokio::task::block_in_place(|| {
+        tail.wait_for("crash-42");
+        kill(&mut daemon, nix::sys::signal::Signal::SIGKILL);
+        daemon.wait().unwrap();
+        stdin.write_all(b"echo gap-$((2*4))\n").unwrap();
+        tail.wait_for("gap-8");
+        std::thread::sleep(Duration::from_millis(1000));
+        daemon = agent.daemon();
+        std::thread::sleep(Duration::from_millis(1500));
+        stdin.write_all(b"echo back-$((5*5)); exit 4\n").unwrap();
+        tail.wait_for("back-25");
+        child.wait().unwrap()
+    });
+    let seen = String::from_utf8_lossy(&tail.all()).into_owned();
+    assert_eq!(status.code(), Some(4), "{seen}");
+    let recs = backend.wait_completed(2, Duration::from_secs(30)).await;
+    let (first, second) = continued_pair(&recs);
+    assert_eq!(first["metadata"]["interrupted"], true, "{first:#}");
+    assert!(output_of(&backend.events_text(first)).contains("crash-42"));
+    let rest = output_of(&backend.events_text(second));
+    assert!(rest.contains("gap-8") && rest.contains("back-25"), "{rest}");
+    assert_eq!(second["metadata"]["exit_status"], 4, "{second:#}");
     stop_all(&mut daemon, &mut backend).await;
 }
 

@@ -272,8 +272,13 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     let _spool_lock = spool
         .lock()
         .with_context(|| format!("spool_dir {}", config.spool_dir.display()))?;
-    recovery::recover(&spool).context("recovering the spool")?;
-    let continuable = load_continuable(&spool);
+    let cut = recovery::recover(&spool).context("recovering the spool")?;
+    let mut continuable = load_continuable(&spool);
+    // Sessions a crash cut off: their `shell`s wait for a daemon (without enforce), and the
+    // rest of each is recorded as a continuation of the first part.
+    for c in cut {
+        continuable.entry(c.id).or_insert((c.uid, c.at));
+    }
 
     let listener = socket::bind(&config.socket)?;
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -6,9 +6,18 @@
 
 use super::spool::{damaged, EndMark, Spool};
 
-/// Returns how many sessions were marked interrupted.
-pub fn recover(spool: &Spool) -> std::io::Result<usize> {
-    let mut interrupted = 0;
+/// A session an earlier run was cut from: its user's `shell` may still be running, waiting
+/// to give the rest of it to this run (see [`super::let_go`]).
+pub struct Cut {
+    pub id: String,
+    pub uid: u32,
+    /// When the spool last heard of it (unix seconds).
+    pub at: i64,
+}
+
+/// Returns the sessions that were marked interrupted.
+pub fn recover(spool: &Spool) -> std::io::Result<Vec<Cut>> {
+    let mut interrupted = Vec::new();
     // Half-created sessions (a crash between mkdir and rename) hold no events.
     if let Ok(rd) = std::fs::read_dir(spool.sessions_dir()) {
         for e in rd.flatten() {
@@ -34,9 +43,33 @@ pub fn recover(spool: &Spool) -> std::io::Result<usize> {
                 let mut mark = EndMark::interrupted();
                 // Its end was not seen: the last the spool heard of it is the best guess (the
                 // backend would otherwise take now, which may be hours after the crash).
+                let at = heard
+                    .as_deref()
+                    .and_then(|t| {
+                        time::OffsetDateTime::parse(
+                            t,
+                            &time::format_description::well_known::Rfc3339,
+                        )
+                        .ok()
+                    })
+                    .map_or_else(
+                        || time::OffsetDateTime::now_utc().unix_timestamp(),
+                        time::OffsetDateTime::unix_timestamp,
+                    );
                 mark.ended_at = heard;
                 dir.set_end(&mark)?;
-                interrupted += 1;
+                let uid = dir.start_info().ok().and_then(|(_, m)| {
+                    m.get("uid")
+                        .and_then(serde_json::Value::as_u64)
+                        .and_then(|u| u32::try_from(u).ok())
+                });
+                if let Some(uid) = uid {
+                    interrupted.push(Cut {
+                        id: id.clone(),
+                        uid,
+                        at,
+                    });
+                }
                 tracing::warn!(session = %id, "session left by an earlier run: completing it as interrupted");
             }
             std::io::Result::Ok(())

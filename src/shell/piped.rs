@@ -235,7 +235,9 @@ impl Recording {
                         rec.listening.store(true, Ordering::SeqCst);
                         (why, false)
                     }
-                    DaemonWord::Gone(why) => (why, false),
+                    // Killed outright: without enforce, waited for as after an orderly stop
+                    // (see `pty`); under enforce the session ends.
+                    DaemonWord::Gone(why) => (why, !rec.enforce),
                 };
                 // (A relay's write may have found the daemon gone first: the decision is
                 // made here either way.)

@@ -82,7 +82,12 @@ impl Link {
                 let (r, stopping) = match daemon_word(&mut watch) {
                     DaemonWord::Ack => (Ok(()), false),
                     DaemonWord::Stopping(why) => (Err(why), true),
-                    DaemonWord::SpoolFull(why) | DaemonWord::Gone(why) => (Err(why), false),
+                    DaemonWord::SpoolFull(why) => (Err(why), false),
+                    // A daemon killed outright (a crash, the OOM killer) comes back too, under
+                    // systemd's `Restart=`: without enforce, the session waits for it as for
+                    // one that stopped in order, and the rest is recorded. Under enforce it
+                    // ends, since what was in flight is lost.
+                    DaemonWord::Gone(why) => (Err(why), !ctx.enforce),
                 };
                 if let Err(why) = &r {
                     if stopping {
