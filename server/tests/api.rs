@@ -1915,6 +1915,11 @@ mod scenarios {
             }
             let d = s.get(&rec).await;
             assert_eq!(d["integrity"], "ok", "trial {trial}: {d}");
+            assert_eq!(
+                s.stores.metadata_column(&rec).await["chunks"],
+                d["recording"]["metadata"]["chunks"],
+                "trial {trial}"
+            );
         }
     }
 

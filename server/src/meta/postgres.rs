@@ -97,6 +97,17 @@ const MIRROR_CHUNKS: &str =
      'sha256', sha256) ORDER BY chunk_index), '[]'::jsonb) \
      FROM session_recording_chunks WHERE session_id = $1)) WHERE id = $1";
 
+/// [`MIRROR_CHUNKS`] for one chunk just stored: appended when it comes after the last one
+/// listed (an agent sends them in order), else the list is rebuilt from the rows.
+const MIRROR_CHUNK: &str = "UPDATE session_recordings SET metadata = CASE \
+     WHEN jsonb_typeof(metadata->'chunks') = 'array' \
+      AND coalesce((metadata->'chunks'->-1->>'index')::bigint, -1) < $2 \
+     THEN jsonb_set(metadata, '{chunks}', (metadata->'chunks') || jsonb_build_array( \
+      jsonb_build_object('index', $2::bigint, 'bytes', $3::bigint, 'sha256', $4::text))) \
+     ELSE jsonb_set(metadata, '{chunks}', (SELECT COALESCE(jsonb_agg(jsonb_build_object( \
+      'index', chunk_index, 'bytes', bytes, 'sha256', sha256) ORDER BY chunk_index), '[]'::jsonb) \
+      FROM session_recording_chunks WHERE session_id = $1)) END WHERE id = $1";
+
 #[async_trait::async_trait]
 impl MetadataStore for PgMeta {
     async fn create_org(&self, id: Uuid, name: &str, feature: bool) -> Result<()> {
@@ -513,8 +524,11 @@ impl MetadataStore for PgMeta {
             Err(e) if is_fk_violation(&e) => return Ok(ChunkOutcome::Gone),
             Err(e) => return Err(e.into()),
         }
-        sqlx::query(MIRROR_CHUNKS)
+        sqlx::query(MIRROR_CHUNK)
             .bind(session)
+            .bind(c.index)
+            .bind(c.bytes)
+            .bind(&c.sha256)
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;

@@ -52,6 +52,16 @@ const MIRROR_CHUNKS: &str =
      'sha256', sha256) ORDER BY chunk_index) FROM session_recording_chunks \
      WHERE session_id = ?1))) WHERE id = ?1";
 
+/// [`MIRROR_CHUNKS`] for one chunk just stored: appended when it comes after the last one
+/// listed (an agent sends them in order), else the list is rebuilt from the rows.
+const MIRROR_CHUNK: &str = "UPDATE session_recordings SET metadata = CASE \
+     WHEN json_type(metadata, '$.chunks') = 'array' \
+      AND coalesce(json_extract(metadata, '$.chunks[#-1].index'), -1) < ?2 \
+     THEN json_set(metadata, '$.chunks[#]', json_object('index', ?2, 'bytes', ?3, 'sha256', ?4)) \
+     ELSE json_set(metadata, '$.chunks', json((SELECT json_group_array(json_object('index', \
+      chunk_index, 'bytes', bytes, 'sha256', sha256) ORDER BY chunk_index) \
+      FROM session_recording_chunks WHERE session_id = ?1))) END WHERE id = ?1";
+
 /// A write transaction that takes the database's write lock at once. A deferred one that
 /// reads first fails (SQLITE_BUSY_SNAPSHOT, not retried by the busy timeout) when another
 /// process (an `admin` command beside `serve`) commits between its read and its write.
@@ -104,19 +114,16 @@ async fn write_chunk_batch(write: &SqlitePool, jobs: &[ChunkJob]) -> Result<Vec<
         };
         out.push(outcome);
     }
-    let mut stored: Vec<&Uuid> = jobs
-        .iter()
-        .zip(&out)
-        .filter(|(_, o)| matches!(o, ChunkOutcome::Stored))
-        .map(|((session, _, _), _)| session)
-        .collect();
-    stored.sort_unstable();
-    stored.dedup();
-    for session in stored {
-        sqlx::query(MIRROR_CHUNKS)
-            .bind(session.to_string())
-            .execute(&mut *tx)
-            .await?;
+    for ((session, c, _), o) in jobs.iter().zip(&out) {
+        if matches!(o, ChunkOutcome::Stored) {
+            sqlx::query(MIRROR_CHUNK)
+                .bind(session.to_string())
+                .bind(c.index)
+                .bind(c.bytes)
+                .bind(&c.sha256)
+                .execute(&mut *tx)
+                .await?;
+        }
     }
     tx.commit().await?;
     Ok(out)
