@@ -95,16 +95,21 @@ fn load_config(args: &RecordArgs) -> anyhow::Result<crate::config::Config> {
         (_, true) => vec![("capture_input", "false".to_string())],
         _ => Vec::new(),
     };
-    let loaded = match crate::config::Config::load(args.config.config.as_deref(), flags) {
+    let loaded = match crate::config::Config::load(args.config.config.as_deref(), flags.clone()) {
         Ok(l) => l,
         Err(e) if !args.upload && args.config.config.is_none() => {
+            // The system's file may be one this user cannot use; the environment
+            // (`ZTNA_RECORDER_*`) and the flags are the user's own, and a bad value there is
+            // an error, not silently dropped with the rest.
+            let own = crate::config::Config::load_from(crate::config::Sources {
+                file: Some(PathBuf::from("/dev/null")),
+                env: crate::config::our_env()?,
+                flags,
+            })?;
             if !args.quiet {
-                eprintln!("ztna-recorder: ignoring the agent configuration: {e:#}");
+                eprintln!("ztna-recorder: ignoring the agent configuration file: {e:#}");
             }
-            return Ok(crate::config::Config {
-                capture_input: args.capture_input,
-                ..Default::default()
-            });
+            return Ok(own.config);
         }
         Err(e) => return Err(e),
     };

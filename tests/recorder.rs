@@ -1093,6 +1093,26 @@ fn the_program_gets_the_users_terminal_modes() {
     );
 }
 
+/// A bad `ZTNA_RECORDER_*` value is the user's own mistake: refused, naming it, and nothing
+/// runs (it used to drop the whole agent configuration silently, with the system's file).
+#[test]
+fn a_bad_environment_value_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = StdCommand::new(BIN)
+        .args(["record", "-q", "-c", "touch ran", "x.cast"])
+        .current_dir(dir.path())
+        .env_remove("ZTNA_RECORDER_CONFIG")
+        .env("ZTNA_RECORDER_CAPTURE_INPUT", "maybe")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("ZTNA_RECORDER_CAPTURE_INPUT"), "{err}");
+    assert!(!dir.path().join("ran").exists());
+    assert!(!dir.path().join("x.cast").exists());
+}
+
 /// A terminal left non-blocking by an earlier program (the file description is shared): the
 /// relay waits where a read or write would block. It used to stop at the first `EAGAIN`, so
 /// typed keys never reached the program and output stopped reaching the user.
