@@ -702,8 +702,12 @@ async fn damaged_spool_files_cost_only_what_is_damaged() {
     let y = chunk2.iter().position(|&x| x == b'y').unwrap();
     chunk2[y] = 0xff;
     std::fs::write(a.join("chunk-2.cast"), &chunk2).unwrap();
-    // B: its end mark cut short. C: its header (and the start time kept beside it).
+    // B: its end mark cut short, and a line going back in time after chunk 1's own.
+    // C: its header (and the start time kept beside it).
     std::fs::write(b.join("end.json"), b"{\"exit_status\": 2, \"interr").unwrap();
+    let mut chunk1 = std::fs::read(b.join("chunk-1.cast")).unwrap();
+    chunk1.extend_from_slice(b"[0.5, \"o\", \"backwards\"]\n");
+    std::fs::write(b.join("chunk-1.cast"), &chunk1).unwrap();
     std::fs::write(c.join("header.json"), b"{\"version\": 2, \"wid").unwrap();
     std::fs::remove_file(c.join("started_at")).unwrap();
     // D: its header gone, its metadata JSON but not an object.
@@ -729,6 +733,8 @@ async fn damaged_spool_files_cost_only_what_is_damaged() {
     let rb = by_id(&ids[1]);
     assert_eq!(rb["metadata"]["interrupted"], true, "{rb:#}");
     assert_eq!(backend.events_text(rb), sent[1]);
+    assert_eq!(rb["metadata"]["damaged_lines"], 1, "{rb:#}");
+    assert_eq!(chunk_indexes(rb), vec![0, 1, 2]);
     let rc = by_id(&ids[2]);
     assert_eq!(
         rc["metadata"]["damaged_files"],

@@ -676,7 +676,7 @@ impl SessionDir {
     }
 
     /// Rewrites closed chunk `index` with only the lines the backend can take (whole asciicast
-    /// event lines, UTF-8 repaired), after the backend refused it: a damaged line (a bad disk
+    /// event lines in time order, UTF-8 repaired), after the backend refused it: a damaged line (a bad disk
     /// block, an edit) costs that line, not the chunk. Returns how many lines went or were
     /// repaired (0: none, the refusal was for something else); a chunk left with no event is
     /// removed.
@@ -688,9 +688,14 @@ impl SessionDir {
         let lossy = matches!(text, std::borrow::Cow::Owned(_));
         let mut kept = String::with_capacity(text.len());
         let mut damaged_lines = 0u64;
+        let mut last: Option<f64> = None;
         for (i, line) in text.split_terminator('\n').enumerate() {
             match ztna_common::asciicast::parse_event_line(line, i + 1) {
-                Ok(_) => {
+                // An event that goes back in time (the backend refuses the chunk for it, since
+                // the last event's time is the duration) costs that line too.
+                Ok(ev) if last.is_some_and(|t| ev.time < t) => damaged_lines += 1,
+                Ok(ev) => {
+                    last = Some(ev.time);
                     kept.push_str(line);
                     kept.push('\n');
                     damaged_lines += u64::from(lossy && line.contains(char::REPLACEMENT_CHARACTER));
