@@ -176,6 +176,15 @@ fn record(
     args: &RecordArgs,
     agent: &crate::config::Config,
 ) -> anyhow::Result<Result<(PathBuf, crate::recorder::Outcome), u8>> {
+    let command = match &args.command {
+        Some(cmd) => Command::shell_command("/bin/sh", cmd),
+        None => Command::new(crate::recorder::user_shell()),
+    };
+    // Nothing is created, or replaced under --overwrite, for a program that cannot start.
+    if let Err(e @ crate::recorder::Error::Spawn { status, .. }) = command.preflight() {
+        eprintln!("ztna-recorder: {e}");
+        return Ok(Err(status));
+    }
     // The chunk directory first: when it cannot be used, no FILE is left behind.
     let chunks = match &args.chunk_dir {
         Some(dir) => {
@@ -196,10 +205,6 @@ fn record(
         sinks.push(Box::new(c));
     }
 
-    let command = match &args.command {
-        Some(cmd) => Command::shell_command("/bin/sh", cmd),
-        None => Command::new(crate::recorder::user_shell()),
-    };
     let mut config = SessionConfig::new(command);
     config.header_command = args.command.clone();
     config.title = args.title.clone();

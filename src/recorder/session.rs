@@ -200,6 +200,24 @@ impl Command {
             .unwrap_or_else(|| p.to_path_buf())
     }
 
+    /// Whether the program can be started, checked before anything is created for its
+    /// recording (a `record --overwrite` whose shell is missing must not have replaced the
+    /// file first): the error a spawn would give.
+    pub fn preflight(&self) -> Result<(), Error> {
+        let program = self.program_path();
+        nix::unistd::access(&program, nix::unistd::AccessFlags::X_OK)
+            .map_err(io::Error::from)
+            .and_then(|()| check_interpreter(&program))
+            .map_err(|e| {
+                let (reason, status) = exec_failure(&program, &e);
+                Error::Spawn {
+                    program: self.display(&program),
+                    reason,
+                    status,
+                }
+            })
+    }
+
     /// What to call it in a message; `program` is its [`program_path`](Self::program_path).
     fn display(&self, program: &Path) -> String {
         if self.argv.is_empty() {
