@@ -1418,12 +1418,23 @@ mod scenarios {
             })
             .await;
         assert_err(s.agent(report.clone()).await, 500, "INTERNAL_ERROR");
+        // Taken back in the background (the answer does not wait for a failing store).
+        let t0 = std::time::Instant::now();
         for prefix in [
             format!("recordings/{org}"),
             format!("session-recordings/{org}"),
         ] {
-            let left = s.stores.object_keys(&prefix).await;
-            assert!(left.is_empty(), "{left:?}");
+            loop {
+                let left = s.stores.object_keys(&prefix).await;
+                if left.is_empty() {
+                    break;
+                }
+                assert!(
+                    t0.elapsed() < std::time::Duration::from_secs(10),
+                    "{left:?}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
         }
         let (_, b) = s.admin(json!({"action": "list", "org_id": org})).await;
         assert_eq!(b["data"]["total"], 0, "{b}");
@@ -3078,6 +3089,75 @@ async fn an_unreachable_object_store_refuses_and_loses_nothing() {
     ]
     .concat();
     assert_eq!(all, b"[0, \"o\", \"chunk 0\"]\n[1, \"o\", \"chunk 1\"]\n");
+    s.stop().await;
+}
+
+/// A refused `report` whose objects cannot be taken back at once (the store went away while
+/// the database was refusing the row) has them taken back once the store is back: nothing is
+/// left where no row leads to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_report_is_taken_back_once_the_store_is_back() {
+    let mut stores = Stores::new(Backend::PgS3).await;
+    let s3 = stores.s3.as_mut().unwrap();
+    let proxy = Toggle::start(&s3.endpoint).await;
+    s3.endpoint = proxy.url.clone();
+    let s = Server::start_with(stores).await;
+    let org = s.fx.org.clone();
+    // The row is refused a second after the objects were written.
+    s.stores
+        .sql(
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN PERFORM pg_sleep(1); RAISE EXCEPTION 'refused by the test'; END $$; \
+             CREATE TRIGGER refuse BEFORE INSERT ON session_recordings \
+             FOR EACH ROW EXECUTE FUNCTION refuse();",
+        )
+        .await;
+    let report = json!({"node_key": s.fx.node_key, "session_type": "ssh",
+        "session_data": {"transcript": "[0.5, \"o\", \"TOP-SECRET\"]\n"}});
+    let answer = tokio::spawn({
+        let (http, url) = (
+            s.http.clone(),
+            format!("{}/api/session-recording-agent", s.base),
+        );
+        async move {
+            http.post(url)
+                .json(&report)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    });
+    let prefix = format!("recordings/{org}");
+    let t0 = std::time::Instant::now();
+    while s.stores.object_keys(&prefix).await.is_empty() {
+        assert!(t0.elapsed() < std::time::Duration::from_secs(10));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    proxy.set(false);
+    assert_eq!(answer.await.unwrap(), 500);
+    // (Not listed meanwhile: the test reaches the bucket through the same proxy.)
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    proxy.set(true);
+    let t0 = std::time::Instant::now();
+    loop {
+        let left = [
+            s.stores.object_keys(&prefix).await,
+            s.stores
+                .object_keys(&format!("session-recordings/{org}"))
+                .await,
+        ]
+        .concat();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(20),
+            "{left:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     s.stop().await;
 }
 

@@ -221,6 +221,8 @@ async fn apply(app: &App, machine: &MachineAuth, action: Action) -> Result<Succe
             // The objects go first and the row last, so that a recording is never listed
             // without its objects; a refused report takes back what it wrote (a full database,
             // a store that failed half way), or it would stay where no row leads to it.
+            // The keys a put was tried for (a failed one may still land in the store).
+            let mut tried: Vec<String> = Vec::new();
             let written = async {
                 let chunks: Vec<ChunkRow> = if t.summary.events > 0 {
                     let row = ChunkRow {
@@ -229,6 +231,7 @@ async fn apply(app: &App, machine: &MachineAuth, action: Action) -> Result<Succe
                         sha256: recording::sha256_hex(t.events_text.as_bytes()),
                         last_event_time: t.summary.last_time,
                     };
+                    tried.push(chunk.clone());
                     app.inner
                         .objects
                         .put(&chunk, Bytes::from(t.events_text))
@@ -245,6 +248,7 @@ async fn apply(app: &App, machine: &MachineAuth, action: Action) -> Result<Succe
                     now,
                     &chunks,
                 );
+                tried.push(key.clone());
                 app.inner
                     .objects
                     .put(&key, Bytes::from(summary.to_string()))
@@ -277,13 +281,8 @@ async fn apply(app: &App, machine: &MachineAuth, action: Action) -> Result<Succe
             if let Err(e) = written {
                 // Only once the row is known not to be there: a commit whose answer was lost
                 // may have made it, and its objects must stay then.
-                if !matches!(meta.recording(machine.org_id, id, false).await, Ok(None)) {
-                    return Err(e);
-                }
-                for k in [&chunk, &key] {
-                    if let Err(d) = app.inner.objects.delete(k).await {
-                        tracing::warn!(error = %d, key = k, "could not take back an object of a refused report");
-                    }
+                if matches!(meta.recording(machine.org_id, id, false).await, Ok(None)) {
+                    take_back(app.inner.objects.clone(), tried);
                 }
                 return Err(e);
             }
@@ -363,6 +362,36 @@ async fn apply(app: &App, machine: &MachineAuth, action: Action) -> Result<Succe
             Ok(Success::ok(data))
         }
     }
+}
+
+/// Deletes the objects of a refused `report`, in the background so that the answer does not
+/// wait for a store that is failing: tried at once, then again with a growing pause for about
+/// ten minutes (a store that was down comes back), since no row leads `delete` or retention
+/// to them.
+fn take_back(objects: crate::objects::Objects, keys: Vec<String>) {
+    if keys.is_empty() {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut left = keys;
+        let mut pause = std::time::Duration::from_secs(1);
+        for _ in 0..12 {
+            let mut failed = Vec::new();
+            for k in left {
+                if let Err(e) = objects.delete(&k).await {
+                    tracing::warn!(error = %e, key = k, "could not take back an object of a refused report yet");
+                    failed.push(k);
+                }
+            }
+            if failed.is_empty() {
+                return;
+            }
+            left = failed;
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(std::time::Duration::from_secs(120));
+        }
+        tracing::error!(keys = ?left, "gave up taking back the objects of a refused report: delete them by hand");
+    });
 }
 
 /// The backend's id for an agent's own session id: the same pair always gives the same id,
