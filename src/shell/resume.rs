@@ -6,6 +6,10 @@ use super::*;
 
 /// Output kept while no daemon records the session, at most this much.
 pub(super) const GAP_MAX_BYTES: usize = 1024 * 1024;
+/// The marker (`m` event) where the kept output stops, the rest of the gap not recorded
+/// (`gap_dropped_bytes` says how much).
+pub(super) const GAP_CUT_MARKER: &str =
+    "ztna-recorder: output from here until recording resumed was not recorded";
 /// How long the exit waits for a daemon that stopped in order, when output is waiting for it.
 pub(super) const RESUME_AT_EXIT: Duration = Duration::from_secs(2);
 /// Under enforce, how long a session runs while no daemon records it after an orderly stop (a
@@ -72,8 +76,15 @@ impl Resume {
     pub(super) fn keep(&mut self, t: Duration, code: EventCode, data: &str) {
         // What an event costs beside its data, so that many tiny ones stay bounded too.
         const EVENT_COST: usize = 64;
-        if self.gap_bytes + data.len() + EVENT_COST > GAP_MAX_BYTES {
+        // Once one event did not fit, none after it is kept either: the continuation holds an
+        // unbroken stretch of what was shown, then a marker where it stops, never later
+        // pieces that happened to fit (which joined lines into ones nobody saw).
+        if self.dropped_bytes > 0 {
             self.dropped_bytes += data.len() as u64;
+        } else if self.gap_bytes + data.len() + EVENT_COST > GAP_MAX_BYTES {
+            self.dropped_bytes += data.len() as u64;
+            self.gap
+                .push((t, EventCode::Marker, GAP_CUT_MARKER.to_owned()));
         } else {
             self.gap_bytes += data.len() + EVENT_COST;
             self.gap.push((t, code, data.to_owned()));
@@ -147,5 +158,41 @@ impl Resume {
             },
             Err(_) => Resumed::Later,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Past the limit nothing more is kept, even what would still fit: an unbroken stretch,
+    /// then the marker.
+    #[test]
+    fn the_gap_keeps_an_unbroken_stretch_then_a_marker() {
+        let mut r = Resume::new(None, Duration::ZERO);
+        let line = "x".repeat(1000);
+        let mut shown = 0u64;
+        let mut i = 0u64;
+        while r.dropped_bytes == 0 {
+            r.keep(Duration::from_millis(i), EventCode::Output, &line);
+            shown += line.len() as u64;
+            i += 1;
+        }
+        r.keep(Duration::from_millis(i), EventCode::Output, "y");
+        shown += 1;
+        let kept: u64 = r
+            .gap
+            .iter()
+            .filter(|e| e.1 == EventCode::Output)
+            .map(|e| e.2.len() as u64)
+            .sum();
+        assert!(r.gap.iter().all(|e| e.2 != "y"), "a later piece was kept");
+        let last = r.gap.last().unwrap();
+        assert_eq!(
+            (last.1, last.2.as_str()),
+            (EventCode::Marker, GAP_CUT_MARKER)
+        );
+        assert_eq!(kept + r.dropped_bytes, shown);
+        assert!(r.gap_bytes <= GAP_MAX_BYTES);
     }
 }
