@@ -162,6 +162,30 @@ pub fn run_and_upload(args: RecordArgs) -> anyhow::Result<u8> {
     Ok(outcome.status.code())
 }
 
+/// How long `--upload` keeps sending one request again while the backend is unreachable or
+/// busy (its retryable answers), with capped full-jitter backoff.
+const UPLOAD_PATIENCE: Duration = Duration::from_secs(120);
+
+async fn patiently<T, F, Fut>(mut call: F) -> Result<T, crate::client::ClientError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, crate::client::ClientError>>,
+{
+    let t0 = std::time::Instant::now();
+    let mut attempt = 0;
+    loop {
+        match call().await {
+            Err(e) if e.is_retryable() && t0.elapsed() < UPLOAD_PATIENCE => {
+                tracing::warn!("upload: {e}; trying again");
+                let wait = crate::daemon::uploader::backoff(attempt, Duration::from_secs(5));
+                attempt += 1;
+                tokio::time::sleep(wait).await;
+            }
+            r => return r,
+        }
+    }
+}
+
 fn positive_secs(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(x) if x.is_finite() && x > 0.0 => Ok(x),
@@ -373,10 +397,14 @@ impl Uploader {
             .enable_all()
             .build()?;
         let client = &self.client;
+        // Every request may be sent again (a start by this id, a chunk by its index), so a
+        // backend that is briefly away or busy costs a wait, not the upload.
+        let local_id = uuid::Uuid::new_v4().to_string();
         rt.block_on(async {
-            let started = client
-                .start("record", &header, &metadata, Some(&began), None)
-                .await?;
+            let started = patiently(|| {
+                client.start("record", &header, &metadata, Some(&began), Some(&local_id))
+            })
+            .await?;
             let session = started.session_id;
             let (mut chunk, mut index, mut events) = (String::new(), 0u64, 0u64);
             let mut last_time: Option<f64> = None;
@@ -400,8 +428,7 @@ impl Uploader {
                 last_time = Some(ev.time);
                 events += 1;
                 if !chunk.is_empty() && chunk.len() + text.len() + 1 > self.chunk_max_bytes {
-                    client
-                        .post_chunk(client.chunk_body(&session, index, &chunk))
+                    patiently(|| client.post_chunk(client.chunk_body(&session, index, &chunk)))
                         .await?;
                     index += 1;
                     chunk.clear();
@@ -410,14 +437,20 @@ impl Uploader {
                 chunk.push('\n');
             }
             if !chunk.is_empty() {
-                client
-                    .post_chunk(client.chunk_body(&session, index, &chunk))
-                    .await?;
+                patiently(|| client.post_chunk(client.chunk_body(&session, index, &chunk))).await?;
             }
             let duration = ztna_common::asciicast::duration_secs(last_time);
-            client
-                .complete(&session, Some(duration), Some(events), &done, Some(&ended))
-                .await?;
+            let completed = patiently(|| {
+                client.complete(&session, Some(duration), Some(events), &done, Some(&ended))
+            })
+            .await;
+            match completed {
+                // Sent again after an answer was lost: the first one got through.
+                Err(e) if e.code() == Some(ztna_common::api::ErrorCode::Conflict) => {}
+                r => {
+                    r?;
+                }
+            }
             Ok::<_, anyhow::Error>(session)
         })
     }

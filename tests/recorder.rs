@@ -1794,3 +1794,87 @@ async fn upload_ships_the_recording_to_the_backend() {
     assert!(!dir.path().join("ran").exists());
     server.abort();
 }
+
+/// `record --upload` with the backend away when the recording ends: it keeps trying (each
+/// request may be sent again) and ships it whole once the backend is up, rather than leave
+/// nothing, or a partial recording `active` for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_waits_for_a_backend_that_is_briefly_away() {
+    use ztna_recorder_server::{App, Config as ServerConfig, Seed};
+    let dir = tempfile::tempdir().unwrap();
+    let app = App::open(ServerConfig::with_data_dir(dir.path().join("server")))
+        .await
+        .unwrap();
+    let Seed {
+        org,
+        token,
+        node_key,
+        ..
+    } = app.seed("acme", "Linux-C", true).await.unwrap();
+    // A port nobody serves yet.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let key_file = dir.path().join("node.key");
+    std::fs::write(&key_file, &node_key).unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "server_url = \"http://{addr}\"\nnode_key_file = \"{}\"\nchunk_max_bytes = 80\n",
+            key_file.display()
+        ),
+    )
+    .unwrap();
+    let cast = dir.path().join("later.cast");
+    let (cfg, cast2) = (config.clone(), cast.clone());
+    let run = tokio::task::spawn_blocking(move || {
+        StdCommand::new(BIN)
+            .args(["record", "-q", "--upload", "--config"])
+            .arg(&cfg)
+            .args(["-c", "for i in $(seq 6); do echo line $i; done; exit 4"])
+            .arg(&cast2)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let server = tokio::spawn(ztna_recorder_server::serve(
+        listener,
+        app.clone(),
+        std::future::pending::<()>(),
+    ));
+    let out = run.await.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(!err.contains("cannot upload"), "{err}");
+    let list: serde_json::Value = reqwest::Client::new()
+        .post(format!("http://{addr}/api/session-recording"))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"action": "list", "org_id": org.to_string()}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let recs = list["data"]["recordings"].as_array().unwrap();
+    assert_eq!(recs.len(), 1, "{list}");
+    assert_eq!(recs[0]["status"], "completed");
+    assert_eq!(recs[0]["metadata"]["exit_status"], 4);
+    let file = std::fs::read_to_string(&cast).unwrap();
+    let events = file.lines().count() - 1;
+    assert_eq!(
+        recs[0]["metadata"]["chunks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["bytes"].as_u64().unwrap())
+            .sum::<u64>(),
+        (file.len() - file.lines().next().unwrap().len() - 1) as u64,
+        "{events} events"
+    );
+    server.abort();
+}
