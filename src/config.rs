@@ -64,6 +64,8 @@ pub struct Config {
     pub drain_secs: u64,
     /// While live sessions stream bulk output, how long uploads may wait for a lull (0: never).
     pub upload_defer_secs: u64,
+    /// How long `record --upload` sends one request again while the backend is away or busy.
+    pub upload_patience_secs: u64,
     /// The command that prints `{"node_key": …}` when `node_key_file` is unset.
     pub status_command: String,
 }
@@ -134,6 +136,7 @@ impl Default for Config {
             config_refresh_secs: 60,
             drain_secs: 3,
             upload_defer_secs: 30,
+            upload_patience_secs: 60,
             status_command: String::from("ztna status --json"),
         }
     }
@@ -164,6 +167,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("config_refresh_secs", Kind::U64),
     ("drain_secs", Kind::U64),
     ("upload_defer_secs", Kind::U64),
+    ("upload_patience_secs", Kind::U64),
     ("status_command", Kind::Str),
 ];
 
@@ -197,6 +201,7 @@ CONFIGURATION
   drain_secs                on SIGTERM, how long the daemon keeps uploading [3]
   upload_defer_secs         how long uploads may wait while sessions stream bulk output
                             (0: never) [30]
+  upload_patience_secs      how long `record --upload` retries a request [60]
   status_command            prints {\"node_key\": ...} when node_key_file is unset
                             [ztna status --json]
 
@@ -539,6 +544,7 @@ fn apply(c: &mut Config, key: &str, v: toml::Value) -> anyhow::Result<()> {
         "config_refresh_secs" => c.config_refresh_secs = n(key, v)?,
         "drain_secs" => c.drain_secs = n(key, v)?,
         "upload_defer_secs" => c.upload_defer_secs = n(key, v)?,
+        "upload_patience_secs" => c.upload_patience_secs = n(key, v)?,
         "status_command" => c.status_command = s(key, v)?,
         _ => bail!("internal: unknown key {key}"),
     }
@@ -586,6 +592,7 @@ mod tests {
             ("config_refresh_secs", d.config_refresh_secs),
             ("drain_secs", d.drain_secs),
             ("upload_defer_secs", d.upload_defer_secs),
+            ("upload_patience_secs", d.upload_patience_secs),
         ] {
             let l = line(key);
             assert!(l.contains(&format!("[{v}]")), "{key}: {l:?}");

@@ -162,11 +162,12 @@ pub fn run_and_upload(args: RecordArgs) -> anyhow::Result<u8> {
     Ok(outcome.status.code())
 }
 
-/// How long `--upload` keeps sending one request again while the backend is unreachable or
-/// busy (its retryable answers), with capped full-jitter backoff.
-const UPLOAD_PATIENCE: Duration = Duration::from_secs(120);
-
-async fn patiently<T, F, Fut>(mut call: F) -> Result<T, crate::client::ClientError>
+/// Sends a request again, with capped full-jitter backoff, while the backend is unreachable
+/// or busy (its retryable answers), for at most `patience`.
+async fn patiently<T, F, Fut>(
+    patience: Duration,
+    mut call: F,
+) -> Result<T, crate::client::ClientError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, crate::client::ClientError>>,
@@ -175,7 +176,7 @@ where
     let mut attempt = 0;
     loop {
         match call().await {
-            Err(e) if e.is_retryable() && t0.elapsed() < UPLOAD_PATIENCE => {
+            Err(e) if e.is_retryable() && t0.elapsed() < patience => {
                 tracing::warn!("upload: {e}; trying again");
                 let wait = crate::daemon::uploader::backoff(attempt, Duration::from_secs(5));
                 attempt += 1;
@@ -342,6 +343,8 @@ fn clear_chunk_dir(dir: &std::path::Path, overwrite: bool) -> anyhow::Result<()>
 struct Uploader {
     client: crate::client::AgentClient,
     chunk_max_bytes: usize,
+    /// How long one request is sent again while the backend is away (`upload_patience_secs`).
+    patience: Duration,
 }
 
 impl Uploader {
@@ -357,6 +360,7 @@ impl Uploader {
         Ok(Uploader {
             client: crate::client::AgentClient::new(&url, key)?,
             chunk_max_bytes: config.chunk_max_bytes.clamp(1, max) as usize,
+            patience: Duration::from_secs(config.upload_patience_secs),
         })
     }
 
@@ -401,7 +405,7 @@ impl Uploader {
         // backend that is briefly away or busy costs a wait, not the upload.
         let local_id = uuid::Uuid::new_v4().to_string();
         rt.block_on(async {
-            let started = patiently(|| {
+            let started = patiently(self.patience, || {
                 client.start("record", &header, &metadata, Some(&began), Some(&local_id))
             })
             .await?;
@@ -428,8 +432,10 @@ impl Uploader {
                 last_time = Some(ev.time);
                 events += 1;
                 if !chunk.is_empty() && chunk.len() + text.len() + 1 > self.chunk_max_bytes {
-                    patiently(|| client.post_chunk(client.chunk_body(&session, index, &chunk)))
-                        .await?;
+                    patiently(self.patience, || {
+                        client.post_chunk(client.chunk_body(&session, index, &chunk))
+                    })
+                    .await?;
                     index += 1;
                     chunk.clear();
                 }
@@ -437,10 +443,13 @@ impl Uploader {
                 chunk.push('\n');
             }
             if !chunk.is_empty() {
-                patiently(|| client.post_chunk(client.chunk_body(&session, index, &chunk))).await?;
+                patiently(self.patience, || {
+                    client.post_chunk(client.chunk_body(&session, index, &chunk))
+                })
+                .await?;
             }
             let duration = ztna_common::asciicast::duration_secs(last_time);
-            let completed = patiently(|| {
+            let completed = patiently(self.patience, || {
                 client.complete(&session, Some(duration), Some(events), &done, Some(&ended))
             })
             .await;

@@ -883,7 +883,7 @@ fn failures_leave_nothing_in_the_way() {
     std::fs::write(
         d.join("upload.toml"),
         format!(
-            "server_url = \"http://127.0.0.1:9\"\nnode_key_file = \"{}\"\n",
+            "server_url = \"http://127.0.0.1:9\"\nnode_key_file = \"{}\"\nupload_patience_secs = 1\n",
             d.join("node.key").display()
         ),
     )
@@ -1616,38 +1616,88 @@ fn chunk_sink_in_a_library_session() {
 // ---------------------------------------------------------------------------------------
 // `record --upload` against the real backend, served in-process on a loopback port.
 
+/// The backend `record --upload` talks to (not yet serving), and a node key for it.
+struct UploadBackend {
+    dir: tempfile::TempDir,
+    app: ztna_recorder_server::App,
+    org: uuid::Uuid,
+    token: String,
+    key_file: PathBuf,
+}
+
+impl UploadBackend {
+    async fn new() -> UploadBackend {
+        use ztna_recorder_server::{App, Config as ServerConfig, Seed};
+        let dir = tempfile::tempdir().unwrap();
+        let app = App::open(ServerConfig::with_data_dir(dir.path().join("server")))
+            .await
+            .unwrap();
+        let Seed {
+            org,
+            token,
+            node_key,
+            ..
+        } = app.seed("acme", "Linux-C", true).await.unwrap();
+        let key_file = dir.path().join("node.key");
+        std::fs::write(&key_file, &node_key).unwrap();
+        UploadBackend {
+            dir,
+            app,
+            org,
+            token,
+            key_file,
+        }
+    }
+
+    /// Serves on `listener` until the returned task is aborted.
+    fn serve(
+        &self,
+        listener: tokio::net::TcpListener,
+    ) -> tokio::task::JoinHandle<std::io::Result<()>> {
+        tokio::spawn(ztna_recorder_server::serve(
+            listener,
+            self.app.clone(),
+            std::future::pending::<()>(),
+        ))
+    }
+
+    /// An agent configuration `name` for the backend at `addr`, with `extra` keys.
+    fn config(&self, name: &str, addr: std::net::SocketAddr, extra: &str) -> PathBuf {
+        let config = self.dir.path().join(name);
+        std::fs::write(
+            &config,
+            format!(
+                "server_url = \"http://{addr}\"\nnode_key_file = \"{}\"\n{extra}",
+                self.key_file.display()
+            ),
+        )
+        .unwrap();
+        config
+    }
+
+    async fn recordings(&self, addr: std::net::SocketAddr) -> Vec<serde_json::Value> {
+        let list: serde_json::Value = reqwest::Client::new()
+            .post(format!("http://{addr}/api/session-recording"))
+            .bearer_auth(&self.token)
+            .json(&serde_json::json!({"action": "list", "org_id": self.org.to_string()}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        list["data"]["recordings"].as_array().unwrap().clone()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upload_ships_the_recording_to_the_backend() {
-    use ztna_recorder_server::{App, Config as ServerConfig, Seed};
-    let dir = tempfile::tempdir().unwrap();
-    let app = App::open(ServerConfig::with_data_dir(dir.path().join("server")))
-        .await
-        .unwrap();
-    let Seed {
-        org,
-        token,
-        node_key,
-        ..
-    } = app.seed("acme", "Linux-C", true).await.unwrap();
+    let backend = UploadBackend::new().await;
+    let dir = &backend.dir;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(ztna_recorder_server::serve(
-        listener,
-        app.clone(),
-        std::future::pending::<()>(),
-    ));
-
-    let key_file = dir.path().join("node.key");
-    std::fs::write(&key_file, &node_key).unwrap();
-    let config = dir.path().join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "server_url = \"http://{addr}\"\nnode_key_file = \"{}\"\nchunk_max_bytes = 80\n",
-            key_file.display()
-        ),
-    )
-    .unwrap();
+    let server = backend.serve(listener);
+    let config = backend.config("config.toml", addr, "chunk_max_bytes = 80\n");
     let cast = dir.path().join("up.cast");
     let (cfg, cast2) = (config.clone(), cast.clone());
     let before = time::OffsetDateTime::now_utc();
@@ -1674,18 +1724,8 @@ async fn upload_ships_the_recording_to_the_backend() {
     );
     let local = read_cast(&cast);
 
-    let list: serde_json::Value = reqwest::Client::new()
-        .post(format!("http://{addr}/api/session-recording"))
-        .bearer_auth(&token)
-        .json(&serde_json::json!({"action": "list", "org_id": org.to_string()}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let recs = list["data"]["recordings"].as_array().unwrap();
-    assert_eq!(recs.len(), 1, "{list}");
+    let recs = backend.recordings(addr).await;
+    assert_eq!(recs.len(), 1, "{recs:?}");
     let rec = &recs[0];
     assert_eq!(rec["status"], "completed");
     assert_eq!(rec["session_type"], "record");
@@ -1740,15 +1780,7 @@ async fn upload_ships_the_recording_to_the_backend() {
 
     // A large recording is sent a chunk at a time: the process never holds all of it (it
     // used to read the file whole and build every chunk first, 3.5 times its size).
-    let big_config = dir.path().join("big.toml");
-    std::fs::write(
-        &big_config,
-        format!(
-            "server_url = \"http://{addr}\"\nnode_key_file = \"{}\"\n",
-            key_file.display()
-        ),
-    )
-    .unwrap();
+    let big_config = backend.config("big.toml", addr, "");
     let measure = format!(
         "import resource, subprocess, sys\n\
          r = subprocess.run(['{BIN}', 'record', '-q', '--upload', '--config', '{}', '-c', \
@@ -1800,33 +1832,14 @@ async fn upload_ships_the_recording_to_the_backend() {
 /// nothing, or a partial recording `active` for ever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upload_waits_for_a_backend_that_is_briefly_away() {
-    use ztna_recorder_server::{App, Config as ServerConfig, Seed};
-    let dir = tempfile::tempdir().unwrap();
-    let app = App::open(ServerConfig::with_data_dir(dir.path().join("server")))
-        .await
-        .unwrap();
-    let Seed {
-        org,
-        token,
-        node_key,
-        ..
-    } = app.seed("acme", "Linux-C", true).await.unwrap();
+    let backend = UploadBackend::new().await;
+    let dir = &backend.dir;
     // A port nobody serves yet.
     let addr = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap();
-    let key_file = dir.path().join("node.key");
-    std::fs::write(&key_file, &node_key).unwrap();
-    let config = dir.path().join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "server_url = \"http://{addr}\"\nnode_key_file = \"{}\"\nchunk_max_bytes = 80\n",
-            key_file.display()
-        ),
-    )
-    .unwrap();
+    let config = backend.config("config.toml", addr, "chunk_max_bytes = 80\n");
     let cast = dir.path().join("later.cast");
     let (cfg, cast2) = (config.clone(), cast.clone());
     let run = tokio::task::spawn_blocking(move || {
@@ -1840,28 +1853,13 @@ async fn upload_waits_for_a_backend_that_is_briefly_away() {
             .unwrap()
     });
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
-    let server = tokio::spawn(ztna_recorder_server::serve(
-        listener,
-        app.clone(),
-        std::future::pending::<()>(),
-    ));
+    let server = backend.serve(tokio::net::TcpListener::bind(addr).await.unwrap());
     let out = run.await.unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(4), "{err}");
     assert!(!err.contains("cannot upload"), "{err}");
-    let list: serde_json::Value = reqwest::Client::new()
-        .post(format!("http://{addr}/api/session-recording"))
-        .bearer_auth(&token)
-        .json(&serde_json::json!({"action": "list", "org_id": org.to_string()}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let recs = list["data"]["recordings"].as_array().unwrap();
-    assert_eq!(recs.len(), 1, "{list}");
+    let recs = backend.recordings(addr).await;
+    assert_eq!(recs.len(), 1, "{recs:?}");
     assert_eq!(recs[0]["status"], "completed");
     assert_eq!(recs[0]["metadata"]["exit_status"], 4);
     let file = std::fs::read_to_string(&cast).unwrap();
