@@ -412,7 +412,7 @@ impl Uploader {
             let session = started.session_id;
             let (mut chunk, mut index, mut events) = (String::new(), 0u64, 0u64);
             let mut last_time: Option<f64> = None;
-            let mut line = String::new();
+            let (mut line, mut pieces) = (String::new(), String::new());
             let mut number = 1;
             loop {
                 line.clear();
@@ -430,17 +430,28 @@ impl Uploader {
                     anyhow::bail!("{}: line {number} goes back in time", file.display());
                 }
                 last_time = Some(ev.time);
-                events += 1;
-                if !chunk.is_empty() && chunk.len() + text.len() + 1 > self.chunk_max_bytes {
-                    patiently(self.patience, || {
-                        client.post_chunk(client.chunk_body(&session, index, &chunk))
-                    })
-                    .await?;
-                    index += 1;
-                    chunk.clear();
+                // A line over the limit goes as several events of its time, each in bounds.
+                pieces.clear();
+                let whole = format!("{text}\n");
+                if !ztna_common::asciicast::split_event_line(
+                    &whole,
+                    self.chunk_max_bytes,
+                    &mut pieces,
+                ) {
+                    pieces.push_str(&whole);
                 }
-                chunk.push_str(text);
-                chunk.push('\n');
+                for piece in pieces.split_inclusive('\n') {
+                    events += 1;
+                    if !chunk.is_empty() && chunk.len() + piece.len() > self.chunk_max_bytes {
+                        patiently(self.patience, || {
+                            client.post_chunk(client.chunk_body(&session, index, &chunk))
+                        })
+                        .await?;
+                        index += 1;
+                        chunk.clear();
+                    }
+                    chunk.push_str(piece);
+                }
             }
             if !chunk.is_empty() {
                 patiently(self.patience, || {

@@ -464,27 +464,28 @@ fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_down_then_back_every_chunk_once_in_order() {
     let mut backend = Backend::new_down(true).await;
-    let agent = Agent::new(&backend, "chunk_max_bytes = 64\n");
+    let agent = Agent::new(&backend, "chunk_max_bytes = 100\n");
     let mut daemon = agent.daemon();
 
     let (mut c, d) = FrameClient::start(&agent.socket());
     assert_eq!(d.mode, Mode::Record, "{d:?}");
     let mut sent = String::new();
     for i in 0..12 {
-        // Each frame is over 64 bytes: one chunk per frame.
+        // Each frame is over half the limit: one chunk per frame.
         let l = event_line(
             i as f64 * 0.25,
             &format!("line {i:02} {}\r\n", "x".repeat(50)),
         );
+        assert!(l.len() > 50 && l.len() <= 100, "{}", l.len());
         c.events(&l);
         sent.push_str(&l);
     }
-    // One frame of four short lines (22 bytes each) is cut at a line boundary under the
-    // limit: two chunks of two lines.
-    let short: String = (0..4)
+    // One frame of six short lines (22 bytes each) is cut at a line boundary under the
+    // limit: a chunk of four lines and one of two.
+    let short: String = (0..6)
         .map(|k| event_line(3.125 + k as f64 * 0.125, "ab"))
         .collect();
-    assert_eq!(short.len(), 88);
+    assert_eq!(short.len(), 132);
     c.events(&short);
     sent.push_str(&short);
     c.end(0);
@@ -524,15 +525,15 @@ async fn backend_down_then_back_every_chunk_once_in_order() {
         .iter()
         .map(|c| c["bytes"].as_u64().unwrap())
         .collect();
-    assert!(bytes[12] <= 64 && bytes[13] <= 64, "{bytes:?}");
+    assert_eq!((bytes[12], bytes[13]), (88, 44), "{bytes:?}");
     assert_eq!(bytes[12] + bytes[13], short.len() as u64);
     assert_eq!(backend.events_text(rec), sent);
-    assert_eq!(rec["duration_seconds"], 4); // last event at 3.5 s
+    assert_eq!(rec["duration_seconds"], 4); // last event at 3.75 s
     assert_eq!(rec["metadata"]["exit_status"], 0);
     let got = backend
         .user_api(json!({"action": "get", "session_id": rec["id"]}))
         .await;
-    assert_eq!(got["data"]["r2_data"]["transcript_lines"], 16, "{got:#}");
+    assert_eq!(got["data"]["r2_data"]["transcript_lines"], 18, "{got:#}");
     // Who and where come from the kernel and this machine, not from the client's start or end
     // (the end's metadata used to overwrite them).
     assert_eq!(rec["metadata"]["uid"], nix::unistd::getuid().as_raw());
@@ -570,6 +571,50 @@ async fn backend_down_then_back_every_chunk_once_in_order() {
         "the node key reached the log"
     );
     backend.stop().await;
+}
+
+/// One read of the program can be bigger than `chunk_max_bytes` (the piped path reads up to
+/// 64 KiB at a time): the daemon cuts such a line into events of the same time that fit, so
+/// every chunk on the backend is within the limit and the output is whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_line_longer_than_a_chunk_is_cut_into_events_that_fit() {
+    let mut backend = Backend::new(true).await;
+    let agent = Agent::new(&backend, "chunk_max_bytes = 1000\n");
+    let mut daemon = agent.daemon();
+    let (mut c, d) = FrameClient::start(&agent.socket());
+    assert_eq!(d.mode, Mode::Record, "{d:?}");
+    let data = "text \u{1b}[1;31mé😀日本\"q\"\\ \u{7}\r\n".repeat(400);
+    let small = event_line(0.5, "before\r\n");
+    let big = event_line(1.25, &data);
+    assert!(big.len() > 10_000);
+    c.events(&format!("{small}{big}"));
+    c.events(&event_line(2.0, "after\r\n"));
+    c.end(0);
+    let recs = backend.wait_completed(1, Duration::from_secs(30)).await;
+    let rec = &recs[0];
+    let chunks = rec["metadata"]["chunks"].as_array().unwrap();
+    assert!(chunks.len() > 10, "{chunks:?}");
+    for ch in chunks {
+        assert!(ch["bytes"].as_u64().unwrap() <= 1000, "{ch}");
+    }
+    let text = backend.events_text(rec);
+    assert_eq!(output_of(&text), format!("before\r\n{data}after\r\n"));
+    let times: Vec<f64> = text
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()[0]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(times.first(), Some(&0.5));
+    assert_eq!(times.last(), Some(&2.0));
+    assert!(
+        times[1..times.len() - 1].iter().all(|&t| t == 1.25),
+        "{times:?}"
+    );
+    assert_eq!(rec["duration_seconds"], 2);
+    stop_all(&mut daemon, &mut backend).await;
 }
 
 /// An HTTP/1 proxy to `target` that answers every request but the first `start`: that one
@@ -669,7 +714,7 @@ async fn a_start_whose_answer_was_lost_makes_one_recording() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn damaged_spool_files_cost_only_what_is_damaged() {
     let mut backend = Backend::new_down(true).await;
-    let agent = Agent::new(&backend, "chunk_max_bytes = 64\n");
+    let agent = Agent::new(&backend, "chunk_max_bytes = 100\n");
     let mut daemon = agent.daemon();
     let sessions = agent.spool().join("sessions");
     let mut ids = Vec::new();
@@ -678,7 +723,7 @@ async fn damaged_spool_files_cost_only_what_is_damaged() {
         let (mut c, d) = FrameClient::start(&agent.socket());
         let mut text = String::new();
         for i in 0..3 {
-            // Over 64 bytes each: one chunk a line.
+            // Over half the limit each: one chunk a line.
             let l = event_line(i as f64, &format!("s{code} line {i} {}", "y".repeat(50)));
             c.events(&l);
             text.push_str(&l);

@@ -430,6 +430,82 @@ pub fn push_json_string(out: &mut String, s: &str) {
     out.push('"');
 }
 
+/// Cuts `data` into the longest pieces (at character boundaries, none empty) whose event
+/// lines take at most `max` bytes, where `overhead` is the length of the line with no data
+/// (`[time, "o", ""]\n`). A character whose line alone is longer gets a piece of its own.
+/// How output bigger than `chunk_max_bytes` in one read still makes chunks under the limit:
+/// split into several events of the same time, it plays back the same.
+pub fn split_event_data(data: &str, overhead: usize, max: usize) -> SplitEventData<'_> {
+    SplitEventData {
+        rest: data,
+        budget: max.saturating_sub(overhead),
+    }
+}
+
+/// The pieces of [`split_event_data`].
+#[derive(Debug, Clone)]
+pub struct SplitEventData<'a> {
+    rest: &'a str,
+    budget: usize,
+}
+
+impl<'a> Iterator for SplitEventData<'a> {
+    type Item = &'a str;
+
+    fn next(&mut self) -> Option<&'a str> {
+        if self.rest.is_empty() {
+            return None;
+        }
+        let bytes = self.rest.as_bytes();
+        let (mut end, mut len) = (0, 0);
+        while end < bytes.len() {
+            let b = bytes[end];
+            // As `push_json_string` writes it: only ASCII is escaped, other characters are
+            // copied as they are.
+            let (width, escaped) = match b {
+                0x00..=0x1f => (1, ESCAPES[b as usize].len()),
+                b'"' | b'\\' => (1, 2),
+                0x7f => (1, 6),
+                0x20..=0x7e => (1, 1),
+                0xc0..=0xdf => (2, 2),
+                0xe0..=0xef => (3, 3),
+                _ => (4, 4),
+            };
+            if end > 0 && len + escaped > self.budget {
+                break;
+            }
+            len += escaped;
+            end += width;
+        }
+        let end = end.min(bytes.len());
+        let (piece, rest) = self.rest.split_at(end);
+        self.rest = rest;
+        Some(piece)
+    }
+}
+
+/// Rewrites an `o` or `i` event line (with its `\n`) longer than `max` bytes as several lines
+/// of the same time, each at most `max` long where a character allows (see
+/// [`split_event_data`]), appended to `out`. False, with nothing appended, for a line that is
+/// not such an event or needs no cut.
+pub fn split_event_line(line: &str, max: usize, out: &mut String) -> bool {
+    if line.len() <= max {
+        return false;
+    }
+    let Ok(ev) = parse_event_line(line.trim_end_matches('\n'), 1) else {
+        return false;
+    };
+    if !matches!(ev.code, EventCode::Output | EventCode::Input) {
+        return false;
+    }
+    let mut empty = String::new();
+    encode_event(&mut empty, ev.time, ev.code, "");
+    for piece in split_event_data(&ev.data, empty.len(), max) {
+        encode_event(out, ev.time, ev.code, piece);
+    }
+    true
+}
+
 /// JSON escapes of the control characters, by byte: the short forms where JSON has one.
 /// Terminal output is full of them (ESC opens every colour code, `\r\n` ends every line),
 /// so each is one copy of a ready string.
@@ -458,6 +534,51 @@ fn escape_mask(w: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_events_are_split_into_lines_under_the_limit() {
+        let data = "ab\u{1b}[31mé\"\\😀 日本\r\n".repeat(50);
+        let mut line = String::new();
+        encode_event(&mut line, 1.5, EventCode::Output, &data);
+        for max in [40, 64, 100, 333, line.len() - 1] {
+            let mut out = String::new();
+            assert!(split_event_line(&line, max, &mut out));
+            let mut joined = String::new();
+            for l in out.lines() {
+                assert!(l.len() < max, "{max}: {l:?}");
+                let ev = parse_event_line(l, 1).unwrap();
+                assert_eq!((ev.time, ev.code), (1.5, EventCode::Output));
+                assert!(!ev.data.is_empty());
+                joined.push_str(&ev.data);
+            }
+            assert_eq!(joined, data, "{max}");
+            // The longest pieces: two lines could not have been one.
+            let lines: Vec<&str> = out.lines().collect();
+            for w in lines.windows(2) {
+                let a = parse_event_line(w[0], 1).unwrap().data;
+                let b = parse_event_line(w[1], 1).unwrap().data;
+                let next = b.chars().next().unwrap();
+                let mut both = String::new();
+                encode_event(&mut both, 1.5, EventCode::Output, &format!("{a}{next}"));
+                assert!(both.len() > max, "{max}: {a:?} + {next:?} fits");
+            }
+        }
+        // Short lines, other events and a character over the limit alone.
+        assert!(!split_event_line(&line, line.len(), &mut String::new()));
+        let mut r = String::new();
+        encode_event(&mut r, 1.0, EventCode::Marker, &"m".repeat(100));
+        assert!(!split_event_line(&r, 30, &mut String::new()));
+        let mut out = String::new();
+        assert!(split_event_line(
+            "[0.000000, \"i\", \"\\u0001\\u0002\"]\n",
+            20,
+            &mut out
+        ));
+        assert_eq!(
+            out,
+            "[0.000000, \"i\", \"\\u0001\"]\n[0.000000, \"i\", \"\\u0002\"]\n"
+        );
+    }
 
     #[test]
     fn clip_to_fit_cuts_long_strings_until_the_value_fits() {

@@ -202,8 +202,8 @@ fn user_name(uid: u32) -> Option<String> {
 /// is the hot path, and the backend validates every chunk again (`INVALID_CHUNK`), so a
 /// client that lies only spoils its own recording. Times must not go back, from `after` (the
 /// session's last event) on: the backend refuses a chunk whose times do. Also returns how
-/// many lines there are.
-fn check_events(payload: &[u8], after: Option<f64>) -> anyhow::Result<(Option<f64>, u64)> {
+/// many lines there are, and the longest's length (with its newline).
+fn check_events(payload: &[u8], after: Option<f64>) -> anyhow::Result<(Option<f64>, u64, usize)> {
     let text = simdutf8::basic::from_utf8(payload)
         .ok()
         .context("events are not UTF-8")?;
@@ -212,10 +212,12 @@ fn check_events(payload: &[u8], after: Option<f64>) -> anyhow::Result<(Option<f6
     }
     let mut last = after;
     let mut lines = 0;
+    let mut longest = 0;
     let mut start = 0;
     for end in memchr::memchr_iter(b'\n', payload) {
         // A newline byte is always a character boundary.
         let line = &text[start..end];
+        longest = longest.max(end + 1 - start);
         start = end + 1;
         let inner = line
             .strip_prefix('[')
@@ -244,7 +246,28 @@ fn check_events(payload: &[u8], after: Option<f64>) -> anyhow::Result<(Option<f6
         lines += 1;
     }
     // With no line, `last` is still `after`: "no event in this payload" stays `None`.
-    Ok((if lines == 0 { None } else { last }, lines))
+    Ok((if lines == 0 { None } else { last }, lines, longest))
+}
+
+/// A checked `Events` payload whose longest line is `longest` bytes, with every `o`/`i` line
+/// longer than `max` (`chunk_max_bytes`) cut into lines of the same time that fit, and the
+/// new count of lines; `None` when no line is too long. The shell sends what one read of the
+/// program gave as one event (up to 64 KiB on the piped path): cut here, it still makes
+/// chunks under the limit.
+fn fit_lines(payload: &[u8], longest: usize, max: u64) -> Option<(Vec<u8>, u64)> {
+    let max = usize::try_from(max).unwrap_or(usize::MAX);
+    if longest <= max {
+        return None;
+    }
+    let text = std::str::from_utf8(payload).ok()?;
+    let mut out = String::with_capacity(payload.len() + payload.len() / 8);
+    for line in text.split_inclusive('\n') {
+        if !ztna_common::asciicast::split_event_line(line, max, &mut out) {
+            out.push_str(line);
+        }
+    }
+    let lines = memchr::memchr_iter(b'\n', out.as_bytes()).count() as u64;
+    Some((out.into_bytes(), lines))
 }
 
 /// The most connections one user (root aside) may hold open at once: each may hold a frame
@@ -694,11 +717,14 @@ async fn record(
         let deadline = w.deadline();
         tokio::select! {
             f = rx.recv() => match f {
-                Some(Ok(f)) if f.kind == Kind::Events => {
-                    let (last, lines) = match check_events(&f.payload, w.last_time) {
+                Some(Ok(mut f)) if f.kind == Kind::Events => {
+                    let (last, mut lines, longest) = match check_events(&f.payload, w.last_time) {
                         Ok(x) => x,
                         Err(e) => break Outcome::Lost(format!("bad events: {e:#}")),
                     };
+                    if let Some((fit, n)) = fit_lines(&f.payload, longest, cfg.chunk_max_bytes) {
+                        (f.payload, lines) = (fit, n);
+                    }
                     // Before every frame, not only when a chunk closes: a chunk open for
                     // seconds may hold megabytes.
                     let adds = f.payload.len() as u64;
@@ -912,7 +938,8 @@ async fn spool_lines(
     lines: u64,
 ) -> (u64, Option<String>) {
     // A frame may fill a chunk part-way: the rest goes into the next one, so no chunk passes
-    // `chunk_max_bytes` (unless one line does).
+    // `chunk_max_bytes` (lines longer than it were cut by `fit_lines`; only a single character
+    // under a tiny limit still makes a line that does not fit).
     let mut rest = payload;
     let mut stop = None;
     while !rest.is_empty() {
@@ -940,7 +967,8 @@ async fn spool_lines(
     let (last, lines) = if rest.is_empty() {
         (last, lines)
     } else {
-        check_events(written, None).unwrap_or_default()
+        let (last, lines, _) = check_events(written, None).unwrap_or_default();
+        (last, lines)
     };
     if last.is_some() {
         w.last_time = last;
@@ -997,12 +1025,19 @@ async fn spool_late(
                 // The session's own room was counted in every claim made under the limits
                 // (the spool's, and its user's share) while it lived: spooling into it passes
                 // neither. Once one frame is dropped nothing after it is spooled: no gaps.
+                let mut f = f;
+                let checked = check_events(&f.payload, late.w.last_time).ok().map(
+                    |(last, mut lines, longest)| {
+                        let max = shared.config.chunk_max_bytes;
+                        if let Some((fit, n)) = fit_lines(&f.payload, longest, max) {
+                            (f.payload, lines) = (fit, n);
+                        }
+                        (last, lines)
+                    },
+                );
                 let n = f.payload.len() as u64;
                 let fits = n <= late.hold.left();
-                let Some((last, lines)) = check_events(&f.payload, late.w.last_time)
-                    .ok()
-                    .filter(|_| fits)
-                else {
+                let Some((last, lines)) = checked.filter(|_| fits) else {
                     if late.hold.left() > 0 || dropped == 0 {
                         // The first dropped: the user may have seen it (under enforce).
                         tracing::warn!(bytes = n, room_left = late.hold.left(), "late output of a cut session dropped: its room is used up or its window over");
@@ -1049,14 +1084,20 @@ mod tests {
     #[test]
     fn event_lines_are_checked() {
         let two = b"[0.5, \"o\", \"a\"]\n[1.25, \"r\", \"80x24\"]\n";
-        assert_eq!(check_events(two, None).unwrap_or_default(), (Some(1.25), 2));
+        assert_eq!(
+            check_events(two, None).unwrap_or_default(),
+            (Some(1.25), 2, 21)
+        );
         // Equal times are fine; a time before the session's last event is not.
         assert_eq!(
             check_events(two, Some(0.5)).unwrap_or_default(),
-            (Some(1.25), 2)
+            (Some(1.25), 2, 21)
         );
         assert!(check_events(two, Some(0.75)).is_err());
-        assert_eq!(check_events(b"", Some(3.0)).unwrap_or_default(), (None, 0));
+        assert_eq!(
+            check_events(b"", Some(3.0)).unwrap_or_default(),
+            (None, 0, 0)
+        );
         for bad in [
             &b"[0.5, \"o\", \"a\"]"[..],
             b"{\"a\": 1}\n",

@@ -20,8 +20,9 @@ pub const CHUNK_HEADER_FILE: &str = "header.json";
 /// When a chunk is closed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChunkLimits {
-    /// A chunk never grows past this many bytes (unless a single event line is bigger, which
-    /// then makes a chunk of its own). Contract key `chunk_max_bytes`.
+    /// A chunk never grows past this many bytes (as a [`ChunkSink`], the session cuts longer
+    /// output into events that fit; a line that is still longer, one character in a tiny
+    /// limit, makes a chunk of its own). Contract key `chunk_max_bytes`.
     pub max_bytes: u64,
     /// A chunk is closed this long after its first event (session time), whether or not more
     /// events come. Contract key `chunk_max_secs`.
@@ -245,6 +246,10 @@ impl Sink for ChunkSink {
             Some(line) => self.writer.push_line(event.time, line),
             None => Ok(()),
         }
+    }
+
+    fn max_line(&self) -> Option<usize> {
+        Some(usize::try_from(self.writer.limits.max_bytes).unwrap_or(usize::MAX))
     }
 
     fn next_deadline(&self) -> Option<Duration> {

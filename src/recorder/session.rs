@@ -22,7 +22,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use ztna_common::asciicast::{encode_event, EventCode, Header, TtySize};
+use ztna_common::asciicast::{encode_event, split_event_data, EventCode, Header, TtySize};
 
 /// One read from the PTY (the kernel hands out at most 4 KiB at a time; pipes may give more).
 const BUF_SIZE: usize = super::queue::MAX_PUSH;
@@ -646,7 +646,13 @@ impl Session {
         drop(pair.slave);
         let pid = Pid::from_raw(child.id() as i32);
 
+        let max_line = live
+            .iter()
+            .filter_map(|s| s.max_line())
+            .min()
+            .unwrap_or(usize::MAX);
         let recorder = Recorder {
+            max_line,
             sinks: live,
             failures,
             policy: sink_policy,
@@ -1202,6 +1208,9 @@ struct Recorder {
     policy: SinkPolicy,
     ctl: Sender<Ctl>,
     line: String,
+    /// The longest event line a sink takes ([`Sink::max_line`]): longer output or input is
+    /// handed out as several events of the same time, the same for every sink.
+    max_line: usize,
     /// Time of the latest event handed out: events from different threads are kept in order.
     last: Duration,
     last_event: Duration,
@@ -1272,6 +1281,29 @@ impl Recorder {
     }
 
     fn emit(&mut self, time: Duration, kind: EventKind<'_>) {
+        let (code, text) = match kind {
+            EventKind::Output(s) => (EventCode::Output, s),
+            EventKind::Input(s) => (EventCode::Input, s),
+            _ => return self.emit_one(time, kind),
+        };
+        // Only text that could make a line over the limit is measured (escapes take at most
+        // six bytes a byte); the rest, nearly always all of it, is encoded once as it comes.
+        if text.len().saturating_mul(6).saturating_add(64) <= self.max_line {
+            return self.emit_one(time, kind);
+        }
+        self.line.clear();
+        encode_event(&mut self.line, time.max(self.last).as_secs_f64(), code, "");
+        let overhead = self.line.len();
+        for piece in split_event_data(text, overhead, self.max_line) {
+            let kind = match code {
+                EventCode::Input => EventKind::Input(piece),
+                _ => EventKind::Output(piece),
+            };
+            self.emit_one(time, kind);
+        }
+    }
+
+    fn emit_one(&mut self, time: Duration, kind: EventKind<'_>) {
         let time = time.max(self.last);
         self.last = time;
         self.line.clear();

@@ -25,6 +25,13 @@ pub trait Sink: Send {
     /// One event. `event.asciicast_line()` is its encoded line.
     fn event(&mut self, event: &Event<'_>) -> io::Result<()>;
 
+    /// The longest event line this sink takes, if it has a limit: the session then hands out
+    /// longer output as several events of the same time, to every sink alike (so a file and
+    /// a chunk directory of one session still hold the same lines).
+    fn max_line(&self) -> Option<usize> {
+        None
+    }
+
     /// The session time at which this sink wants [`tick`](Sink::tick) called even if no event
     /// arrives (a chunk to close on time), if any.
     fn next_deadline(&self) -> Option<Duration> {
@@ -69,6 +76,9 @@ impl<S: Sink + ?Sized> Sink for Box<S> {
     }
     fn event(&mut self, event: &Event<'_>) -> io::Result<()> {
         (**self).event(event)
+    }
+    fn max_line(&self) -> Option<usize> {
+        (**self).max_line()
     }
     fn next_deadline(&self) -> Option<Duration> {
         (**self).next_deadline()
