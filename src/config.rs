@@ -171,6 +171,9 @@ const KEYS: &[(&str, Kind)] = &[
     ("status_command", Kind::Str),
 ];
 
+/// The most any `*_secs` key may be: ten years.
+pub const MAX_SECS: u64 = 10 * 365 * 24 * 3600;
+
 /// The configuration keys as `--help` and the man page list them (a test keeps it in step
 /// with [`KEYS`] and the defaults).
 pub const CONFIG_HELP: &str = "\
@@ -414,6 +417,20 @@ impl Config {
         }
         if self.chunk_max_secs == 0 {
             bad.push(("chunk_max_secs", "chunk_max_secs must be at least 1".into()));
+        }
+        // Each becomes a deadline, an instant that far ahead: past this it would not exist.
+        for (key, secs) in [
+            ("chunk_max_secs", self.chunk_max_secs),
+            ("retry_max_secs", self.retry_max_secs),
+            ("rescan_secs", self.rescan_secs),
+            ("config_refresh_secs", self.config_refresh_secs),
+            ("drain_secs", self.drain_secs),
+            ("upload_defer_secs", self.upload_defer_secs),
+            ("upload_patience_secs", self.upload_patience_secs),
+        ] {
+            if secs > MAX_SECS {
+                bad.push((key, format!("{key} must be at most {MAX_SECS} (ten years)")));
+            }
         }
         if self.rescan_secs == 0 {
             bad.push(("rescan_secs", "rescan_secs must be at least 1".into()));

@@ -188,8 +188,10 @@ where
 }
 
 fn positive_secs(s: &str) -> Result<f64, String> {
+    let max = crate::config::MAX_SECS as f64;
     match s.parse::<f64>() {
-        Ok(x) if x.is_finite() && x > 0.0 => Ok(x),
+        Ok(x) if x.is_finite() && x > 0.0 && x <= max => Ok(x),
+        Ok(x) if x > max => Err(format!("{s:?} is more than {max} seconds (ten years)")),
         _ => Err(format!("{s:?} is not a positive number of seconds")),
     }
 }

@@ -244,7 +244,14 @@ async fn every_problem_gets_its_own_line() {
     // Each names the file the value came from, as every other message does.
     let file = f.display().to_string();
     assert!(line.contains(&file), "{line}");
-    for bad in ["enforce = \"yes\"", "chunk_max_bytes = 0"] {
+    // A duration no deadline can be that far ahead of (the daemon panicked on its first
+    // chunk with it).
+    for bad in [
+        "enforce = \"yes\"",
+        "chunk_max_bytes = 0",
+        "chunk_max_secs = 9000000000000000000",
+        "drain_secs = 315360001",
+    ] {
         std::fs::write(&f, format!("server_url = \"http://x\"\n{bad}\n")).unwrap();
         let key = bad.split(' ').next().unwrap();
         let line = assert_one_error(&check(&f).await, key);

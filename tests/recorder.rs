@@ -604,6 +604,16 @@ fn record_without_a_terminal() {
     );
     assert_eq!(cast.output(), "24 80\r\n");
 
+    // A program in character mode that is not reading gets no end-of-file characters piled
+    // up as keys (one a second reached it, each echoed as `^D` into the output).
+    let (code, file, stderr) = record_headless(
+        dir.path(),
+        &["-q", "--overwrite"],
+        "stty raw; sleep 2.5; stty sane; echo done",
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(read_cast(&file).output(), "done\r\n");
+
     // Piped input reaches the program, and its end ends a program that reads to the end.
     let file = dir.path().join("piped.cast");
     let mut child = StdCommand::new(BIN)
@@ -773,6 +783,26 @@ fn failures_leave_nothing_in_the_way() {
         std::fs::read_to_string(d.join("kept.cast")).unwrap(),
         "an earlier recording\n"
     );
+
+    // A chunk age no deadline can be that far ahead of is refused (it panicked at the first
+    // event, and what followed went unrecorded).
+    let (code, _, err) = run(
+        &[
+            "-q",
+            "--chunk-dir",
+            "far",
+            "--chunk-max-secs",
+            "1e19",
+            "-c",
+            "true",
+            "c.cast",
+        ],
+        &[],
+        b"",
+    );
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("ten years"), "{err}");
+    assert!(!d.join("c.cast").exists() && !d.join("far").exists());
 
     // An unusable chunk directory is refused before FILE is created.
     std::fs::write(d.join("not-a-dir"), "").unwrap();

@@ -924,7 +924,7 @@ impl ChunkWriter {
 
     /// When the open chunk must be closed by age.
     pub fn deadline(&self) -> Option<Instant> {
-        self.opened_at.map(|t| t + self.max_age)
+        self.opened_at.and_then(|t| t.checked_add(self.max_age))
     }
 
     /// Takes the open chunk out, if there is one: the next write opens the next chunk at once,

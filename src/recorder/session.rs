@@ -986,6 +986,20 @@ impl ControlLoop {
         Some(mode)
     }
 
+    /// Bytes the program has not read yet from its terminal, when that can be told (a brief
+    /// open of the PTY's slave side: keeping one open would hide the program's last close,
+    /// which ends the session's output).
+    fn input_pending(&self) -> Option<u64> {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let flags = nix::fcntl::OFlag::O_NOCTTY | nix::fcntl::OFlag::O_NONBLOCK;
+        let slave = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(flags.bits())
+            .open(self.master.tty_name()?)
+            .ok()?;
+        rustix::io::ioctl_fionread(&slave).ok()
+    }
+
     /// The PTY's input mode and its end-of-file character.
     fn pty_mode(&self) -> Option<(EofMode, u8)> {
         use nix::sys::termios::{LocalFlags, SpecialCharacterIndices};
@@ -1023,7 +1037,11 @@ impl ControlLoop {
         // in character mode, another follows every second.
         let again = now == Some(EofMode::Chars)
             && self.eof_sent_at.is_some_and(|t| t.elapsed() >= EOF_AGAIN);
-        if now.is_some() && (now != self.eof_sent_in || again) {
+        // Only to a program that has read everything it was given, so waits for input: one
+        // that is not reading (`stty raw; sleep 9`, a pager busy drawing) would later take a
+        // pile of them as keys, each echoed as `^D` into its output.
+        let waiting = now == Some(EofMode::Lines) || self.input_pending().is_none_or(|n| n == 0);
+        if now.is_some() && (now != self.eof_sent_in || again) && waiting {
             self.eof_sent_in = self.send_eof(&mut w, 1);
             self.eof_sent_at = Some(Instant::now());
             self.eof_resends += 1;
@@ -1231,7 +1249,7 @@ impl Recorder {
                 .iter()
                 .filter_map(|s| s.next_deadline())
                 .min()
-                .map(|d| self.start + d);
+                .and_then(|d| self.start.checked_add(d));
             queue.take(&mut batch, deadline);
             for item in batch.items.drain(..) {
                 match item {
