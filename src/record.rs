@@ -253,18 +253,34 @@ fn record(
             file.display()
         );
     }
+    // A recording that cannot even begin (a full disk, FILE being /dev/full) runs nothing: the
+    // user asked for a recording, and would otherwise learn only at the end there is none.
+    // Failures later leave the program running, and are reported at the end.
+    config.sink_policy = crate::recorder::SinkPolicy::RefuseAtStart;
     let outcome = match Session::new(config).run(sinks) {
         Ok(o) => o,
-        Err(e @ crate::recorder::Error::Spawn { status, .. }) => {
+        Err(e) => {
             // Nothing ran: no recording of nothing is left in the way of the next attempt.
-            let _ = std::fs::remove_file(&file);
+            // Only a file: FILE may be a device (`/dev/null` under --overwrite).
+            if std::fs::symlink_metadata(&file).is_ok_and(|m| m.is_file()) {
+                let _ = std::fs::remove_file(&file);
+            }
             if let Some(dir) = &args.chunk_dir {
                 let _ = clear_chunk_dir(dir, true);
             }
-            eprintln!("ztna-recorder: {e}");
-            return Ok(Err(status));
+            return match e {
+                crate::recorder::Error::Spawn { status, .. } => {
+                    eprintln!("ztna-recorder: {e}");
+                    Ok(Err(status))
+                }
+                crate::recorder::Error::SinkStart(f) => Err(anyhow::anyhow!(
+                    "cannot write the recording ({}: {}): the command was not run",
+                    f.sink,
+                    f.error
+                )),
+                e => Err(e.into()),
+            };
         }
-        Err(e) => return Err(e.into()),
     };
     for failure in &outcome.sink_failures {
         eprintln!("ztna-recorder: recording incomplete: {failure}");

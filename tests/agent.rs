@@ -1417,6 +1417,77 @@ async fn recording_disabled_runs_unrecorded() {
     stop_all(&mut daemon, &mut backend).await;
 }
 
+/// Recording switched off after the daemon last asked: a session that begins before it asks
+/// again is refused by the backend at `start`. It is kept on the machine (failed/), never sent:
+/// retried, it was uploaded once recording was switched back on, a recording of a time it was
+/// off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_begun_after_recording_was_switched_off_is_never_sent() {
+    let mut backend = Backend::new(true).await;
+    let agent = Agent::new(&backend, "config_refresh_secs = 3600\n");
+    let mut daemon = agent.daemon();
+    let sock = agent.socket();
+    let enabled = move |want: bool| {
+        let sock = sock.clone();
+        move || {
+            ztna_recorder::status::query(&sock)
+                .map(|s| s.recording_enabled == Some(want))
+                .unwrap_or(false)
+        }
+    };
+    let learnt = enabled(true);
+    tokio::task::block_in_place(|| {
+        wait_until(
+            "the daemon to learn the org's settings",
+            Duration::from_secs(20),
+            learnt,
+        )
+    });
+    let switch = |on: bool| {
+        backend.app.update_settings(
+            backend.org,
+            ztna_recorder_server::SettingsUpdate {
+                recording_enabled: Some(on),
+                ..Default::default()
+            },
+        )
+    };
+    switch(false).await.unwrap();
+    let out = tokio::task::block_in_place(|| agent.shell(Some("printf while-off"), b"", None));
+    assert_eq!(out.stdout, b"while-off");
+    assert_eq!(out.status.code(), Some(0));
+    let failed = agent.spool().join("failed");
+    let sessions = agent.spool().join("sessions");
+    let count = |d: &Path| std::fs::read_dir(d).map(|r| r.count()).unwrap_or(0);
+    tokio::task::block_in_place(|| {
+        wait_until(
+            "the session to be set aside",
+            Duration::from_secs(20),
+            || count(&failed) == 1 && count(&sessions) == 0,
+        )
+    });
+    let entry = std::fs::read_dir(&failed).unwrap().next().unwrap().unwrap();
+    let reason = std::fs::read_to_string(entry.path().join("failed-reason.txt")).unwrap();
+    assert!(reason.contains("RECORDING_DISABLED"), "{reason}");
+    // The daemon now knows: it said so in its status.
+    let off = enabled(false);
+    assert!(off());
+
+    // Switched back on: the next session is recorded; the one of the time it was off is not.
+    switch(true).await.unwrap();
+    // A cached "off" is asked again by a session's start once it is a second old.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let out = tokio::task::block_in_place(|| agent.shell(Some("printf back-on"), b"", None));
+    assert_eq!(out.stdout, b"back-on");
+    let recs = backend.wait_completed(1, Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let all = backend.recordings().await;
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert_eq!(output_of(&backend.events_text(&recs[0])), "back-on");
+    assert_eq!(count(&failed), 1);
+    stop_all(&mut daemon, &mut backend).await;
+}
+
 /// No daemon: `enforce = true` refuses the session with one line and status 1;
 /// `enforce = false` runs it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -564,6 +564,40 @@ fn hangup_reaches_a_child_that_ignores_it_and_the_terminal_is_restored() {
     );
     let cast = read_cast(&dir.path().join("out.cast"));
     assert!(cast.output().contains("ready"));
+
+    // Any other signal whose default would end the recorder is passed on the same way (they
+    // killed it, with the terminal left raw and the last line of the file cut): SIGUSR1 ends
+    // `sleep`, SIGXCPU (the recorder's CPU limit) hangs up on a shell that ignores it.
+    use nix::sys::signal::Signal::{SIGUSR1, SIGXCPU};
+    for (sig, script, code) in [
+        (SIGUSR1, "echo ready; sleep 30", 128 + 10),
+        (SIGXCPU, "trap '' HUP XCPU; echo ready; sleep 30", 128 + 9),
+    ] {
+        let mut run = PtyRun::start(
+            &["record", "-q", "--overwrite", "-c", script, "out.cast"],
+            dir.path(),
+            size(80, 24),
+        );
+        run.wait_for("ready");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(run.pid()), sig).unwrap();
+        let deadline = Instant::now() + LONG;
+        let status = loop {
+            if let Some(s) = run.child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "{sig}");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(status.exit_code(), code, "{sig}");
+        let t = run.master.get_termios().unwrap();
+        assert_eq!(
+            t.local_flags.bits() & (ECHO | ICANON),
+            ECHO | ICANON,
+            "{sig}"
+        );
+        let cast = read_cast(&dir.path().join("out.cast"));
+        assert!(cast.output().contains("ready"), "{sig}");
+    }
 }
 
 #[test]
@@ -605,11 +639,12 @@ fn record_without_a_terminal() {
     assert_eq!(cast.output(), "24 80\r\n");
 
     // A program in character mode that is not reading gets no end-of-file characters piled
-    // up as keys (one a second reached it, each echoed as `^D` into the output).
+    // up as keys (one a second reached it, each echoed as `^D` into the output). The end of
+    // its input (at once: /dev/null) is passed on before it leaves line mode.
     let (code, file, stderr) = record_headless(
         dir.path(),
         &["-q", "--overwrite"],
-        "stty raw; sleep 2.5; stty sane; echo done",
+        "sleep 0.5; stty raw; sleep 2.5; stty sane; echo done",
     );
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(read_cast(&file).output(), "done\r\n");
@@ -803,6 +838,21 @@ fn failures_leave_nothing_in_the_way() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("ten years"), "{err}");
     assert!(!d.join("c.cast").exists() && !d.join("far").exists());
+
+    // A recording that cannot begin (a full disk: /dev/full takes no byte) runs nothing (the
+    // command ran unrecorded, and an empty FILE was left), and a device is not removed.
+    let (code, _, err) = run(
+        &["-q", "--overwrite", "-c", "touch ran", "/dev/full"],
+        &[],
+        b"",
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("No space left") && err.contains("not run"),
+        "{err}"
+    );
+    assert!(!d.join("ran").exists());
+    assert!(Path::new("/dev/full").exists());
 
     // An unusable chunk directory is refused before FILE is created.
     std::fs::write(d.join("not-a-dir"), "").unwrap();

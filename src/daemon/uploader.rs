@@ -455,10 +455,18 @@ fn refused(shared: &Shared, id: &str, e: ClientError, action: &str) -> Result<St
     if e.backend_answered() {
         shared.backend_answered();
     }
+    let mut verdict = disposition(&e);
     if e.code() == Some(ErrorCode::RecordingDisabled) {
         *lock(&shared.recording_enabled) = Some((false, Instant::now()));
+        // The org switched recording off before the backend heard of this session (it began
+        // while the daemon's copy of the settings was older than the switch, or the backend
+        // was away): retried, it would be uploaded the day recording is switched back on, a
+        // recording of a time it was off. Kept on this machine, never sent by itself.
+        if action == "start" {
+            verdict = Disposition::Quarantine;
+        }
     }
-    match disposition(&e) {
+    match verdict {
         Disposition::Retry => Err(StepError::Retry(format!("{action}: {e}"))),
         // A live session is still writing into its folder: decide once it has ended.
         _ if shared.is_live(id) => Err(StepError::Retry(format!("{action}: {e}"))),

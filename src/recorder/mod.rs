@@ -47,7 +47,7 @@ pub use event::{Event, EventKind, ExitStatus};
 pub use file::FileSink;
 pub use session::{
     check_interpreter, exec_failure, user_shell, Command, Control, Error, Outcome, Session,
-    SessionConfig, Terminal, Termination,
+    SessionConfig, Terminal, Termination, PASSED_ON,
 };
 pub use sink::{Sink, SinkFailure, SinkPolicy};
 pub use term::{stdin_is_tty, terminal_size};

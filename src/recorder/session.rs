@@ -304,8 +304,9 @@ pub fn check_interpreter(program: &Path) -> io::Result<()> {
 pub enum Terminal {
     /// The process's own stdin/stdout. When stdin is a terminal it is put in raw mode (and
     /// restored), its size is the PTY's and `SIGWINCH` is followed. `SIGTERM`, `SIGHUP`,
-    /// `SIGINT` and `SIGQUIT` are forwarded to the program (the first two, if it does not
-    /// end within [`SessionConfig::hangup_grace`], are followed by `SIGKILL`).
+    /// `SIGXCPU`, `SIGINT`, `SIGQUIT` and the other signals whose default would end the
+    /// recorder (`SIGUSR1`, `SIGALRM`…) are forwarded to the program (the first three, if it
+    /// does not end within [`SessionConfig::hangup_grace`], are followed by `SIGKILL`).
     /// Without a terminal on stdin, end of input is passed on as an end-of-file character.
     Stdio,
     /// Any reader and writer (tests, embedding). No raw mode, no signal handling; resize
@@ -509,8 +510,8 @@ impl Session {
     }
 
     /// Runs the program to its end, relaying and recording. Blocks. Sinks get `start` before
-    /// the program is started; under [`SinkPolicy::FailClosed`] a sink that cannot start
-    /// refuses the session ([`Error::SinkStart`]) and nothing is run.
+    /// the program is started; under [`SinkPolicy::FailClosed`] and
+    /// [`SinkPolicy::RefuseAtStart`] a sink that cannot start refuses the session ([`Error::SinkStart`]) and nothing is run.
     pub fn run(self, sinks: Vec<Box<dyn Sink>>) -> Result<Outcome, Error> {
         let Session {
             config,
@@ -577,7 +578,10 @@ impl Session {
                         error: e.to_string(),
                         at: Duration::ZERO,
                     };
-                    if sink_policy == SinkPolicy::FailClosed {
+                    if matches!(
+                        sink_policy,
+                        SinkPolicy::FailClosed | SinkPolicy::RefuseAtStart
+                    ) {
                         return Err(Error::SinkStart(f));
                     }
                     failures.push(f);
@@ -902,8 +906,9 @@ impl ControlLoop {
                         if let Ok(s) = Signal::try_from(sig) {
                             self.signal_program(s);
                         }
-                        let hangup = sig == signal_hook::consts::SIGTERM
-                            || sig == signal_hook::consts::SIGHUP;
+                        use signal_hook::consts::{SIGHUP, SIGTERM, SIGXCPU};
+                        // SIGXCPU: the recorder's own CPU limit, SIGKILL follows soon.
+                        let hangup = [SIGTERM, SIGHUP, SIGXCPU].contains(&sig);
                         if hangup && self.kill_at.is_none() {
                             self.kill_at = Some(Instant::now() + self.hangup_grace);
                         }
@@ -1152,6 +1157,27 @@ fn wait_loop(pid: Pid, ctl: Sender<Ctl>) {
     let _ = ctl.send(Ctl::ChildExited(status));
 }
 
+/// The signals the recorder passes on to its program: every one whose default would end the
+/// recorder at once, leaving the terminal raw and the recording cut mid-line (real-time ones
+/// aside: nothing sends those to a terminal program).
+pub const PASSED_ON: &[i32] = {
+    use signal_hook::consts::*;
+    &[
+        SIGTERM,
+        SIGHUP,
+        SIGINT,
+        SIGQUIT,
+        SIGUSR1,
+        SIGUSR2,
+        SIGALRM,
+        SIGVTALRM,
+        SIGPROF,
+        SIGXCPU,
+        nix::libc::SIGPWR,
+        SIGIO,
+    ]
+};
+
 struct SignalThread {
     handle: signal_hook::iterator::Handle,
     thread: Option<thread::JoinHandle<()>>,
@@ -1166,9 +1192,10 @@ impl Drop for SignalThread {
 
 impl SignalThread {
     fn start(ctl: Sender<Ctl>) -> io::Result<Self> {
-        use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGWINCH, SIGXFSZ};
-        let mut signals =
-            signal_hook::iterator::Signals::new([SIGWINCH, SIGTERM, SIGHUP, SIGINT, SIGQUIT])?;
+        use signal_hook::consts::{SIGWINCH, SIGXFSZ};
+        let mut signals = signal_hook::iterator::Signals::new(
+            std::iter::once(SIGWINCH).chain(PASSED_ON.iter().copied()),
+        )?;
         // A file-size limit (`ulimit -f`) reached by the recording would kill the recorder
         // (SIGXFSZ's default), leaving the terminal raw and the file cut mid-line: with a
         // handler, the write fails with EFBIG instead, as on a full disk. Handlers do not

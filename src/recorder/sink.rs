@@ -109,6 +109,10 @@ pub enum SinkPolicy {
     /// A sink that fails to start refuses the session (the program is never started); a sink
     /// that fails later hangs up on the program.
     FailClosed,
+    /// A sink that fails to start refuses the session, as under `FailClosed`; one that fails
+    /// later is dropped and reported, as under `FailOpen`: for a recording asked for by hand,
+    /// where not starting loses nothing but ending the program would.
+    RefuseAtStart,
 }
 
 /// A sink that failed, and when.

@@ -297,8 +297,7 @@ pub(super) fn run_piped(
     // them on: it ends of them, and the recording ends with how it did, instead of us ending
     // at once with the recording cut and the program left running. Caught from before the
     // spawn (the program starts with default handlers: `exec` resets caught signals).
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGHUP, SIGINT, SIGQUIT])?;
+    let mut signals = signal_hook::iterator::Signals::new(recorder::PASSED_ON)?;
     let program = Path::new(&p.path);
     let spawned = recorder::check_interpreter(program).and_then(|()| {
         std::process::Command::new(&p.path)
