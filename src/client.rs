@@ -51,9 +51,11 @@ impl ClientError {
         }
     }
 
-    /// Whether the backend answered at all.
+    /// Whether the backend itself answered: its envelope, with one of the contract's codes.
+    /// A bare HTTP error or a page that is not the envelope comes from something in front of
+    /// it (a proxy's 502 while the backend is down), and says nothing of the backend.
     pub fn backend_answered(&self) -> bool {
-        !matches!(self, ClientError::Transport(_))
+        matches!(self, ClientError::Api { code: Some(_), .. })
     }
 }
 
@@ -299,5 +301,31 @@ mod body_tests {
                 "chunk_data": data,
             })
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_backends_envelope_is_an_answer_from_it() {
+        let api = |status, code| ClientError::Api {
+            status,
+            code,
+            message: String::new(),
+        };
+        assert!(api(403, Some(ErrorCode::RecordingDisabled)).backend_answered());
+        assert!(api(503, Some(ErrorCode::ServerBusy)).backend_answered());
+        for e in [
+            api(502, None),
+            ClientError::Decode {
+                status: 200,
+                reason: "HTML".into(),
+            },
+            ClientError::Transport("connection refused".into()),
+        ] {
+            assert!(!e.backend_answered(), "{e}");
+        }
     }
 }

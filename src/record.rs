@@ -6,7 +6,7 @@ use crate::recorder::{
 };
 use anyhow::Context as _;
 use std::io::ErrorKind;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Arguments of `ztna-recorder record`.
@@ -215,6 +215,13 @@ fn record(
     // The chunk directory first: when it cannot be used, no FILE is left behind.
     let chunks = match &args.chunk_dir {
         Some(dir) => {
+            if let Some(file) = args.file.as_deref().filter(|f| file_in_chunk_dir(f, dir)) {
+                anyhow::bail!(
+                    "{} is a name of --chunk-dir's own files (header.json, chunk-N.cast): \
+                     name FILE otherwise",
+                    file.display()
+                );
+            }
             clear_chunk_dir(dir, args.overwrite)?;
             let limits = ChunkLimits {
                 max_bytes: args.chunk_max_bytes,
@@ -325,6 +332,30 @@ fn create_file(args: &RecordArgs) -> anyhow::Result<(PathBuf, FileSink)> {
     anyhow::bail!("cannot find a free name for the recording: name one (FILE)")
 }
 
+/// A name the chunk writer uses (or used) in its directory.
+fn chunk_dir_name(name: &str) -> bool {
+    name.starts_with(crate::recorder::CHUNK_HEADER_FILE)
+        || (name.starts_with("chunk-") && (name.ends_with(".cast") || name.ends_with(".part")))
+}
+
+/// FILE named as one of the chunk directory's own files: both would write it at once.
+fn file_in_chunk_dir(file: &Path, dir: &Path) -> bool {
+    let name = file.file_name().map(|n| n.to_string_lossy());
+    if !name.is_some_and(|n| chunk_dir_name(&n)) {
+        return false;
+    }
+    let parent = match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    // Resolved when both exist (a symlink, `..`), else as written: the chunk directory is
+    // created before FILE.
+    match (parent.canonicalize(), dir.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => std::path::absolute(parent).ok() == std::path::absolute(dir).ok(),
+    }
+}
+
 /// A chunk directory holding an earlier recording's header or chunks: an error, unless
 /// `overwrite`, which removes them (leftover chunks would join the new recording's).
 fn clear_chunk_dir(dir: &std::path::Path, overwrite: bool) -> anyhow::Result<()> {
@@ -335,13 +366,9 @@ fn clear_chunk_dir(dir: &std::path::Path, overwrite: bool) -> anyhow::Result<()>
             return Err(e).with_context(|| format!("cannot use chunk directory {}", dir.display()))
         }
     };
-    let ours = |name: &str| {
-        name.starts_with(crate::recorder::CHUNK_HEADER_FILE)
-            || (name.starts_with("chunk-") && (name.ends_with(".cast") || name.ends_with(".part")))
-    };
     for entry in entries.flatten() {
         let name = entry.file_name();
-        if !ours(&name.to_string_lossy()) {
+        if !chunk_dir_name(&name.to_string_lossy()) {
             continue;
         }
         if !overwrite {

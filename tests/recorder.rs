@@ -839,6 +839,20 @@ fn failures_leave_nothing_in_the_way() {
     assert!(err.contains("ten years"), "{err}");
     assert!(!d.join("c.cast").exists() && !d.join("far").exists());
 
+    // FILE named as one of the chunk directory's files: both wrote it at once, and the
+    // result was neither recording.
+    for (dir, file) in [("cd", "cd/chunk-0.cast"), (".", "header.json")] {
+        let (code, _, err) = run(
+            &["-q", "--chunk-dir", dir, "-c", "touch ran", file],
+            &[],
+            b"",
+        );
+        assert_eq!(code, Some(1), "{err}");
+        assert!(err.contains("name FILE otherwise"), "{err}");
+        assert!(!d.join("ran").exists() && !d.join(file).exists());
+    }
+    assert!(!d.join("cd").exists());
+
     // A recording that cannot begin (a full disk: /dev/full takes no byte) runs nothing (the
     // command ran unrecorded, and an empty FILE was left), and a device is not removed.
     let (code, _, err) = run(
