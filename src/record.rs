@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub struct RecordArgs {
     /// The command to record, run with `sh -c` [default: your shell, $SHELL].
     #[arg(short = 'c', long = "command", value_name = "CMD")]
-    pub command: Option<String>,
+    pub command: Option<std::ffi::OsString>,
 
     /// Where to write the recording [default: ztna-<unix time>.cast in the current directory].
     #[arg(value_name = "FILE")]
@@ -187,6 +187,13 @@ where
     }
 }
 
+/// CMD as the recording shows it.
+fn command_text(args: &RecordArgs) -> Option<String> {
+    args.command
+        .as_ref()
+        .map(|c| c.to_string_lossy().into_owned())
+}
+
 fn positive_secs(s: &str) -> Result<f64, String> {
     let max = crate::config::MAX_SECS as f64;
     match s.parse::<f64>() {
@@ -240,7 +247,9 @@ fn record(
     }
 
     let mut config = SessionConfig::new(command);
-    config.header_command = args.command.clone();
+    // The recording's text is UTF-8: bytes that are not become U+FFFD there (the program still
+    // gets them as given), as for output.
+    config.header_command = command_text(args);
     config.title = args.title.clone();
     config.capture_input = agent.capture_input;
     config.size = match (args.cols, args.rows) {
@@ -438,7 +447,8 @@ impl Uploader {
             None => crate::shell::SessionKind::Interactive,
         };
         let tty = crate::recorder::stdin_is_tty();
-        let mut metadata = crate::shell::session_metadata(kind, args.command.as_deref(), tty);
+        let command = command_text(args);
+        let mut metadata = crate::shell::session_metadata(kind, command.as_deref(), tty);
         metadata.insert("recorded_by".into(), "ztna-recorder record".into());
         let metadata = serde_json::Value::Object(metadata);
         let done = serde_json::json!({"exit_status": outcome.status.code()});

@@ -5,6 +5,7 @@
 
 use portable_pty::{native_pty_system, Child, CommandBuilder, MasterPty, PtySize};
 use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command as StdCommand, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
@@ -1038,6 +1039,25 @@ fn overwrite_quiet_and_command() {
     );
     assert_eq!(out.stdout, b"quiet\r\n");
     read_cast(&file);
+    // A command that is not UTF-8 (a Latin-1 file name) runs as given; the recording shows
+    // U+FFFD for the byte, in its header as in its output (it was refused as an argument).
+    let out = StdCommand::new(BIN)
+        .args(["record", "-q", "--overwrite", "-c"])
+        .arg(std::ffi::OsStr::from_bytes(b"echo caf\xe9"))
+        .arg(&file)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, b"caf\xe9\r\n");
+    let cast = read_cast(&file);
+    assert_eq!(cast.output(), "caf\u{fffd}\r\n");
+    assert_eq!(cast.header["command"], "echo caf\u{fffd}");
     // A bad argument names what is wrong.
     let out = StdCommand::new(BIN)
         .args(["record", "--cols", "zero", "x.cast"])
