@@ -940,6 +940,117 @@ async fn a_session_that_gave_up_waiting_is_not_recorded() {
     stop_all(&mut daemon, &mut backend).await;
 }
 
+/// A daemon that takes no output for over 10 s (stopped, stuck on its disk) but does not go
+/// away: the session goes on, its output waits for the daemon (up to 1 MiB, then a marker), and
+/// once the daemon takes output again the rest is recorded, in the same recording. It was taken
+/// for lost: the rest of the session went unrecorded, and the recording ended `interrupted`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_that_takes_no_output_for_a_while_loses_the_rest_of_no_session() {
+    let mut backend = Backend::new(true).await;
+    let agent = Agent::new(&backend, "");
+    let mut daemon = agent.daemon();
+    let (go, done) = (agent.dir.path().join("go"), agent.dir.path().join("done"));
+    let script = format!(
+        "echo ready; while [ ! -e {go} ]; do sleep 0.05; done; \
+         head -c 3000000 /dev/zero | tr '\\0' x | fold -w 100; echo stalled-output-end; \
+         while [ ! -e {done} ]; do sleep 0.05; done; echo final; exit 3",
+        go = go.display(),
+        done = done.display()
+    );
+    let mut c = agent.shell_command(Some(&script), None);
+    let pty = nix::pty::openpty(None, None).unwrap();
+    c.stdin(pty.slave.try_clone().unwrap())
+        .stdout(pty.slave.try_clone().unwrap())
+        .stderr(pty.slave.try_clone().unwrap());
+    let mut child = c.spawn().unwrap();
+    drop(c); // it holds copies of the slave side
+    drop(pty.slave);
+    // The terminal is read all along (a full one would stop the program).
+    let seen = Arc::new(Mutex::new(Vec::<u8>::new()));
+    let reader = {
+        let seen = seen.clone();
+        let mut master = std::fs::File::from(pty.master);
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Ok(n @ 1..) = master.read(&mut buf) {
+                seen.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        })
+    };
+    let saw = |what: &'static str| {
+        let seen = seen.clone();
+        move || {
+            let seen = seen.lock().unwrap();
+            seen.windows(what.len()).any(|w| w == what.as_bytes())
+        }
+    };
+    tokio::task::block_in_place(|| {
+        wait_until(
+            "the session to start",
+            Duration::from_secs(20),
+            saw("ready"),
+        );
+        kill(&mut daemon, nix::sys::signal::Signal::SIGSTOP);
+        std::fs::write(&go, "").unwrap();
+        // Past the 10 s the daemon has to take output, the session goes on.
+        wait_until(
+            "the output to get through",
+            Duration::from_secs(60),
+            saw("stalled-output-end"),
+        );
+        kill(&mut daemon, nix::sys::signal::Signal::SIGCONT);
+    });
+    // Once the daemon has what waited (the marker ends it), output is sent as before.
+    const MARKER: &str = "until the recording daemon took output again";
+    let t0 = Instant::now();
+    loop {
+        let spooled = walk_files(&agent.spool().join("sessions")).iter().any(|f| {
+            String::from_utf8_lossy(&std::fs::read(f).unwrap_or_default()).contains(MARKER)
+        });
+        let recs = backend.recordings().await;
+        if spooled || recs.iter().any(|r| backend.events_text(r).contains(MARKER)) {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "{}", agent.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    std::fs::write(&done, "").unwrap();
+    let status = tokio::task::block_in_place(|| child.wait().unwrap());
+    reader.join().unwrap();
+    assert_eq!(status.code(), Some(3), "{}", agent.log());
+    let recs = backend.wait_completed(1, Duration::from_secs(30)).await;
+    assert_eq!(backend.recordings().await.len(), 1);
+    let m = &recs[0]["metadata"];
+    assert_ne!(m["interrupted"], true, "{m}\n{}", agent.log());
+    assert_eq!(m["exit_status"], 3, "{m}");
+    let text = backend.events_text(&recs[0]);
+    let out = output_of(&text);
+    assert!(
+        out.starts_with("ready\r\n"),
+        "{}",
+        &out[..out.len().min(200)]
+    );
+    assert!(
+        out.ends_with("final\r\n"),
+        "{}",
+        &out[out.len().saturating_sub(200)..]
+    );
+    // Up to the marker, the output as it was shown: an unbroken stretch of it.
+    let cut = text
+        .find(MARKER)
+        .expect("the marker where output stopped being kept");
+    let kept = output_of(&text[..text[..cut].rfind('\n').unwrap() + 1]);
+    // (Line ends as either terminal made them.)
+    let shown = String::from_utf8_lossy(&seen.lock().unwrap()).replace('\r', "");
+    assert!(
+        shown.starts_with(&kept.replace('\r', "")),
+        "{} bytes kept",
+        kept.len()
+    );
+    assert!(kept.len() > 500_000, "{} bytes kept", kept.len());
+    stop_all(&mut daemon, &mut backend).await;
+}
+
 /// Starts a recorded session on the daemon and streams 16 KiB output lines into it, one every
 /// `every`, for `length` (on a blocking thread: the frames are written synchronously); then
 /// ends it, which asserts the daemon's acknowledgement (a session cut short gets none).
@@ -1163,6 +1274,23 @@ async fn a_chunk_whose_close_failed_is_sealed_without_a_restart() {
     assert_ne!(rec["metadata"]["interrupted"], true, "{rec:#}");
     wait_until("an empty spool", Duration::from_secs(10), || !dir.exists());
     stop_all(&mut daemon, &mut backend).await;
+}
+
+/// Every file under `dir`, at any depth.
+fn walk_files(dir: &Path) -> Vec<PathBuf> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .flat_map(|e| {
+            let p = e.path();
+            if p.is_dir() {
+                walk_files(&p)
+            } else {
+                vec![p]
+            }
+        })
+        .collect()
 }
 
 /// Bytes of the `chunk-*` files under `dir` (spooled, open, or stored by the backend).

@@ -511,7 +511,8 @@ impl Session {
 
     /// Runs the program to its end, relaying and recording. Blocks. Sinks get `start` before
     /// the program is started; under [`SinkPolicy::FailClosed`] and
-    /// [`SinkPolicy::RefuseAtStart`] a sink that cannot start refuses the session ([`Error::SinkStart`]) and nothing is run.
+    /// [`SinkPolicy::RefuseAtStart`] a sink that cannot start refuses the session
+    /// ([`Error::SinkStart`]) and nothing is run.
     pub fn run(self, sinks: Vec<Box<dyn Sink>>) -> Result<Outcome, Error> {
         let Session {
             config,

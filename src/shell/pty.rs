@@ -1,7 +1,7 @@
 //! The PTY path: the recorder core runs the program in a new PTY and a sink sends its events
 //! to the daemon; the sink follows the daemon through a restart.
 
-use super::resume::{retry_for, Resume, Resumed, ENFORCE_GRACE};
+use super::resume::{retry_for, Resume, Resumed, ENFORCE_GRACE, GAP_MAX_BYTES};
 use super::*;
 
 /// Events to the daemon over the session's socket (PTY sessions).
@@ -29,7 +29,28 @@ struct DaemonSink {
     given_up: bool,
     /// An event line re-encoded against `rebase`.
     line: String,
+    /// What a daemon that stopped taking output (but is still there) has not taken yet.
+    backlog: Option<Backlog>,
+    /// The latest session time the sink was told of (an event's or a tick's).
+    now: Duration,
 }
+
+/// Frames (the first possibly begun) that wait for a daemon that took no output for
+/// [`DAEMON_WRITE_TIMEOUT`] but did not go away (stopped with SIGSTOP, stuck on its disk).
+/// Without enforce the session goes on and its output waits here, up to
+/// [`super::resume::GAP_MAX_BYTES`]; past that, frames are dropped behind a marker until the
+/// daemon has taken what waits. Under enforce the session ends, as when the daemon is gone.
+struct Backlog {
+    out: Vec<u8>,
+    /// How much of `out` the daemon has taken.
+    sent: usize,
+    /// Event bytes dropped since the marker.
+    dropped: u64,
+}
+
+/// The marker (`m` event) where output stops being kept for a daemon that took none.
+const BACKLOG_CUT_MARKER: &str =
+    "ztna-recorder: output from here until the recording daemon took output again was not recorded";
 
 /// One connection to the daemon, and what its watch thread tells about it.
 struct Link {
@@ -286,6 +307,9 @@ const DRAIN_WAIT: Duration = Duration::from_millis(450);
 /// The size at which the Events frame being built is sent without waiting for the batch's end.
 const FRAME_TARGET: usize = 32 * 1024;
 
+/// How often what waits for a daemon that took no output is offered again.
+const BACKLOG_RETRY: Duration = Duration::from_millis(50);
+
 impl DaemonSink {
     /// Adds one event line to the Events frame being built (a frame carries any number of
     /// lines: one write and one wake-up of the daemon per batch, not per read), sending the
@@ -313,26 +337,124 @@ impl DaemonSink {
         Ok(())
     }
 
-    /// Sends the Events frame being built, if any.
+    /// Sends the Events frame being built, if any (behind what waits in the backlog).
     fn send_pending(&mut self) -> io::Result<()> {
         if self.buf.is_empty() {
-            return Ok(());
+            return self.drain_backlog();
         }
         let head = ipc::head(Kind::Events, self.buf.len() - ipc::HEAD_BYTES).map_err(frame_io)?;
         self.buf[..ipc::HEAD_BYTES].copy_from_slice(&head);
-        let sent = self
-            .link
-            .stream
-            .write_all(&self.buf)
-            .map_err(daemon_write_error);
+        if self.backlog.is_some() {
+            self.push_backlog();
+            return self.drain_backlog();
+        }
+        let mut written = 0;
+        let sent = loop {
+            match (&self.link.stream).write(&self.buf[written..]) {
+                Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) if written + n == self.buf.len() => break Ok(()),
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(daemon_write_error(e)),
+            }
+        };
         match sent {
             Ok(()) => {
+                self.buf.clear();
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::TimedOut && !self.watch.enforce => {
+                // Still there, taking nothing: the session goes on, its output waits (the rest
+                // of a frame begun, then whole frames) rather than being lost with the link.
+                syslog_warn(&format!(
+                    "{e}: the session goes on, its output waits for it (up to {} KiB)",
+                    GAP_MAX_BYTES / 1024
+                ));
+                self.backlog = Some(Backlog {
+                    out: self.buf[written..].to_vec(),
+                    sent: 0,
+                    dropped: 0,
+                });
                 self.buf.clear();
                 Ok(())
             }
             // Kept when the daemon stopped in order: the frame goes to the next one.
             Err(e) => self.tolerate(e).inspect_err(|_| self.buf.clear()),
         }
+    }
+
+    /// Puts the frame being built behind what waits, or drops it (behind one marker) once the
+    /// backlog holds all it may.
+    fn push_backlog(&mut self) {
+        let Some(b) = self.backlog.as_mut() else {
+            return;
+        };
+        if b.sent > b.out.len() / 2 {
+            // What was taken goes (a daemon that takes a little at a time would otherwise
+            // grow this without end); only once it is over half, so copies stay cheap.
+            b.out.drain(..b.sent);
+            b.sent = 0;
+        }
+        if b.dropped == 0 && b.out.len() + self.buf.len() <= GAP_MAX_BYTES {
+            b.out.extend_from_slice(&self.buf);
+        } else {
+            if b.dropped == 0 {
+                // At the time of the latest event: after every line kept, before any sent
+                // once the daemon is back.
+                self.line.clear();
+                let t = self.now.saturating_sub(self.rebase).as_secs_f64();
+                encode_event(&mut self.line, t, EventCode::Marker, BACKLOG_CUT_MARKER);
+                if let Ok(head) = ipc::head(Kind::Events, self.line.len()) {
+                    b.out.extend_from_slice(&head);
+                    b.out.extend_from_slice(self.line.as_bytes());
+                }
+            }
+            b.dropped += (self.buf.len() - ipc::HEAD_BYTES) as u64;
+        }
+        self.buf.clear();
+    }
+
+    /// Hands the daemon what it takes of the backlog now, without waiting; once it has taken
+    /// all, frames are sent as before.
+    fn drain_backlog(&mut self) -> io::Result<()> {
+        let Some(b) = self.backlog.as_mut() else {
+            return Ok(());
+        };
+        while b.sent < b.out.len() {
+            use nix::sys::socket::{send, MsgFlags};
+            use std::os::fd::AsRawFd as _;
+            let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
+            match send(self.link.stream.as_raw_fd(), &b.out[b.sent..], flags) {
+                Ok(n) => b.sent += n,
+                Err(nix::errno::Errno::EAGAIN) => return Ok(()),
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => {
+                    // Gone after all: what waited is lost with the link, and the session
+                    // follows the daemon's going as without a backlog.
+                    self.backlog = None;
+                    return self.tolerate(e.into());
+                }
+            }
+        }
+        if b.dropped > 0 {
+            syslog_warn(&format!(
+                "the recording daemon takes output again; {} bytes of the recording were dropped meanwhile",
+                b.dropped
+            ));
+        }
+        self.backlog = None;
+        Ok(())
+    }
+
+    /// Before the End: what waits is sent, waiting for the daemon as for any frame.
+    fn finish_backlog(&mut self) -> io::Result<()> {
+        let Some(b) = self.backlog.take() else {
+            return Ok(());
+        };
+        self.link
+            .stream
+            .write_all(&b.out[b.sent..])
+            .map_err(daemon_write_error)
     }
 }
 
@@ -372,6 +494,7 @@ impl Sink for DaemonSink {
     }
 
     fn event(&mut self, event: &Event<'_>) -> io::Result<()> {
+        self.now = self.now.max(event.time);
         if let EventKind::Resize(s) = event.kind {
             self.size = s;
         }
@@ -405,6 +528,7 @@ impl Sink for DaemonSink {
         match event.kind {
             EventKind::Exit(status) => {
                 self.send_pending()?;
+                self.finish_backlog()?;
                 if self.link.orderly.load(Ordering::SeqCst) {
                     return Ok(());
                 }
@@ -435,6 +559,10 @@ impl Sink for DaemonSink {
     }
 
     fn next_deadline(&self) -> Option<Duration> {
+        if self.backlog.is_some() {
+            // A silent program sends nothing that would push the backlog on.
+            return Some(self.now + BACKLOG_RETRY);
+        }
         if self.draining() {
             return Some(
                 self.link
@@ -451,6 +579,8 @@ impl Sink for DaemonSink {
     }
 
     fn tick(&mut self, now: Duration) -> io::Result<()> {
+        self.now = self.now.max(now);
+        self.drain_backlog()?;
         if self.draining() {
             match self.link.drain_seen {
                 None => self.link.drain_seen = Some(now),
@@ -538,6 +668,8 @@ pub(super) fn run_pty(
         resume: None,
         given_up: false,
         line: String::new(),
+        backlog: None,
+        now: Duration::ZERO,
     };
     let outcome = match session.run(vec![Box::new(sink)]) {
         Ok(o) => o,
