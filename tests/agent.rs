@@ -2399,6 +2399,61 @@ fn record_on_a_full_disk_keeps_a_playable_file() {
     assert!(cast.events_text.contains("line 1 of a session"));
 }
 
+/// `record --chunk-dir` on a disk that fills up: the chunk being written when the disk filled
+/// is closed with the whole lines that reached it (it used to stay a `.part` ending mid-line),
+/// so header + chunks are still the start of the recording, and FILE, on another disk, holds
+/// the whole session.
+#[test]
+fn record_chunks_on_a_full_disk_end_at_a_whole_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk");
+    std::fs::create_dir(&disk).unwrap();
+    let _disk = Tmpfs::mount(&disk, "64k");
+    let chunks = disk.join("chunks");
+    let file = dir.path().join("whole.cast");
+    let out = Command::new(BIN)
+        .args(["record", "-q", "--chunk-max-bytes", "15000", "--chunk-dir"])
+        .arg(&chunks)
+        .args([
+            "-c",
+            "seq -f 'line %g of a session that fills the disk' 1 5000; exit 5",
+        ])
+        .arg(&file)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("recording incomplete"),
+        "{out:?}"
+    );
+    let mut names: Vec<String> = std::fs::read_dir(&chunks)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert!(!names.iter().any(|n| n.ends_with(".part")), "{names:?}");
+    let mut joined = std::fs::read_to_string(chunks.join("header.json")).unwrap();
+    let count = names.iter().filter(|n| n.starts_with("chunk-")).count();
+    for i in 0..count {
+        let chunk = std::fs::read_to_string(chunks.join(format!("chunk-{i}.cast"))).unwrap();
+        assert!(
+            chunk.ends_with('\n'),
+            "chunk {i} of {names:?} ends mid-line"
+        );
+        joined.push_str(&chunk);
+    }
+    let whole = std::fs::read_to_string(&file).unwrap();
+    assert!(
+        joined.len() > 40_000 && joined.len() < whole.len(),
+        "{} of {} bytes in {names:?}",
+        joined.len(),
+        whole.len()
+    );
+    assert!(whole.starts_with(&joined), "{names:?}");
+    assert!(whole.contains("line 5000 of a session"));
+}
+
 /// A file-size limit (`ulimit -f`) is a full disk to the recorder: the recording stops at
 /// its last whole line and the program's exit status comes back (SIGXFSZ used to kill the
 /// recorder, leaving the terminal raw and the file cut mid-line).

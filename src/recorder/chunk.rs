@@ -4,12 +4,15 @@
 //!
 //! A chunk is written as `chunk-N.cast.part` and, once closed, fsynced and renamed to
 //! `chunk-N.cast` (then the directory is fsynced): a `chunk-N.cast` file is always complete and
-//! durable, so whoever watches the directory can upload it as it stands.
+//! durable, so whoever watches the directory can upload it as it stands. A write that fails
+//! (disk full) closes the open chunk with the whole lines that reached the disk, so no torn
+//! line and no `.part` is left behind.
 
 use super::event::Event;
+use super::file::FileSink;
 use super::sink::Sink;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufWriter, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use ztna_common::asciicast::Header;
@@ -52,7 +55,8 @@ pub struct ClosedChunk {
 
 struct Open {
     index: u64,
-    file: BufWriter<File>,
+    /// Whole lines only: a write that fails is cut back to the last whole line it took.
+    out: FileSink,
     bytes: u64,
     events: u64,
     first_time: Duration,
@@ -145,7 +149,7 @@ impl ChunkWriter {
             self.next_index += 1;
             self.open = Some(Open {
                 index,
-                file: BufWriter::with_capacity(64 * 1024, file),
+                out: FileSink::from_writer(Box::new(file), String::new()),
                 bytes: 0,
                 events: 0,
                 first_time: time,
@@ -153,7 +157,9 @@ impl ChunkWriter {
             });
         }
         if let Some(open) = &mut self.open {
-            open.file.write_all(line.as_bytes())?;
+            if let Err(e) = open.out.put(line.as_bytes()) {
+                return Err(self.salvage(e));
+            }
             open.bytes += len;
             open.events += 1;
             open.last_time = time;
@@ -182,12 +188,58 @@ impl ChunkWriter {
     /// Closes the open chunk now (fsync, rename, fsync the directory). Returns it, if there
     /// was one.
     pub fn close(&mut self) -> io::Result<Option<ClosedChunk>> {
-        let Some(open) = self.open.take() else {
+        let Some(open) = self.open.as_mut() else {
             return Ok(None);
         };
-        let file = open.file.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
-        drop(file);
+        if let Err(e) = open.out.finish() {
+            return Err(self.salvage(e));
+        }
+        self.seal().map(Some)
+    }
+
+    /// After a failed write: keeps what reached the disk as a closed chunk (the sink cut it
+    /// back to whole lines), or no chunk when nothing did, and gives back the write's error,
+    /// which is what the caller reports.
+    fn salvage(&mut self, e: io::Error) -> io::Error {
+        let Some(index) = self.open.as_ref().map(|o| o.index) else {
+            return e;
+        };
+        let part = self.part_path(index);
+        let done = match self.open.as_mut() {
+            Some(open) if open.out.written() > 0 => {
+                // The lines kept are counted from the disk: this happens once a session at most.
+                open.bytes = open.out.written();
+                match open.out.finish().and_then(|()| count_lines(&part)) {
+                    Ok(n) => {
+                        open.events = n;
+                        self.seal().map(drop)
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            _ => {
+                self.open = None;
+                fs::remove_file(&part).and_then(|()| sync_dir(&self.dir))
+            }
+        };
+        match done {
+            Ok(()) => e,
+            Err(e2) => {
+                self.open = None;
+                io::Error::new(
+                    e.kind(),
+                    format!("{e}; {} is left as it was: {e2}", part.display()),
+                )
+            }
+        }
+    }
+
+    /// Puts the open chunk, already written and fsynced, under its final name.
+    fn seal(&mut self) -> io::Result<ClosedChunk> {
+        let Some(open) = self.open.take() else {
+            return Err(io::Error::other("no open chunk"));
+        };
+        drop(open.out);
         let path = Self::chunk_path(&self.dir, open.index);
         fs::rename(self.part_path(open.index), &path)?;
         sync_dir(&self.dir)?;
@@ -203,7 +255,7 @@ impl ChunkWriter {
         if let Some(f) = &mut self.on_close {
             f(&closed);
         }
-        Ok(Some(closed))
+        Ok(closed)
     }
 
     fn part_path(&self, index: u64) -> PathBuf {
@@ -213,6 +265,18 @@ impl ChunkWriter {
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
+}
+
+fn count_lines(path: &Path) -> io::Result<u64> {
+    let mut f = File::open(path)?;
+    let mut buf = vec![0; 64 * 1024];
+    let mut n = 0;
+    loop {
+        match f.read(&mut buf)? {
+            0 => return Ok(n),
+            r => n += memchr::memchr_iter(b'\n', &buf[..r]).count() as u64,
+        }
+    }
 }
 
 /// [`ChunkWriter`] as a session sink: `start` writes `header.json`, each asciicast event goes

@@ -88,7 +88,9 @@ impl FileSink {
         self
     }
 
-    fn put(&mut self, line: &[u8]) -> io::Result<()> {
+    /// Takes whole lines: they reach the writer on [`flush`](Sink::flush), when the buffer is
+    /// full, or at once when longer than it.
+    pub(super) fn put(&mut self, line: &[u8]) -> io::Result<()> {
         if self.buf.len() + line.len() > BUF {
             self.write_buffered()?;
         }
@@ -97,6 +99,11 @@ impl FileSink {
         }
         self.buf.extend_from_slice(line);
         Ok(())
+    }
+
+    /// Bytes the writer has taken, all of them whole lines.
+    pub(super) fn written(&self) -> u64 {
+        self.written
     }
 
     fn write_buffered(&mut self) -> io::Result<()> {
