@@ -3496,6 +3496,8 @@ async fn sshd_file_transfers_pass_untouched_and_record_metadata_only() {
             .unwrap()
             .max(m["bytes_out"].as_u64().unwrap());
         assert!(moved >= 10 * 1024 * 1024, "{m}");
+        // No frames: the duration is the transfer's own (it was 0), rounded up.
+        assert!(rec["duration_seconds"].as_i64().unwrap() >= 1, "{rec:#}");
         assert!(
             chunk_indexes(rec).is_empty(),
             "file contents were recorded: {m}"

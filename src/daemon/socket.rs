@@ -543,6 +543,7 @@ async fn handle(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
         .and_then(Value::as_str)
         .unwrap_or("interactive")
         .to_string();
+    let metadata_only = kind == "file_transfer";
     let header = serde_json::to_value(&start.header)?;
     let meta_v = Value::Object(metadata);
     // Live before its folder appears: the uploader completes a session that is neither live
@@ -597,7 +598,7 @@ async fn handle(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
     shared.wake.notify_one();
     tracing::info!(session = %id, %user, uid, "session started");
 
-    let result = record(&shared, &dir, &id, uid, hold, rd, &mut wr).await;
+    let result = record(&shared, &dir, &id, uid, metadata_only, hold, rd, &mut wr).await;
     lock(&shared.live).remove(&id);
     shared.wake.notify_one();
     result
@@ -664,16 +665,21 @@ async fn hand_off(
     Ok(())
 }
 
+/// `metadata_only`: a file transfer, which sends no frames; its duration is the time from
+/// here to its end instead of the last frame's.
+#[allow(clippy::too_many_arguments)]
 async fn record(
     shared: &Arc<Shared>,
     dir: &super::spool::SessionDir,
     id: &str,
     uid: u32,
+    metadata_only: bool,
     mut hold: super::spool::Hold,
     mut rd: tokio::net::unix::OwnedReadHalf,
     wr: &mut tokio::net::unix::OwnedWriteHalf,
 ) -> anyhow::Result<()> {
     let cfg = &shared.config;
+    let began = std::time::Instant::now();
     send_json(
         wr,
         Kind::Decision,
@@ -822,9 +828,11 @@ async fn record(
         Ok(false) => {}
         Err(e) => tracing::error!(session = %id, "closing the last chunk: {e}"),
     }
-    let duration = w
-        .last_time
-        .map(|t| ztna_common::asciicast::duration_secs(Some(t)));
+    let duration = match w.last_time {
+        None if metadata_only => Some(began.elapsed().as_secs_f64()),
+        t => t,
+    }
+    .map(|t| ztna_common::asciicast::duration_secs(Some(t)));
     match outcome {
         Outcome::Ended(end) => {
             let (exit_status, metadata) = end_metadata(end);
