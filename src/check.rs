@@ -507,6 +507,9 @@ fn backend_error(url: &str, e: &ClientError) -> String {
         ClientError::Transport(why) => {
             format!("cannot reach the backend at {url}: {}", diagnose(url, why))
         }
+        ClientError::Timeout(why) => format!(
+            "the backend at {url} took the connection but did not answer in time ({why}): is it overloaded, or is something in front of it holding requests?"
+        ),
         ClientError::Api {
             code: Some(ErrorCode::Unauthorized),
             ..

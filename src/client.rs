@@ -14,9 +14,13 @@ use ztna_common::asciicast::{self, push_json_string};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// No answer: connection refused, timeout, reset.
+    /// No connection, or it broke: refused, no route, reset.
     #[error("backend unreachable: {0}")]
     Transport(String),
+    /// Connected (or trying to), but no answer within the client's time limit: a backend
+    /// that is overloaded or stuck, not one that is gone.
+    #[error("backend did not answer in time: {0}")]
+    Timeout(String),
     /// The backend answered with an error envelope (or a bare HTTP error).
     #[error("backend answered {status} {}: {message}", code.map(|c| c.as_str()).unwrap_or_default())]
     Api {
@@ -33,7 +37,7 @@ impl ClientError {
     /// Whether retrying the same request later can succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
-            ClientError::Transport(_) => true,
+            ClientError::Transport(_) | ClientError::Timeout(_) => true,
             ClientError::Decode { .. } => true,
             ClientError::Api { status, code, .. } => {
                 *status >= 500
@@ -59,6 +63,19 @@ impl ClientError {
     }
 }
 
+/// A request that got no answer. The URL is left out: it is known, and one with a key in it
+/// must not reach a log line.
+fn no_answer(e: reqwest::Error) -> ClientError {
+    // A connection that could not be made in time is a backend out of reach, like a refusal.
+    let timeout = e.is_timeout() && !e.is_connect();
+    let why = e.without_url().to_string();
+    if timeout {
+        ClientError::Timeout(why)
+    } else {
+        ClientError::Transport(why)
+    }
+}
+
 /// A client of the node-key route.
 #[derive(Clone)]
 pub struct AgentClient {
@@ -78,9 +95,18 @@ impl std::fmt::Debug for AgentClient {
 
 impl AgentClient {
     pub fn new(server_url: &str, node_key: Secret) -> anyhow::Result<Self> {
+        Self::with_timeout(server_url, node_key, Duration::from_secs(60))
+    }
+
+    /// As [`new`](Self::new), waiting at most `timeout` for each answer.
+    pub fn with_timeout(
+        server_url: &str,
+        node_key: Secret,
+        timeout: Duration,
+    ) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(60))
+            .connect_timeout(Duration::from_secs(5).min(timeout))
+            .timeout(timeout)
             .user_agent(concat!("ztna-recorder/", env!("CARGO_PKG_VERSION")))
             .build()?;
         Ok(AgentClient {
@@ -118,12 +144,9 @@ impl AgentClient {
             .body(body)
             .send()
             .await
-            .map_err(|e| ClientError::Transport(e.without_url().to_string()))?;
+            .map_err(no_answer)?;
         let status = resp.status().as_u16();
-        let bytes = resp
-            .bytes()
-            .await
-            .map_err(|e| ClientError::Transport(e.without_url().to_string()))?;
+        let bytes = resp.bytes().await.map_err(no_answer)?;
         let env: Envelope<Value> = match serde_json::from_slice(&bytes) {
             Ok(e) => e,
             Err(e) if status >= 400 => {
@@ -324,8 +347,31 @@ mod tests {
                 reason: "HTML".into(),
             },
             ClientError::Transport("connection refused".into()),
+            ClientError::Timeout("operation timed out".into()),
         ] {
             assert!(!e.backend_answered(), "{e}");
         }
+    }
+
+    /// A backend that takes the connection and never answers is told apart from one that is
+    /// not there (both were "unreachable"); both are retried.
+    #[tokio::test]
+    async fn no_answer_in_time_is_not_unreachable() {
+        let key = Secret::new("k".repeat(32));
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", silent.local_addr().unwrap());
+        let client =
+            AgentClient::with_timeout(&url, key.clone(), Duration::from_millis(300)).unwrap();
+        let e = client.config().await.unwrap_err();
+        assert!(matches!(e, ClientError::Timeout(_)), "{e:?}");
+        assert!(e.to_string().contains("did not answer in time"), "{e}");
+        assert!(e.is_retryable());
+
+        // A port nobody listens on.
+        drop(silent);
+        let client = AgentClient::with_timeout(&url, key, Duration::from_millis(300)).unwrap();
+        let e = client.config().await.unwrap_err();
+        assert!(matches!(e, ClientError::Transport(_)), "{e:?}");
+        assert!(e.is_retryable());
     }
 }
