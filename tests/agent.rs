@@ -1134,12 +1134,13 @@ async fn waiting_uploads_never_fill_the_spool() {
         "chunk_max_bytes = 65536\nspool_max_bytes = 4194304\nupload_defer_secs = 600\n",
     );
     let mut daemon = agent.daemon();
-    // About 2 MiB/s for 3 s: half again as much as the spool holds. Acknowledged at the end:
-    // the daemon did not cut the session short (spool full).
+    // About 1 MiB/s for 6 s: half again as much as the spool holds, so uploads must drain
+    // 0.5 MiB/s past half (at 2 MiB/s for 3 s, twice that was too close under a loaded CI
+    // run). Acknowledged at the end: the daemon did not cut the session short (spool full).
     let sent = stream_bulk(
         &agent,
-        Duration::from_millis(8),
-        Duration::from_secs(3),
+        Duration::from_millis(16),
+        Duration::from_secs(6),
         |_| {},
     )
     .await;
