@@ -1033,6 +1033,11 @@ mod scenarios {
             400,
             "INVALID_FIELD",
         );
+        // `session_type`: up to 64 characters, whatever their size in UTF-8.
+        let start = |t: String| json!({"action": "start", "org_id": org, "machine_id": s.fx.machine, "session_type": t});
+        let (st, b) = s.member(start("ü".repeat(64))).await;
+        assert_eq!(st, 201, "{b}");
+        assert_err(s.member(start("ü".repeat(65))).await, 400, "INVALID_FIELD");
     }
 
     pub async fn st5_agent_report(s: &Server) {
@@ -1062,6 +1067,18 @@ mod scenarios {
             .clone();
         assert_eq!(r["status"], "completed");
         assert_eq!(r["duration_seconds"], 30);
+        // It ran for its duration up to the report (it used to start when it ended).
+        let at = |k: &str| {
+            time::OffsetDateTime::parse(
+                r[k].as_str().unwrap(),
+                &time::format_description::well_known::Rfc3339,
+            )
+            .unwrap()
+        };
+        assert_eq!(
+            at("ended_at") - at("started_at"),
+            time::Duration::seconds(30)
+        );
         assert_eq!(r["metadata"]["reported_by_agent"], true);
         assert_eq!(r["metadata"]["machine_name"], "Linux-C");
         assert_eq!(r["user_id"], s.fx.member.as_str());

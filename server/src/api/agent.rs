@@ -266,7 +266,11 @@ async fn apply(app: &App, machine: &MachineAuth, action: Action) -> Result<Succe
                     user_id: machine.owner_id,
                     session_type,
                     status: "completed".into(),
-                    started_at: now,
+                    // The session ran for `duration` up to now (retention and `list` go by
+                    // `started_at`).
+                    started_at: now
+                        .checked_sub(time::Duration::seconds(duration))
+                        .unwrap_or(now),
                     ended_at: Some(now),
                     duration_seconds: Some(duration),
                     metadata,

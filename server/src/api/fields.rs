@@ -196,7 +196,7 @@ pub fn header<'a>(f: &Fields<'a>) -> Result<&'a Map<String, Value>, Failure> {
 /// A `session_type`: a short, non-empty name.
 pub fn session_type(f: &Fields<'_>) -> Result<String, Failure> {
     let s = f.str("session_type")?;
-    if s.is_empty() || s.len() > 64 || s.chars().any(char::is_control) {
+    if s.is_empty() || s.chars().count() > 64 || s.chars().any(char::is_control) {
         return Err(Failure::invalid_field(
             "session_type",
             "must be 1 to 64 printable characters",
