@@ -616,6 +616,36 @@ fn a_background_job_holding_the_pty_does_not_keep_the_recorder_alive() {
     assert!(read_cast(&file).output().contains("started"));
 }
 
+/// The program's last output reaches a slow reader whole, however long that takes, and is
+/// recorded: the recorder used to wait 200 ms after the program's exit and end, and what the
+/// relay had not yet written (blocked on a full pipe) was neither shown nor recorded.
+#[test]
+fn a_slow_reader_still_gets_the_end_of_the_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("slow.cast");
+    let mut child = StdCommand::new(BIN)
+        .args(["record", "-q", "-c", "seq 1 12000; exit 3"])
+        .arg(&file)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Nothing is read for a while: the pipe fills, and the program exits meanwhile.
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut shown = Vec::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_end(&mut shown)
+        .unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(3));
+    let expected: String = (1..=12000).map(|i| format!("{i}\r\n")).collect();
+    assert_eq!(shown.len(), expected.len(), "bytes shown");
+    assert!(shown == expected.as_bytes());
+    assert_eq!(read_cast(&file).output(), expected);
+}
+
 #[test]
 fn record_without_a_terminal() {
     let dir = tempfile::tempdir().unwrap();

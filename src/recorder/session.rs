@@ -17,7 +17,7 @@ use std::fs::File;
 use std::io::{self, IsTerminal, Read, Write};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::thread;
@@ -207,6 +207,11 @@ impl Command {
         let program = self.program_path();
         nix::unistd::access(&program, nix::unistd::AccessFlags::X_OK)
             .map_err(io::Error::from)
+            // A folder passes X_OK; `exec` refuses it (SHELL=/tmp).
+            .and_then(|()| match std::fs::metadata(&program) {
+                Ok(m) if m.is_dir() => Err(io::Error::from_raw_os_error(nix::libc::EISDIR)),
+                _ => Ok(()),
+            })
             .and_then(|()| check_interpreter(&program))
             .map_err(|e| {
                 let (reason, status) = exec_failure(&program, &e);
@@ -343,7 +348,9 @@ pub struct SessionConfig {
     /// How long a program has to end after `SIGTERM`/`SIGHUP` before it is killed.
     pub hangup_grace: Duration,
     /// After the program has exited, how long to wait for the rest of its output while
-    /// something else (a background job) still holds the PTY open.
+    /// something else (a background job) still holds the PTY open. What the program itself
+    /// wrote is relayed whatever it takes (a slow terminal or pipe), unless the session is
+    /// hung up.
     pub drain_timeout: Duration,
 }
 
@@ -673,13 +680,14 @@ impl Session {
         let q = queue.clone();
         let recorder = spawn("ztna-recorder", RECORDER_STACK, move || recorder.run(&q))?;
 
+        let relayed = Arc::new(Relayed::default());
         let out_thread = {
             let q = queue.clone();
             let ctl = ctl_tx.clone();
             let buf = vec![0u8; BUF_SIZE];
-            let (cut, hold) = (cut.clone(), hold.clone());
+            let (cut, hold, relayed) = (cut.clone(), hold.clone(), relayed.clone());
             spawn("ztna-pty-out", SMALL_STACK, move || {
-                output_loop(reader, output, buf, q, ctl, start, &cut, &hold)
+                output_loop(reader, output, buf, q, ctl, start, &cut, &hold, &relayed)
             })?
         };
         if let Some(input) = input {
@@ -716,6 +724,8 @@ impl Session {
             eof_check_at: None,
             cut,
             hold,
+            relayed,
+            owed: None,
         };
         let (status, output_eof) = lp.run(&ctl_rx, drain_timeout);
 
@@ -804,6 +814,19 @@ struct ControlLoop {
     eof_check_at: Option<Instant>,
     cut: Arc<AtomicBool>,
     hold: Arc<AtomicBool>,
+    relayed: Arc<Relayed>,
+    /// Once the program has exited: how many bytes of output the relay must have handled to
+    /// have passed on everything the program wrote.
+    owed: Option<u64>,
+}
+
+/// How far the output relay has got, in bytes since the start.
+#[derive(Default)]
+struct Relayed {
+    /// Read from the PTY.
+    read: AtomicU64,
+    /// Shown to the user (or given up on) and handed to the recording.
+    handled: AtomicU64,
 }
 
 /// The PTY's input mode, as far as an end-of-file is concerned.
@@ -842,6 +865,10 @@ impl ControlLoop {
                         // and then drained as any other.
                         drain_until = Some(Instant::now() + HOLD_POLL);
                         was_held = true;
+                    } else if self.still_owed() {
+                        // The relay is still passing on what the program wrote (to a slow
+                        // terminal or pipe): that is waited for, not cut off.
+                        drain_until = Some(Instant::now() + drain_timeout);
                     } else if was_held {
                         drain_until = Some(Instant::now() + drain_timeout);
                         was_held = false;
@@ -883,6 +910,10 @@ impl ControlLoop {
                 Some(Ctl::ChildExited(st)) => {
                     status = Some(st);
                     self.kill_at = None;
+                    // What the relay has read, and what still waits in the PTY: the rest is
+                    // a background job's, which the drain does not wait for.
+                    let read = self.relayed.read.load(Ordering::SeqCst);
+                    self.owed = Some(read + self.output_waiting().unwrap_or(0));
                     drain_until = Some(Instant::now() + drain_timeout);
                 }
                 Some(Ctl::OutputEof) => output_eof = true,
@@ -902,12 +933,17 @@ impl ControlLoop {
                     }
                 }
                 Some(Ctl::Signal(sig)) => {
+                    use signal_hook::consts::{SIGHUP, SIGTERM, SIGXCPU};
+                    if status.is_some() && [SIGTERM, SIGHUP, SIGXCPU].contains(&sig) {
+                        // Told to go while output was still being passed on: stop waiting.
+                        self.owed = None;
+                        self.cut.store(true, Ordering::SeqCst);
+                    }
                     if status.is_none() {
                         self.termination.get_or_insert(Termination::Signal(sig));
                         if let Ok(s) = Signal::try_from(sig) {
                             self.signal_program(s);
                         }
-                        use signal_hook::consts::{SIGHUP, SIGTERM, SIGXCPU};
                         // SIGXCPU: the recorder's own CPU limit, SIGKILL follows soon.
                         let hangup = [SIGTERM, SIGHUP, SIGXCPU].contains(&sig);
                         if hangup && self.kill_at.is_none() {
@@ -928,6 +964,23 @@ impl ControlLoop {
                 }
             }
         }
+    }
+
+    /// Whether the relay has yet to pass on output the program wrote before it exited.
+    fn still_owed(&self) -> bool {
+        self.owed
+            .is_some_and(|owed| self.relayed.handled.load(Ordering::SeqCst) < owed)
+            && !self.cut.load(Ordering::SeqCst)
+    }
+
+    /// Bytes of output waiting in the PTY for the relay to read.
+    fn output_waiting(&self) -> Option<u64> {
+        let fd = self.master.as_raw_fd()?;
+        // SAFETY: the descriptor is the PTY master's, which `self.master` keeps open for as
+        // long as this borrow (one ioctl) lasts. portable-pty lends it only as a raw fd.
+        #[allow(unsafe_code)]
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        rustix::io::ioctl_fionread(fd).ok()
     }
 
     fn output_held(&self) -> bool {
@@ -1070,6 +1123,7 @@ fn output_loop(
     start: Instant,
     cut: &AtomicBool,
     hold: &AtomicBool,
+    relayed: &Relayed,
 ) {
     let mut out_ok = true;
     let mut recording = true;
@@ -1084,6 +1138,7 @@ fn output_loop(
         if n == 0 {
             break;
         }
+        relayed.read.fetch_add(n as u64, Ordering::Relaxed);
         let time = start.elapsed();
         if hold.load(Ordering::Relaxed) {
             // Recorded first, shown once released (or never, if the session is cut).
@@ -1097,6 +1152,7 @@ fn output_loop(
             if out_ok && (cut.load(Ordering::SeqCst) || out.write_all(&buf[..n]).is_err()) {
                 out_ok = false;
             }
+            relayed.handled.fetch_add(n as u64, Ordering::Relaxed);
             continue;
         }
         // The user gets the bytes first; a terminal that went away stops the relay to it,
@@ -1110,6 +1166,7 @@ fn output_loop(
         if recording {
             recording = queue.push_bytes(BytesKind::Output, &buf[..n], time);
         }
+        relayed.handled.fetch_add(n as u64, Ordering::Relaxed);
     }
     let _ = out.flush();
     let _ = ctl.send(Ctl::OutputEof);
