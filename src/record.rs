@@ -53,14 +53,15 @@ pub struct RecordArgs {
     #[arg(long, value_name = "DIR")]
     pub chunk_dir: Option<PathBuf>,
 
-    /// With --chunk-dir: close a chunk at this many bytes.
-    #[arg(long, default_value_t = 1_048_576, value_parser = clap::value_parser!(u64).range(1..),
-          requires = "chunk_dir")]
-    pub chunk_max_bytes: u64,
+    /// With --chunk-dir: close a chunk at this many bytes [default: the agent's
+    /// configuration, 1048576].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..), requires = "chunk_dir")]
+    pub chunk_max_bytes: Option<u64>,
 
-    /// With --chunk-dir: close a chunk this many seconds after its first event.
-    #[arg(long, default_value_t = 10.0, value_parser = positive_secs, requires = "chunk_dir")]
-    pub chunk_max_secs: f64,
+    /// With --chunk-dir: close a chunk this many seconds after its first event [default: the
+    /// agent's configuration, 10].
+    #[arg(long, value_parser = positive_secs, requires = "chunk_dir")]
+    pub chunk_max_secs: Option<f64>,
 
     /// Also ship the recording to the backend (`server_url` and the node key from the agent's
     /// configuration).
@@ -219,7 +220,9 @@ fn record(
         eprintln!("ztna-recorder: {e}");
         return Ok(Err(status));
     }
-    // The chunk directory first: when it cannot be used, no FILE is left behind.
+    // FILE is checked before the chunk directory is touched, and created after it: when
+    // either cannot be used, neither an earlier recording nor a new empty one is left changed.
+    check_file(args)?;
     let chunks = match &args.chunk_dir {
         Some(dir) => {
             if let Some(file) = args.file.as_deref().filter(|f| file_in_chunk_dir(f, dir)) {
@@ -231,8 +234,11 @@ fn record(
             }
             clear_chunk_dir(dir, args.overwrite)?;
             let limits = ChunkLimits {
-                max_bytes: args.chunk_max_bytes,
-                max_age: Duration::from_secs_f64(args.chunk_max_secs),
+                max_bytes: args.chunk_max_bytes.unwrap_or(agent.chunk_max_bytes),
+                max_age: match args.chunk_max_secs {
+                    Some(secs) => Duration::from_secs_f64(secs),
+                    None => Duration::from_secs(agent.chunk_max_secs),
+                },
             };
             let writer = ChunkWriter::new(dir, limits)
                 .with_context(|| format!("cannot use chunk directory {}", dir.display()))?;
@@ -255,7 +261,10 @@ fn record(
     config.size = match (args.cols, args.rows) {
         (None, None) => None,
         (cols, rows) => {
-            let term = crate::recorder::terminal_size(std::io::stdin()).unwrap_or_default();
+            // As for the whole size: the terminal on stdin, else on stdout.
+            let term = crate::recorder::terminal_size(std::io::stdin())
+                .or_else(|| crate::recorder::terminal_size(std::io::stdout()))
+                .unwrap_or_default();
             Some(TtySize {
                 cols: cols.unwrap_or(term.cols),
                 rows: rows.unwrap_or(term.rows),
@@ -339,6 +348,33 @@ fn create_file(args: &RecordArgs) -> anyhow::Result<(PathBuf, FileSink)> {
         }
     }
     anyhow::bail!("cannot find a free name for the recording: name one (FILE)")
+}
+
+/// What can be told wrong with FILE before anything is created or removed: it exists
+/// (without --overwrite), or its folder cannot take it.
+fn check_file(args: &RecordArgs) -> anyhow::Result<()> {
+    let Some(file) = &args.file else {
+        return Ok(());
+    };
+    if !args.overwrite && std::fs::symlink_metadata(file).is_ok() {
+        anyhow::bail!(
+            "{} already exists; pass --overwrite to replace it",
+            file.display()
+        );
+    }
+    let parent = match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let usable = std::fs::metadata(parent).and_then(|m| {
+        if m.is_dir() {
+            let rw = nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK;
+            nix::unistd::access(parent, rw).map_err(std::io::Error::from)
+        } else {
+            Err(std::io::Error::from_raw_os_error(nix::libc::ENOTDIR))
+        }
+    });
+    usable.with_context(|| format!("cannot create {}", file.display()))
 }
 
 /// A name the chunk writer uses (or used) in its directory.

@@ -777,6 +777,113 @@ fn record_without_a_terminal() {
     }
 }
 
+/// A run refused before the program starts changes nothing: an earlier recording (FILE or
+/// `--chunk-dir`) is left as it was under --overwrite, and no new chunk directory is made.
+/// Each case used to cost something: the old FILE (SHELL a folder), the old chunks (FILE
+/// in a folder that is not there), an empty chunk directory (FILE already there).
+#[test]
+fn a_refused_run_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let mut c = StdCommand::new(BIN);
+        c.arg("record")
+            .args(args)
+            .current_dir(d)
+            .stdin(Stdio::null());
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    };
+    let out = run(
+        &["-q", "--chunk-dir", "old", "-c", "echo old", "old.cast"],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let snapshot = || {
+        let mut files: Vec<(String, Vec<u8>)> = walk(d)
+            .into_iter()
+            .map(|p| {
+                let data = std::fs::read(&p).unwrap();
+                (p.strip_prefix(d).unwrap().display().to_string(), data)
+            })
+            .collect();
+        files.sort();
+        files
+    };
+    let before = snapshot();
+
+    let out = run(&["-q", "--overwrite", "old.cast"], &[("SHELL", "/tmp")]);
+    assert!(before == snapshot(), "{out:?}: {:?}", snapshot());
+    assert_eq!(out.status.code(), Some(126), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("directory"),
+        "{out:?}"
+    );
+    let out = run(
+        &[
+            "-q",
+            "--overwrite",
+            "--chunk-dir",
+            "old",
+            "-c",
+            "echo new",
+            "gone/new.cast",
+        ],
+        &[],
+    );
+    assert!(before == snapshot(), "{out:?}: {:?}", snapshot());
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("gone/new.cast"),
+        "{out:?}"
+    );
+    let out = run(
+        &["-q", "--chunk-dir", "new", "-c", "echo new", "old.cast"],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already exists"),
+        "{out:?}"
+    );
+    assert!(!d.join("new").exists());
+    assert!(before == snapshot(), "{:?}", snapshot());
+}
+
+/// `--chunk-dir` takes its limits from the agent's configuration unless given as flags (the
+/// configuration's `chunk_max_bytes` was ignored).
+#[test]
+fn chunk_limits_come_from_the_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let chunks = |name: &str, flags: &[&str]| {
+        let out = StdCommand::new(BIN)
+            .args(["record", "-q", "--chunk-dir", name])
+            .args(flags)
+            .args(["-c", "seq 1 300", &format!("{name}.cast")])
+            .current_dir(dir.path())
+            .env("ZTNA_RECORDER_CHUNK_MAX_BYTES", "200")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        let sizes: Vec<u64> = walk(&dir.path().join(name))
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "cast"))
+            .map(|p| std::fs::metadata(p).unwrap().len())
+            .collect();
+        sizes
+    };
+    let small = chunks("config", &[]);
+    assert!(
+        small.len() > 5 && small.iter().all(|&n| n <= 200),
+        "{small:?}"
+    );
+    let big = chunks("flag", &["--chunk-max-bytes", "100000"]);
+    assert_eq!(big.len(), 1, "{big:?}");
+}
+
 /// The header's `env` is what the program saw, also when SHELL was not set (portable-pty
 /// sets it for the program; the header used to leave it out).
 #[test]
@@ -2029,4 +2136,18 @@ async fn upload_waits_for_a_backend_that_is_briefly_away() {
         "{events} events"
     );
     server.abort();
+}
+
+/// Every file under `dir`, recursively.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }
