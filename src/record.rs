@@ -220,18 +220,20 @@ fn record(
         eprintln!("ztna-recorder: {e}");
         return Ok(Err(status));
     }
+    if let (Some(file), Some(dir)) = (&args.file, &args.chunk_dir) {
+        if file_in_chunk_dir(file, dir) {
+            anyhow::bail!(
+                "{} is a name of --chunk-dir's own files (header.json, chunk-N.cast): \
+                 name FILE otherwise",
+                file.display()
+            );
+        }
+    }
     // FILE is checked before the chunk directory is touched, and created after it: when
     // either cannot be used, neither an earlier recording nor a new empty one is left changed.
     check_file(args)?;
     let chunks = match &args.chunk_dir {
         Some(dir) => {
-            if let Some(file) = args.file.as_deref().filter(|f| file_in_chunk_dir(f, dir)) {
-                anyhow::bail!(
-                    "{} is a name of --chunk-dir's own files (header.json, chunk-N.cast): \
-                     name FILE otherwise",
-                    file.display()
-                );
-            }
             clear_chunk_dir(dir, args.overwrite)?;
             let limits = ChunkLimits {
                 max_bytes: args.chunk_max_bytes.unwrap_or(agent.chunk_max_bytes),
@@ -366,6 +368,16 @@ fn check_file(args: &RecordArgs) -> anyhow::Result<()> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
+    // A folder that --chunk-dir will make (FILE inside it, or beside it in a new parent).
+    let made = |dir: &PathBuf| {
+        let abs = |p: &Path| std::path::absolute(p).ok();
+        abs(dir)
+            .zip(abs(parent))
+            .is_some_and(|(d, p)| d.starts_with(p))
+    };
+    if !parent.exists() && args.chunk_dir.as_ref().is_some_and(made) {
+        return Ok(());
+    }
     let usable = std::fs::metadata(parent).and_then(|m| {
         if m.is_dir() {
             let rw = nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK;

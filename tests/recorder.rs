@@ -850,6 +850,13 @@ fn a_refused_run_changes_nothing() {
     );
     assert!(!d.join("new").exists());
     assert!(before == snapshot(), "{:?}", snapshot());
+    // FILE may still go into the chunk directory the run makes (next to its files).
+    let out = run(
+        &["-q", "--chunk-dir", "fresh", "-c", "true", "fresh/in.cast"],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(d.join("fresh/in.cast").exists() && d.join("fresh/header.json").exists());
 }
 
 /// `--chunk-dir` takes its limits from the agent's configuration unless given as flags (the
