@@ -601,6 +601,54 @@ fn hangup_reaches_a_child_that_ignores_it_and_the_terminal_is_restored() {
     }
 }
 
+/// Stopped from outside and continued (`kill -TSTP`, then `fg`: the user's shell puts its own
+/// modes back on the terminal meanwhile), the recorder puts the terminal in raw mode again.
+/// It stayed in the shell's modes: lines echoed twice, ^C to the recorder, ^D ending input.
+#[test]
+fn a_recorder_stopped_and_continued_takes_raw_mode_back() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::sys::termios::{tcgetattr, tcsetattr, LocalFlags, SetArg};
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let run = PtyRun::start(
+        &["record", "-q", "-c", "echo ready; sleep 30", "out.cast"],
+        dir.path(),
+        size(80, 24),
+    );
+    run.wait_for("ready");
+    let pid = nix::unistd::Pid::from_raw(run.pid());
+    let tty = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(nix::libc::O_NOCTTY)
+        .open(run.master.tty_name().unwrap())
+        .unwrap();
+    let lflags = || tcgetattr(&tty).unwrap().local_flags;
+    assert!(!lflags().contains(LocalFlags::ECHO), "raw while recording");
+    // SIGSTOP: a session leader's SIGTSTP from outside is discarded (an orphaned group).
+    kill(pid, Signal::SIGSTOP).unwrap();
+    let stopped = || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        stat.rsplit(") ").next().is_some_and(|r| r.starts_with('T'))
+    };
+    let deadline = Instant::now() + LONG;
+    while !stopped() {
+        assert!(Instant::now() < deadline, "not stopped");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // What the shell does when it takes the terminal back.
+    let mut cooked = tcgetattr(&tty).unwrap();
+    cooked.local_flags |= LocalFlags::ECHO | LocalFlags::ICANON | LocalFlags::ISIG;
+    tcsetattr(&tty, SetArg::TCSANOW, &cooked).unwrap();
+    kill(pid, Signal::SIGCONT).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while lflags().intersects(LocalFlags::ECHO | LocalFlags::ICANON | LocalFlags::ISIG) {
+        assert!(Instant::now() < deadline, "still {:?}", lflags());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    kill(pid, Signal::SIGHUP).unwrap();
+}
+
 #[test]
 fn a_background_job_holding_the_pty_does_not_keep_the_recorder_alive() {
     let dir = tempfile::tempdir().unwrap();

@@ -726,11 +726,12 @@ impl Session {
             hold,
             relayed,
             owed: None,
+            raw,
         };
         let (status, output_eof) = lp.run(&ctl_rx, drain_timeout);
 
         // The program is gone and its output relayed: give the user their terminal back first.
-        drop(raw);
+        drop(lp.raw.take());
         lp.rec.push(Item::Finish {
             status,
             time: start.elapsed(),
@@ -815,6 +816,8 @@ struct ControlLoop {
     cut: Arc<AtomicBool>,
     hold: Arc<AtomicBool>,
     relayed: Arc<Relayed>,
+    /// The user's terminal in raw mode, while the session runs.
+    raw: Option<RawMode>,
     /// Once the program has exited: how many bytes of output the relay must have handled to
     /// have passed on everything the program wrote.
     owed: Option<u64>,
@@ -924,6 +927,17 @@ impl ControlLoop {
                         self.eof_check_at = Some(Instant::now() + EOF_CHECK);
                     }
                     self.held_writer = Some(w);
+                }
+                Some(Ctl::Signal(sig)) if sig == signal_hook::consts::SIGCONT => {
+                    // Stopped from outside (SIGTSTP, SIGSTOP) and continued: the shell that
+                    // took the terminal meanwhile left it in its own modes, and its size may
+                    // have changed.
+                    if let Some(raw) = &self.raw {
+                        raw.reapply();
+                    }
+                    if let Some(size) = term::terminal_size(io::stdin()) {
+                        self.resize(size);
+                    }
                 }
                 Some(Ctl::Signal(sig)) if sig == signal_hook::consts::SIGWINCH => {
                     let size = term::terminal_size(io::stdin())
@@ -1250,9 +1264,11 @@ impl Drop for SignalThread {
 
 impl SignalThread {
     fn start(ctl: Sender<Ctl>) -> io::Result<Self> {
-        use signal_hook::consts::{SIGWINCH, SIGXFSZ};
+        use signal_hook::consts::{SIGCONT, SIGWINCH, SIGXFSZ};
         let mut signals = signal_hook::iterator::Signals::new(
-            std::iter::once(SIGWINCH).chain(PASSED_ON.iter().copied()),
+            [SIGWINCH, SIGCONT]
+                .into_iter()
+                .chain(PASSED_ON.iter().copied()),
         )?;
         // A file-size limit (`ulimit -f`) reached by the recording would kill the recorder
         // (SIGXFSZ's default), leaving the terminal raw and the file cut mid-line: with a

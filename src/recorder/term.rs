@@ -46,6 +46,14 @@ impl RawMode {
     pub(crate) fn saved(&self) -> &Termios {
         &self.saved
     }
+
+    /// Raw mode again, after the recorder was stopped and continued: the user's shell put its
+    /// own modes back meanwhile (`kill -TSTP`, then `fg`).
+    pub(crate) fn reapply(&self) {
+        let mut raw = self.saved.clone();
+        termios::cfmakeraw(&mut raw);
+        let _ = termios::tcsetattr(&self.fd, SetArg::TCSANOW, &raw);
+    }
 }
 
 impl Drop for RawMode {
