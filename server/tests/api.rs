@@ -2218,6 +2218,21 @@ mod scenarios {
             "0,".repeat(100_000)
         );
         assert_err(s.raw_agent(many.into_bytes()).await, 400, "INVALID_JSON");
+        // Deeper than the parser goes: refused, and said why (it said "not valid JSON").
+        let deep = format!(
+            "{{\"action\": \"config\", \"node_key\": \"x\", \"pad\": {}{}}}",
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        let (st, b) = s.raw_agent(deep.into_bytes()).await;
+        assert_eq!((st, code(&b)), (400, "INVALID_JSON"), "{b}");
+        assert!(
+            b["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("128 levels"),
+            "{b}"
+        );
         // Commas and brackets inside strings are text, not values.
         let text = format!("[0, \"o\", \"{}\"]", "[{,:".repeat(60_000));
         let (st, b) = s

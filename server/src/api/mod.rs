@@ -337,6 +337,10 @@ async fn read_object(
                 None => String::from("the body must be a JSON object"),
             }))
         }
+        // Valid JSON, but deeper than the parser goes: said as such, not as "not JSON".
+        Err(e) if e.to_string().starts_with("recursion limit exceeded") => Err(
+            Failure::invalid_json("the body nests arrays and objects over 128 levels deep"),
+        ),
         Err(_) => Err(Failure::invalid_json("the body is not valid JSON")),
     }
 }
