@@ -935,16 +935,10 @@ impl ControlLoop {
                     if let Some(raw) = &self.raw {
                         raw.reapply();
                     }
-                    if let Some(size) = term::terminal_size(io::stdin()) {
-                        self.resize(size);
-                    }
+                    self.follow_terminal_size();
                 }
                 Some(Ctl::Signal(sig)) if sig == signal_hook::consts::SIGWINCH => {
-                    let size = term::terminal_size(io::stdin())
-                        .or_else(|| term::terminal_size(io::stdout()));
-                    if let Some(size) = size {
-                        self.resize(size);
-                    }
+                    self.follow_terminal_size();
                 }
                 Some(Ctl::Signal(sig)) => {
                     use signal_hook::consts::{SIGHUP, SIGTERM, SIGXCPU};
@@ -1021,6 +1015,14 @@ impl ControlLoop {
             if fg != self.pid.as_raw() {
                 let _ = killpg(Pid::from_raw(fg), sig);
             }
+        }
+    }
+
+    /// The user's terminal's size (on stdin, else stdout), passed on to the PTY.
+    fn follow_terminal_size(&mut self) {
+        let size = term::terminal_size(io::stdin()).or_else(|| term::terminal_size(io::stdout()));
+        if let Some(size) = size {
+            self.resize(size);
         }
     }
 
