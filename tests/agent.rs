@@ -946,6 +946,17 @@ async fn a_session_that_gave_up_waiting_is_not_recorded() {
 /// for lost: the rest of the session went unrecorded, and the recording ended `interrupted`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_daemon_that_takes_no_output_for_a_while_loses_the_rest_of_no_session() {
+    daemon_that_takes_no_output_for_a_while(true).await;
+}
+
+/// As above, without a PTY (`ssh host cmd`), where the same stall also cost the rest of the
+/// recording.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_that_takes_no_output_for_a_while_loses_no_piped_session() {
+    daemon_that_takes_no_output_for_a_while(false).await;
+}
+
+async fn daemon_that_takes_no_output_for_a_while(pty: bool) {
     let mut backend = Backend::new(true).await;
     let agent = Agent::new(&backend, "");
     let mut daemon = agent.daemon();
@@ -958,21 +969,28 @@ async fn a_daemon_that_takes_no_output_for_a_while_loses_the_rest_of_no_session(
         done = done.display()
     );
     let mut c = agent.shell_command(Some(&script), None);
-    let pty = nix::pty::openpty(None, None).unwrap();
-    c.stdin(pty.slave.try_clone().unwrap())
-        .stdout(pty.slave.try_clone().unwrap())
-        .stderr(pty.slave.try_clone().unwrap());
-    let mut child = c.spawn().unwrap();
-    drop(c); // it holds copies of the slave side
-    drop(pty.slave);
+    let (mut child, mut output): (_, Box<dyn Read + Send>) = if pty {
+        let pty = nix::pty::openpty(None, None).unwrap();
+        c.stdin(pty.slave.try_clone().unwrap())
+            .stdout(pty.slave.try_clone().unwrap())
+            .stderr(pty.slave.try_clone().unwrap());
+        let child = c.spawn().unwrap();
+        drop(c); // it holds copies of the slave side
+        drop(pty.slave);
+        (child, Box::new(std::fs::File::from(pty.master)))
+    } else {
+        c.stdin(Stdio::null()).stderr(Stdio::null());
+        let mut child = c.spawn().unwrap();
+        let out = child.stdout.take().unwrap();
+        (child, Box::new(out))
+    };
     // The terminal is read all along (a full one would stop the program).
     let seen = Arc::new(Mutex::new(Vec::<u8>::new()));
     let reader = {
         let seen = seen.clone();
-        let mut master = std::fs::File::from(pty.master);
         std::thread::spawn(move || {
             let mut buf = vec![0u8; 64 * 1024];
-            while let Ok(n @ 1..) = master.read(&mut buf) {
+            while let Ok(n @ 1..) = output.read(&mut buf) {
                 seen.lock().unwrap().extend_from_slice(&buf[..n]);
             }
         })
@@ -1025,13 +1043,14 @@ async fn a_daemon_that_takes_no_output_for_a_while_loses_the_rest_of_no_session(
     assert_eq!(m["exit_status"], 3, "{m}");
     let text = backend.events_text(&recs[0]);
     let out = output_of(&text);
+    let eol = if pty { "\r\n" } else { "\n" };
     assert!(
-        out.starts_with("ready\r\n"),
+        out.starts_with(&format!("ready{eol}")),
         "{}",
         &out[..out.len().min(200)]
     );
     assert!(
-        out.ends_with("final\r\n"),
+        out.ends_with(&format!("final{eol}")),
         "{}",
         &out[out.len().saturating_sub(200)..]
     );

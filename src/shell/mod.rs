@@ -34,6 +34,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use ztna_common::asciicast::{encode_event, EventCode, Header, TtySize};
 
+mod backlog;
 mod piped;
 mod pty;
 mod resume;

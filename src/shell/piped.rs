@@ -2,7 +2,8 @@
 //! relayed byte-exact through pipes, its output sent to the daemon as `o` events (or only
 //! counted, for a transfer).
 
-use super::resume::{retry_for, Resume, Resumed};
+use super::backlog::Backlog;
+use super::resume::{retry_for, Resume, Resumed, GAP_MAX_BYTES};
 use super::*;
 
 /// Shared by the relay threads of a piped session: the daemon connection and the clock.
@@ -31,6 +32,18 @@ struct Recording {
     /// The current recording's local id; the resume in progress, if any; and whether the
     /// daemon said the rest is not to be recorded.
     resume: Mutex<(Option<String>, Option<Resume>, bool)>,
+    /// Output a daemon that is still there but took none in time has not taken yet (see
+    /// [`Backlog`]). Locked after `stream`.
+    backlog: Mutex<Option<Backlog>>,
+}
+
+fn backlog_taken(b: &Backlog) {
+    if b.dropped() > 0 {
+        syslog_warn(&format!(
+            "the recording daemon takes output again; {} bytes of the recording were dropped meanwhile",
+            b.dropped()
+        ));
+    }
 }
 
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -81,12 +94,77 @@ impl Recording {
         frame.clear();
         frame.extend_from_slice(&head);
         frame.extend_from_slice(line.as_bytes());
-        if let Err(e) = s.write_all(frame).map_err(daemon_write_error) {
+        let mut backlog = locked(&self.backlog);
+        let sent = match backlog.as_mut() {
+            Some(b) => {
+                // Behind what waits, in order.
+                b.push(frame, now.saturating_sub(base).as_secs_f64());
+                let taken = b.offer(s);
+                if matches!(taken, Ok(true)) {
+                    backlog_taken(b);
+                    *backlog = None;
+                }
+                taken.map(drop)
+            }
+            None => {
+                let mut written = 0;
+                let sent = loop {
+                    match s.write(&frame[written..]) {
+                        Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
+                        Ok(n) if written + n == frame.len() => break Ok(()),
+                        Ok(n) => written += n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => break Err(daemon_write_error(e)),
+                    }
+                };
+                match sent {
+                    Err(e) if e.kind() == io::ErrorKind::TimedOut && !self.enforce => {
+                        // Still there, taking nothing: the session goes on, its output waits
+                        // (the rest of this frame, then whole frames) rather than being lost
+                        // with the connection. Offered again as events come, and every 10 ms.
+                        syslog_warn(&format!(
+                            "{e}: the session goes on, its output waits for it (up to {} KiB)",
+                            GAP_MAX_BYTES / 1024
+                        ));
+                        *backlog = Some(Backlog::new(&frame[written..]));
+                        Ok(())
+                    }
+                    other => other,
+                }
+            }
+        };
+        if let Err(e) = sent {
+            // Gone: what waited for it is lost with the connection.
+            *backlog = None;
+            drop(backlog);
             self.mark_lost(&format!("recording daemon: {e}"));
             // The daemon may have stopped in order (its watch thread is about to say so):
             // the output waits for the next one.
             self.pause_and_resume(&mut guard, Some((code, text)), now, false);
             self.hold(&mut guard);
+        }
+    }
+
+    /// Offers what waits for a daemon that took no output in time, when nothing else holds
+    /// the connection (a silent program sends no event that would).
+    fn offer_backlog(&self) {
+        let Ok(guard) = self.stream.try_lock() else {
+            return;
+        };
+        let mut backlog = locked(&self.backlog);
+        let (Some(b), Some(s)) = (backlog.as_mut(), guard.as_ref()) else {
+            return;
+        };
+        match b.offer(s) {
+            Ok(false) => {}
+            Ok(true) => {
+                backlog_taken(b);
+                *backlog = None;
+            }
+            Err(e) => {
+                *backlog = None;
+                self.mark_lost(&format!("recording daemon: {e}"));
+            }
         }
     }
 
@@ -292,6 +370,7 @@ pub(super) fn run_piped(
         enforce: cfg.enforce,
         lost_tx,
         resume: Mutex::new((session_id, None, false)),
+        backlog: Mutex::new(None),
     });
     // Signals sent to us (a shutdown's SIGTERM) go to the program, as the PTY path passes
     // them on: it ends of them, and the recording ends with how it did, instead of us ending
@@ -400,6 +479,7 @@ pub(super) fn run_piped(
         if let Some(s) = child.try_wait()? {
             break s;
         }
+        rec.offer_backlog();
         if cfg.enforce {
             if let Some(why) = lost_rx
                 .try_recv()
@@ -514,7 +594,12 @@ fn finish_piped(rec: &Recording, code: i32, meta: Map<String, Value>) {
             Ok(f) => f,
             Err(_) => return,
         };
-        if let Err(e) = ipc::write_frame(&mut s, f.kind, &f.payload) {
+        // What still waits for a daemon that took no output goes first.
+        let waiting = locked(&rec.backlog).take().map_or(Ok(()), |b| b.finish(&s));
+        if let Err(e) = waiting.and_then(|()| {
+            ipc::write_frame(&mut s, f.kind, &f.payload)
+                .map_err(|e| io::Error::other(e.to_string()))
+        }) {
             syslog_warn(&format!(
                 "recording daemon: end of session not delivered: {e}"
             ));

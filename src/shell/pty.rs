@@ -1,6 +1,7 @@
 //! The PTY path: the recorder core runs the program in a new PTY and a sink sends its events
 //! to the daemon; the sink follows the daemon through a restart.
 
+use super::backlog::Backlog;
 use super::resume::{retry_for, Resume, Resumed, ENFORCE_GRACE, GAP_MAX_BYTES};
 use super::*;
 
@@ -29,28 +30,12 @@ struct DaemonSink {
     given_up: bool,
     /// An event line re-encoded against `rebase`.
     line: String,
-    /// What a daemon that stopped taking output (but is still there) has not taken yet.
+    /// What a daemon that stopped taking output (but is still there) has not taken yet (see
+    /// [`Backlog`]).
     backlog: Option<Backlog>,
     /// The latest session time the sink was told of (an event's or a tick's).
     now: Duration,
 }
-
-/// Frames (the first possibly begun) that wait for a daemon that took no output for
-/// [`DAEMON_WRITE_TIMEOUT`] but did not go away (stopped with SIGSTOP, stuck on its disk).
-/// Without enforce the session goes on and its output waits here, up to
-/// [`super::resume::GAP_MAX_BYTES`]; past that, frames are dropped behind a marker until the
-/// daemon has taken what waits. Under enforce the session ends, as when the daemon is gone.
-struct Backlog {
-    out: Vec<u8>,
-    /// How much of `out` the daemon has taken.
-    sent: usize,
-    /// Event bytes dropped since the marker.
-    dropped: u64,
-}
-
-/// The marker (`m` event) where output stops being kept for a daemon that took none.
-const BACKLOG_CUT_MARKER: &str =
-    "ztna-recorder: output from here until the recording daemon took output again was not recorded";
 
 /// One connection to the daemon, and what its watch thread tells about it.
 struct Link {
@@ -370,11 +355,7 @@ impl DaemonSink {
                     "{e}: the session goes on, its output waits for it (up to {} KiB)",
                     GAP_MAX_BYTES / 1024
                 ));
-                self.backlog = Some(Backlog {
-                    out: self.buf[written..].to_vec(),
-                    sent: 0,
-                    dropped: 0,
-                });
+                self.backlog = Some(Backlog::new(&self.buf[written..]));
                 self.buf.clear();
                 Ok(())
             }
@@ -383,33 +364,14 @@ impl DaemonSink {
         }
     }
 
-    /// Puts the frame being built behind what waits, or drops it (behind one marker) once the
-    /// backlog holds all it may.
+    /// Puts the frame being built behind what waits (or drops it behind the marker).
     fn push_backlog(&mut self) {
-        let Some(b) = self.backlog.as_mut() else {
-            return;
-        };
-        if b.sent > b.out.len() / 2 {
-            // What was taken goes (a daemon that takes a little at a time would otherwise
-            // grow this without end); only once it is over half, so copies stay cheap.
-            b.out.drain(..b.sent);
-            b.sent = 0;
-        }
-        if b.dropped == 0 && b.out.len() + self.buf.len() <= GAP_MAX_BYTES {
-            b.out.extend_from_slice(&self.buf);
-        } else {
-            if b.dropped == 0 {
-                // At the time of the latest event: after every line kept, before any sent
-                // once the daemon is back.
-                self.line.clear();
-                let t = self.now.saturating_sub(self.rebase).as_secs_f64();
-                encode_event(&mut self.line, t, EventCode::Marker, BACKLOG_CUT_MARKER);
-                if let Ok(head) = ipc::head(Kind::Events, self.line.len()) {
-                    b.out.extend_from_slice(&head);
-                    b.out.extend_from_slice(self.line.as_bytes());
-                }
-            }
-            b.dropped += (self.buf.len() - ipc::HEAD_BYTES) as u64;
+        if let Some(b) = self.backlog.as_mut() {
+            // At the time of the latest event.
+            b.push(
+                &self.buf,
+                self.now.saturating_sub(self.rebase).as_secs_f64(),
+            );
         }
         self.buf.clear();
     }
@@ -420,27 +382,22 @@ impl DaemonSink {
         let Some(b) = self.backlog.as_mut() else {
             return Ok(());
         };
-        while b.sent < b.out.len() {
-            use nix::sys::socket::{send, MsgFlags};
-            use std::os::fd::AsRawFd as _;
-            let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
-            match send(self.link.stream.as_raw_fd(), &b.out[b.sent..], flags) {
-                Ok(n) => b.sent += n,
-                Err(nix::errno::Errno::EAGAIN) => return Ok(()),
-                Err(nix::errno::Errno::EINTR) => {}
-                Err(e) => {
-                    // Gone after all: what waited is lost with the link, and the session
-                    // follows the daemon's going as without a backlog.
-                    self.backlog = None;
-                    return self.tolerate(e.into());
+        match b.offer(&self.link.stream) {
+            Ok(false) => return Ok(()),
+            Ok(true) => {
+                if b.dropped() > 0 {
+                    syslog_warn(&format!(
+                        "the recording daemon takes output again; {} bytes of the recording were dropped meanwhile",
+                        b.dropped()
+                    ));
                 }
             }
-        }
-        if b.dropped > 0 {
-            syslog_warn(&format!(
-                "the recording daemon takes output again; {} bytes of the recording were dropped meanwhile",
-                b.dropped
-            ));
+            Err(e) => {
+                // Gone after all: what waited is lost with the link, and the session follows
+                // the daemon's going as without a backlog.
+                self.backlog = None;
+                return self.tolerate(e);
+            }
         }
         self.backlog = None;
         Ok(())
@@ -448,13 +405,10 @@ impl DaemonSink {
 
     /// Before the End: what waits is sent, waiting for the daemon as for any frame.
     fn finish_backlog(&mut self) -> io::Result<()> {
-        let Some(b) = self.backlog.take() else {
-            return Ok(());
-        };
-        self.link
-            .stream
-            .write_all(&b.out[b.sent..])
-            .map_err(daemon_write_error)
+        match self.backlog.take() {
+            Some(b) => b.finish(&self.link.stream),
+            None => Ok(()),
+        }
     }
 }
 

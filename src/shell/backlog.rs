@@ -1,0 +1,114 @@
+//! Output that waits for a daemon that took none for [`super::DAEMON_WRITE_TIMEOUT`] but did
+//! not go away (stopped with SIGSTOP, stuck on its disk). Without enforce the session goes on
+//! and its frames wait here, the first possibly begun, up to [`GAP_MAX_BYTES`]; past that,
+//! frames are dropped behind one marker until the daemon has taken what waits. Both the PTY
+//! and the piped path keep one; under enforce the session ends instead, as when the daemon
+//! is gone.
+
+use super::resume::GAP_MAX_BYTES;
+use crate::ipc::{self, Kind};
+use std::io::{self, Write};
+use std::os::unix::net::UnixStream;
+use ztna_common::asciicast::{encode_event, EventCode};
+
+/// The marker (`m` event) where output stops being kept for a daemon that took none.
+pub(super) const BACKLOG_CUT_MARKER: &str =
+    "ztna-recorder: output from here until the recording daemon took output again was not recorded";
+
+pub(super) struct Backlog {
+    out: Vec<u8>,
+    /// How much of `out` the daemon has taken.
+    sent: usize,
+    /// Event bytes dropped since the marker.
+    dropped: u64,
+}
+
+impl Backlog {
+    /// Starts with what is left of a frame the daemon did not take in time.
+    pub(super) fn new(rest: &[u8]) -> Self {
+        Backlog {
+            out: rest.to_vec(),
+            sent: 0,
+            dropped: 0,
+        }
+    }
+
+    /// Puts a whole Events frame behind what waits, or drops it (behind one marker at
+    /// recording time `marker_at`) once the backlog holds all it may.
+    pub(super) fn push(&mut self, frame: &[u8], marker_at: f64) {
+        if self.sent > self.out.len() / 2 {
+            // What was taken goes (a daemon that takes a little at a time would otherwise
+            // grow this without end); only once it is over half, so copies stay cheap.
+            self.out.drain(..self.sent);
+            self.sent = 0;
+        }
+        if self.dropped == 0 && self.out.len() + frame.len() <= GAP_MAX_BYTES {
+            self.out.extend_from_slice(frame);
+            return;
+        }
+        if self.dropped == 0 {
+            // After every line kept, before any sent once the daemon is back.
+            let mut line = String::new();
+            encode_event(&mut line, marker_at, EventCode::Marker, BACKLOG_CUT_MARKER);
+            if let Ok(head) = ipc::head(Kind::Events, line.len()) {
+                self.out.extend_from_slice(&head);
+                self.out.extend_from_slice(line.as_bytes());
+            }
+        }
+        self.dropped += frame.len().saturating_sub(ipc::HEAD_BYTES) as u64;
+    }
+
+    /// Hands the daemon what it takes now, without waiting. `Ok(true)` once it has taken all
+    /// (frames are then sent as before); an error is the daemon gone after all.
+    pub(super) fn offer(&mut self, stream: &UnixStream) -> io::Result<bool> {
+        use nix::sys::socket::{send, MsgFlags};
+        use std::os::fd::AsRawFd as _;
+        while self.sent < self.out.len() {
+            let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
+            match send(stream.as_raw_fd(), &self.out[self.sent..], flags) {
+                Ok(n) => self.sent += n,
+                Err(nix::errno::Errno::EAGAIN) => return Ok(false),
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Before the End: what waits is sent, waiting for the daemon as for any frame.
+    pub(super) fn finish(self, mut stream: &UnixStream) -> io::Result<()> {
+        stream
+            .write_all(&self.out[self.sent..])
+            .map_err(super::daemon_write_error)
+    }
+
+    /// Event bytes dropped behind the marker.
+    pub(super) fn dropped(&self) -> u64 {
+        self.dropped
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_up_to_the_limit_then_one_marker() {
+        let frame = |n: usize| {
+            let body = vec![b'x'; n];
+            let mut f = ipc::head(Kind::Events, n).unwrap().to_vec();
+            f.extend_from_slice(&body);
+            f
+        };
+        let mut b = Backlog::new(b"rest");
+        b.push(&frame(GAP_MAX_BYTES - 100), 1.0);
+        assert_eq!(b.dropped(), 0);
+        let kept = b.out.len();
+        b.push(&frame(200), 2.0);
+        b.push(&frame(300), 3.0);
+        assert_eq!(b.dropped(), 500);
+        let tail = String::from_utf8_lossy(&b.out[kept..]).into_owned();
+        assert_eq!(tail.matches(BACKLOG_CUT_MARKER).count(), 1, "{tail}");
+        assert!(tail.contains("[2.000000, \"m\""), "{tail}");
+    }
+}
