@@ -153,6 +153,24 @@ pub enum ParseError {
     Empty,
 }
 
+impl ParseError {
+    /// The same error, for text that starts `lines` lines further down.
+    fn after(mut self, lines: usize) -> Self {
+        match &mut self {
+            ParseError::NotJson { line, .. }
+            | ParseError::NotEvent { line }
+            | ParseError::BadTime { line }
+            | ParseError::BadCode { line, .. }
+            | ParseError::BadData { line }
+            | ParseError::BadResize { line, .. }
+            | ParseError::BadHeader { line, .. }
+            | ParseError::TimeBackwards { line } => *line += lines,
+            ParseError::Empty => {}
+        }
+        self
+    }
+}
+
 /// Parses one event line (without its trailing newline). `line` is for error messages.
 pub fn parse_event_line(text: &str, line: usize) -> Result<Event, ParseError> {
     let v: serde_json::Value = serde_json::from_str(text).map_err(|e| ParseError::NotJson {
@@ -343,19 +361,22 @@ pub struct Transcript {
 /// Splits and validates a transcript that may begin with an asciicast header line.
 pub fn parse_transcript(text: &str) -> Result<Transcript, ParseError> {
     let trimmed = text.trim_start();
-    let (header, rest) = if trimmed.starts_with('{') {
+    // Line numbers in errors count from the text's first line, blank ones included.
+    let skipped = text[..text.len() - trimmed.len()].matches('\n').count();
+    let (header, rest, below) = if trimmed.starts_with('{') {
         let (first, rest) = trimmed.split_once('\n').unwrap_or((trimmed, ""));
+        let line = skipped + 1;
         let v: serde_json::Value =
             serde_json::from_str(first.trim_end()).map_err(|e| ParseError::BadHeader {
-                line: 1,
+                line,
                 reason: e.to_string(),
             })?;
-        check_header(&v).map_err(|reason| ParseError::BadHeader { line: 1, reason })?;
-        (Some(v), rest)
+        check_header(&v).map_err(|reason| ParseError::BadHeader { line, reason })?;
+        (Some(v), rest, line)
     } else {
-        (None, trimmed)
+        (None, trimmed, skipped)
     };
-    let (events_text, summary) = normalise_events(rest)?;
+    let (events_text, summary) = normalise_events(rest).map_err(|e| e.after(below))?;
     Ok(Transcript {
         header,
         events_text,
@@ -691,6 +712,22 @@ mod tests {
         assert!(parse_transcript("[0, \"x\", \"a\"]").is_err());
         assert!(parse_transcript("[-1, \"o\", \"a\"]").is_err());
         assert_eq!(parse_transcript("").unwrap().summary.last_time, None);
+        // Errors name the line of the whole text (they counted from the line after the
+        // header, and after leading blank lines).
+        let h = "{\"version\": 2, \"width\": 80, \"height\": 24}";
+        let e = parse_transcript(&format!("{h}\n{h}\n[1, \"o\", \"a\"]")).unwrap_err();
+        assert!(e.to_string().starts_with("line 2:"), "{e}");
+        let e = parse_transcript(&format!("\n\n{h}\n[0, \"o\", \"a\"]\n[0, \"x\", \"a\"]"))
+            .unwrap_err();
+        assert_eq!(
+            e,
+            ParseError::BadCode {
+                line: 5,
+                code: "x".into()
+            }
+        );
+        let e = parse_transcript("\n{\"version\": 1}").unwrap_err();
+        assert!(e.to_string().starts_with("line 2:"), "{e}");
     }
 
     #[test]
