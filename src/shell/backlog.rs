@@ -72,6 +72,12 @@ impl Backlog {
                 Err(e) => return Err(e.into()),
             }
         }
+        if self.dropped > 0 {
+            super::syslog_warn(&format!(
+                "the recording daemon takes output again; {} bytes of the recording were dropped meanwhile",
+                self.dropped
+            ));
+        }
         Ok(true)
     }
 
@@ -83,8 +89,43 @@ impl Backlog {
     }
 
     /// Event bytes dropped behind the marker.
-    pub(super) fn dropped(&self) -> u64 {
+    #[cfg(test)]
+    fn dropped(&self) -> u64 {
         self.dropped
+    }
+}
+
+/// Writes one whole frame to the daemon. `Ok(None)` once it is sent; `Ok(Some(backlog))` when
+/// the daemon took nothing for [`super::DAEMON_WRITE_TIMEOUT`] and `keep` (no enforce): the
+/// rest of the frame waits in the backlog returned. An error is the daemon gone (or, under
+/// enforce, stuck).
+pub(super) fn send(
+    mut stream: &UnixStream,
+    frame: &[u8],
+    keep: bool,
+) -> io::Result<Option<Backlog>> {
+    let mut written = 0;
+    let sent = loop {
+        match stream.write(&frame[written..]) {
+            Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) if written + n == frame.len() => break Ok(()),
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => break Err(super::daemon_write_error(e)),
+        }
+    };
+    match sent {
+        Ok(()) => Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::TimedOut && keep => {
+            // Still there, taking nothing: the session goes on, its output waits (the rest of
+            // this frame, then whole frames) rather than being lost with the connection.
+            super::syslog_warn(&format!(
+                "{e}: the session goes on, its output waits for it (up to {} KiB)",
+                GAP_MAX_BYTES / 1024
+            ));
+            Ok(Some(Backlog::new(&frame[written..])))
+        }
+        Err(e) => Err(e),
     }
 }
 

@@ -2,8 +2,8 @@
 //! relayed byte-exact through pipes, its output sent to the daemon as `o` events (or only
 //! counted, for a transfer).
 
-use super::backlog::Backlog;
-use super::resume::{retry_for, Resume, Resumed, GAP_MAX_BYTES};
+use super::backlog::{self, Backlog};
+use super::resume::{retry_for, Resume, Resumed};
 use super::*;
 
 /// Shared by the relay threads of a piped session: the daemon connection and the clock.
@@ -35,15 +35,6 @@ struct Recording {
     /// Output a daemon that is still there but took none in time has not taken yet (see
     /// [`Backlog`]). Locked after `stream`.
     backlog: Mutex<Option<Backlog>>,
-}
-
-fn backlog_taken(b: &Backlog) {
-    if b.dropped() > 0 {
-        syslog_warn(&format!(
-            "the recording daemon takes output again; {} bytes of the recording were dropped meanwhile",
-            b.dropped()
-        ));
-    }
 }
 
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -101,37 +92,12 @@ impl Recording {
                 b.push(frame, now.saturating_sub(base).as_secs_f64());
                 let taken = b.offer(s);
                 if matches!(taken, Ok(true)) {
-                    backlog_taken(b);
                     *backlog = None;
                 }
                 taken.map(drop)
             }
-            None => {
-                let mut written = 0;
-                let sent = loop {
-                    match s.write(&frame[written..]) {
-                        Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
-                        Ok(n) if written + n == frame.len() => break Ok(()),
-                        Ok(n) => written += n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(e) => break Err(daemon_write_error(e)),
-                    }
-                };
-                match sent {
-                    Err(e) if e.kind() == io::ErrorKind::TimedOut && !self.enforce => {
-                        // Still there, taking nothing: the session goes on, its output waits
-                        // (the rest of this frame, then whole frames) rather than being lost
-                        // with the connection. Offered again as events come, and every 10 ms.
-                        syslog_warn(&format!(
-                            "{e}: the session goes on, its output waits for it (up to {} KiB)",
-                            GAP_MAX_BYTES / 1024
-                        ));
-                        *backlog = Some(Backlog::new(&frame[written..]));
-                        Ok(())
-                    }
-                    other => other,
-                }
-            }
+            // What waits is offered again as events come, and every 10 ms (`offer_backlog`).
+            None => backlog::send(s, frame, !self.enforce).map(|waiting| *backlog = waiting),
         };
         if let Err(e) = sent {
             // Gone: what waited for it is lost with the connection.
@@ -157,10 +123,7 @@ impl Recording {
         };
         match b.offer(s) {
             Ok(false) => {}
-            Ok(true) => {
-                backlog_taken(b);
-                *backlog = None;
-            }
+            Ok(true) => *backlog = None,
             Err(e) => {
                 *backlog = None;
                 self.mark_lost(&format!("recording daemon: {e}"));

@@ -1,8 +1,8 @@
 //! The PTY path: the recorder core runs the program in a new PTY and a sink sends its events
 //! to the daemon; the sink follows the daemon through a restart.
 
-use super::backlog::Backlog;
-use super::resume::{retry_for, Resume, Resumed, ENFORCE_GRACE, GAP_MAX_BYTES};
+use super::backlog::{self, Backlog};
+use super::resume::{retry_for, Resume, Resumed, ENFORCE_GRACE};
 use super::*;
 
 /// Events to the daemon over the session's socket (PTY sessions).
@@ -333,29 +333,9 @@ impl DaemonSink {
             self.push_backlog();
             return self.drain_backlog();
         }
-        let mut written = 0;
-        let sent = loop {
-            match (&self.link.stream).write(&self.buf[written..]) {
-                Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) if written + n == self.buf.len() => break Ok(()),
-                Ok(n) => written += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => break Err(daemon_write_error(e)),
-            }
-        };
-        match sent {
-            Ok(()) => {
-                self.buf.clear();
-                Ok(())
-            }
-            Err(e) if e.kind() == io::ErrorKind::TimedOut && !self.watch.enforce => {
-                // Still there, taking nothing: the session goes on, its output waits (the rest
-                // of a frame begun, then whole frames) rather than being lost with the link.
-                syslog_warn(&format!(
-                    "{e}: the session goes on, its output waits for it (up to {} KiB)",
-                    GAP_MAX_BYTES / 1024
-                ));
-                self.backlog = Some(Backlog::new(&self.buf[written..]));
+        match backlog::send(&self.link.stream, &self.buf, !self.watch.enforce) {
+            Ok(waiting) => {
+                self.backlog = waiting;
                 self.buf.clear();
                 Ok(())
             }
@@ -384,14 +364,7 @@ impl DaemonSink {
         };
         match b.offer(&self.link.stream) {
             Ok(false) => return Ok(()),
-            Ok(true) => {
-                if b.dropped() > 0 {
-                    syslog_warn(&format!(
-                        "the recording daemon takes output again; {} bytes of the recording were dropped meanwhile",
-                        b.dropped()
-                    ));
-                }
-            }
+            Ok(true) => {}
             Err(e) => {
                 // Gone after all: what waited is lost with the link, and the session follows
                 // the daemon's going as without a backlog.
