@@ -2173,12 +2173,26 @@ mod scenarios {
         let (st, b) = s
             .agent(json!({"node_key": nk, "session_type": "ssh", "session_data": {"transcript": "{\"version\": 2, \"width\": 80, \"height\": 24, \"title\": \"\\u0000\"}\n[0, \"o\", \"x\"]"}}))
             .await;
-        assert_eq!((st, code(&b)), (400, "INVALID_FIELD"), "{b}");
+        // The header is a line of the transcript: a bad one is a bad transcript.
+        assert_eq!((st, code(&b)), (400, "INVALID_CHUNK"), "{b}");
         // NUL in terminal output is fine: it is in the chunk, not in a JSON column.
         let (st, b) = s
             .agent(json!({"action": "upload_chunk", "node_key": nk, "session_id": rec, "chunk_index": 0, "chunk_data": "[0.5, \"o\", \"a\\u0000b\"]"}))
             .await;
         assert_eq!(st, 200, "{b}");
+
+        // A negative zero reads back the same on both backends (jsonb has none).
+        let (st, b) = s
+            .agent(json!({"action": "start", "node_key": nk, "session_type": "ssh", "header": header, "metadata": {"z": -0.0, "deep": [{"z": -0.0}]}}))
+            .await;
+        assert_eq!(st, 201, "{b}");
+        let d = s.get(b["data"]["session_id"].as_str().unwrap()).await;
+        let m = &d["recording"]["metadata"];
+        assert_eq!(
+            (m["z"].to_string(), m["deep"][0]["z"].to_string()),
+            ("0.0".into(), "0.0".into()),
+            "{m}"
+        );
 
         // Numbers past 64 bits clamp like any other out-of-range value.
         for (v, want) in [

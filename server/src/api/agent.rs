@@ -207,8 +207,12 @@ async fn apply(app: &App, machine: &MachineAuth, action: Action) -> Result<Succe
                 Failure::invalid_chunk(format!("transcript is not asciicast v2: {e}"))
             })?;
             drop(transcript);
-            if let Some(h) = &t.header {
-                fields::no_nul("session_data.transcript", h)?;
+            // The header is part of the transcript, so a U+0000 in it (which `jsonb` cannot
+            // hold) makes the transcript unusable like any other bad line.
+            if t.header.as_ref().is_some_and(fields::has_nul) {
+                return Err(Failure::invalid_chunk(
+                    "transcript is not asciicast v2: its header must not contain U+0000",
+                ));
             }
             let duration =
                 duration_seconds.unwrap_or_else(|| asciicast::duration_secs(t.summary.last_time));

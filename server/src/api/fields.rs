@@ -144,18 +144,19 @@ impl<'a> Fields<'a> {
 /// Refuses a U+0000 anywhere in `v` (keys too): PostgreSQL's `jsonb` cannot hold one, and the
 /// answer must not depend on the backend.
 pub fn no_nul(k: &str, v: &Value) -> Result<(), Failure> {
-    let nul = || Failure::invalid_field(k, "must not contain U+0000");
+    if has_nul(v) {
+        return Err(Failure::invalid_field(k, "must not contain U+0000"));
+    }
+    Ok(())
+}
+
+/// Whether a U+0000 is anywhere in `v`, keys included.
+pub fn has_nul(v: &Value) -> bool {
     match v {
-        Value::String(s) if s.contains('\0') => Err(nul()),
-        Value::Array(a) => a.iter().try_for_each(|x| no_nul(k, x)),
-        Value::Object(m) => m.iter().try_for_each(|(key, x)| {
-            if key.contains('\0') {
-                Err(nul())
-            } else {
-                no_nul(k, x)
-            }
-        }),
-        _ => Ok(()),
+        Value::String(s) => s.contains('\0'),
+        Value::Array(a) => a.iter().any(has_nul),
+        Value::Object(m) => m.iter().any(|(key, x)| key.contains('\0') || has_nul(x)),
+        _ => false,
     }
 }
 

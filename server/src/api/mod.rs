@@ -131,13 +131,27 @@ impl<'de> serde::Deserialize<'de> for UniqueKeys {
                             "the key {k:?} is given twice"
                         )));
                     }
-                    let v: Value = a.next_value()?;
+                    let mut v: Value = a.next_value()?;
+                    unsign_zeros(&mut v);
                     m.insert(k, v);
                 }
                 Ok(UniqueKeys(m))
             }
         }
         d.deserialize_map(Keys)
+    }
+}
+
+/// `-0` becomes `0.0`: PostgreSQL's `jsonb` has no negative zero and SQLite's text keeps it, so
+/// what a recording's metadata reads back as would otherwise depend on the backend.
+fn unsign_zeros(v: &mut Value) {
+    match v {
+        Value::Number(n) if n.as_f64().is_some_and(|f| f == 0.0 && f.is_sign_negative()) => {
+            *v = Value::from(0.0);
+        }
+        Value::Array(a) => a.iter_mut().for_each(unsign_zeros),
+        Value::Object(m) => m.values_mut().for_each(unsign_zeros),
+        _ => {}
     }
 }
 
