@@ -16,6 +16,14 @@ struct Claims {
     iat: Option<u64>,
 }
 
+/// The claims `verify` reads. A NumericDate may have a fraction (RFC 7519 §2), which tokens
+/// signed elsewhere with the server's secret may carry; ours are whole seconds.
+#[derive(Debug, Deserialize)]
+struct Checked {
+    sub: String,
+    exp: f64,
+}
+
 /// Signs and checks tokens with the server's secret. Debug never shows the secret.
 #[derive(Clone)]
 pub struct JwtKeys {
@@ -81,8 +89,11 @@ impl JwtKeys {
     /// another algorithm, `sub` not a UUID). jsonwebtoken treats `exp == now` as valid, so
     /// the "no leeway" rule is completed here: a token is expired from its `exp` second on.
     pub fn verify(&self, token: &str) -> Option<Uuid> {
-        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).ok()?;
-        let now = unix_now().ok()?;
+        let data = jsonwebtoken::decode::<Checked>(token, &self.decoding, &self.validation).ok()?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?
+            .as_secs_f64();
         if data.claims.exp <= now {
             return None;
         }
@@ -149,6 +160,24 @@ mod tests {
             .unwrap();
             assert_eq!(k.verify(&t), None, "{sub}");
         }
+    }
+
+    #[test]
+    fn a_numeric_date_may_have_a_fraction() {
+        let k = JwtKeys::new("secret");
+        let u = Uuid::new_v4();
+        let now = unix_now().unwrap() as f64;
+        let token = |exp: f64| {
+            jsonwebtoken::encode(
+                &Header::new(Algorithm::HS256),
+                &serde_json::json!({"sub": u.to_string(), "exp": exp, "iat": now + 0.25}),
+                &EncodingKey::from_secret(b"secret"),
+            )
+            .unwrap()
+        };
+        assert_eq!(k.verify(&token(now + 60.5)), Some(u));
+        assert_eq!(k.verify(&token(now - 0.5)), None);
+        assert_eq!(k.verify(&token(f64::NAN)), None);
     }
 
     #[test]
