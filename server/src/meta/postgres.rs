@@ -483,11 +483,11 @@ impl MetadataStore for PgMeta {
     ) -> Result<ChunkOutcome> {
         // The recording's row is locked until the chunk is in: a `complete` (which locks it
         // for update) sees every chunk stored before it, and none comes after, in whichever
-        // server process each runs. The object is written under that lock (and under one for
-        // its index, so two bodies for one index take turns): a recording that is no longer
-        // active keeps its objects as its rows describe them. The lock is exclusive (not a
-        // share lock) because the row's `metadata.chunks` is rewritten: uploads to one
-        // recording take turns, as an agent sends them anyway.
+        // server process each runs. The object is written under that lock: a recording that
+        // is no longer active keeps its objects as its rows describe them. The lock is
+        // exclusive (not a share lock) because the row's `metadata.chunks` is rewritten, so
+        // uploads to one recording take turns, as an agent sends them anyway, and two bodies
+        // for one index never write its object at once.
         let mut tx = self.pool.begin().await?;
         let status: Option<String> = sqlx::query_scalar(
             "SELECT status FROM session_recordings WHERE id = $1 FOR NO KEY UPDATE",
@@ -500,10 +500,6 @@ impl MetadataStore for PgMeta {
             Some("active") => {}
             Some(_) => return Ok(ChunkOutcome::NotActive),
         }
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(chunk_lock_key(session, c.index))
-            .execute(&mut *tx)
-            .await?;
         write.await?;
         let r = sqlx::query(
             "INSERT INTO session_recording_chunks \
@@ -536,7 +532,7 @@ impl MetadataStore for PgMeta {
     }
 
     async fn complete(&self, id: Uuid, summarize: Summarize<'_>) -> Result<CompleteOutcome> {
-        // Locked for update: uploads in flight (share locks) finish first, later ones find
+        // Locked for update: uploads in flight (row locks) finish first, later ones find
         // the recording completed; of two completes, the second finds it completed before it
         // writes its summary over the first's.
         let mut tx = self.pool.begin().await?;
@@ -684,12 +680,4 @@ impl MetadataStore for PgMeta {
             .map(|r| Ok((r.try_get("org_id")?, r.try_get("days")?)))
             .collect()
     }
-}
-
-/// The advisory lock that orders uploads of one chunk index of one recording across server
-/// processes. A collision between two keys only makes unrelated uploads take turns.
-fn chunk_lock_key(session: Uuid, index: i64) -> i64 {
-    let (hi, lo) = session.as_u64_pair();
-    // The bits as they are: a key is any 64-bit value.
-    ((hi ^ lo) as i64) ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15_u64 as i64)
 }
