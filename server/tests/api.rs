@@ -1079,6 +1079,18 @@ mod scenarios {
             at("ended_at") - at("started_at"),
             time::Duration::seconds(30)
         );
+        // A duration longer than an agent's times are believed for (30 days) starts it at the
+        // report, or the next retention sweep would delete it at once.
+        let (st, b) = s
+            .agent(json!({"node_key": s.fx.node_key, "session_type": "ssh", "session_data": {"transcript": "[0, \"o\", \"x\"]", "duration_seconds": 2147483647}}))
+            .await;
+        assert_eq!(st, 201, "{b}");
+        let long = s.get(b["data"]["session_id"].as_str().unwrap()).await["recording"].clone();
+        assert_eq!(long["started_at"], long["ended_at"], "{long}");
+        let (st, b) = s
+            .admin(json!({"action": "cleanup", "org_id": s.fx.org}))
+            .await;
+        assert_eq!((st, &b["data"]), (200, &json!({"deleted": 0})), "{b}");
         assert_eq!(r["metadata"]["reported_by_agent"], true);
         assert_eq!(r["metadata"]["machine_name"], "Linux-C");
         assert_eq!(r["user_id"], s.fx.member.as_str());
@@ -2678,6 +2690,50 @@ mod scenarios {
             404,
             "NOT_FOUND",
         );
+
+        // A row an upload holds (locked as a PostgreSQL server process locks it while it
+        // writes a chunk's object) is waited for, not skipped.
+        if let Some(url) = &s.stores.database_url {
+            let held = s.start_recording().await;
+            s.stores.backdate(&held, 40).await;
+            let mut holder = <sqlx::PgConnection as sqlx::Connection>::connect(url)
+                .await
+                .unwrap();
+            sqlx::raw_sql("BEGIN").execute(&mut holder).await.unwrap();
+            sqlx::query(
+                "SELECT status FROM session_recordings WHERE id = $1::uuid FOR NO KEY UPDATE",
+            )
+            .bind(&held)
+            .execute(&mut holder)
+            .await
+            .unwrap();
+            let probe = sqlx::PgPool::connect(url).await.unwrap();
+            let cleanup = s.admin(json!({"action": "cleanup", "org_id": org}));
+            tokio::pin!(cleanup);
+            let mut released = false;
+            let (st, b) = loop {
+                tokio::select! {
+                    r = &mut cleanup => break r,
+                    () = tokio::time::sleep(Duration::from_millis(20)), if !released => {
+                        let waiting: i64 = sqlx::query_scalar(
+                            "SELECT count(*) FROM pg_stat_activity \
+                             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                        )
+                        .fetch_one(&probe)
+                        .await
+                        .unwrap();
+                        if waiting > 0 {
+                            sqlx::raw_sql("COMMIT").execute(&mut holder).await.unwrap();
+                            released = true;
+                        }
+                    }
+                }
+            };
+            assert_eq!(st, 200, "{b}");
+            assert_eq!(b["data"], json!({"deleted": 1}), "released: {released}");
+            assert!(released);
+            probe.close().await;
+        }
     }
 
     pub async fn integrity(s: &Server) {

@@ -271,9 +271,11 @@ async fn apply(app: &App, machine: &MachineAuth, action: Action) -> Result<Succe
                     session_type,
                     status: "completed".into(),
                     // The session ran for `duration` up to now (retention and `list` go by
-                    // `started_at`).
-                    started_at: now
-                        .checked_sub(time::Duration::seconds(duration))
+                    // `started_at`), believed like an agent's own start time: a duration
+                    // beyond that would have the next sweep delete the report at once.
+                    started_at: Some(time::Duration::seconds(duration))
+                        .filter(|&d| d <= recording::AGENT_CLOCK_BACK)
+                        .and_then(|d| now.checked_sub(d))
                         .unwrap_or(now),
                     ended_at: Some(now),
                     duration_seconds: Some(duration),

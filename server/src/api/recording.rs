@@ -173,7 +173,7 @@ pub fn summary_json(
 
 /// How far back an agent's `started_at` is believed: a spool rarely waits longer, and a clock
 /// that is far off must not date a recording (retention deletes by it).
-const AGENT_CLOCK_BACK: time::Duration = time::Duration::days(30);
+pub(super) const AGENT_CLOCK_BACK: time::Duration = time::Duration::days(30);
 
 /// The agent's time if it is believable (not after `latest`, not more than
 /// [`AGENT_CLOCK_BACK`] before it, not before `earliest`), else `latest`.

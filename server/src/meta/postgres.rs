@@ -1,7 +1,7 @@
 //! The PostgreSQL metadata store, for scale: several `serve` processes may share it. Its own
 //! migrations under `migrations/postgres` (sqlx takes an advisory lock while migrating, so
 //! processes starting together are fine). The retention sweep locks the rows it deletes with
-//! `FOR UPDATE SKIP LOCKED`, so two sweeps never act on the same recording.
+//! `FOR UPDATE`, so two sweeps never act on the same recording.
 
 use std::time::Duration;
 
@@ -637,11 +637,14 @@ impl MetadataStore for PgMeta {
     async fn sweep_org(&self, org: Uuid, cutoff: OffsetDateTime, objects: &Objects) -> Result<u64> {
         let mut deleted = 0;
         loop {
-            // Rows another sweep holds are skipped, not waited for: it deletes them.
+            // A locked row is waited for, not skipped: the holder may be an upload, which
+            // deletes nothing (and it is brief), and one that another sweep deleted meanwhile
+            // is passed over once its lock goes. Rows are locked in one order for every
+            // sweep, so two never wait on each other.
             let mut tx = self.pool.begin().await?;
             let ids: Vec<Uuid> = sqlx::query(
                 "SELECT id FROM session_recordings WHERE org_id = $1 AND started_at < $2 \
-                 ORDER BY started_at LIMIT $3 FOR UPDATE SKIP LOCKED",
+                 ORDER BY started_at, id LIMIT $3 FOR UPDATE",
             )
             .bind(org)
             .bind(cutoff)
