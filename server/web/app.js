@@ -487,6 +487,11 @@
 
   // ---------------------------------------------------------------- player
 
+  // The largest terminal the player is given: its emulator keeps every cell, and a header
+  // of 65535x65535 (valid asciicast) crashes it. Larger recordings are shown cut to this.
+  const MAX_COLS = 1000;
+  const MAX_ROWS = 500;
+
   // The player's timeline with the idle time limit applied, as asciinema-player computes it.
   function castTimes(text, idleLimit) {
     const lines = text.split("\n");
@@ -497,8 +502,8 @@
     let rows = 24;
     try {
       const h = JSON.parse(lines[0]);
-      cols = Number(h.width) || cols;
-      rows = Number(h.height) || rows;
+      cols = Math.min(Number(h.width) || cols, MAX_COLS);
+      rows = Math.min(Number(h.height) || rows, MAX_ROWS);
       if (idleLimit === undefined && typeof h.idle_time_limit === "number") idleLimit = h.idle_time_limit;
     } catch (_) {
       // a broken header shows as the player's error
@@ -554,6 +559,8 @@
       // poster it skips events, and `autoPlay` ignores the poster; play() is called below.
       poster: `npt:${(where + 0.001).toFixed(3)}`,
       terminalFontSize: "14px",
+      cols: times.cols,
+      rows: times.rows,
     };
     if (limit) opts.idleTimeLimit = limit;
     const box = $("player");

@@ -367,6 +367,14 @@ async function main() {
   await page.waitForFunction(() => (document.querySelector("#player .ap-term")?.textContent || "").includes("xss-output"));
   assert.equal(await page.evaluate(() => location.hash), `#/play/${xssSession}`);
   log("a link opened before sign-in survives it");
+  // A header as large as asciicast allows (65535x65535) plays, cut to the player's limit.
+  const hugeTranscript = JSON.stringify({ height: 65535, version: 2, width: 65535 }) + "\n" + ev(0.1, "huge-output\r\n");
+  const huge = (await agent(xss.node_key, { session_type: "ssh", session_data: { transcript: hugeTranscript } })).session_id;
+  await page.goto(`${server.base}/#/play/${huge}`);
+  await page.waitForFunction(() => (document.querySelector("#player .ap-term")?.textContent || "").includes("huge-output"));
+  assert.equal(await page.getAttribute("#player", "data-cols"), "1000");
+  assert.equal(await page.getAttribute("#player", "data-rows"), "500");
+  log("a 65535x65535 recording plays at 1000x500");
 
   assert.deepEqual(dialogs, [], "no alert ran");
   assert.deepEqual(pageErrors, [], "no page errors");
