@@ -968,33 +968,8 @@ async fn daemon_that_takes_no_output_for_a_while(pty: bool) {
         go = go.display(),
         done = done.display()
     );
-    let mut c = agent.shell_command(Some(&script), None);
-    let (mut child, mut output): (_, Box<dyn Read + Send>) = if pty {
-        let pty = nix::pty::openpty(None, None).unwrap();
-        c.stdin(pty.slave.try_clone().unwrap())
-            .stdout(pty.slave.try_clone().unwrap())
-            .stderr(pty.slave.try_clone().unwrap());
-        let child = c.spawn().unwrap();
-        drop(c); // it holds copies of the slave side
-        drop(pty.slave);
-        (child, Box::new(std::fs::File::from(pty.master)))
-    } else {
-        c.stdin(Stdio::null()).stderr(Stdio::null());
-        let mut child = c.spawn().unwrap();
-        let out = child.stdout.take().unwrap();
-        (child, Box::new(out))
-    };
-    // The terminal is read all along (a full one would stop the program).
-    let seen = Arc::new(Mutex::new(Vec::<u8>::new()));
-    let reader = {
-        let seen = seen.clone();
-        std::thread::spawn(move || {
-            let mut buf = vec![0u8; 64 * 1024];
-            while let Ok(n @ 1..) = output.read(&mut buf) {
-                seen.lock().unwrap().extend_from_slice(&buf[..n]);
-            }
-        })
-    };
+    let (mut child, seen, _, reader) =
+        shell_on_a_terminal(agent.shell_command(Some(&script), None), pty);
     let saw = |what: &'static str| {
         let seen = seen.clone();
         move || {
@@ -1067,6 +1042,128 @@ async fn daemon_that_takes_no_output_for_a_while(pty: bool) {
         kept.len()
     );
     assert!(kept.len() > 500_000, "{} bytes kept", kept.len());
+    stop_all(&mut daemon, &mut backend).await;
+}
+
+/// What a terminal (or a pipe) showed so far.
+type Shown = Arc<Mutex<Vec<u8>>>;
+
+/// Starts `shell` on a PTY of its own (`pty`) or on pipes, with stdin closed: returns the child,
+/// what its terminal (or stdout) and its stderr (none with a PTY) showed so far, and the thread
+/// that reads them all along (a full terminal would stop the program).
+fn shell_on_a_terminal(
+    mut c: Command,
+    pty: bool,
+) -> (Child, Shown, Shown, std::thread::JoinHandle<()>) {
+    let (seen, errors) = (Shown::default(), Shown::default());
+    let (child, outputs): (_, Vec<(Box<dyn Read + Send>, &Shown)>) = if pty {
+        let pty = nix::pty::openpty(None, None).unwrap();
+        c.stdin(pty.slave.try_clone().unwrap())
+            .stdout(pty.slave.try_clone().unwrap())
+            .stderr(pty.slave.try_clone().unwrap());
+        let child = c.spawn().unwrap();
+        drop(c); // it holds copies of the slave side
+        drop(pty.slave);
+        (
+            child,
+            vec![(Box::new(std::fs::File::from(pty.master)), &seen)],
+        )
+    } else {
+        c.stdin(Stdio::null());
+        let mut child = c.spawn().unwrap();
+        let out = child.stdout.take().unwrap();
+        let err = child.stderr.take().unwrap();
+        (
+            child,
+            vec![(Box::new(out), &seen), (Box::new(err), &errors)],
+        )
+    };
+    let readers: Vec<_> = outputs
+        .into_iter()
+        .map(|(mut output, seen)| {
+            let seen = seen.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n @ 1..) = output.read(&mut buf) {
+                    seen.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            })
+        })
+        .collect();
+    let reader = std::thread::spawn(move || readers.into_iter().for_each(|r| r.join().unwrap()));
+    (child, seen, errors, reader)
+}
+
+/// Under enforce, a daemon that takes no output for 10 s but does not go away ends the
+/// session with a message and status 1, as one that is gone does; what it took before is
+/// completed as `interrupted`. Without a PTY the session used to wait for it for good (and
+/// `shell` then ignored SIGTERM).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_enforce_a_daemon_that_takes_no_output_ends_a_piped_session() {
+    enforced_daemon_that_takes_no_output(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_enforce_a_daemon_that_takes_no_output_ends_a_pty_session() {
+    enforced_daemon_that_takes_no_output(true).await;
+}
+
+async fn enforced_daemon_that_takes_no_output(pty: bool) {
+    let mut backend = Backend::new(true).await;
+    let agent = Agent::new(&backend, "enforce = true\n");
+    let mut daemon = agent.daemon();
+    let go = agent.dir.path().join("go");
+    let script = format!(
+        "echo ready; while [ ! -e {go} ]; do sleep 0.05; done; \
+         while :; do echo stalled-line; sleep 0.001; done",
+        go = go.display()
+    );
+    let (mut child, seen, errors, reader) =
+        shell_on_a_terminal(agent.shell_command(Some(&script), None), pty);
+    let saw = |what: &'static str| {
+        let seen = seen.clone();
+        move || {
+            let seen = seen.lock().unwrap();
+            seen.windows(what.len()).any(|w| w == what.as_bytes())
+        }
+    };
+    let status = tokio::task::block_in_place(|| {
+        wait_until(
+            "the session to start",
+            Duration::from_secs(20),
+            saw("ready"),
+        );
+        kill(&mut daemon, nix::sys::signal::Signal::SIGSTOP);
+        std::fs::write(&go, "").unwrap();
+        let t0 = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if t0.elapsed() > Duration::from_secs(40) {
+                let _ = child.kill();
+                kill(&mut daemon, nix::sys::signal::Signal::SIGCONT);
+                panic!("the session did not end");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    kill(&mut daemon, nix::sys::signal::Signal::SIGCONT);
+    reader.join().unwrap();
+    assert_eq!(status.code(), Some(1));
+    let shown = [&seen, &errors]
+        .map(|s| String::from_utf8_lossy(&s.lock().unwrap()).into_owned())
+        .concat();
+    assert!(
+        shown.contains("took no output for 10 s") && shown.contains("session ended"),
+        "{}",
+        &shown[shown.len().saturating_sub(300)..]
+    );
+    let recs = backend.wait_completed(1, Duration::from_secs(30)).await;
+    let m = &recs[0]["metadata"];
+    assert_eq!(m["interrupted"], true, "{m}\n{}", agent.log());
+    let out = output_of(&backend.events_text(&recs[0]));
+    assert!(out.starts_with("ready"), "{}", &out[..out.len().min(200)]);
     stop_all(&mut daemon, &mut backend).await;
 }
 

@@ -103,6 +103,17 @@ impl Recording {
             // Gone: what waited for it is lost with the connection.
             *backlog = None;
             drop(backlog);
+            if self.enforce && e.kind() == io::ErrorKind::TimedOut {
+                // (Without enforce the output would wait in a backlog.) Still there
+                // but taking nothing, so it will neither say it stops nor close the socket.
+                // Nothing is kept for a next daemon, and the session ends as when the daemon
+                // is gone; not shown, since it was not recorded.
+                self.cut.store(true, Ordering::SeqCst);
+                self.mark_lost(&e.to_string());
+                self.give_up_resume();
+                let _ = self.lost_tx.send(e.to_string());
+                return;
+            }
             self.mark_lost(&format!("recording daemon: {e}"));
             // The daemon may have stopped in order (its watch thread is about to say so):
             // the output waits for the next one.
