@@ -259,7 +259,35 @@ impl Spool {
             fs::set_permissions(&d, fs::Permissions::from_mode(0o700))?;
             take_ownership(&d)?;
         }
+        s.set_aside_sessions_not_ours()?;
         Ok(s)
+    }
+
+    /// A session folder another user owns, or one open to others, was not made by a daemon
+    /// (it makes them 0700, its own): a spool that someone else created or could write may
+    /// hold such a folder planted as a recording. It goes to `failed/`, never uploaded.
+    fn set_aside_sessions_not_ours(&self) -> io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let me = nix::unistd::geteuid().as_raw();
+        for id in self.list_sessions()? {
+            let Ok(m) = fs::symlink_metadata(self.session(&id).path) else {
+                continue;
+            };
+            if m.uid() == me && m.mode() & 0o077 == 0 {
+                continue;
+            }
+            let why = format!(
+                "found in the spool owned by uid {} with mode {:o}, not made by a daemon \
+                 (uid {me}, mode 700): not uploaded",
+                m.uid(),
+                m.mode() & 0o7777
+            );
+            tracing::warn!("session {id}: {why}");
+            self.quarantine(&id, &why)?;
+            let to = self.failed_dir().join(&id);
+            fs::set_permissions(&to, fs::Permissions::from_mode(0o700))?;
+        }
+        Ok(())
     }
 
     pub fn root(&self) -> &Path {
@@ -1047,16 +1075,30 @@ mod tests {
         use std::os::unix::fs::MetadataExt;
         let t = tempfile::tempdir().unwrap();
         let root = t.path().join("spool");
-        fs::create_dir_all(root.join("sessions")).unwrap();
+        // With a session folder its owner made (mode 700, as a daemon would).
+        let planted = uuid::Uuid::new_v4().to_string();
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(root.join("sessions").join(&planted))
+            .unwrap();
         let me = nix::unistd::geteuid().as_raw();
         if me == 0 {
-            for d in [&root, &root.join("sessions")] {
+            for d in [
+                &root,
+                &root.join("sessions"),
+                &root.join("sessions").join(&planted),
+            ] {
                 std::os::unix::fs::chown(d, Some(65534), Some(65534)).unwrap();
             }
         }
-        Spool::open(&root).unwrap();
+        let spool = Spool::open(&root).unwrap();
         for d in [&root, &root.join("sessions"), &root.join("failed")] {
             assert_eq!(fs::metadata(d).unwrap().uid(), me, "{}", d.display());
+        }
+        if me == 0 {
+            assert!(spool.list_sessions().unwrap().is_empty());
+            assert!(root.join("failed").join(&planted).is_dir());
         }
     }
 
@@ -1139,6 +1181,37 @@ mod tests {
         drop(a);
         drop(b);
         assert_eq!((spool.held(), spool.held_of_uid(1000)), (0, 0));
+    }
+
+    #[test]
+    fn a_session_folder_open_to_others_is_set_aside() {
+        let t = tempfile::tempdir().unwrap();
+        let spool = Spool::open(t.path()).unwrap();
+        let (ours, planted) = (
+            uuid::Uuid::new_v4().to_string(),
+            uuid::Uuid::new_v4().to_string(),
+        );
+        for id in [&ours, &planted] {
+            spool
+                .create_session(
+                    id,
+                    &serde_json::json!({"version": 2}),
+                    &serde_json::json!({}),
+                    &crate::daemon::now_rfc3339(),
+                )
+                .unwrap();
+        }
+        let planted_dir = spool.session(&planted).path;
+        fs::set_permissions(&planted_dir, fs::Permissions::from_mode(0o777)).unwrap();
+        let spool = Spool::open(t.path()).unwrap();
+        assert_eq!(spool.list_sessions().unwrap(), vec![ours]);
+        let aside = spool.failed_dir().join(&planted);
+        let reason = fs::read_to_string(aside.join("failed-reason.txt")).unwrap();
+        assert!(reason.contains("mode 777"), "{reason}");
+        assert_eq!(
+            fs::metadata(&aside).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
     }
 
     #[test]
