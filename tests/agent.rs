@@ -1889,6 +1889,38 @@ async fn spool_full_refuses_new_sessions_and_keeps_what_it_has() {
     stop_all(&mut daemon, &mut backend).await;
 }
 
+/// Sessions with no output, opened in a loop while the backend is down (as any local user
+/// can through the socket), fill the spool too: each counts what its folder takes on disk.
+/// Only their few bytes counted, and a 1 MiB spool took some 30 MB of disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_sessions_count_what_their_folders_take() {
+    let mut backend = Backend::new_down(true).await;
+    let agent = Agent::new(
+        &backend,
+        "chunk_max_bytes = 65536\nspool_max_bytes = 1048576\n",
+    );
+    let mut daemon = agent.daemon();
+    let socket = agent.socket();
+    let admitted = tokio::task::block_in_place(|| {
+        for n in 0..300 {
+            let (c, d) = FrameClient::start(&socket);
+            if d.mode != Mode::Record {
+                assert_eq!(d.mode, Mode::Refused, "{d:?}");
+                assert!(d.reason.contains("spool is full"), "{d:?}");
+                return n;
+            }
+            c.end(0);
+        }
+        panic!("300 empty sessions admitted into a 1 MiB spool");
+    });
+    let max = 1_048_576 / ztna_recorder::daemon::spool::SESSION_FOOTPRINT;
+    assert!(
+        admitted > 0 && admitted <= max,
+        "{admitted} sessions admitted"
+    );
+    stop_all(&mut daemon, &mut backend).await;
+}
+
 /// Under enforce, several piped sessions cut by the full spool at the same moment: each one's
 /// recording holds all its user saw, since each keeps its own room for what it has in flight
 /// (one room shared by all used to run out: all of 8 such sessions showed more than was

@@ -439,8 +439,9 @@ async fn handle(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
     let disk_free = shared.spool.disk_free().unwrap_or(u64::MAX);
     let share = shared.config.spool_share(uid);
     let has_share = share < shared.config.spool_max_bytes;
+    // Each session in the spool also counts what its folder takes on disk.
     let users = if has_share {
-        shared.spool.bytes_of_uid(uid) + shared.spool.held_of_uid(uid)
+        shared.spool.bytes_of_uid(uid) + shared.spool.held_of_uid(uid) + usage.footprint(Some(uid))
     } else {
         0
     };
@@ -452,7 +453,8 @@ async fn handle(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
     } else {
         late_room(shared.config.spool_max_bytes)
     };
-    let full = if usage.bytes + shared.spool.held() + room >= shared.config.spool_max_bytes
+    let full = if usage.bytes + usage.footprint(None) + shared.spool.held() + room
+        >= shared.config.spool_max_bytes
         || disk_free < shared.spool.held() + room + shared.config.chunk_max_bytes
     {
         Some(("the recording spool is full", false))

@@ -149,13 +149,33 @@ struct Walked {
     by_uid: HashMap<u32, u64>,
 }
 
+/// What a session's folder takes on disk besides its chunks, as a new session's room is
+/// judged: the folder and its small files (header, metadata, start time, end mark, the
+/// backend's id) a block each, and the reserve. Bytes spooled do not count it, so without it
+/// sessions with little or no output (a local user opening them in a loop while the backend
+/// is down) would fill the disk some 70 times past `spool_max_bytes`.
+pub const SESSION_FOOTPRINT: u64 = 32 * 1024;
+
 /// What the spool holds.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Usage {
     pub bytes: u64,
     pub chunks_waiting: u64,
     pub sessions: u64,
+    /// Sessions by the uid they record.
+    pub sessions_by_uid: HashMap<u32, u64>,
     pub failed: u64,
+}
+
+impl Usage {
+    /// [`SESSION_FOOTPRINT`] for every session in the spool, or `uid`'s.
+    pub fn footprint(&self, uid: Option<u32>) -> u64 {
+        let n = match uid {
+            None => self.sessions,
+            Some(uid) => self.sessions_by_uid.get(&uid).copied().unwrap_or(0),
+        };
+        n.saturating_mul(SESSION_FOOTPRINT)
+    }
 }
 
 /// `end.json`.
@@ -387,6 +407,7 @@ impl Spool {
             }
             if let Some(uid) = dir.uid() {
                 *by_uid.entry(uid).or_insert(0) += u.bytes - before;
+                *u.sessions_by_uid.entry(uid).or_insert(0) += 1;
             }
         }
         if let Ok(rd) = fs::read_dir(self.failed_dir()) {
