@@ -131,14 +131,16 @@ class Env:
         self.sshd = {}
         # "script": util-linux `script` as the ForceCommand, writing nothing: a PTY relay and
         # no recording, the floor for any recorder that puts its own PTY between sshd's and
-        # the program. "tee": the no-PTY path's counterpart, a pipe relay that also writes a
-        # copy of the output to a file on the spool's disk (no encoding, no fsync, no upload):
-        # the floor for any recorder that keeps what it records on local disk first.
+        # the program. "script-file": the same writing its typescript (a raw copy of the
+        # output) to a file on the spool's disk. "tee": the no-PTY path's counterpart, a pipe
+        # relay that also writes such a copy (no encoding, no fsync, no upload). The copies
+        # are the floor for any recorder that keeps what it records on local disk first.
         copies = f"{self.work}/copies"
         os.makedirs(copies)
         os.chmod(copies, 0o1777)
         for name, force in (("plain", None), ("recorded", f"{self.agent} shell --config {self.config}"),
                             ("script", '/usr/bin/script -q -c "$SSH_ORIGINAL_COMMAND" /dev/null'),
+                            ("script-file", f'/usr/bin/script -q -c "$SSH_ORIGINAL_COMMAND" {copies}/script.out'),
                             ("tee", f'/bin/sh -c "$SSH_ORIGINAL_COMMAND | tee {copies}/tee.out"')):
             port = free_port()
             conf = (f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/hostkey\nPidFile {d}/{name}.pid\n"
@@ -393,7 +395,8 @@ def main():
         while env.status()["sessions_spooled"]:
             time.sleep(0.2)
         for tty in (True, False):
-            runs = {w: [] for w in (("plain", "recorded", "script") if tty else ("plain", "recorded", "tee"))}
+            runs = {w: [] for w in (("plain", "recorded", "script", "script-file") if tty
+                                    else ("plain", "recorded", "tee"))}
             for _ in range(3):
                 for w in runs:
                     runs[w].append(throughput(env, w, a.mib, tty))
@@ -407,6 +410,9 @@ def main():
             if tty:
                 ref = statistics.median(runs["script"])
                 rows.append(("  reference: `script` as the ForceCommand (PTY relay, records nothing)",
+                             f"{base:.1f}", f"{ref:.1f}", f"{ref / base:.3f}"))
+                ref = statistics.median(runs["script-file"])
+                rows.append(("  reference: `script` writing its typescript to a file (PTY relay, a raw copy on local disk)",
                              f"{base:.1f}", f"{ref:.1f}", f"{ref / base:.3f}"))
             else:
                 ref = statistics.median(runs["tee"])
