@@ -303,9 +303,18 @@ impl Spool {
                 m.mode() & 0o7777
             );
             tracing::warn!("session {id}: {why}");
-            self.quarantine(&id, &why)?;
             let to = self.failed_dir().join(&id);
-            fs::set_permissions(&to, fs::Permissions::from_mode(0o700))?;
+            let aside = self
+                .quarantine(&id, &why)
+                .and_then(|()| fs::set_permissions(&to, fs::Permissions::from_mode(0o700)));
+            if let Err(e) = aside {
+                // (`failed/` may hold one of that name already.) Never uploaded either way.
+                tracing::warn!("session {id}: cannot set it aside ({e}): removed");
+                match fs::remove_dir_all(self.session(&id).path) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+            }
         }
         Ok(())
     }
@@ -1233,6 +1242,12 @@ mod tests {
             fs::metadata(&aside).unwrap().permissions().mode() & 0o777,
             0o700
         );
+        // Planted again under a name `failed/` already holds: removed, and the daemon starts.
+        fs::create_dir(&planted_dir).unwrap();
+        fs::set_permissions(&planted_dir, fs::Permissions::from_mode(0o777)).unwrap();
+        let spool = Spool::open(t.path()).unwrap();
+        assert_eq!(spool.list_sessions().unwrap().len(), 1);
+        assert!(!planted_dir.exists());
     }
 
     #[test]
