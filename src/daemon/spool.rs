@@ -283,37 +283,23 @@ impl Spool {
         Ok(s)
     }
 
-    /// A session folder another user owns, or one open to others, was not made by a daemon
-    /// (it makes them 0700, its own): a spool that someone else created or could write may
-    /// hold such a folder planted as a recording. It goes to `failed/`, never uploaded.
+    /// Moves the session folders this daemon did not make (see
+    /// [`list_sessions`](Self::list_sessions)) out of the way, to `failed/ID.not-ours`. Only
+    /// moved: nothing is written into such a folder nor its modes changed, since whoever owns
+    /// it may have put links there. One that cannot be moved stays, never listed.
     fn set_aside_sessions_not_ours(&self) -> io::Result<()> {
-        use std::os::unix::fs::MetadataExt;
-        let me = nix::unistd::geteuid().as_raw();
-        for id in self.list_sessions()? {
-            let Ok(m) = fs::symlink_metadata(self.session(&id).path) else {
-                continue;
-            };
-            if m.uid() == me && m.mode() & 0o077 == 0 {
-                continue;
-            }
-            let why = format!(
-                "found in the spool owned by uid {} with mode {:o}, not made by a daemon \
-                 (uid {me}, mode 700): not uploaded",
-                m.uid(),
-                m.mode() & 0o7777
-            );
-            tracing::warn!("session {id}: {why}");
-            let to = self.failed_dir().join(&id);
-            let aside = self
-                .quarantine(&id, &why)
-                .and_then(|()| fs::set_permissions(&to, fs::Permissions::from_mode(0o700)));
-            if let Err(e) = aside {
-                // (`failed/` may hold one of that name already.) Never uploaded either way.
-                tracing::warn!("session {id}: cannot set it aside ({e}): removed");
-                match fs::remove_dir_all(self.session(&id).path) {
-                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-                    _ => {}
-                }
+        for id in self.session_folders()?.1 {
+            let to = self.failed_dir().join(format!("{id}.not-ours"));
+            match fs::rename(self.session(&id).path, &to) {
+                Ok(()) => tracing::warn!(
+                    "session folder {id} was not made by a daemon (another user's, or open to \
+                     others): moved to {}, never uploaded",
+                    to.display()
+                ),
+                Err(e) => tracing::warn!(
+                    "session folder {id} was not made by a daemon (another user's, or open to \
+                     others): never uploaded; it cannot be moved out of the way ({e})"
+                ),
             }
         }
         Ok(())
@@ -371,21 +357,42 @@ impl Spool {
         Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
     }
 
-    /// The ids of the sessions in the spool.
+    /// The ids of the sessions in the spool: the folders with a session's name that a daemon
+    /// made (this daemon's user's, mode 0700). One that another user owns, or that is open to
+    /// others, was not: a spool someone else created or could write may hold one planted as a
+    /// recording. It is never listed, so never recovered, counted or uploaded.
     pub fn list_sessions(&self) -> io::Result<Vec<String>> {
-        let mut out = Vec::new();
+        Ok(self.session_folders()?.0)
+    }
+
+    /// The session-named folders: sorted, the daemon's own; and the others.
+    fn session_folders(&self) -> io::Result<(Vec<String>, Vec<String>)> {
+        use std::os::unix::fs::MetadataExt;
+        let me = nix::unistd::geteuid().as_raw();
+        let (mut ours, mut others) = (Vec::new(), Vec::new());
         for e in fs::read_dir(self.sessions_dir())? {
             let e = e?;
-            if e.file_type()?.is_dir() {
-                if let Some(name) = e.file_name().to_str() {
-                    if valid_id(name) {
-                        out.push(name.to_string());
-                    }
-                }
+            let Some(name) = e
+                .file_name()
+                .to_str()
+                .filter(|n| valid_id(n))
+                .map(String::from)
+            else {
+                continue;
+            };
+            // Not followed: a link is no folder of ours. (Gone meanwhile: skipped.)
+            let Ok(m) = e.metadata() else { continue };
+            if !m.is_dir() {
+                continue;
+            }
+            if m.uid() == me && m.mode() & 0o077 == 0 {
+                ours.push(name);
+            } else {
+                others.push(name);
             }
         }
-        out.sort();
-        Ok(out)
+        ours.sort();
+        Ok((ours, others))
     }
 
     /// Walks the whole spool (which also refreshes [`bytes_estimate`](Self::bytes_estimate)).
@@ -1128,7 +1135,10 @@ mod tests {
         }
         if me == 0 {
             assert!(spool.list_sessions().unwrap().is_empty());
-            assert!(root.join("failed").join(&planted).is_dir());
+            assert!(root
+                .join("failed")
+                .join(format!("{planted}.not-ours"))
+                .is_dir());
         }
     }
 
@@ -1231,23 +1241,32 @@ mod tests {
                 )
                 .unwrap();
         }
+        // Its owner's links, where a daemon that wrote into it would follow them.
+        let victim = t.path().join("victim");
+        fs::write(&victim, "root's").unwrap();
         let planted_dir = spool.session(&planted).path;
+        for name in ["failed-reason.tmp", "failed-reason.txt", "header.json"] {
+            let _ = fs::remove_file(planted_dir.join(name));
+            std::os::unix::fs::symlink(&victim, planted_dir.join(name)).unwrap();
+        }
         fs::set_permissions(&planted_dir, fs::Permissions::from_mode(0o777)).unwrap();
+        assert_eq!(spool.list_sessions().unwrap(), vec![ours.clone()]);
         let spool = Spool::open(t.path()).unwrap();
-        assert_eq!(spool.list_sessions().unwrap(), vec![ours]);
-        let aside = spool.failed_dir().join(&planted);
-        let reason = fs::read_to_string(aside.join("failed-reason.txt")).unwrap();
-        assert!(reason.contains("mode 777"), "{reason}");
+        assert_eq!(spool.list_sessions().unwrap(), vec![ours.clone()]);
+        let aside = spool.failed_dir().join(format!("{planted}.not-ours"));
+        assert!(aside.is_dir() && !planted_dir.exists());
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "root's");
         assert_eq!(
-            fs::metadata(&aside).unwrap().permissions().mode() & 0o777,
-            0o700
+            fs::metadata(&victim).unwrap().permissions().mode() & 0o777,
+            0o644
         );
-        // Planted again under a name `failed/` already holds: removed, and the daemon starts.
+        // One that cannot be moved (`failed/` holds its name, not empty) stays, never listed,
+        // and the daemon starts.
         fs::create_dir(&planted_dir).unwrap();
-        fs::set_permissions(&planted_dir, fs::Permissions::from_mode(0o777)).unwrap();
+        fs::set_permissions(&planted_dir, fs::Permissions::from_mode(0o770)).unwrap();
         let spool = Spool::open(t.path()).unwrap();
-        assert_eq!(spool.list_sessions().unwrap().len(), 1);
-        assert!(!planted_dir.exists());
+        assert!(planted_dir.is_dir());
+        assert_eq!(spool.list_sessions().unwrap(), vec![ours]);
     }
 
     #[test]
