@@ -314,6 +314,10 @@ pub struct StatusReply {
     /// Sessions in the spool (live or waiting for upload/complete).
     pub sessions_spooled: u64,
     pub bytes_spooled: u64,
+    /// What the sessions' folders count against `spool_max_bytes` besides their bytes (a new
+    /// session is admitted only while both fit).
+    #[serde(default)]
+    pub session_folders_bytes: u64,
     pub spool_max_bytes: u64,
     /// Sessions set aside because the backend refused them for good.
     pub sessions_failed: u64,

@@ -125,8 +125,8 @@ fn text(st: &StatusReply) -> Result<String, std::fmt::Error> {
     writeln!(t, "chunks waiting:    {}", st.chunks_waiting)?;
     writeln!(
         t,
-        "bytes spooled:     {} of {}",
-        st.bytes_spooled, st.spool_max_bytes
+        "bytes spooled:     {} (+ {} counted for the session folders) of {}",
+        st.bytes_spooled, st.session_folders_bytes, st.spool_max_bytes
     )?;
     writeln!(t, "sessions failed:   {}", st.sessions_failed)?;
     writeln!(t, "chunks uploaded:   {}", st.chunks_uploaded)?;

@@ -1114,8 +1114,9 @@ async fn enforced_daemon_that_takes_no_output(pty: bool) {
     let mut daemon = agent.daemon();
     let go = agent.dir.path().join("go");
     let script = format!(
-        "echo ready; while [ ! -e {go} ]; do sleep 0.05; done; \
-         while :; do echo stalled-line; sleep 0.001; done",
+        // NULs: six bytes each as JSON, so a frame is larger than the socket's buffer and the
+        // stall comes part-way through one.
+        "echo ready; while [ ! -e {go} ]; do sleep 0.05; done; exec cat /dev/zero",
         go = go.display()
     );
     let (mut child, seen, errors, reader) =
@@ -1138,6 +1139,9 @@ async fn enforced_daemon_that_takes_no_output(pty: bool) {
         let t0 = Instant::now();
         loop {
             if let Some(status) = child.try_wait().unwrap() {
+                // Ten seconds without output taken, not two such waits (a write that took
+                // part of a frame before the stall used to start a second one).
+                assert!(t0.elapsed() < Duration::from_secs(18), "{:?}", t0.elapsed());
                 break status;
             }
             if t0.elapsed() > Duration::from_secs(40) {
@@ -1913,11 +1917,15 @@ async fn empty_sessions_count_what_their_folders_take() {
         }
         panic!("300 empty sessions admitted into a 1 MiB spool");
     });
-    let max = 1_048_576 / ztna_recorder::daemon::spool::SESSION_FOOTPRINT;
+    let footprint = ztna_recorder::daemon::spool::SESSION_FOOTPRINT;
     assert!(
-        admitted > 0 && admitted <= max,
+        admitted > 0 && admitted <= 1_048_576 / footprint,
         "{admitted} sessions admitted"
     );
+    // `status` shows what filled the spool.
+    let st = agent.status();
+    assert_eq!(st.sessions_spooled, admitted);
+    assert_eq!(st.session_folders_bytes, admitted * footprint);
     stop_all(&mut daemon, &mut backend).await;
 }
 

@@ -231,6 +231,7 @@ impl Shared {
             chunks_waiting: usage.chunks_waiting,
             sessions_spooled: usage.sessions,
             bytes_spooled: usage.bytes,
+            session_folders_bytes: usage.footprint(None),
             spool_max_bytes: self.config.spool_max_bytes,
             sessions_failed: usage.failed,
             recording_enabled: lock(&self.recording_enabled).map(|(e, _)| e),

@@ -9,6 +9,7 @@ use super::resume::GAP_MAX_BYTES;
 use crate::ipc::{self, Kind};
 use std::io::{self, Write};
 use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
 use ztna_common::asciicast::{encode_event, EventCode};
 
 /// The marker (`m` event) where output stops being kept for a daemon that took none.
@@ -95,6 +96,10 @@ impl Backlog {
     }
 }
 
+/// A write that returned short after this long waited out the socket's timeout.
+const STALLED_AFTER: Duration =
+    super::DAEMON_WRITE_TIMEOUT.saturating_sub(Duration::from_millis(500));
+
 /// Writes one whole frame to the daemon. `Ok(None)` once it is sent; `Ok(Some(backlog))` when
 /// the daemon took nothing for [`super::DAEMON_WRITE_TIMEOUT`] and `keep` (no enforce): the
 /// rest of the frame waits in the backlog returned. An error is the daemon gone (or, under
@@ -106,9 +111,17 @@ pub(super) fn send(
 ) -> io::Result<Option<Backlog>> {
     let mut written = 0;
     let sent = loop {
+        let began = Instant::now();
         match stream.write(&frame[written..]) {
             Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
             Ok(n) if written + n == frame.len() => break Ok(()),
+            // Part of the frame went, then the daemon took nothing until the socket's timeout
+            // (a write returns short only then, or on a signal): a stall already, not the
+            // start of another wait as long.
+            Ok(n) if began.elapsed() >= STALLED_AFTER => {
+                written += n;
+                break Err(super::daemon_write_error(io::ErrorKind::TimedOut.into()));
+            }
             Ok(n) => written += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => break Err(super::daemon_write_error(e)),
