@@ -970,18 +970,11 @@ async fn daemon_that_takes_no_output_for_a_while(pty: bool) {
     );
     let (mut child, seen, _, reader) =
         shell_on_a_terminal(agent.shell_command(Some(&script), None), pty);
-    let saw = |what: &'static str| {
-        let seen = seen.clone();
-        move || {
-            let seen = seen.lock().unwrap();
-            seen.windows(what.len()).any(|w| w == what.as_bytes())
-        }
-    };
     tokio::task::block_in_place(|| {
         wait_until(
             "the session to start",
-            Duration::from_secs(20),
-            saw("ready"),
+            Duration::from_secs(60),
+            shows(&seen, "ready"),
         );
         kill(&mut daemon, nix::sys::signal::Signal::SIGSTOP);
         std::fs::write(&go, "").unwrap();
@@ -989,7 +982,7 @@ async fn daemon_that_takes_no_output_for_a_while(pty: bool) {
         wait_until(
             "the output to get through",
             Duration::from_secs(60),
-            saw("stalled-output-end"),
+            shows(&seen, "stalled-output-end"),
         );
         kill(&mut daemon, nix::sys::signal::Signal::SIGCONT);
     });
@@ -1094,6 +1087,15 @@ fn shell_on_a_terminal(
     (child, seen, errors, reader)
 }
 
+/// Whether a terminal (or pipe) has shown `what` so far, for [`wait_until`].
+fn shows(seen: &Shown, what: &'static str) -> impl FnMut() -> bool {
+    let seen = seen.clone();
+    move || {
+        let seen = seen.lock().unwrap();
+        seen.windows(what.len()).any(|w| w == what.as_bytes())
+    }
+}
+
 /// Under enforce, a daemon that takes no output for 10 s but does not go away ends the
 /// session with a message and status 1, as one that is gone does; what it took before is
 /// completed as `interrupted`. Without a PTY the session used to wait for it for good (and
@@ -1121,18 +1123,11 @@ async fn enforced_daemon_that_takes_no_output(pty: bool) {
     );
     let (mut child, seen, errors, reader) =
         shell_on_a_terminal(agent.shell_command(Some(&script), None), pty);
-    let saw = |what: &'static str| {
-        let seen = seen.clone();
-        move || {
-            let seen = seen.lock().unwrap();
-            seen.windows(what.len()).any(|w| w == what.as_bytes())
-        }
-    };
     let status = tokio::task::block_in_place(|| {
         wait_until(
             "the session to start",
-            Duration::from_secs(20),
-            saw("ready"),
+            Duration::from_secs(60),
+            shows(&seen, "ready"),
         );
         kill(&mut daemon, nix::sys::signal::Signal::SIGSTOP);
         std::fs::write(&go, "").unwrap();
