@@ -6,13 +6,14 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use uuid::Uuid;
 
-#[derive(Debug, Serialize, Deserialize)]
+/// The claims `issue` signs.
+#[derive(Debug, Serialize)]
 struct Claims {
     sub: String,
     exp: u64,
-    /// Ours always carry it; the contract asks only for `sub` and `exp`, so a token signed
-    /// elsewhere with the server's secret need not.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Ours always carry it; `verify` reads only `sub` and `exp` (all the contract asks
+    /// for), so a token signed elsewhere with the server's secret need not.
+    #[serde(skip_serializing_if = "Option::is_none")]
     iat: Option<u64>,
 }
 
