@@ -208,41 +208,119 @@ pub struct EventsSummary {
     pub last_time: Option<f64>,
 }
 
+/// The time and code of `text` when it is plainly an event line (a number, a code and a
+/// string), read with no allocation: a chunk is hundreds of lines, and building a JSON value
+/// of each, its data copied, was most of what checking one cost. `None` sends the caller to
+/// [`parse_event_line`], which takes the same lines and says what is wrong with the others.
+fn quick_event(text: &str) -> Option<(f64, EventCode)> {
+    /// A JSON string, borrowed when it has no escapes (only a resize's is read).
+    struct Text<'a>(Option<&'a str>);
+    impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V<'a>(std::marker::PhantomData<&'a str>);
+            impl<'de: 'a, 'a> serde::de::Visitor<'de> for V<'a> {
+                type Value = Option<&'a str>;
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str("a string")
+                }
+                fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Self::Value, E> {
+                    Ok(Some(s))
+                }
+                fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+                    Ok(None)
+                }
+            }
+            d.deserialize_str(V(std::marker::PhantomData)).map(Text)
+        }
+    }
+    #[derive(Deserialize)]
+    struct Line<'a>(f64, &'a str, #[serde(borrow)] Text<'a>);
+    let Line(time, code, data) = serde_json::from_str(text).ok()?;
+    if !(0.0..=MAX_EVENT_TIME).contains(&time) {
+        return None;
+    }
+    let code = EventCode::parse(code)?;
+    if code == EventCode::Resize && data.0?.parse::<TtySize>().is_err() {
+        return None;
+    }
+    Some((time, code))
+}
+
+/// JSON's whitespace (RFC 8259): the only bytes a blank line may hold, and the only ones
+/// allowed around a line's array. Not Unicode's: a line of U+00A0 is not blank, it is wrong.
+fn json_blank(s: &str) -> bool {
+    s.bytes().all(|b| matches!(b, b' ' | b'\t' | b'\r' | b'\n'))
+}
+
+/// `s` without the JSON whitespace at its start.
+pub fn trim_json_start(s: &str) -> &str {
+    s.trim_start_matches([' ', '\t', '\r', '\n'])
+}
+
 /// Validates text made only of event lines (a chunk). Blank lines are allowed and skipped
 /// (a trailing newline produces one).
 pub fn validate_events(text: &str) -> Result<EventsSummary, ParseError> {
+    scan_events(text, |_| {}).map(|(summary, _)| summary)
+}
+
+/// Checks each event line of `text` and hands it, as stored, to `each`: without its `\n` and
+/// without any `\r`. A `\r` that parses is whitespace between a line's tokens (in a string it
+/// must be escaped), and players that read lines the way Python does take a bare one for the
+/// end of a line. Also says whether `text` is already as stored (every line whole, none
+/// blank, no `\r`), which is what an agent sends.
+fn scan_events(
+    text: &str,
+    mut each: impl FnMut(&str),
+) -> Result<(EventsSummary, bool), ParseError> {
     let mut summary = EventsSummary::default();
-    for (i, line) in text.split('\n').enumerate() {
-        let line = line.strip_suffix('\r').unwrap_or(line);
-        if line.trim().is_empty() {
+    let mut as_stored = text.is_empty() || text.ends_with('\n');
+    let has_cr = text.as_bytes().contains(&b'\r');
+    as_stored &= !has_cr;
+    let pieces = text.strip_suffix('\n').unwrap_or(text);
+    for (i, line) in pieces.split('\n').enumerate() {
+        if json_blank(line) {
+            as_stored = false;
             continue;
         }
-        let ev = parse_event_line(line, i + 1)?;
+        let time = match quick_event(line) {
+            Some((time, _)) => time,
+            None => parse_event_line(line, i + 1)?.time,
+        };
         // The last event's time is the recording's duration: one that goes back in time
         // would make it a lie.
-        if summary.last_time.is_some_and(|t| ev.time < t) {
+        if summary.last_time.is_some_and(|t| time < t) {
             return Err(ParseError::TimeBackwards { line: i + 1 });
         }
         summary.events += 1;
-        summary.last_time = Some(ev.time);
+        summary.last_time = Some(time);
+        if has_cr && line.contains('\r') {
+            each(&line.replace('\r', ""));
+        } else {
+            each(line);
+        }
     }
-    Ok(summary)
+    Ok((summary, as_stored))
 }
 
 /// Validates text made only of event lines and returns it as stored: one event a line, each
 /// ending in `\n`, with blank lines and `\r` dropped.
 pub fn normalise_events(text: &str) -> Result<(String, EventsSummary), ParseError> {
-    let summary = validate_events(text)?;
     let mut out = String::with_capacity(text.len() + 1);
-    for line in text.split('\n') {
-        let line = line.strip_suffix('\r').unwrap_or(line);
-        if line.trim().is_empty() {
-            continue;
-        }
+    let (summary, _) = scan_events(text, |line| {
         out.push_str(line);
         out.push('\n');
-    }
+    })?;
     Ok((out, summary))
+}
+
+/// As [`normalise_events`], but `text` itself is returned when it is already as stored (no
+/// copy of a chunk that an agent sent as it should be).
+pub fn normalise_events_owned(text: String) -> Result<(String, EventsSummary), ParseError> {
+    let (summary, as_stored) = scan_events(&text, |_| {})?;
+    if as_stored {
+        return Ok((text, summary));
+    }
+    normalise_events(&text)
 }
 
 /// The most a header may take as JSON (its `env` holds two variables; a title or command
@@ -360,14 +438,14 @@ pub struct Transcript {
 
 /// Splits and validates a transcript that may begin with an asciicast header line.
 pub fn parse_transcript(text: &str) -> Result<Transcript, ParseError> {
-    let trimmed = text.trim_start();
+    let trimmed = trim_json_start(text);
     // Line numbers in errors count from the text's first line, blank ones included.
     let skipped = text[..text.len() - trimmed.len()].matches('\n').count();
     let (header, rest, below) = if trimmed.starts_with('{') {
         let (first, rest) = trimmed.split_once('\n').unwrap_or((trimmed, ""));
         let line = skipped + 1;
         let v: serde_json::Value =
-            serde_json::from_str(first.trim_end()).map_err(|e| ParseError::BadHeader {
+            serde_json::from_str(first).map_err(|e| ParseError::BadHeader {
                 line,
                 reason: e.to_string(),
             })?;
@@ -555,6 +633,75 @@ fn escape_mask(w: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_chunk_already_as_stored_is_kept_not_copied() {
+        let clean = String::from("[0, \"o\", \"a\\r\\n\"]\n[1, \"o\", \"b\"]\n");
+        let at = clean.as_ptr();
+        let (out, summary) = normalise_events_owned(clean.clone()).unwrap();
+        assert_eq!((out.as_str(), summary.events), (clean.as_str(), 2));
+        let (out, _) = normalise_events_owned(clean).unwrap();
+        assert_eq!(out.as_ptr(), at);
+        // Anything else is rewritten, the same as the borrowing version does.
+        for text in [
+            "[0, \"o\", \"a\"]",
+            "[0, \"o\", \"a\"]\r\n",
+            "[0,\r\"o\", \"a\"]\n",
+            "\n[0, \"o\", \"a\"]\n",
+            "[0, \"o\", \"a\"]\n \t\n",
+        ] {
+            let (out, _) = normalise_events_owned(text.to_string()).unwrap();
+            assert_eq!(out, normalise_events(text).unwrap().0, "{text:?}");
+            assert!(
+                out.ends_with("\"]\n") && !out.contains('\r'),
+                "{text:?}: {out:?}"
+            );
+        }
+        // Only JSON's whitespace makes a line blank.
+        assert!(validate_events("[0, \"o\", \"a\"]\n\u{a0}\n").is_err());
+        assert!(validate_events("[0, \"o\", \"a\"]\n\u{2028}").is_err());
+    }
+
+    #[test]
+    fn quick_check_takes_only_what_the_full_parse_takes() {
+        let lines = [
+            r#"[0, "o", "$ "]"#,
+            r#"[1.5, "o", "a\"b\\c\u001b[0m\r\n"]"#,
+            r#"[1e3, "i", "x"]"#,
+            r#"[12, "r", "80x24"]"#,
+            r#"[12, "r", "80\u0078 24"]"#,
+            r#"[12, "r", "80\u007824"]"#,
+            r#"[12, "r", "0x24"]"#,
+            r#"[12, "r", "wide"]"#,
+            r#"[2, "m", ""]"#,
+            r#"[2, "\u006f", "escaped code"]"#,
+            r#"[2, "x", "bad code"]"#,
+            r#"[-1, "o", "negative"]"#,
+            r#"[-0, "o", "minus zero"]"#,
+            r#"[2147483648, "o", "late"]"#,
+            r#"[1e400, "o", "huge"]"#,
+            r#"[99999999999999999999999, "o", "big"]"#,
+            r#"["1", "o", "time as text"]"#,
+            r#"[1, "o"]"#,
+            r#"[1, "o", "x", 4]"#,
+            r#"[1, "o", 5]"#,
+            r#"[1, "o", null]"#,
+            r#"[1, "o", "\ud800"]"#,
+            r#"[1, "o", "x"] trailing"#,
+            r#"{"0": 1}"#,
+            r#"  [ 3 ,"o" , "spaced" ]  "#,
+        ];
+        for line in lines {
+            let full = parse_event_line(line, 1).map(|e| (e.time, e.code));
+            match quick_event(line) {
+                Some(q) => assert_eq!(Ok(q), full, "{line}"),
+                None => assert!(
+                    full.is_err() || line.contains(r"\u00"),
+                    "{line}: the quick check refused a plain event line"
+                ),
+            }
+        }
+    }
 
     #[test]
     fn long_events_are_split_into_lines_under_the_limit() {

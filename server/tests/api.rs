@@ -817,6 +817,14 @@ mod scenarios {
             .clone();
         assert_eq!(chunks.len(), 2);
         assert_eq!(chunks[1]["sha256"], sha_hex(&o1).as_str());
+        // Stored as one event a line: blank lines and every bare \r go (one between a line's
+        // tokens is JSON whitespace, but Python's asciinema takes it for the end of a line).
+        let (st, b) = s
+            .member(json!({"action": "upload_chunk", "org_id": org, "session_id": id, "chunk_index": 1, "chunk_data": "[1.5,\r\"o\", \"a\\r\"]\r\r\n\n \t\r\n[2.5, \"o\", \"b\"]\r\t"}))
+            .await;
+        assert_eq!(st, 200, "{b}");
+        let o1 = s.stores.get_object(&k1).await.unwrap();
+        assert_eq!(o1, b"[1.5,\"o\", \"a\\r\"]\n[2.5, \"o\", \"b\"]\t\n");
         // Bad chunks.
         for (body, status, c) in [
             (json!({"chunk_data": null}), 400, "MISSING_FIELDS"),
@@ -838,6 +846,12 @@ mod scenarios {
                 "INVALID_FIELD",
             ),
             (json!({"chunk_data": "hello world"}), 400, "INVALID_CHUNK"),
+            // A line of Unicode (not JSON) whitespace is not blank: it is no event.
+            (
+                json!({"chunk_data": "[0, \"o\", \"a\"]\n\u{a0}\n[1, \"o\", \"b\"]\n"}),
+                400,
+                "INVALID_CHUNK",
+            ),
             (
                 json!({"chunk_data": "[0, \"x\", \"a\"]"}),
                 400,

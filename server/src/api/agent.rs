@@ -344,8 +344,7 @@ async fn apply(app: &App, machine: &MachineAuth, action: Action) -> Result<Succe
             chunk_index,
             chunk_data,
         } => {
-            let (events, summary) = recording::chunk_events(&chunk_data)?;
-            drop(chunk_data);
+            let (events, summary) = recording::chunk_events(chunk_data)?;
             let rec = machine_recording(app, machine, session_id, false).await?;
             let data =
                 recording::store_chunk(app, &rec, chunk_index, events, summary.last_time).await?;

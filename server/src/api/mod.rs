@@ -170,22 +170,53 @@ const SMALL_BODY_BYTES: usize = 64 * 1024;
 /// send in bulk (chunks, transcripts), and a header or metadata is at most 64 KiB.
 const MAX_JSON_VALUES: usize = 100_000;
 
-/// Whether `body` holds more than `limit` arrays, objects, members and elements (counted by
-/// their `[`, `{`, `,` and `:` outside strings): checked before parsing, in one pass.
+/// Whether `body` holds more than `limit` arrays, objects, members and elements, counted
+/// outside strings: each `[` and `{`, each member's `:`, and each `,` between an array's
+/// elements (a member's `,` is not counted again). Checked before parsing, in one pass.
 fn json_values_over(body: &[u8], limit: usize) -> bool {
-    let (mut n, mut in_string, mut escaped) = (0usize, false, false);
-    for &b in body {
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
+    // Whether each open container is an object. Deeper than this the parser refuses the body
+    // anyway (128 levels), so a comma there is counted whatever holds it.
+    let mut objects = [false; 256];
+    let mut depth = 0usize;
+    let mut n = 0usize;
+    let mut i = 0;
+    while let Some(&b) = body.get(i) {
+        i += 1;
+        let counted = match b {
+            // A string is skipped to its closing quote, escapes and all, by memchr: bulk text
+            // (a chunk, a transcript) is one long string, and a byte-at-a-time walk over it
+            // was the largest cost of an upload here.
+            b'"' => loop {
+                let Some(k) = body.get(i..).and_then(|r| memchr::memchr2(b'"', b'\\', r)) else {
+                    // Unterminated: the parser refuses it.
+                    return false;
+                };
+                i += k + 1;
+                if body[i - 1] == b'"' {
+                    break false;
+                }
+                // The escaped byte, whatever it is, is part of the string.
+                i += 1;
+            },
+            b'[' | b'{' => {
+                if let Some(o) = objects.get_mut(depth) {
+                    *o = b == b'{';
+                }
+                depth += 1;
+                true
             }
-        } else if b == b'"' {
-            in_string = true;
-        } else if matches!(b, b'[' | b'{' | b',' | b':') {
+            b']' | b'}' => {
+                depth = depth.saturating_sub(1);
+                false
+            }
+            b':' => true,
+            b',' => !depth
+                .checked_sub(1)
+                .and_then(|d| objects.get(d))
+                .is_some_and(|&o| o),
+            _ => false,
+        };
+        if counted {
             n += 1;
             if n > limit {
                 return true;
@@ -381,4 +412,93 @@ async fn agent_route(State(app): State<App>, headers: HeaderMap, body: Body) -> 
         Err(f) => Err(f),
     };
     answer(&app, AGENT_ROUTE, action.as_deref(), r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::json_values_over;
+
+    /// A byte-at-a-time walk with the same counting rule: the memchr skipping of strings must
+    /// not change what is counted.
+    fn reference(body: &[u8], limit: usize) -> bool {
+        let (mut n, mut in_string, mut escaped) = (0usize, false, false);
+        let mut open: Vec<u8> = Vec::new();
+        for &b in body {
+            if in_string {
+                if escaped {
+                    escaped = false;
+                } else if b == b'\\' {
+                    escaped = true;
+                } else if b == b'"' {
+                    in_string = false;
+                }
+                continue;
+            }
+            match b {
+                b'"' => in_string = true,
+                b'[' | b'{' => {
+                    open.push(b);
+                    n += 1;
+                }
+                b']' | b'}' => {
+                    open.pop();
+                }
+                b':' => n += 1,
+                b',' if open.last() != Some(&b'{') => n += 1,
+                _ => {}
+            }
+            if n > limit {
+                return true;
+            }
+        }
+        false
+    }
+
+    #[test]
+    fn values_counted_as_the_reference_walk_counts_them() {
+        let bodies: &[&[u8]] = &[
+            b"",
+            b"{}",
+            br#"{"a": [1, 2, 3], "b": {"c": 4}}"#,
+            br#"{"s": "[{,:", "t": [1,2]}"#,
+            br#"{"s": "a\"[,]\\", "t": [1,2]}"#,
+            br#"{"s": "\\\\\"", "x": [,,,]}"#,
+            br#"{"s": "ends in a backslash\"#,
+            br#"{"s": "unterminated [,,,"#,
+            br#"[1,2,"\\"],[3]"#,
+            b"\"\\",
+            b"\"",
+            b",,,,\"\\\",,,\",,,",
+        ];
+        for body in bodies {
+            for limit in 0..12 {
+                assert_eq!(
+                    json_values_over(body, limit),
+                    reference(body, limit),
+                    "{} with limit {limit}",
+                    String::from_utf8_lossy(body)
+                );
+            }
+        }
+        // A member is one value, its `,` and `:` are not two.
+        let members = br#"{"a": 0, "b": [1, 2], "c": {"d": 0}}"#;
+        // {, a, b, [, 2, c, {, d: eight values.
+        assert!(!json_values_over(members, 8));
+        assert!(json_values_over(members, 7));
+        // Every byte string of up to 5 bytes over the alphabet that matters.
+        let alphabet = b"\"\\[{,:}]";
+        let mut body = Vec::new();
+        for len in 0..=5u32 {
+            for mut k in 0..alphabet.len().pow(len) {
+                body.clear();
+                for _ in 0..len {
+                    body.push(alphabet[k % alphabet.len()]);
+                    k /= alphabet.len();
+                }
+                for limit in 0..4 {
+                    assert_eq!(json_values_over(&body, limit), reference(&body, limit));
+                }
+            }
+        }
+    }
 }

@@ -16,9 +16,10 @@ use crate::meta::{
 use crate::timefmt;
 
 /// Validates `chunk_data` (asciicast v2 event lines, at least one) and normalises it to what
-/// is stored: one event a line, each ending in `\n`. Both routes' `upload_chunk` take this.
-pub fn chunk_events(text: &str) -> Result<(String, asciicast::EventsSummary), Failure> {
-    let (events, summary) = asciicast::normalise_events(text)
+/// is stored: one event a line, each ending in `\n` (the text itself when it already is).
+/// Both routes' `upload_chunk` take this.
+pub fn chunk_events(text: String) -> Result<(String, asciicast::EventsSummary), Failure> {
+    let (events, summary) = asciicast::normalise_events_owned(text)
         .map_err(|e| Failure::invalid_chunk(format!("not asciicast v2 event lines: {e}")))?;
     if summary.events == 0 {
         return Err(Failure::invalid_chunk("chunk_data holds no event"));

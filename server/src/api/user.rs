@@ -289,8 +289,7 @@ async fn apply(app: &App, org: Uuid, caller: &Caller, action: Action) -> Result<
             chunk_index,
             chunk_data,
         } => {
-            let (events, summary) = recording::chunk_events(&chunk_data)?;
-            drop(chunk_data);
+            let (events, summary) = recording::chunk_events(chunk_data)?;
             let rec = own_recording(app, org, caller, session_id, false).await?;
             let data =
                 recording::store_chunk(app, &rec, chunk_index, events, summary.last_time).await?;
