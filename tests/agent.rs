@@ -2257,6 +2257,71 @@ async fn a_daemon_restart_mid_session_records_the_rest_as_a_continuation() {
     stop_all(&mut daemon, &mut backend).await;
 }
 
+/// A piped session whose gap overflowed (more than 1 MiB shown while no daemon ran) and whose
+/// program is then silent: the shell gives the session to the daemon that came back on its
+/// own schedule, not only when output comes, and output shown after that is recorded. (It
+/// reconnected only with the next output, and counted that output as dropped.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_piped_session_is_taken_back_by_the_daemon_while_silent_after_an_overflowed_gap() {
+    let mut backend = Backend::new(true).await;
+    let agent = Agent::new(&backend, "");
+    let mut daemon = agent.daemon();
+    let go = agent.dir.path().join("go");
+    let wait = |n: u8| format!("while [ ! -e {}{n} ]; do sleep 0.05; done", go.display());
+    let cmd = format!(
+        "echo one; {}; head -c 1500000 /dev/zero | tr '\\0' x; echo; echo two; {}; echo after; exit 4",
+        wait(1),
+        wait(2)
+    );
+    let mut child = agent
+        .shell_command(Some(&cmd), None)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut tail = Tail::new(child.stdout.take().unwrap());
+    let status = tokio::task::block_in_place(|| {
+        tail.wait_for("one\n");
+        kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);
+        assert!(daemon.wait().unwrap().success(), "{}", agent.log());
+        std::fs::write(go.with_file_name("go1"), "").unwrap();
+        tail.wait_for("two\n");
+        daemon = agent.daemon();
+        // The program prints nothing until the session is live again.
+        wait_until(
+            "the silent session taken back",
+            Duration::from_secs(10),
+            || !agent.status().sessions_live.is_empty(),
+        );
+        std::fs::write(go.with_file_name("go2"), "").unwrap();
+        tail.wait_for("after\n");
+        child.wait().unwrap()
+    });
+    assert_eq!(status.code(), Some(4));
+    let recs = backend.wait_completed(2, Duration::from_secs(30)).await;
+    let (_, second) = continued_pair(&recs);
+    let events = backend.events_text(second);
+    let out = output_of(&events);
+    assert!(
+        out.ends_with("after\n"),
+        "{:?}",
+        &out[out.len().saturating_sub(200)..]
+    );
+    assert!(
+        events.contains("output from here until recording resumed was not recorded"),
+        "no marker where the kept part stops"
+    );
+    let dropped = second["metadata"]["gap_dropped_bytes"].as_u64().unwrap();
+    // The whole of the first recording, the kept part and what was dropped are what was shown.
+    let first_out = output_of(&backend.events_text(continued_pair(&recs).0));
+    assert_eq!(
+        (first_out.len() + out.len()) as u64 + dropped,
+        tail.all().len() as u64,
+        "{}",
+        second["metadata"]
+    );
+    stop_all(&mut daemon, &mut backend).await;
+}
+
 /// The daemon killed outright (a crash, the OOM killer) and started again, as systemd does:
 /// without enforce the session waits for it, and the rest (what was shown meanwhile included)
 /// is recorded as a continuation of the first part, which is completed as interrupted. (The

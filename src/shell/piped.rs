@@ -177,6 +177,19 @@ impl Recording {
         }
     }
 
+    /// Gives the rest of the session to a daemon that came back after an orderly stop, on the
+    /// resume's schedule, also while the program is silent: a relay tries only as output
+    /// comes, and without enforce nothing else would until then.
+    fn resume_when_due(self: &Arc<Self>) {
+        if !self.lost.load(Ordering::SeqCst) || !self.stopped_orderly.load(Ordering::SeqCst) {
+            return;
+        }
+        // A relay that holds the stream tries itself.
+        if let Ok(mut guard) = self.stream.try_lock() {
+            self.pause_and_resume(&mut guard, None, self.started.elapsed(), false);
+        }
+    }
+
     /// As [`overdue`](Self::overdue), after one last try to give the session to a daemon (unless
     /// a relay holds the stream: it tries itself).
     fn overdue_after_trying(self: &Arc<Self>) -> Option<String> {
@@ -221,31 +234,37 @@ impl Recording {
             return;
         }
         let r = resume.get_or_insert_with(|| Resume::new(session.clone(), now));
-        if let Some((code, t)) = text {
-            r.keep(now, code, t);
-            if self.enforce && r.dropped_bytes > 0 {
-                // Output that can be neither recorded nor kept is not shown (the session
-                // ends: see `overdue`).
-                self.cut.store(true, Ordering::SeqCst);
-            }
-        }
-        if !self.stopped_orderly.load(Ordering::SeqCst) || !r.due(now, force) {
-            return;
-        }
-        let (new, id) = match r.ask(&self.socket, &self.start, TtySize::default(), now) {
-            Resumed::Record(s, id) => (s, id),
-            Resumed::Off => {
+        // The daemon is asked before `text` is kept: output that comes once it is back is
+        // recorded, even when the gap is full (it would be counted as dropped).
+        let asked = (self.stopped_orderly.load(Ordering::SeqCst) && r.due(now, force))
+            .then(|| r.ask(&self.socket, &self.start, TtySize::default(), now));
+        let (new, id) = match asked {
+            Some(Resumed::Record(s, id)) => (s, id),
+            Some(Resumed::Off) => {
                 *off = true;
                 *resume = None;
                 return;
             }
-            Resumed::Later => return,
+            Some(Resumed::Later) | None => {
+                if let Some((code, t)) = text {
+                    r.keep(now, code, t);
+                    if self.enforce && r.dropped_bytes > 0 {
+                        // Output that can be neither recorded nor kept is not shown (the
+                        // session ends: see `overdue`).
+                        self.cut.store(true, Ordering::SeqCst);
+                    }
+                }
+                return;
+            }
         };
         let Ok(watch) = new.try_clone() else { return };
         let base = r.base(now);
         let mut body = String::new();
         for (t, code, data) in &r.gap {
             encode_event(&mut body, t.saturating_sub(base).as_secs_f64(), *code, data);
+        }
+        if let Some((code, t)) = text {
+            encode_event(&mut body, now.saturating_sub(base).as_secs_f64(), code, t);
         }
         *resume = None;
         *session = id;
@@ -454,6 +473,7 @@ pub(super) fn run_piped(
             break s;
         }
         rec.offer_backlog();
+        rec.resume_when_due();
         if cfg.enforce {
             if let Some(why) = lost_rx
                 .try_recv()

@@ -445,10 +445,14 @@ impl Sink for DaemonSink {
                     }
                 }
                 _ => {
-                    self.keep(event);
+                    // The daemon is asked before the event is kept: once it is back, the
+                    // event is recorded, even when the gap is full (it would be dropped).
                     self.try_resume(event.time, false);
-                    self.enforce_grace(event.time);
-                    return Ok(());
+                    if self.paused(event.time) {
+                        self.keep(event);
+                        self.enforce_grace(event.time);
+                        return Ok(());
+                    }
                 }
             }
         }
