@@ -1110,6 +1110,59 @@ async fn under_enforce_a_daemon_that_takes_no_output_ends_a_pty_session() {
     enforced_daemon_that_takes_no_output(true).await;
 }
 
+/// Under enforce, a piped session ended because its daemon went away takes its whole process
+/// group with it: a background job that ignores SIGTERM, SIGHUP and SIGPIPE used to go on,
+/// unrecorded, after the session was ended for want of a recording.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_enforce_an_ended_piped_session_leaves_no_background_job() {
+    let mut backend = Backend::new(true).await;
+    let agent = Agent::new(&backend, "enforce = true\n");
+    let mut daemon = agent.daemon();
+    let pidfile = agent.dir.path().join("job.pid");
+    let cmd = format!(
+        "sh -c 'trap \"\" TERM HUP PIPE; echo $$ > {}; while :; do sleep 0.1; done' & echo ready; wait",
+        pidfile.display()
+    );
+    let mut child = agent
+        .shell_command(Some(&cmd), None)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let tail = Tail::new(child.stdout.take().unwrap());
+    let (status, job) = tokio::task::block_in_place(|| {
+        tail.wait_for("ready\n");
+        let mut job = 0i32;
+        wait_until("the job's pid", Duration::from_secs(10), || {
+            job = std::fs::read_to_string(&pidfile)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(0);
+            job > 0
+        });
+        kill(&mut daemon, nix::sys::signal::Signal::SIGKILL);
+        daemon.wait().unwrap();
+        (child.wait().unwrap(), job)
+    });
+    assert_eq!(status.code(), Some(1));
+    let gone = || {
+        !Path::new(&format!("/proc/{job}")).exists()
+            || std::fs::read_to_string(format!("/proc/{job}/stat")).is_ok_and(|s| {
+                s.rsplit(')')
+                    .next()
+                    .is_some_and(|r| r.trim_start().starts_with('Z'))
+            })
+    };
+    tokio::task::block_in_place(|| {
+        wait_until(
+            "the background job to be gone",
+            Duration::from_secs(5),
+            gone,
+        )
+    });
+    daemon = agent.daemon();
+    stop_all(&mut daemon, &mut backend).await;
+}
+
 async fn enforced_daemon_that_takes_no_output(pty: bool) {
     let mut backend = Backend::new(true).await;
     let agent = Agent::new(&backend, "enforce = true\n");

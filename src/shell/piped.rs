@@ -378,6 +378,9 @@ pub(super) fn run_piped(
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            // A process group of its own (there is no terminal, so no job control to
+            // disturb): what it started goes with it when the session is ended or signalled.
+            .process_group(0)
             .spawn()
     });
     let mut child = match spawned {
@@ -466,7 +469,7 @@ pub(super) fn run_piped(
     let status = loop {
         for sig in signals.pending() {
             if let Ok(sig) = nix::sys::signal::Signal::try_from(sig) {
-                let _ = nix::sys::signal::kill(pid, sig);
+                let _ = nix::sys::signal::killpg(pid, sig);
             }
         }
         if let Some(s) = child.try_wait()? {
@@ -481,8 +484,11 @@ pub(super) fn run_piped(
                 .or_else(|| rec.overdue_after_trying())
             {
                 rec.cut.store(true, Ordering::SeqCst);
-                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+                let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGTERM);
                 std::thread::sleep(Duration::from_millis(500));
+                // The whole group: a background job that ignores SIGTERM would go on
+                // unrecorded in a session that was ended because it could not be recorded.
+                let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
                 let _ = child.kill();
                 let ended = child.wait();
                 eprintln!("ztna-recorder: the recording stopped ({why}); session ended.");
