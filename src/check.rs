@@ -549,23 +549,11 @@ fn diagnose(url: &str, why: &str) -> String {
 
 /// A loader error as one line: TOML syntax errors become `line L, column C: message`.
 fn load_error(file: &Path, e: &anyhow::Error) -> String {
-    if let Some(te) = e.chain().find_map(|c| c.downcast_ref::<toml::de::Error>()) {
-        let at = te
-            .span()
-            .and_then(|span| {
-                let text = std::fs::read_to_string(file).ok()?;
-                let before = text.get(..span.start)?;
-                let line = before.matches('\n').count() + 1;
-                let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-                Some(format!(" at line {line}, column {col}"))
-            })
-            .unwrap_or_default();
-        let message: Vec<&str> = te.message().lines().map(str::trim).collect();
-        return format!(
-            "{}: not valid TOML{at}: {}",
-            file.display(),
-            message.join("; ")
-        );
+    if let Some(te) = e
+        .chain()
+        .find_map(|c| c.downcast_ref::<crate::config::TomlSyntax>())
+    {
+        return format!("{}: {}", file.display(), te.what());
     }
     one_line(e)
 }

@@ -104,6 +104,13 @@ impl AgentClient {
         node_key: Secret,
         timeout: Duration,
     ) -> anyhow::Result<Self> {
+        let url = format!("{}{}", server_url.trim_end_matches('/'), AGENT_ROUTE);
+        // Checked here, where the client is made (the daemon's start, `record --upload`,
+        // `config check`): a URL no request can be made of (a space, an unclosed `[`) is a
+        // configuration error, not a backend that never answers.
+        if let Err(e) = reqwest::Url::parse(&url) {
+            anyhow::bail!("server_url {server_url:?} is not a usable URL: {e}");
+        }
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5).min(timeout))
             .timeout(timeout)
@@ -111,7 +118,7 @@ impl AgentClient {
             .build()?;
         Ok(AgentClient {
             http,
-            url: format!("{}{}", server_url.trim_end_matches('/'), AGENT_ROUTE),
+            url,
             node_key,
         })
     }

@@ -256,6 +256,49 @@ impl Loaded {
     }
 }
 
+/// A config file that is not TOML, said without the parser's quote of the line: that line
+/// may hold the node key, and this message goes to logs and to users' terminals.
+#[derive(Debug)]
+pub struct TomlSyntax {
+    pub path: PathBuf,
+    /// Line and column (from 1) where the parser stopped, when it says.
+    pub at: Option<(usize, usize)>,
+    pub message: String,
+}
+
+impl TomlSyntax {
+    fn new(path: &Path, text: &str, e: &toml::de::Error) -> TomlSyntax {
+        let at = e.span().and_then(|span| {
+            let before = text.get(..span.start)?;
+            let line = before.matches('\n').count() + 1;
+            let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            Some((line, col))
+        });
+        let message: Vec<&str> = e.message().lines().map(str::trim).collect();
+        TomlSyntax {
+            path: path.to_path_buf(),
+            at,
+            message: message.join("; "),
+        }
+    }
+
+    /// `not valid TOML at line L, column C: why`.
+    pub fn what(&self) -> String {
+        match self.at {
+            Some((l, c)) => format!("not valid TOML at line {l}, column {c}: {}", self.message),
+            None => format!("not valid TOML: {}", self.message),
+        }
+    }
+}
+
+impl fmt::Display for TomlSyntax {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "config file {}: {}", self.path.display(), self.what())
+    }
+}
+
+impl std::error::Error for TomlSyntax {}
+
 fn readable_by_others(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o044 != 0)
@@ -308,8 +351,8 @@ impl Config {
         let mut used_file = None;
         match std::fs::read_to_string(&path) {
             Ok(text) => {
-                let table: toml::Table = toml::from_str(&text)
-                    .with_context(|| format!("config file {}: not valid TOML", path.display()))?;
+                let table: toml::Table =
+                    toml::from_str(&text).map_err(|e| TomlSyntax::new(&path, &text, &e))?;
                 // The file is world-readable by design (`shell` reads it as the user): a key in
                 // it is everybody's.
                 if table.contains_key("node_key") && readable_by_others(&path) {

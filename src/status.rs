@@ -57,7 +57,12 @@ pub fn run(args: StatusArgs) -> anyhow::Result<u8> {
     if let Some(s) = &args.socket {
         flags.push(("socket", s.display().to_string()));
     }
-    let cfg = Config::load(args.config.config.as_deref(), flags)?.config;
+    let loaded = Config::load(args.config.config.as_deref(), flags)?;
+    // As the daemon and `record` say them (on stderr: stdout may be JSON).
+    for w in loaded.notices() {
+        eprintln!("ztna-recorder: {w}");
+    }
+    let cfg = loaded.config;
     let st = match query(&cfg.socket) {
         Ok(st) => st,
         Err(e) => {

@@ -195,6 +195,72 @@ async fn malformed_file_is_one_line_with_its_position() {
     assert!(line.contains(&f.display().to_string()), "{line}");
 }
 
+/// A TOML error on the node key's own line (its quotes forgotten): no command says the key,
+/// although the parser's own message quotes the line (it went to the journal from `daemon`,
+/// and to the user's terminal from `shell`).
+#[test]
+fn a_syntax_error_on_the_node_keys_line_never_shows_the_key() {
+    let dir = config_dir();
+    let f = dir.path().join("config.toml");
+    let key = "ab".repeat(32);
+    for line in [format!("node_key = {key}"), format!("node_key = \"{key}")] {
+        std::fs::write(&f, format!("server_url = \"http://127.0.0.1:1\"\n{line}\n")).unwrap();
+        for args in [
+            vec!["daemon", "--config"],
+            vec!["status", "--config"],
+            vec!["config", "check", "--config"],
+        ] {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_ztna-recorder"))
+                .args(&args)
+                .arg(&f)
+                .env("ZTNA_RECORDER_LOG", "trace")
+                .output()
+                .unwrap();
+            let all = text(&out.stdout) + &text(&out.stderr);
+            assert!(!out.status.success(), "{args:?}: {all}");
+            assert!(all.contains("not valid TOML at line 2"), "{args:?}: {all}");
+            assert!(!all.contains(&key[..16]), "{args:?} shows the key: {all}");
+        }
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ztna-recorder"))
+            .args(["shell", "--config"])
+            .arg(&f)
+            .env("SSH_ORIGINAL_COMMAND", "true")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let all = text(&out.stdout) + &text(&out.stderr);
+        assert!(!all.contains(&key[..16]), "shell shows the key: {all}");
+    }
+}
+
+/// A `server_url` no request can be made of stops the daemon at its start with a message
+/// naming it (it ran, and logged "builder error" at every upload).
+#[test]
+fn a_server_url_that_is_no_url_stops_the_daemon() {
+    let dir = config_dir();
+    for url in ["http://exa mple", "https://[::1"] {
+        let f = write_config(dir.path(), url, Some(&"ab".repeat(32)));
+        let mut conf = std::fs::read_to_string(&f).unwrap();
+        conf.push_str(&format!(
+            "spool_dir = \"{}\"\nsocket = \"{}\"\n",
+            dir.path().join("spool").display(),
+            dir.path().join("sock").display()
+        ));
+        std::fs::write(&f, conf).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ztna-recorder"))
+            .args(["daemon", "--config"])
+            .arg(&f)
+            .output()
+            .unwrap();
+        let err = text(&out.stderr);
+        assert!(!out.status.success(), "{url}: {err}");
+        assert!(
+            err.contains("is not a usable URL") && err.contains(url),
+            "{url}: {err}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_problem_gets_its_own_line() {
     let dir = config_dir();

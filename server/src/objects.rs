@@ -29,6 +29,8 @@ pub enum ObjectError {
     Io { key: String, source: std::io::Error },
     #[error("object store task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error("bad S3 endpoint {0:?}: expected http://HOST[:PORT] or https://HOST[:PORT]")]
+    BadEndpoint(String),
     #[error("{0}: the bucket does not exist (create it first)")]
     NoBucket(String),
     #[error("{store}: cannot list the bucket: {source}")]
@@ -121,6 +123,15 @@ impl Objects {
             .with_bucket_name(bucket)
             .with_region(s3.region.clone().unwrap_or_else(|| "auto".to_string()));
         if let Some(ep) = &s3.endpoint {
+            // object_store panics on an endpoint it cannot make a request of (no scheme, a
+            // space): said here as a configuration error instead.
+            let ok = ep.parse::<axum::http::Uri>().ok().is_some_and(|u| {
+                matches!(u.scheme_str(), Some("http" | "https"))
+                    && u.host().is_some_and(|h| !h.is_empty())
+            });
+            if !ok {
+                return Err(ObjectError::BadEndpoint(ep.clone()));
+            }
             // R2, MinIO, Garage and test servers on loopback take path-style requests;
             // plain http is allowed only because the operator wrote an http:// endpoint.
             b = b
@@ -321,6 +332,40 @@ fn durable_write(path: &FsPath, data: &[u8]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An endpoint object_store cannot make a request of is a configuration error, not the
+    /// panic it was (`request valid: InvalidUri`) at `serve`'s start.
+    #[tokio::test]
+    async fn an_unusable_s3_endpoint_is_refused_at_open() {
+        for ep in [
+            "abc.r2.cloudflarestorage.com",
+            "127.0.0.1:9000",
+            "http://h/ x",
+            "ftp://h",
+            "http://",
+            "",
+        ] {
+            let s3 = S3Config {
+                endpoint: Some(ep.to_string()),
+                ..S3Config::default()
+            };
+            match Objects::open("s3://bkt", &s3) {
+                Err(ObjectError::BadEndpoint(e)) => assert_eq!(e, ep),
+                Err(e) => panic!("{ep}: {e}"),
+                Ok(_) => panic!("{ep}: taken"),
+            }
+        }
+        for ep in [
+            "http://127.0.0.1:9000",
+            "https://acct.r2.cloudflarestorage.com",
+        ] {
+            let s3 = S3Config {
+                endpoint: Some(ep.to_string()),
+                ..S3Config::default()
+            };
+            assert!(Objects::open("s3://bkt", &s3).is_ok(), "{ep}");
+        }
+    }
 
     #[tokio::test]
     async fn local_roundtrip_and_prefix_delete() {

@@ -45,9 +45,10 @@ use pty::run_pty;
 /// Arguments of `ztna-recorder shell`.
 #[derive(clap::Args, Debug)]
 pub struct ShellArgs {
-    /// The configuration file [default: /etc/ztna-recorder/config.toml; env:
-    /// ZTNA_RECORDER_CONFIG, only for a file root owns and alone may change]. Of the other
-    /// ZTNA_RECORDER_* variables, the shell takes only those that make recording stricter.
+    /// The configuration file [default: /etc/ztna-recorder/config.toml]. Unlike the other
+    /// commands, the shell ignores ZTNA_RECORDER_CONFIG and ZTNA_RECORDER_SOCKET (the user's
+    /// environment could name any file); of the other ZTNA_RECORDER_* variables it takes only
+    /// those that make recording stricter (ENFORCE, CAPTURE_INPUT on).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 }

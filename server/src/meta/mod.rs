@@ -22,6 +22,8 @@ use crate::objects::{ObjectError, Objects};
 pub enum MetaError {
     #[error("unsupported database URL {0:?}: expected sqlite://PATH or postgres://…")]
     BadUrl(String),
+    #[error("database URL {0:?} names no file (an in-memory database keeps nothing, and each connection would have its own): expected sqlite://PATH")]
+    InMemory(String),
     #[error("database: {0}")]
     Sql(#[from] sqlx::Error),
     #[error("cannot connect to the database at {url}: {source}")]
@@ -368,7 +370,17 @@ enum Backend {
 
 impl Backend {
     fn of(url: &str) -> Result<Backend> {
-        if url.starts_with("sqlite:") {
+        if let Some(rest) = url.strip_prefix("sqlite:") {
+            // A database in memory is one per connection of the pool, and gone with the
+            // process: every request would fail (no tables), and nothing would be kept.
+            let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+            let path = path.strip_prefix("//").unwrap_or(path);
+            if path.is_empty()
+                || path == ":memory:"
+                || query.split('&').any(|kv| kv == "mode=memory")
+            {
+                return Err(MetaError::InMemory(url.to_string()));
+            }
             Ok(Backend::Sqlite)
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             Ok(Backend::Postgres)
@@ -399,5 +411,47 @@ fn metadata_object(v: Value) -> Map<String, Value> {
     match v {
         Value::Object(m) => m,
         _ => Map::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_database_url_names_a_backend_and_a_file() {
+        for url in [
+            "sqlite:",
+            "sqlite://",
+            "sqlite::memory:",
+            "sqlite://:memory:",
+            "sqlite://x.db?mode=memory",
+        ] {
+            assert!(
+                matches!(check_url(url), Err(MetaError::InMemory(_))),
+                "{url}"
+            );
+        }
+        for url in [
+            "sqlite:///var/lib/x/recordings.db",
+            "sqlite://recordings.db?mode=rwc",
+            "postgres://u@h/db",
+        ] {
+            assert!(check_url(url).is_ok(), "{url}");
+        }
+        assert!(matches!(
+            check_url("mysql://h/db"),
+            Err(MetaError::BadUrl(_))
+        ));
+    }
+
+    /// A file that cannot be opened is said with the URL that names it.
+    #[tokio::test]
+    async fn an_unopenable_sqlite_file_is_named() {
+        let url = "sqlite:///nonexistent-dir-ztna/sub/recordings.db";
+        match open(url, 1).await {
+            Err(e) => assert!(e.to_string().contains("/nonexistent-dir-ztna/sub"), "{e}"),
+            Ok(_) => panic!("opened {url}"),
+        }
     }
 }

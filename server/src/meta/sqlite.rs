@@ -221,7 +221,11 @@ impl SqliteMeta {
         let write = SqlitePoolOptions::new()
             .max_connections(1)
             .connect_with(opts.clone())
-            .await?;
+            .await
+            .map_err(|source| super::MetaError::Connect {
+                url: url.to_string(),
+                source,
+            })?;
         MIGRATOR.run(&write).await?;
         let pool = SqlitePoolOptions::new()
             .max_connections(max_connections.max(1))
