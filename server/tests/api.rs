@@ -3557,6 +3557,50 @@ async fn two_servers_share_one_sqlite_file() {
     s.stop().await;
 }
 
+/// On PostgreSQL, a recording whose row another request holds (an upload stuck behind a store
+/// that does not answer; here a transaction of our own) answers its next upload and its
+/// `complete` with a retryable 503 `SERVER_BUSY` after a bounded wait, and changes nothing:
+/// queued requests each waited out the one before (the fourth failed after 200 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recording_held_locked_answers_busy_in_bounded_time() {
+    let s = Server::start(Backend::PgS3).await;
+    let org = s.fx.org.clone();
+    let rec = s.start_recording().await;
+    let url = s.stores.database_url.clone().unwrap();
+    let mut holder = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    sqlx::raw_sql(&format!(
+        "BEGIN; SELECT 1 FROM session_recordings WHERE id = '{rec}' FOR UPDATE"
+    ))
+    .execute(&mut holder)
+    .await
+    .unwrap();
+    let t0 = std::time::Instant::now();
+    let upload = json!({"action": "upload_chunk", "org_id": org, "session_id": rec, "chunk_index": 0, "chunk_data": "[0, \"o\", \"x\"]"});
+    let complete =
+        json!({"action": "complete", "org_id": org, "session_id": rec, "duration_seconds": 1});
+    let (u, c) = tokio::join!(s.member(upload.clone()), s.member(complete.clone()));
+    let waited = t0.elapsed();
+    assert_err(u, 503, "SERVER_BUSY");
+    assert_err(c, 503, "SERVER_BUSY");
+    // The complete waits behind the upload in this process, then for the row: 2 x 20 s.
+    assert!(waited < Duration::from_secs(60), "{waited:?}");
+    sqlx::raw_sql("ROLLBACK")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let d = s.get(&rec).await;
+    assert_eq!(d["recording"]["status"], "active", "{d}");
+    assert_eq!(d["recording"]["metadata"]["chunks"], json!([]), "{d}");
+    // Free again: both go through.
+    let (st, b) = s.member(upload).await;
+    assert_eq!(st, 200, "{b}");
+    let (st, b) = s.member(complete).await;
+    assert_eq!(st, 200, "{b}");
+    s.stop().await;
+}
+
 /// `serve` on a bucket that does not exist stops at once and says so (it used to start and
 /// fail every upload); the same store with the bucket there is fine.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -67,6 +67,13 @@ impl From<MetaError> for Failure {
         match e {
             // Written under the store's locks, but the object store is what failed.
             MetaError::Objects(e) => e.into(),
+            MetaError::Busy => {
+                tracing::warn!("{}", MetaError::Busy);
+                Failure::new(
+                    ErrorCode::ServerBusy,
+                    "the recording is busy with another request; try again",
+                )
+            }
             e => {
                 tracing::error!(error = %e, "metadata store failed");
                 internal_or_full(&e)

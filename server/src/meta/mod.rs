@@ -24,6 +24,10 @@ pub enum MetaError {
     BadUrl(String),
     #[error("database URL {0:?} names no file (an in-memory database keeps nothing, and each connection would have its own): expected sqlite://PATH")]
     InMemory(String),
+    /// A recording's row stayed locked past [`ROW_LOCK_WAIT`] (an upload of it held up by a
+    /// store that does not answer): retryable.
+    #[error("the recording is busy: another request on it has held it for over {} s", ROW_LOCK_WAIT.as_secs())]
+    Busy,
     #[error("database: {0}")]
     Sql(#[from] sqlx::Error),
     #[error("cannot connect to the database at {url}: {source}")]
@@ -242,6 +246,16 @@ pub enum CompleteOutcome {
 pub type Summarize<'a> = Box<dyn FnOnce(&[ChunkRow]) -> (Completion, ObjectWrite<'a>) + Send + 'a>;
 
 /// A foreign-key violation: the parent row went away under us.
+/// How long an upload or a `complete` waits for its recording's row (PostgreSQL): behind an
+/// upload held up by a stalled store, requests would otherwise queue, each waiting out the one
+/// before (the tenth failed after ten store timeouts), holding database connections meanwhile.
+pub const ROW_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// PostgreSQL's `lock_not_available` (a `lock_timeout` passed).
+fn is_lock_timeout(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.code().as_deref() == Some("55P03"))
+}
+
 fn is_fk_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.is_foreign_key_violation())
 }

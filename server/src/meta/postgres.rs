@@ -108,6 +108,26 @@ const MIRROR_CHUNK: &str = "UPDATE session_recordings SET metadata = CASE \
       'index', chunk_index, 'bytes', bytes, 'sha256', sha256) ORDER BY chunk_index), '[]'::jsonb) \
       FROM session_recording_chunks WHERE session_id = $1)) END WHERE id = $1";
 
+/// Bounds how long this transaction waits for a row lock (see [`super::ROW_LOCK_WAIT`]).
+async fn bound_lock_wait(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>) -> Result<()> {
+    sqlx::query(&format!(
+        "SET LOCAL lock_timeout = '{}ms'",
+        super::ROW_LOCK_WAIT.as_millis()
+    ))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// A row lock not had in time is [`MetaError::Busy`](super::MetaError::Busy).
+fn lock_wait(e: sqlx::Error) -> super::MetaError {
+    if super::is_lock_timeout(&e) {
+        super::MetaError::Busy
+    } else {
+        e.into()
+    }
+}
+
 #[async_trait::async_trait]
 impl MetadataStore for PgMeta {
     async fn create_org(&self, id: Uuid, name: &str, feature: bool) -> Result<()> {
@@ -489,12 +509,14 @@ impl MetadataStore for PgMeta {
         // uploads to one recording take turns, as an agent sends them anyway, and two bodies
         // for one index never write its object at once.
         let mut tx = self.pool.begin().await?;
+        bound_lock_wait(&mut tx).await?;
         let status: Option<String> = sqlx::query_scalar(
             "SELECT status FROM session_recordings WHERE id = $1 FOR NO KEY UPDATE",
         )
         .bind(session)
         .fetch_optional(&mut *tx)
-        .await?;
+        .await
+        .map_err(lock_wait)?;
         match status.as_deref() {
             None => return Ok(ChunkOutcome::Gone),
             Some("active") => {}
@@ -536,12 +558,14 @@ impl MetadataStore for PgMeta {
         // the recording completed; of two completes, the second finds it completed before it
         // writes its summary over the first's.
         let mut tx = self.pool.begin().await?;
+        bound_lock_wait(&mut tx).await?;
         let active = sqlx::query(
             "SELECT 1 FROM session_recordings WHERE id = $1 AND status = 'active' FOR UPDATE",
         )
         .bind(id)
         .fetch_optional(&mut *tx)
-        .await?;
+        .await
+        .map_err(lock_wait)?;
         if active.is_none() {
             return Ok(CompleteOutcome::NotActive);
         }
