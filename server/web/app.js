@@ -118,10 +118,30 @@
       cache: "no-store",
     });
     if (!res.ok) throw await readError(res);
-    const text = await res.text();
+    // Read piece by piece: the server cuts the body short when a chunk's object is missing
+    // (it has sent the answer's status already), and what came before that still plays.
+    let text = "";
+    let partial = false;
+    const decoder = new TextDecoder();
+    const reader = res.body.getReader();
+    for (;;) {
+      let step;
+      try {
+        step = await reader.read();
+      } catch (_) {
+        partial = true;
+        break;
+      }
+      if (step.done) break;
+      text += decoder.decode(step.value, { stream: true });
+    }
+    text += decoder.decode();
+    // Whole lines only.
+    if (partial) text = text.slice(0, text.lastIndexOf("\n") + 1);
     const num = (h) => Number(res.headers.get(h)) || 0;
     return {
       text,
+      partial,
       status: res.headers.get("x-recording-status") || "",
       chunks: num("x-recording-chunks"),
       sent: num("x-recording-chunks-sent"),
@@ -384,11 +404,21 @@
   }
 
   // Seeds the machine filter from a first page of everything (there is no list-machines action).
+  // The machine filter offers every machine with a recording: pages of the list are read in
+  // the background, up to MACHINE_SCAN recordings (an org's busiest machine alone filled the
+  // newest 200, and the others were offered only once their page was shown).
+  const MACHINE_SCAN = 10000;
   async function seedMachines() {
+    const org = state.org;
     try {
-      const data = await api("list", { limit: 200, offset: 0 });
-      noteRole(true);
-      noteMachines(Array.isArray(data.recordings) ? data.recordings : []);
+      for (let offset = 0; offset < MACHINE_SCAN; offset += 200) {
+        const data = await api("list", { limit: 200, offset });
+        if (state.org !== org) return;
+        noteRole(true);
+        const recs = Array.isArray(data.recordings) ? data.recordings : [];
+        noteMachines(recs);
+        if (recs.length < 200 || offset + 200 >= Number(data.total)) return;
+      }
     } catch (e) {
       if (forbidden(e)) noteRole(false);
       // loadList shows the error
@@ -531,6 +561,42 @@
     return v ? Number(v) : undefined;
   }
 
+  // The cast as the player gets it: every size (the header's and each resize's) within
+  // MAX_COLS x MAX_ROWS. The player follows resizes only when it is given no size of its own,
+  // so a huge resize must be cut here, as the header is.
+  function playableCast(text) {
+    const lines = text.split("\n");
+    const fit = (c, r) => [Math.max(1, Math.min(c, MAX_COLS)), Math.max(1, Math.min(r, MAX_ROWS))];
+    try {
+      const h = JSON.parse(lines[0]);
+      if (h && typeof h === "object" && (Number(h.width) > MAX_COLS || Number(h.height) > MAX_ROWS)) {
+        [h.width, h.height] = fit(Number(h.width) || 80, Number(h.height) || 24);
+        lines[0] = JSON.stringify(h);
+      }
+    } catch (_) {
+      // a broken header shows as the player's error
+    }
+    for (let i = 1; i < lines.length; i++) {
+      // The code is the only place "r" stands between bare quotes on an event line.
+      if (!lines[i].includes('"r"')) continue;
+      let ev;
+      try {
+        ev = JSON.parse(lines[i]);
+      } catch (_) {
+        continue;
+      }
+      if (!Array.isArray(ev) || ev[1] !== "r" || typeof ev[2] !== "string") continue;
+      const m = /^(\d+)x(\d+)$/.exec(ev[2]);
+      if (!m) continue;
+      const [c, r] = fit(Number(m[1]), Number(m[2]));
+      if (c !== Number(m[1]) || r !== Number(m[2])) {
+        ev[2] = `${c}x${r}`;
+        lines[i] = JSON.stringify(ev);
+      }
+    }
+    return lines.join("\n");
+  }
+
   // (Re)creates the player on the cast text, at `at` seconds (null: showing the first
   // frame, ready to play from the start).
   function mountPlayer(at, autoPlay) {
@@ -550,29 +616,32 @@
     const limit = idleLimit();
     const times = castTimes(p.text, limit);
     const where = at === null ? times.firstOutput : Math.max(0, Math.min(at, times.duration));
+    // At the recorded size (no `fit`), and no `cols`/`rows`: given a size, the player keeps it
+    // and ignores the recording's resizes (sizes are capped in playableCast instead). No
+    // poster either: the first seek after a poster drops the output before the poster's time.
     const opts = {
-      fit: false, // the terminal at its recorded size
+      fit: false,
       preload: true,
       speed: Number($("speed").value) || 1,
-      // The poster both shows the frame and sets the position play starts from (a frame
-      // includes the events at its exact time, so just past `where`). Not `startAt`: with a
-      // poster it skips events, and `autoPlay` ignores the poster; play() is called below.
-      poster: `npt:${(where + 0.001).toFixed(3)}`,
       terminalFontSize: "14px",
-      cols: times.cols,
-      rows: times.rows,
     };
     if (limit) opts.idleTimeLimit = limit;
     const box = $("player");
     box.replaceChildren();
-    p.obj = AsciinemaPlayer.create({ data: p.text }, box, opts);
+    const obj = AsciinemaPlayer.create({ data: playableCast(p.text) }, box, opts);
+    p.obj = obj;
     p.duration = times.duration;
     p.playing = !!autoPlay;
-    p.obj.addEventListener("play", () => { p.playing = true; });
-    p.obj.addEventListener("playing", () => { p.playing = true; });
-    p.obj.addEventListener("pause", () => { p.playing = false; });
-    p.obj.addEventListener("ended", () => { p.playing = false; });
-    if (autoPlay) p.obj.play().catch(() => {});
+    obj.addEventListener("play", () => { p.playing = true; });
+    obj.addEventListener("playing", () => { p.playing = true; });
+    obj.addEventListener("pause", () => { p.playing = false; });
+    obj.addEventListener("ended", () => { p.playing = false; });
+    // Shows the frame at `where` (a frame includes the events at its exact time, so just
+    // past it), and plays on from there when asked.
+    obj
+      .seek(where + 0.001)
+      .then(() => (autoPlay && p.obj === obj ? obj.play() : undefined))
+      .catch(() => {});
     box.dataset.cols = String(times.cols);
     box.dataset.rows = String(times.rows);
   }
@@ -653,6 +722,16 @@
       p.chunks = c.chunks;
       p.next = c.next;
       mountPlayer(null, false);
+      if (c.partial) {
+        // Not "cannot reach the server": it answered, then stopped part-way.
+        $("player-status").textContent = "";
+        showMessage(
+          "Only part of this recording could be read: the server stopped sending it part-way " +
+            "(a chunk's object is missing or unreadable; see Integrity, and the server's log). " +
+            "What came before that plays.",
+          "error");
+        return;
+      }
       $("player-status").textContent = c.status === "active" ? "Live: showing what has arrived so far." : "";
       if (c.status === "active") schedulePoll(p);
     } catch (e) {
@@ -677,12 +756,14 @@
     try {
       let c = await fetchCast(p.id, p.next);
       if (p.stopped) return;
+      if (c.partial) throw new Error("the server stopped sending the new chunks part-way");
       if (c.sent > 0 || c.chunks !== p.chunks) {
         if (p.chunks + c.sent === c.chunks) {
           p.text += c.text;
         } else {
           c = await fetchCast(p.id);
           if (p.stopped) return;
+          if (c.partial) throw new Error("the server stopped sending the recording part-way");
           p.text = c.text;
         }
         p.chunks = c.chunks;
@@ -719,7 +800,11 @@
     const p = state.player;
     if (!p) return;
     try {
-      const { text } = await fetchCast(p.id);
+      const { text, partial } = await fetchCast(p.id);
+      if (partial) {
+        throw new Error("Not downloaded: the server stopped sending the recording part-way " +
+          "(a chunk's object is missing or unreadable; see Integrity).");
+      }
       const url = URL.createObjectURL(new Blob([text], { type: "application/x-asciicast" }));
       const a = el("a", { href: url, download: `${p.id}.cast` });
       document.body.append(a);

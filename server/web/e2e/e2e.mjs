@@ -376,6 +376,57 @@ async function main() {
   assert.equal(await page.getAttribute("#player", "data-rows"), "500");
   log("a 65535x65535 recording plays at 1000x500");
 
+  // Resizes are followed (the player was given the header's size, and kept it), a huge one
+  // cut to the limit.
+  const resizeTranscript = JSON.stringify({ height: 24, version: 2, width: 80 }) + "\n" +
+    ev(0.1, "before-resize\r\n") + JSON.stringify([1, "r", "120x40"]) + "\n" +
+    ev(1.5, "after-resize " + "#".repeat(110) + "\r\n") + JSON.stringify([8, "r", "65535x9000"]) + "\n" +
+    ev(8.5, "huge-resize\r\n");
+  const resized = (await agent(xss.node_key, { session_type: "ssh", session_data: { transcript: resizeTranscript } })).session_id;
+  await page.goto(`${server.base}/#/play/${resized}`);
+  await page.waitForFunction(() => (document.querySelector("#player .ap-term")?.textContent || "").includes("before-resize"));
+  assert.equal(await page.locator("#player .ap-term .ap-line").count(), 24);
+  await page.evaluate(() => document.querySelector("#player .ap-wrapper").focus());
+  await page.keyboard.press("6");
+  await page.waitForFunction(() => (document.querySelector("#player .ap-term")?.textContent || "").includes("after-resize"));
+  const wide = await page.locator("#player .ap-term .ap-line").allTextContents();
+  assert.equal(wide.length, 40, "the terminal follows the resize to 120x40");
+  assert.ok(wide.some((l) => l.includes("after-resize " + "#".repeat(107))), "a 123-column line is not wrapped at 80");
+  await page.keyboard.press("ArrowRight");
+  await page.waitForFunction(() => (document.querySelector("#player .ap-term")?.textContent || "").includes("huge-resize"));
+  assert.equal(await page.locator("#player .ap-term .ap-line").count(), 500, "a huge resize is cut to 500 rows");
+  log("resizes followed, a huge one cut to the limit");
+
+  // The first seek after the player is mounted shows everything before the new position (it
+  // dropped what came before the first frame's time).
+  const seekTranscript = JSON.stringify({ height: 24, version: 2, width: 80 }) + "\n" +
+    ev(0.05, "Welcome-motd\r\n$ ") + ev(1.0, "l") + ev(1.2, "s\r\n") + ev(1.3, "file1  file2\r\n$ ") + ev(10, "exit\r\n");
+  const seekRec = (await agent(xss.node_key, { session_type: "ssh", session_data: { transcript: seekTranscript } })).session_id;
+  await page.goto(`${server.base}/#/play/${seekRec}`);
+  await page.waitForFunction(() => (document.querySelector("#player .ap-term")?.textContent || "").includes("Welcome-motd"));
+  await page.evaluate(() => document.querySelector("#player .ap-wrapper").focus());
+  await page.keyboard.press("5");
+  await page.waitForFunction(() => (document.querySelector("#player .ap-term")?.textContent || "").includes("file1"));
+  const afterSeek = (await page.locator("#player .ap-term .ap-line").allTextContents()).map((l) => l.trimEnd());
+  assert.deepEqual(afterSeek.slice(0, 3), ["Welcome-motd", "$ ls", "file1  file2"], "nothing before the first frame lost");
+  log("the first seek keeps what came before the first frame");
+
+  // A chunk whose object is gone: what came before it plays, and the page says what happened
+  // (it said "Cannot reach the server" and hid the details).
+  const cut = await startSession(xss.node_key, { height: 24, version: 2, width: 80 }, {});
+  for (const [i, text] of [[0, "chunk-zero-text"], [1, "chunk-one-text"], [2, "chunk-two-text"]]) {
+    await agent(xss.node_key, { action: "upload_chunk", session_id: cut, chunk_index: i, chunk_data: ev(i + 0.5, `${text}\r\n`) });
+  }
+  await agent(xss.node_key, { action: "complete", session_id: cut });
+  rmSync(path.join(DATA, "objects", "recordings", org, cut, "chunk-1.cast"));
+  await page.goto(`${server.base}/#/play/${cut}`);
+  await page.waitForFunction(() => (document.querySelector("#player .ap-term")?.textContent || "").includes("chunk-zero-text"));
+  await page.waitForFunction(() => !document.querySelector("#message").hidden);
+  assert.match(await page.textContent("#message-text"), /Only part of this recording could be read/);
+  assert.equal(await page.locator("#player-view.failed").count(), 0, "details and buttons stay");
+  assert.match(await page.textContent("#player-meta"), /missing/, "Integrity is shown");
+  log("a missing chunk: what came before it plays, and the page says why it stops");
+
   assert.deepEqual(dialogs, [], "no alert ran");
   assert.deepEqual(pageErrors, [], "no page errors");
   await browser.close();
