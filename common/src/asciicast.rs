@@ -253,7 +253,7 @@ fn json_blank(s: &str) -> bool {
 }
 
 /// `s` without the JSON whitespace at its start.
-pub fn trim_json_start(s: &str) -> &str {
+fn trim_json_start(s: &str) -> &str {
     s.trim_start_matches([' ', '\t', '\r', '\n'])
 }
 
