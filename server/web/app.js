@@ -721,7 +721,8 @@
       p.text = c.text;
       p.chunks = c.chunks;
       p.next = c.next;
-      mountPlayer(null, false);
+      // A cast cut short before its header line ended has nothing to play.
+      if (!c.partial || p.text.includes("\n")) mountPlayer(null, false);
       if (c.partial) {
         // Not "cannot reach the server": it answered, then stopped part-way.
         $("player-status").textContent = "";

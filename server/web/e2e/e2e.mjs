@@ -420,12 +420,13 @@ async function main() {
   await agent(xss.node_key, { action: "complete", session_id: cut });
   rmSync(path.join(DATA, "objects", "recordings", org, cut, "chunk-1.cast"));
   await page.goto(`${server.base}/#/play/${cut}`);
-  await page.waitForFunction(() => (document.querySelector("#player .ap-term")?.textContent || "").includes("chunk-zero-text"));
+  // (What of chunk 0 reached the browser before the server cut the answer short depends on
+  // its write buffer: whatever came plays, and is not asserted.)
   await page.waitForFunction(() => !document.querySelector("#message").hidden);
   assert.match(await page.textContent("#message-text"), /Only part of this recording could be read/);
   assert.equal(await page.locator("#player-view.failed").count(), 0, "details and buttons stay");
   assert.match(await page.textContent("#player-meta"), /missing/, "Integrity is shown");
-  log("a missing chunk: what came before it plays, and the page says why it stops");
+  log("a missing chunk: the page says why the recording stops, details and buttons stay");
 
   assert.deepEqual(dialogs, [], "no alert ran");
   assert.deepEqual(pageErrors, [], "no page errors");
