@@ -187,6 +187,39 @@ fn chunk_indexes(rec: &Value) -> Vec<u64> {
         .unwrap_or_default()
 }
 
+/// `shell` running `cmd` as for `ssh host CMD` (no PTY, stdin empty), and a tail of what it
+/// shows.
+fn piped(agent: &Agent, cmd: &str) -> (std::process::Child, Tail) {
+    let mut child = agent
+        .shell_command(Some(cmd), None)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let tail = Tail::new(child.stdout.take().unwrap());
+    (child, tail)
+}
+
+/// Files that let a scripted program go on, step by step: `wait(n)` is the shell code that
+/// waits for step `n`, `go(n)` lets it go.
+struct Steps(PathBuf);
+
+impl Steps {
+    fn new(agent: &Agent) -> Steps {
+        Steps(agent.dir.path().to_path_buf())
+    }
+
+    fn wait(&self, n: u8) -> String {
+        format!(
+            "while [ ! -e {}/go{n} ]; do sleep 0.05; done",
+            self.0.display()
+        )
+    }
+
+    fn go(&self, n: u8) {
+        std::fs::write(self.0.join(format!("go{n}")), "").unwrap();
+    }
+}
+
 /// The `o` data of a recording's events, concatenated.
 fn output_of(events: &str) -> String {
     let mut s = String::new();
@@ -1123,12 +1156,7 @@ async fn under_enforce_an_ended_piped_session_leaves_no_background_job() {
         "sh -c 'trap \"\" TERM HUP PIPE; echo $$ > {}; while :; do sleep 0.1; done' & echo ready; wait",
         pidfile.display()
     );
-    let mut child = agent
-        .shell_command(Some(&cmd), None)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let tail = Tail::new(child.stdout.take().unwrap());
+    let (mut child, tail) = piped(&agent, &cmd);
     let (status, job) = tokio::task::block_in_place(|| {
         tail.wait_for("ready\n");
         let mut job = 0i32;
@@ -2244,32 +2272,26 @@ async fn a_daemon_restart_mid_session_records_the_rest_as_a_continuation() {
     let mut backend = Backend::new(true).await;
     let agent = Agent::new(&backend, "");
     let mut daemon = agent.daemon();
-    let go = agent.dir.path().join("go");
-    let wait = |n: u8| format!("while [ ! -e {}{n} ]; do sleep 0.05; done", go.display());
+    let go = Steps::new(&agent);
     let cmd = format!(
         "echo one; {}; echo two; {}; echo three; exit 3",
-        wait(1),
-        wait(2)
+        go.wait(1),
+        go.wait(2)
     );
-    let mut child = agent
-        .shell_command(Some(&cmd), None)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut tail = Tail::new(child.stdout.take().unwrap());
+    let (mut child, mut tail) = piped(&agent, &cmd);
     let mut restarted = time::OffsetDateTime::now_utc();
     let status = tokio::task::block_in_place(|| {
         tail.wait_for("one\n");
         kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);
         assert!(daemon.wait().unwrap().success(), "{}", agent.log());
         // Output while no daemon runs waits for the next one.
-        std::fs::write(go.with_file_name("go1"), "").unwrap();
+        go.go(1);
         tail.wait_for("two\n");
         // The continuation starts when "two" was shown, not when a daemon took it.
         std::thread::sleep(Duration::from_millis(1500));
         restarted = time::OffsetDateTime::now_utc();
         daemon = agent.daemon();
-        std::fs::write(go.with_file_name("go2"), "").unwrap();
+        go.go(2);
         tail.wait_for("three\n");
         child.wait().unwrap()
     });
@@ -2319,24 +2341,18 @@ async fn a_piped_session_is_taken_back_by_the_daemon_while_silent_after_an_overf
     let mut backend = Backend::new(true).await;
     let agent = Agent::new(&backend, "");
     let mut daemon = agent.daemon();
-    let go = agent.dir.path().join("go");
-    let wait = |n: u8| format!("while [ ! -e {}{n} ]; do sleep 0.05; done", go.display());
+    let go = Steps::new(&agent);
     let cmd = format!(
         "echo one; {}; head -c 1500000 /dev/zero | tr '\\0' x; echo; echo two; {}; echo after; exit 4",
-        wait(1),
-        wait(2)
+        go.wait(1),
+        go.wait(2)
     );
-    let mut child = agent
-        .shell_command(Some(&cmd), None)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut tail = Tail::new(child.stdout.take().unwrap());
+    let (mut child, mut tail) = piped(&agent, &cmd);
     let status = tokio::task::block_in_place(|| {
         tail.wait_for("one\n");
         kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);
         assert!(daemon.wait().unwrap().success(), "{}", agent.log());
-        std::fs::write(go.with_file_name("go1"), "").unwrap();
+        go.go(1);
         tail.wait_for("two\n");
         daemon = agent.daemon();
         // The program prints nothing until the session is live again.
@@ -2345,7 +2361,7 @@ async fn a_piped_session_is_taken_back_by_the_daemon_while_silent_after_an_overf
             Duration::from_secs(10),
             || !agent.status().sessions_live.is_empty(),
         );
-        std::fs::write(go.with_file_name("go2"), "").unwrap();
+        go.go(2);
         tail.wait_for("after\n");
         child.wait().unwrap()
     });
@@ -2384,19 +2400,13 @@ async fn a_daemon_killed_mid_session_records_the_rest_once_it_is_back() {
     let mut backend = Backend::new(true).await;
     let agent = Agent::new(&backend, "chunk_max_secs = 1\n");
     let mut daemon = agent.daemon();
-    let go = agent.dir.path().join("go");
-    let wait = |n: u8| format!("while [ ! -e {}{n} ]; do sleep 0.05; done", go.display());
+    let go = Steps::new(&agent);
     let cmd = format!(
         "echo one; {}; echo two; {}; echo three; exit 3",
-        wait(1),
-        wait(2)
+        go.wait(1),
+        go.wait(2)
     );
-    let mut child = agent
-        .shell_command(Some(&cmd), None)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut tail = Tail::new(child.stdout.take().unwrap());
+    let (mut child, mut tail) = piped(&agent, &cmd);
     let spool = agent.spool();
     let status = tokio::task::block_in_place(|| {
         tail.wait_for("one\n");
@@ -2405,11 +2415,11 @@ async fn a_daemon_killed_mid_session_records_the_rest_once_it_is_back() {
         });
         kill(&mut daemon, nix::sys::signal::Signal::SIGKILL);
         daemon.wait().unwrap();
-        std::fs::write(go.with_file_name("go1"), "").unwrap();
+        go.go(1);
         tail.wait_for("two\n");
         std::thread::sleep(Duration::from_millis(1000));
         daemon = agent.daemon();
-        std::fs::write(go.with_file_name("go2"), "").unwrap();
+        go.go(2);
         tail.wait_for("three\n");
         child.wait().unwrap()
     });
@@ -2438,12 +2448,7 @@ async fn a_stop_cut_short_by_sigkill_still_links_the_continuation() {
         "echo one; while [ ! -e {} ]; do sleep 0.05; done; echo two; exit 3",
         go.display()
     );
-    let mut child = agent
-        .shell_command(Some(&cmd), None)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut tail = Tail::new(child.stdout.take().unwrap());
+    let (mut child, mut tail) = piped(&agent, &cmd);
     let status = tokio::task::block_in_place(|| {
         tail.wait_for("one\n");
         kill(&mut daemon, nix::sys::signal::Signal::SIGTERM);

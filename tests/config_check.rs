@@ -247,11 +247,23 @@ fn a_server_url_that_is_no_url_stops_the_daemon() {
             dir.path().join("sock").display()
         ));
         std::fs::write(&f, conf).unwrap();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ztna-recorder"))
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ztna-recorder"))
             .args(["daemon", "--config"])
             .arg(&f)
-            .output()
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
             .unwrap();
+        // A daemon that took the URL runs on: that is the failure, not a hang.
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > until {
+                let _ = child.kill();
+                panic!("{url}: the daemon started");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let out = child.wait_with_output().unwrap();
         let err = text(&out.stderr);
         assert!(!out.status.success(), "{url}: {err}");
         assert!(
