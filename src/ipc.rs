@@ -235,6 +235,10 @@ pub async fn read_body_async<R: AsyncRead + Unpin>(
     }
 }
 
+/// The most killed holders of a session's terminal (`terminal_holders_killed`) its metadata
+/// lists: a user could start thousands, and the backend keeps 64 KiB of metadata.
+pub const MAX_LISTED_HOLDERS: usize = 64;
+
 /// `Start`: the asciicast header and the session's metadata (contract: "Agent: session
 /// metadata"). `uid` and `user` are overwritten by the daemon from the socket's peer
 /// credentials.

@@ -409,7 +409,12 @@ struct FrameClient {
 
 impl FrameClient {
     fn start(socket: &Path) -> (FrameClient, DecisionMsg) {
-        let mut s = Self::send_start(socket);
+        Self::start_with(socket, |_| {})
+    }
+
+    /// As [`start`](Self::start), with the Start changed by `change` first.
+    fn start_with(socket: &Path, change: impl FnOnce(&mut StartMsg)) -> (FrameClient, DecisionMsg) {
+        let mut s = Self::send_start_with(socket, change);
         let d = ipc::read_frame(&mut s).unwrap();
         assert_eq!(d.kind, Kind::Decision);
         let d: DecisionMsg = d.parse().unwrap();
@@ -418,6 +423,10 @@ impl FrameClient {
 
     /// Connects and sends a Start; the decision is left unread.
     fn send_start(socket: &Path) -> UnixStream {
+        Self::send_start_with(socket, |_| {})
+    }
+
+    fn send_start_with(socket: &Path, change: impl FnOnce(&mut StartMsg)) -> UnixStream {
         let mut s = UnixStream::connect(socket).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut metadata = serde_json::Map::new();
@@ -430,7 +439,7 @@ impl FrameClient {
             "continues".into(),
             json!("2f1f0a4e-0000-4000-8000-000000000000"),
         );
-        let start = StartMsg {
+        let mut start = StartMsg {
             session_type: "ssh".into(),
             header: ztna_common::Header::new(
                 ztna_common::TtySize {
@@ -442,6 +451,7 @@ impl FrameClient {
             ),
             metadata,
         };
+        change(&mut start);
         let f = Frame::json(Kind::Start, &start).unwrap();
         ipc::write_frame(&mut s, f.kind, &f.payload).unwrap();
         s
@@ -491,6 +501,109 @@ fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
 
 // ---------------------------------------------------------------------------------------
 // Tests without sshd
+
+/// A Start the backend would refuse for good (a header no player can use, a bad session
+/// type, metadata of thousands of values or with U+0000) is refused by the daemon, so nothing
+/// is spooled that would end in `failed/` (a user could fill the disk so, straight through
+/// the socket). A long string is cut to fit instead, and an End's metadata the backend would
+/// refuse is dropped while the recording completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_the_backend_would_refuse_are_refused_and_nothing_lands_in_failed() {
+    let mut backend = Backend::new(true).await;
+    let agent = Agent::new(&backend, "");
+    let mut daemon = agent.daemon();
+    let socket = agent.socket();
+    let many: Vec<Value> = (0..2000).map(|_| json!([])).collect();
+    type Change = Box<dyn FnOnce(&mut StartMsg) + Send>;
+    let bad: Vec<(&str, Change)> = vec![
+        ("width 0", Box::new(|s| s.header.width = 0)),
+        ("empty session_type", Box::new(|s| s.session_type.clear())),
+        (
+            "control character in session_type",
+            Box::new(|s| s.session_type = "ss\nh".into()),
+        ),
+        (
+            "2000 values",
+            Box::new(move |s| {
+                s.metadata.insert("junk".into(), Value::Array(many));
+            }),
+        ),
+        (
+            "U+0000",
+            Box::new(|s| {
+                s.metadata.insert("x\0".into(), json!(1));
+            }),
+        ),
+        (
+            "an uncuttable 60 KiB key",
+            Box::new(|s| {
+                s.metadata.insert("k".repeat(60 * 1024), json!(1));
+            }),
+        ),
+    ];
+    let (socket2, decisions) = tokio::task::spawn_blocking(move || {
+        let decisions: Vec<(&str, DecisionMsg)> = bad
+            .into_iter()
+            .map(|(what, change)| (what, FrameClient::start_with(&socket, change).1))
+            .collect();
+        (socket, decisions)
+    })
+    .await
+    .unwrap();
+    for (what, d) in &decisions {
+        assert_eq!(d.mode, Mode::Refused, "{what}: {d:?}");
+        assert!(d.reason.contains("not valid"), "{what}: {d:?}");
+    }
+    // A long command is cut, as `shell` cuts it; an End's metadata of thousands of values is
+    // dropped, its exit status kept.
+    tokio::task::spawn_blocking(move || {
+        let (mut c, d) = FrameClient::start_with(&socket2, |s| {
+            s.metadata
+                .insert("command".into(), json!("c".repeat(200 * 1024)));
+        });
+        assert_eq!(d.mode, Mode::Record, "{d:?}");
+        c.events(&event_line(0.5, "hello\r\n"));
+        let f = Frame::json(
+            Kind::End,
+            &EndMsg {
+                exit_status: Some(3),
+                metadata: json!({"bytes_in": 1, "junk": (0..2000).collect::<Vec<u32>>()})
+                    .as_object()
+                    .unwrap()
+                    .clone(),
+            },
+        )
+        .unwrap();
+        ipc::write_frame(&mut c.s, f.kind, &f.payload).unwrap();
+        assert_eq!(ipc::read_frame(&mut c.s).unwrap().kind, Kind::Ack);
+    })
+    .await
+    .unwrap();
+    let recs = backend.wait_completed(1, Duration::from_secs(30)).await;
+    assert_eq!(recs.len(), 1, "{}", agent.log());
+    let meta = &recs[0]["metadata"];
+    let cmd = meta["command"].as_str().unwrap();
+    assert!(
+        cmd.starts_with("ccc") && cmd.ends_with('…') && cmd.len() < 64 * 1024,
+        "{}",
+        cmd.len()
+    );
+    assert_eq!(meta["exit_status"], 3);
+    assert!(
+        meta.get("junk").is_none() && meta.get("bytes_in").is_none(),
+        "{meta:#}"
+    );
+    assert_eq!(backend.events_text(&recs[0]), event_line(0.5, "hello\r\n"));
+    assert_eq!(
+        std::fs::read_dir(agent.spool().join("failed"))
+            .unwrap()
+            .count(),
+        0,
+        "{}",
+        agent.log()
+    );
+    stop_all(&mut daemon, &mut backend).await;
+}
 
 /// The backend is down for the whole session and comes back: every chunk arrives, in order,
 /// once, and the peer's real uid replaces what the client claimed.

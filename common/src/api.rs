@@ -15,6 +15,36 @@ pub const MAX_CHUNK_BYTES: usize = 8 * 1024 * 1024;
 /// recording's row is sent whole in every `list` page, so what a caller adds stays small.
 pub const MAX_METADATA_BYTES: usize = 64 * 1024;
 
+/// Whether a U+0000 is anywhere in `v`, keys included: PostgreSQL's `jsonb` cannot hold one,
+/// so the server refuses it in a header or metadata (and an agent does not send it).
+pub fn has_nul(v: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match v {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(a) => a.iter().any(has_nul),
+        Value::Object(m) => m.iter().any(|(key, x)| key.contains('\0') || has_nul(x)),
+        _ => false,
+    }
+}
+
+/// How many JSON values `v` holds, itself included.
+pub fn count_values(v: &serde_json::Value) -> usize {
+    use serde_json::Value;
+    match v {
+        Value::Array(a) => 1 + a.iter().map(count_values).sum::<usize>(),
+        Value::Object(m) => 1 + m.values().map(count_values).sum::<usize>(),
+        _ => 1,
+    }
+}
+
+/// A `session_type` the server takes: 1 to 64 characters, none of them a control character.
+pub fn check_session_type(s: &str) -> Result<(), &'static str> {
+    if s.is_empty() || s.chars().count() > 64 || s.chars().any(char::is_control) {
+        return Err("must be 1 to 64 printable characters");
+    }
+    Ok(())
+}
+
 /// `{"success", "data", "error"}`, the envelope of every answer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Envelope<T> {

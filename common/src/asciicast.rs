@@ -378,7 +378,7 @@ pub fn check_header(v: &serde_json::Value) -> Result<(), String> {
 }
 
 /// How many bytes `v` takes as compact JSON.
-pub fn json_len(v: &serde_json::Value) -> usize {
+pub fn json_len<T: Serialize + ?Sized>(v: &T) -> usize {
     struct Count(usize);
     impl std::io::Write for Count {
         fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {

@@ -115,6 +115,62 @@ async fn recording_off(shared: &Shared) -> bool {
     }
 }
 
+/// The most JSON values a `Start`'s (or an `End`'s) metadata may hold. `shell` sends a dozen;
+/// each costs the daemon memory while the session starts, and the backend space in every
+/// `list` page.
+const MAX_CLIENT_VALUES: usize = 1024;
+
+/// What an `End`'s metadata may take as JSON (`shell` sends byte counts, an exit signal, an
+/// error message), and what a `Start`'s may: the backend keeps 64 KiB of metadata in all,
+/// which must also hold what the daemon adds (who, where, its notes; about 1 KiB).
+const END_METADATA_BYTES: usize = 6 * 1024;
+const START_METADATA_BYTES: usize =
+    ztna_common::api::MAX_METADATA_BYTES - END_METADATA_BYTES - 2 * 1024;
+
+/// Fits a client's metadata in `max` bytes as JSON by cutting its longest strings (as `shell`
+/// cuts a long command); what cannot be cut so, or holds what the backend refuses, is an
+/// error.
+fn fit_client_metadata(m: &mut serde_json::Map<String, Value>, max: usize) -> Result<(), String> {
+    use ztna_common::{api, asciicast};
+    if m.iter().any(|(k, v)| k.contains('\0') || api::has_nul(v)) {
+        return Err("its metadata contains U+0000".into());
+    }
+    let values = 1 + m.values().map(api::count_values).sum::<usize>();
+    if values > MAX_CLIENT_VALUES {
+        return Err(format!(
+            "its metadata holds {values} JSON values (at most {MAX_CLIENT_VALUES})"
+        ));
+    }
+    if asciicast::json_len(m) > max {
+        let mut v = Value::Object(std::mem::take(m));
+        asciicast::clip_to_fit(&mut v, max);
+        if let Value::Object(clipped) = v {
+            *m = clipped;
+        }
+        if asciicast::json_len(m) > max {
+            return Err(format!(
+                "its metadata takes over {} KiB as JSON",
+                max / 1024
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether the backend will take a session that starts so. A `Start` that `shell` would never
+/// send is refused here: accepted, the backend would refuse the session for good, and it
+/// would be set aside in `failed/`, so a user sending such Starts straight to the socket could
+/// fill the disk with sessions no one reads. Long strings in the metadata are cut to fit.
+fn check_start(start: &mut StartMsg, header: &Value) -> Result<(), String> {
+    use ztna_common::{api, asciicast};
+    api::check_session_type(&start.session_type).map_err(|why| format!("session_type {why}"))?;
+    asciicast::check_header(header).map_err(|why| format!("the header {why}"))?;
+    if api::has_nul(header) {
+        return Err("its header contains U+0000".into());
+    }
+    fit_client_metadata(&mut start.metadata, START_METADATA_BYTES)
+}
+
 /// Metadata the daemon sets itself, from what it knows (the peer's credentials, this machine,
 /// how the session ended): a client's values for them are dropped, at the start and at the
 /// end (an `End` frame's metadata is merged into the recording's).
@@ -400,9 +456,23 @@ async fn handle(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
             return Ok(());
         }
     }
-    let start: StartMsg = first.parse()?;
+    let mut start: StartMsg = first.parse()?;
+    // Up to a frame's 1 MiB: not kept while the session runs.
+    drop(first);
     let uid = cred.uid();
     let user = user_name(uid).unwrap_or_else(|| uid.to_string());
+    let header = serde_json::to_value(&start.header)?;
+    if let Err(why) = check_start(&mut start, &header) {
+        tracing::warn!(%user, uid, "a session's Start is not valid ({why}): refused");
+        let decision = DecisionMsg {
+            mode: Mode::Refused,
+            reason: format!("the session's start is not valid: {why}"),
+            session: None,
+            own_limit: false,
+        };
+        send_json(&mut wr, Kind::Decision, &decision).await?;
+        return Ok(());
+    }
 
     let decide = |mode, reason: &str| DecisionMsg {
         mode,
@@ -503,6 +573,7 @@ async fn handle(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
                     all.push(Value::from(p));
                 }
             }
+            all.truncate(ipc::MAX_LISTED_HOLDERS);
             metadata.insert("terminal_holders_killed".into(), Value::Array(all));
             metadata
                 .entry("terminal_held_by_pid")
@@ -546,7 +617,6 @@ async fn handle(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
         .unwrap_or("interactive")
         .to_string();
     let metadata_only = kind == "file_transfer";
-    let header = serde_json::to_value(&start.header)?;
     let meta_v = Value::Object(metadata);
     // Live before its folder appears: the uploader completes a session that is neither live
     // nor marked ended as interrupted.
@@ -597,6 +667,8 @@ async fn handle(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
             return Ok(());
         }
     };
+    // Written to the folder: not kept while the session runs.
+    drop((header, meta_v));
     shared.wake.notify_one();
     tracing::info!(session = %id, %user, uid, "session started");
 
@@ -915,11 +987,17 @@ impl Drop for AbortOnDrop {
 }
 
 /// What an `End` adds to the recording's metadata: the client's own keys and the exit status.
+/// Metadata that cannot be fitted as a `Start`'s is (see [`fit_client_metadata`]) is dropped
+/// whole: the backend would refuse the `complete`, and the session would never be completed.
 fn end_metadata(end: EndMsg) -> (Option<i32>, serde_json::Map<String, Value>) {
     let mut metadata = end.metadata;
     drop_owned(&mut metadata);
     for k in START_OR_DAEMON_KEYS {
         metadata.remove(*k);
+    }
+    if let Err(why) = fit_client_metadata(&mut metadata, END_METADATA_BYTES) {
+        tracing::warn!("a session's End is not valid ({why}): its metadata is dropped");
+        metadata.clear();
     }
     if let Some(s) = end.exit_status {
         metadata.insert("exit_status".into(), Value::from(s));

@@ -562,6 +562,55 @@ impl Spool {
         super::lock(&self.size.walked)
     }
 
+    /// Keeps `failed/` within `max_bytes` and `max_entries` by deleting its oldest entries.
+    /// What lands there the backend refused for good, and it does not count towards
+    /// `spool_max_bytes`: unbounded, a user whose sessions the backend refuses (or a backend
+    /// refusing everything) would fill the disk, and every later session would be refused.
+    /// Folders set aside as not ours (`.not-ours`) are left alone, for an operator. Returns
+    /// what was deleted.
+    pub fn trim_failed(&self, max_bytes: u64, max_entries: usize) -> io::Result<Vec<String>> {
+        use std::os::unix::fs::MetadataExt;
+        let mut entries = Vec::new();
+        for e in fs::read_dir(self.failed_dir())?.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".not-ours") {
+                continue;
+            }
+            let Ok(m) = e.path().symlink_metadata() else {
+                continue;
+            };
+            let mut bytes = m.len();
+            if m.is_dir() {
+                for f in fs::read_dir(e.path())?.flatten() {
+                    bytes += f.path().symlink_metadata().map(|m| m.len()).unwrap_or(0);
+                }
+            }
+            entries.push((m.mtime(), name, bytes, m.is_dir()));
+        }
+        entries.sort();
+        let mut total: u64 = entries.iter().map(|e| e.2).sum();
+        let mut count = entries.len();
+        let mut deleted = Vec::new();
+        for (_, name, bytes, is_dir) in entries {
+            if total <= max_bytes && count <= max_entries {
+                break;
+            }
+            let path = self.failed_dir().join(&name);
+            if is_dir {
+                fs::remove_dir_all(&path)?;
+            } else {
+                fs::remove_file(&path)?;
+            }
+            total -= bytes;
+            count -= 1;
+            deleted.push(name);
+        }
+        if !deleted.is_empty() {
+            sync_dir(&self.failed_dir())?;
+        }
+        Ok(deleted)
+    }
+
     /// Moves a session the backend will never take to `failed/`, with the reason.
     pub fn quarantine(&self, id: &str, reason: &str) -> io::Result<()> {
         let from = self.session(id).path;

@@ -376,6 +376,7 @@ async fn step(
                 ) {
                     tracing::error!(session = %id, index, "backend refuses this chunk for good ({e}): set aside");
                     shared.spool.quarantine_chunk(id, index)?;
+                    trim_failed(shared);
                     return Ok(Step::Progress);
                 }
                 return refused(shared, id, e, "upload_chunk");
@@ -474,8 +475,26 @@ fn refused(shared: &Shared, id: &str, e: ClientError, action: &str) -> Result<St
             tracing::error!(session = %id, "{action}: {e}: the backend will never take this session: moved to failed/");
             shared.upload_error(&format!("{action}: {e}"));
             shared.spool.quarantine(id, &format!("{action}: {e}"))?;
+            trim_failed(shared);
             Ok(Step::Done)
         }
+    }
+}
+
+/// The most entries `failed/` keeps (each a session's folder, or a chunk).
+const FAILED_MAX_ENTRIES: usize = 1000;
+
+/// Keeps `failed/` to an eighth of `spool_max_bytes` and [`FAILED_MAX_ENTRIES`], the oldest
+/// deleted first (see [`Spool::trim_failed`](super::spool::Spool::trim_failed)).
+fn trim_failed(shared: &Shared) {
+    let max_bytes = shared.config.spool_max_bytes / 8;
+    match shared.spool.trim_failed(max_bytes, FAILED_MAX_ENTRIES) {
+        Ok(deleted) if deleted.is_empty() => {}
+        Ok(deleted) => tracing::warn!(
+            deleted = ?deleted,
+            "failed/ is over {max_bytes} bytes or {FAILED_MAX_ENTRIES} entries: its oldest deleted"
+        ),
+        Err(e) => tracing::error!("cannot keep failed/ within its limits: {e}"),
     }
 }
 

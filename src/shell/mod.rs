@@ -675,7 +675,7 @@ pub fn run(args: ShellArgs) -> anyhow::Result<u8> {
         meta.insert("terminal_held_by_pid".into(), Value::from(pid));
         meta.insert(
             "terminal_holders_killed".into(),
-            Value::from(holders.clone()),
+            Value::from(holders[..holders.len().min(crate::ipc::MAX_LISTED_HOLDERS)].to_vec()),
         );
     }
     let size = if tty {

@@ -150,15 +150,7 @@ pub fn no_nul(k: &str, v: &Value) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Whether a U+0000 is anywhere in `v`, keys included.
-pub fn has_nul(v: &Value) -> bool {
-    match v {
-        Value::String(s) => s.contains('\0'),
-        Value::Array(a) => a.iter().any(has_nul),
-        Value::Object(m) => m.iter().any(|(key, x)| key.contains('\0') || has_nul(x)),
-        _ => false,
-    }
-}
+pub use ztna_common::api::has_nul;
 
 /// A caller's `metadata` object: at most [`MAX_METADATA_BYTES`] as JSON, no U+0000.
 ///
@@ -197,12 +189,8 @@ pub fn header<'a>(f: &Fields<'a>) -> Result<&'a Map<String, Value>, Failure> {
 /// A `session_type`: a short, non-empty name.
 pub fn session_type(f: &Fields<'_>) -> Result<String, Failure> {
     let s = f.str("session_type")?;
-    if s.is_empty() || s.chars().count() > 64 || s.chars().any(char::is_control) {
-        return Err(Failure::invalid_field(
-            "session_type",
-            "must be 1 to 64 printable characters",
-        ));
-    }
+    ztna_common::api::check_session_type(s)
+        .map_err(|why| Failure::invalid_field("session_type", why))?;
     Ok(s.to_string())
 }
 
