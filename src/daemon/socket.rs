@@ -987,8 +987,8 @@ impl Drop for AbortOnDrop {
 }
 
 /// What an `End` adds to the recording's metadata: the client's own keys and the exit status.
-/// Metadata that cannot be fitted as a `Start`'s is (see [`fit_client_metadata`]) is dropped
-/// whole: the backend would refuse the `complete`, and the session would never be completed.
+/// Metadata that cannot be fitted (see [`fit_client_metadata`]) is dropped whole: the backend
+/// would refuse the `complete`, and the session would never be completed.
 fn end_metadata(end: EndMsg) -> (Option<i32>, serde_json::Map<String, Value>) {
     let mut metadata = end.metadata;
     drop_owned(&mut metadata);

@@ -581,7 +581,7 @@ impl Spool {
             };
             let mut bytes = m.len();
             if m.is_dir() {
-                for f in fs::read_dir(e.path())?.flatten() {
+                for f in fs::read_dir(e.path()).into_iter().flatten().flatten() {
                     bytes += f.path().symlink_metadata().map(|m| m.len()).unwrap_or(0);
                 }
             }
@@ -596,10 +596,15 @@ impl Spool {
                 break;
             }
             let path = self.failed_dir().join(&name);
-            if is_dir {
-                fs::remove_dir_all(&path)?;
+            let removed = if is_dir {
+                fs::remove_dir_all(&path)
             } else {
-                fs::remove_file(&path)?;
+                fs::remove_file(&path)
+            };
+            // One that cannot be removed must not keep the rest over the limits.
+            if let Err(e) = removed {
+                tracing::error!("cannot delete failed/{name}: {e}");
+                continue;
             }
             total -= bytes;
             count -= 1;
@@ -1100,6 +1105,50 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
     use std::os::unix::fs::MetadataExt;
+
+    /// `failed/` is trimmed oldest first to its limits of bytes and entries; a folder set
+    /// aside as not ours stays.
+    #[test]
+    fn trim_failed_deletes_the_oldest_entries_until_within_limits() {
+        let t = tempfile::tempdir().unwrap();
+        let spool = Spool::open(t.path()).unwrap();
+        let failed = spool.failed_dir();
+        let at = |age: u64| std::time::SystemTime::now() - Duration::from_secs(age);
+        for (name, age) in [("old", 300), ("mid", 200), ("new", 100)] {
+            let dir = failed.join(name);
+            fs::create_dir(&dir).unwrap();
+            fs::write(dir.join("chunk-0.cast"), vec![b'x'; 1000]).unwrap();
+            fs::File::open(&dir).unwrap().set_modified(at(age)).unwrap();
+        }
+        let chunk = failed.join("s-chunk-3.cast");
+        fs::write(&chunk, vec![b'x'; 1000]).unwrap();
+        fs::File::options()
+            .write(true)
+            .open(&chunk)
+            .unwrap()
+            .set_modified(at(250))
+            .unwrap();
+        fs::create_dir(failed.join("x.not-ours")).unwrap();
+        fs::File::open(failed.join("x.not-ours"))
+            .unwrap()
+            .set_modified(at(900))
+            .unwrap();
+
+        assert!(spool.trim_failed(1 << 20, 10).unwrap().is_empty());
+        // Four entries of about 1 KB (folders a block more): the byte limit takes the two
+        // oldest.
+        assert_eq!(
+            spool.trim_failed(2 * 1000 + 2 * 4096, 10).unwrap(),
+            ["old", "s-chunk-3.cast"]
+        );
+        assert_eq!(spool.trim_failed(1 << 20, 1).unwrap(), ["mid"]);
+        let mut left: Vec<String> = fs::read_dir(&failed)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["new", "x.not-ours"]);
+    }
 
     /// A spool in a temporary folder holding one new session.
     fn spool_with_session() -> (tempfile::TempDir, Spool, SessionDir) {
