@@ -195,6 +195,9 @@ if ZTNA_RECORDER_CONFIG="$R/etc/ztna-recorder/config.toml" "$R/usr/bin/ztna-reco
 fi
 grep -q 'server_url is not set' "$WORK/check.out" || { cat "$WORK/check.out" >&2; fail "config check on the example config does not name server_url"; }
 grep -q 'unknown key' "$WORK/check.out" && fail "the example config has unknown keys: $(cat "$WORK/check.out")"
+# Shipped set, not commented out: without it one user can fill the whole spool.
+grep -q '^spool_max_bytes_per_user = [0-9]' "$R/etc/ztna-recorder/config.toml" \
+  || fail "the shipped config sets no spool_max_bytes_per_user"
 # `shell` runs as the user who logs in and must read the installed config: a user's login
 # on the shipped config (enforce off, no daemon yet) runs, unrecorded. A throwaway user with a
 # real shell (`nobody`'s is nologin, which `shell` would run).

@@ -546,6 +546,22 @@ async fn starts_the_backend_would_refuse_are_refused_and_nothing_lands_in_failed
             .into_iter()
             .map(|(what, change)| (what, FrameClient::start_with(&socket, change).1))
             .collect();
+        // A frame of another protocol version, or a Start that is not JSON, is answered with
+        // an Error saying so (not a bare reset).
+        let mut other_version = vec![ipc::VERSION + 1, Kind::Start as u8, 0, 0, 0, 2];
+        other_version.extend_from_slice(b"{}");
+        let mut not_json = vec![ipc::VERSION, Kind::Start as u8, 0, 0, 0, 3];
+        not_json.extend_from_slice(b"{x}");
+        for (what, bytes) in [("version", other_version), ("payload", not_json)] {
+            let mut s = UnixStream::connect(&socket).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            std::io::Write::write_all(&mut s, &bytes).unwrap();
+            let f = ipc::read_frame(&mut s).unwrap();
+            assert_eq!(f.kind, Kind::Error, "{what}");
+            let e: ipc::ErrorMsg = f.parse().unwrap();
+            assert_eq!(e.code, ipc::ERROR_PROTOCOL, "{what}: {e:?}");
+            assert!(e.message.contains(what), "{what}: {e:?}");
+        }
         (socket, decisions)
     })
     .await

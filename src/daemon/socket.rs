@@ -32,6 +32,31 @@ pub fn not_a_socket(path: &Path) -> Option<String> {
     })
 }
 
+/// Refuses a socket folder in which another user could swap the socket for a symlink between
+/// `bind` and the `chmod` by path that follows it (the daemon runs as root: the chmod would
+/// then open any file to everyone). A sticky folder such as /tmp is safe: there only the
+/// socket's owner may rename or remove it.
+fn safe_folder(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if m.uid() != 0 && m.uid() != me {
+        anyhow::bail!(
+            "the socket's folder {} belongs to uid {}: it must be root's or the daemon's own",
+            dir.display(),
+            m.uid()
+        );
+    }
+    if m.mode() & 0o022 != 0 && m.mode() & 0o1000 == 0 {
+        anyhow::bail!(
+            "the socket's folder {} is writable by other users and not sticky (mode {:o}): another user could replace the socket",
+            dir.display(),
+            m.mode() & 0o7777
+        );
+    }
+    Ok(())
+}
+
 /// Binds the socket with mode 0666 (any local user may record; who they are comes from the
 /// kernel). A stale socket file is replaced; a live daemon on it is an error, and so is
 /// anything else in its place.
@@ -39,6 +64,7 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("creating the socket's folder {}", parent.display()))?;
+        safe_folder(parent)?;
     }
     if let Some(why) = not_a_socket(path) {
         anyhow::bail!(why);
@@ -405,6 +431,17 @@ fn gave_up(rd: &tokio::net::unix::OwnedReadHalf) -> bool {
     )
 }
 
+/// Tells the client what was wrong with its frame (best effort: it may be gone), and returns
+/// the error for the connection's log line.
+async fn protocol_error(wr: &mut tokio::net::unix::OwnedWriteHalf, e: FrameError) -> anyhow::Error {
+    let msg = ErrorMsg {
+        message: e.to_string(),
+        code: ipc::ERROR_PROTOCOL.into(),
+    };
+    let _ = send_json(wr, Kind::Error, &msg).await;
+    e.into()
+}
+
 async fn handle(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
     let cred = stream.peer_cred().context("SO_PEERCRED")?;
     let Some(_counted) = Counted::new(&shared, cred.uid()) else {
@@ -434,7 +471,16 @@ async fn handle(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
         read_frame_budgeted(&shared, cred.uid(), &mut rd),
     )
     .await
-    .context("no first frame within 10 s")??;
+    .context("no first frame within 10 s")?;
+    let first = match first {
+        Ok(f) => f,
+        // A client of another version (or not ours) is told why before the connection
+        // closes, as the protocol promises, rather than seeing a reset.
+        Err(
+            e @ (FrameError::Version(_) | FrameError::UnknownKind(_) | FrameError::TooLarge(_)),
+        ) => return Err(protocol_error(&mut wr, e).await),
+        Err(e) => return Err(e.into()),
+    };
     match first.kind {
         Kind::StatusRequest => {
             let mut st = shared.status();
@@ -456,7 +502,10 @@ async fn handle(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
             return Ok(());
         }
     }
-    let mut start: StartMsg = first.parse()?;
+    let mut start: StartMsg = match first.parse() {
+        Ok(s) => s,
+        Err(e) => return Err(protocol_error(&mut wr, e).await),
+    };
     // Up to a frame's 1 MiB: not kept while the session runs.
     drop(first);
     let uid = cred.uid();
@@ -1168,6 +1217,37 @@ async fn sleep_until_opt(deadline: Option<std::time::Instant>) {
 #[cfg(test)]
 mod tests {
     use super::check_events;
+
+    #[test]
+    fn a_socket_folder_others_could_write_is_refused_unless_sticky() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let d = tempfile::tempdir().unwrap();
+        let set = |mode| std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(mode));
+        for (mode, ok) in [
+            (0o700, true),
+            (0o755, true),
+            (0o1777, true),
+            (0o777, false),
+            (0o770, false),
+        ] {
+            set(mode).unwrap();
+            assert_eq!(super::safe_folder(d.path()).is_ok(), ok, "mode {mode:o}");
+        }
+        set(0o700).unwrap();
+        // Bound, the socket is open to every user (who they are comes from the kernel).
+        let sock = d.path().join("s.sock");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _l = rt.block_on(async { super::bind(&sock) }).unwrap();
+        let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o666);
+        set(0o777).unwrap();
+        assert!(rt
+            .block_on(async { super::bind(&d.path().join("t.sock")) })
+            .is_err());
+    }
 
     #[test]
     fn event_lines_are_checked() {

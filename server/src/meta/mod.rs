@@ -3,9 +3,10 @@
 //! default, WAL) and PostgreSQL. [`open`] picks one from the URL scheme; nothing above this
 //! module looks at which.
 //!
-//! A recording's `metadata.chunks` is not kept inside the JSON column: each chunk is a row of
-//! `session_recording_chunks` (one upsert per upload, so concurrent uploads cannot lose one
-//! another) and the list is assembled when a recording is read.
+//! A recording's `metadata.chunks` comes from `session_recording_chunks`: each chunk is a row
+//! (one upsert per upload, so concurrent uploads cannot lose one another) and the list is
+//! assembled when a recording is read. The JSON column keeps a mirror of it for whoever reads
+//! the database itself; reads leave that mirror out.
 
 mod postgres;
 mod sqlite;

@@ -23,9 +23,12 @@ pub struct PgMeta {
     pool: PgPool,
 }
 
+/// The column's `metadata.chunks` mirror is left in the database: a reader takes the list
+/// from the chunk rows, and parsing thousands of entries per row only to drop them made
+/// `list` and every upload cost as much as the recording's chunk count.
 const RECORDING_COLUMNS: &str = "r.id, r.org_id, r.machine_id, r.user_id, r.session_type, \
-     r.status, r.started_at, r.ended_at, r.duration_seconds, r.metadata, r.r2_key, \
-     m.name AS machine_name";
+     r.status, r.started_at, r.ended_at, r.duration_seconds, \
+     r.metadata - 'chunks' AS metadata, r.r2_key, m.name AS machine_name";
 
 fn recording_from_row(row: &PgRow) -> Result<Recording> {
     let metadata: Value = row.try_get("metadata")?;
