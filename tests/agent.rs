@@ -562,6 +562,14 @@ async fn starts_the_backend_would_refuse_are_refused_and_nothing_lands_in_failed
             assert_eq!(e.code, ipc::ERROR_PROTOCOL, "{what}: {e:?}");
             assert!(e.message.contains(what), "{what}: {e:?}");
         }
+        // A user who keeps sending bad frames is still answered, but cannot flood the log.
+        for _ in 0..60 {
+            let mut s = UnixStream::connect(&socket).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            std::io::Write::write_all(&mut s, &[ipc::VERSION + 1, Kind::Start as u8, 0, 0, 0, 0])
+                .unwrap();
+            assert_eq!(ipc::read_frame(&mut s).unwrap().kind, Kind::Error);
+        }
         (socket, decisions)
     })
     .await
@@ -570,6 +578,17 @@ async fn starts_the_backend_would_refuse_are_refused_and_nothing_lands_in_failed
         assert_eq!(d.mode, Mode::Refused, "{what}: {d:?}");
         assert!(d.reason.contains("not valid"), "{what}: {d:?}");
     }
+    let t0 = Instant::now();
+    while !agent.log().contains("no more lines about them") {
+        assert!(t0.elapsed() < Duration::from_secs(10), "{}", agent.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let logged = agent
+        .log()
+        .lines()
+        .filter(|l| l.contains("socket: connection: ") || l.contains("Start is not valid"))
+        .count();
+    assert_eq!(logged, 20, "{}", agent.log());
     // A long command is cut, as `shell` cuts it; an End's metadata of thousands of values is
     // dropped, its exit status kept.
     tokio::task::spawn_blocking(move || {

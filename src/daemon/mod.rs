@@ -4,6 +4,7 @@
 //! ([`recovery`]).
 
 pub mod buffers;
+pub mod loggate;
 pub mod pacing;
 pub mod recovery;
 pub mod socket;
@@ -157,6 +158,8 @@ pub struct Shared {
     /// [`CONTINUABLE`]): spool id → (uid, unix time). A new session's `continues` must name
     /// one of its own user's, else it is dropped.
     pub continuable: Mutex<HashMap<String, (u32, i64)>>,
+    /// Budgets the log lines each user's connections can cause.
+    pub log_gate: loggate::LogGate,
 }
 
 /// The sessions an orderly stop let go, kept in the spool for the next run (a day at most).
@@ -303,6 +306,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         connections: Mutex::new(HashMap::new()),
         frame_budgets: Mutex::new(HashMap::new()),
         continuable: Mutex::new(continuable),
+        log_gate: loggate::LogGate::default(),
     });
     tracing::info!(
         socket = %shared.config.socket.display(),

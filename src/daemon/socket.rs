@@ -2,6 +2,7 @@
 //! (`SO_PEERCRED`, via tokio's `peer_cred`), never from what the client says: the `uid` and
 //! `user` of a session's metadata are the peer's, whatever the client sends (see [`OWNED_KEYS`]).
 
+use super::loggate::client_warn;
 use super::spool::{ChunkWriter, ClosingChunk, EndMark, Limit};
 use super::{lock, now_rfc3339, Shared};
 use crate::config::late_room;
@@ -15,6 +16,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::net::unix::UCred;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -87,8 +89,13 @@ pub async fn accept_loop(shared: Arc<Shared>, listener: UnixListener) {
             Ok((stream, _)) => {
                 let shared = shared.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = handle(shared, stream).await {
-                        tracing::warn!("connection: {e:#}");
+                    let cred = match stream.peer_cred() {
+                        Ok(c) => c,
+                        Err(e) => return tracing::warn!("connection: SO_PEERCRED: {e}"),
+                    };
+                    let uid = cred.uid();
+                    if let Err(e) = handle(shared.clone(), stream, cred).await {
+                        client_warn!(shared.log_gate, uid, uid, "connection: {e:#}");
                     }
                 });
             }
@@ -442,10 +449,11 @@ async fn protocol_error(wr: &mut tokio::net::unix::OwnedWriteHalf, e: FrameError
     e.into()
 }
 
-async fn handle(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
-    let cred = stream.peer_cred().context("SO_PEERCRED")?;
+async fn handle(shared: Arc<Shared>, stream: UnixStream, cred: UCred) -> anyhow::Result<()> {
     let Some(_counted) = Counted::new(&shared, cred.uid()) else {
-        tracing::warn!(
+        client_warn!(
+            shared.log_gate,
+            cred.uid(),
             uid = cred.uid(),
             "too many connections from this user: refused"
         );
@@ -512,7 +520,7 @@ async fn handle(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
     let user = user_name(uid).unwrap_or_else(|| uid.to_string());
     let header = serde_json::to_value(&start.header)?;
     if let Err(why) = check_start(&mut start, &header) {
-        tracing::warn!(%user, uid, "a session's Start is not valid ({why}): refused");
+        client_warn!(shared.log_gate, uid, %user, uid, "a session's Start is not valid ({why}): refused");
         let decision = DecisionMsg {
             mode: Mode::Refused,
             reason: format!("the session's start is not valid: {why}"),
@@ -598,7 +606,7 @@ async fn handle(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
         // It waited longer than it would (this daemon was stopped or starved) and went on
         // without us: unrecorded, or refused under enforce. A recording now would claim a
         // session that was cut off, or one that never ran.
-        tracing::warn!(%user, "a session gave up waiting for this daemon before it was taken: not recorded");
+        client_warn!(shared.log_gate, uid, %user, "a session gave up waiting for this daemon before it was taken: not recorded");
         return Ok(());
     }
     let hold = shared.spool.hold(room, has_share.then_some(uid));
@@ -651,7 +659,7 @@ async fn handle(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
         if let_go.is_some() {
             metadata.insert("continues".into(), c);
         } else {
-            tracing::warn!(%user, continues = %c, "`continues` names no session of this user that was let go: dropped");
+            client_warn!(shared.log_gate, uid, %user, continues = %c, "`continues` names no session of this user that was let go: dropped");
         }
     }
     if let Some(h) = nix::unistd::gethostname()
