@@ -818,10 +818,15 @@ struct ControlLoop {
     relayed: Arc<Relayed>,
     /// The user's terminal in raw mode, while the session runs.
     raw: Option<RawMode>,
-    /// Once the program has exited: how many bytes of output the relay must have handled to
-    /// have passed on everything the program wrote.
+    /// Once the program has exited: the most output the relay may still pass on, in bytes
+    /// handled since the start (see [`ControlLoop::still_owed`]).
     owed: Option<u64>,
 }
+
+/// What the PTY may hold beyond what `FIONREAD` counts when the program exits: the line
+/// discipline takes 4 KiB at a time, and the rest waits in the tty layer's buffers (up to
+/// 640 KiB), invisible until the line discipline has room again.
+const PTY_UNSEEN: u64 = 1 << 20;
 
 /// How far the output relay has got, in bytes since the start.
 #[derive(Default)]
@@ -913,10 +918,11 @@ impl ControlLoop {
                 Some(Ctl::ChildExited(st)) => {
                     status = Some(st);
                     self.kill_at = None;
-                    // What the relay has read, and what still waits in the PTY: the rest is
-                    // a background job's, which the drain does not wait for.
+                    // What the relay has read, what waits in the PTY, and what the tty
+                    // layer may still hold unseen: beyond that it is a background job's
+                    // output, which the drain does not wait for.
                     let read = self.relayed.read.load(Ordering::SeqCst);
-                    self.owed = Some(read + self.output_waiting().unwrap_or(0));
+                    self.owed = Some(read + self.output_waiting().unwrap_or(0) + PTY_UNSEEN);
                     drain_until = Some(Instant::now() + drain_timeout);
                 }
                 Some(Ctl::OutputEof) => output_eof = true,
@@ -974,11 +980,19 @@ impl ControlLoop {
         }
     }
 
-    /// Whether the relay has yet to pass on output the program wrote before it exited.
+    /// Whether the relay may have yet to pass on output the program wrote before it exited:
+    /// it holds bytes it has not handled (blocked on a slow terminal or pipe), or the PTY has
+    /// bytes waiting. A count taken at the exit would not do: `FIONREAD` misses what the tty
+    /// layer has not yet handed to the line discipline, which the relay may read a moment
+    /// later and then wait to write. A background job that keeps writing faster than the
+    /// relay can pass it on holds the session for at most [`PTY_UNSEEN`] more; one that
+    /// writes now and then does not hold it.
     fn still_owed(&self) -> bool {
-        self.owed
-            .is_some_and(|owed| self.relayed.handled.load(Ordering::SeqCst) < owed)
+        let handled = self.relayed.handled.load(Ordering::SeqCst);
+        self.owed.is_some_and(|limit| handled < limit)
             && !self.cut.load(Ordering::SeqCst)
+            && (self.relayed.read.load(Ordering::SeqCst) > handled
+                || self.output_waiting().is_some_and(|n| n > 0))
     }
 
     /// Bytes of output waiting in the PTY for the relay to read.
