@@ -34,29 +34,57 @@ pub fn not_a_socket(path: &Path) -> Option<String> {
     })
 }
 
-/// Refuses a socket folder in which another user could swap the socket for a symlink between
-/// `bind` and the `chmod` by path that follows it (the daemon runs as root: the chmod would
-/// then open any file to everyone). A sticky folder such as /tmp is safe: there only the
-/// socket's owner may rename or remove it.
-fn safe_folder(dir: &Path) -> anyhow::Result<()> {
+/// What is unsafe about the socket's folder, if anything: another user who may write in it can
+/// put a socket of their own in the daemon's place, and take (and drop) the sessions sent to
+/// it. A sticky folder such as /tmp is safe: there only the socket's owner may rename or
+/// remove it. Warned about, not refused: the socket's mode is set without following its path
+/// (see [`open_to_everyone`]), so the folder cannot be used to open other files.
+fn folder_risk(dir: &Path) -> Option<String> {
     use std::os::unix::fs::MetadataExt as _;
-    let m = std::fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
+    let m = std::fs::metadata(dir).ok()?;
     let me = nix::unistd::geteuid().as_raw();
     if m.uid() != 0 && m.uid() != me {
-        anyhow::bail!(
-            "the socket's folder {} belongs to uid {}: it must be root's or the daemon's own",
+        return Some(format!(
+            "the socket's folder {} belongs to uid {}: that user could replace the daemon's socket with their own (make it root's)",
             dir.display(),
             m.uid()
-        );
+        ));
     }
     if m.mode() & 0o022 != 0 && m.mode() & 0o1000 == 0 {
-        anyhow::bail!(
-            "the socket's folder {} is writable by other users and not sticky (mode {:o}): another user could replace the socket",
+        return Some(format!(
+            "the socket's folder {} is writable by other users and not sticky (mode {:o}): they could replace the daemon's socket with their own (chmod go-w, or +t)",
             dir.display(),
             m.mode() & 0o7777
+        ));
+    }
+    None
+}
+
+/// Gives the socket just bound mode 0666 through a descriptor of the file itself. By its path,
+/// the chmod (as root) would follow a symlink another user swapped in meanwhile and open the
+/// file it names to everyone.
+fn open_to_everyone(path: &Path) -> anyhow::Result<()> {
+    use rustix::fs::{FileType, Mode, OFlags};
+    use std::os::fd::AsRawFd as _;
+    let fd = rustix::fs::open(
+        path,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .with_context(|| format!("opening {}", path.display()))?;
+    let st = rustix::fs::fstat(&fd).with_context(|| format!("reading {}", path.display()))?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::Socket {
+        anyhow::bail!(
+            "{} was replaced as it was bound: not a socket any more",
+            path.display()
         );
     }
-    Ok(())
+    // An O_PATH descriptor takes no fchmod; its /proc link reaches the very file it holds.
+    std::fs::set_permissions(
+        format!("/proc/self/fd/{}", fd.as_raw_fd()),
+        std::fs::Permissions::from_mode(0o666),
+    )
+    .with_context(|| format!("setting the mode of {}", path.display()))
 }
 
 /// Binds the socket with mode 0666 (any local user may record; who they are comes from the
@@ -66,7 +94,9 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("creating the socket's folder {}", parent.display()))?;
-        safe_folder(parent)?;
+        if let Some(why) = folder_risk(parent) {
+            tracing::warn!("{why}");
+        }
     }
     if let Some(why) = not_a_socket(path) {
         anyhow::bail!(why);
@@ -79,7 +109,7 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
             .with_context(|| format!("removing the stale socket {}", path.display()))?;
     }
     let l = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+    open_to_everyone(path)?;
     Ok(l)
 }
 
@@ -1227,11 +1257,11 @@ mod tests {
     use super::check_events;
 
     #[test]
-    fn a_socket_folder_others_could_write_is_refused_unless_sticky() {
+    fn a_socket_folder_others_could_write_is_warned_about_and_no_symlink_is_followed() {
         use std::os::unix::fs::PermissionsExt as _;
         let d = tempfile::tempdir().unwrap();
         let set = |mode| std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(mode));
-        for (mode, ok) in [
+        for (mode, safe) in [
             (0o700, true),
             (0o755, true),
             (0o1777, true),
@@ -1239,10 +1269,15 @@ mod tests {
             (0o770, false),
         ] {
             set(mode).unwrap();
-            assert_eq!(super::safe_folder(d.path()).is_ok(), ok, "mode {mode:o}");
+            assert_eq!(
+                super::folder_risk(d.path()).is_none(),
+                safe,
+                "mode {mode:o}"
+            );
         }
-        set(0o700).unwrap();
-        // Bound, the socket is open to every user (who they are comes from the kernel).
+        // Bound even there, the socket is open to every user (who they are comes from the
+        // kernel).
+        set(0o777).unwrap();
         let sock = d.path().join("s.sock");
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -1251,10 +1286,16 @@ mod tests {
         let _l = rt.block_on(async { super::bind(&sock) }).unwrap();
         let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o666);
-        set(0o777).unwrap();
-        assert!(rt
-            .block_on(async { super::bind(&d.path().join("t.sock")) })
-            .is_err());
+        // A symlink swapped in for the socket is not followed: its target keeps its mode.
+        let target = d.path().join("secret");
+        std::fs::write(&target, "x").unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let link = d.path().join("t.sock");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let e = super::open_to_everyone(&link).unwrap_err();
+        assert!(format!("{e:#}").contains("t.sock"), "{e:#}");
+        let mode = std::fs::metadata(&target).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
     }
 
     #[test]
