@@ -93,6 +93,9 @@ pub(crate) struct Inner {
 /// Database connections kept for requests other than object writes (see `object_writes`).
 const CONNECTIONS_KEPT: u32 = 4;
 
+/// How many of an org's newest recordings a sweep looks for in the store first.
+const STORE_PROBES: i64 = 3;
+
 /// What [`App::seed`] made.
 #[derive(Debug, Clone)]
 pub struct Seed {
@@ -375,12 +378,51 @@ impl App {
         retention_days: i64,
     ) -> Result<u64, meta::MetaError> {
         let cutoff = OffsetDateTime::now_utc() - time::Duration::days(retention_days.clamp(1, 365));
+        self.check_store_holds(org, cutoff).await?;
         // Objects are deleted under the rows' locks: a connection held meanwhile.
         let _slot = self.object_write_slot().await;
         self.inner
             .meta
             .sweep_org(org, cutoff, &self.inner.objects)
             .await
+    }
+
+    /// Refuses ([`meta::MetaError::StoreMismatch`]) when the store holds none of the first
+    /// chunks of the org's newest recordings that a sweep to `cutoff` keeps. A chunk's row is
+    /// committed only after its object is durable, so they are all missing only when the store
+    /// is not the one the rows were written with, or lost them. Recordings the sweep deletes
+    /// are not looked at: an earlier sweep that failed half-way may have deleted their objects
+    /// already. Several are looked for because a recording being deleted right now (objects
+    /// first, then rows) has its objects gone for a moment. An org with no such recording
+    /// cannot be checked and is swept as before.
+    async fn check_store_holds(
+        &self,
+        org: Uuid,
+        cutoff: OffsetDateTime,
+    ) -> Result<(), meta::MetaError> {
+        let chunks = self
+            .inner
+            .meta
+            .newest_chunks(org, cutoff, STORE_PROBES)
+            .await?;
+        let objects = &self.inner.objects;
+        let org_s = org.to_string();
+        let mut missing = Vec::new();
+        for (session, index) in &chunks {
+            let key = ztna_common::api::chunk_key(&org_s, &session.to_string(), *index);
+            if objects.exists(&key).await? {
+                return Ok(());
+            }
+            missing.push(key);
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        Err(meta::MetaError::StoreMismatch {
+            store: objects.describe().to_string(),
+            org,
+            missing: missing.join(", "),
+        })
     }
 
     /// One of the object writes that may hold a database connection at once (see

@@ -228,6 +228,20 @@ impl Objects {
         }
     }
 
+    /// Whether there is an object at `key` (a HEAD, nothing read).
+    pub async fn exists(&self, key: &str) -> Result<bool, ObjectError> {
+        match self.store.head(&Path::from(key)).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// What this store is, for messages: `file://DIR` or `s3://BUCKET`.
+    pub fn describe(&self) -> &str {
+        &self.describe
+    }
+
     /// The object at `key`, or `None` when there is none.
     pub async fn get(&self, key: &str) -> Result<Option<Bytes>, ObjectError> {
         match self.store.get(&Path::from(key)).await {

@@ -557,6 +557,7 @@ both!(roles);
 both!(machine_deletion);
 both!(concurrent_chunks);
 both!(delete_and_cleanup);
+both!(a_sweep_on_the_wrong_store_deletes_nothing);
 both!(integrity);
 both!(admin_cli);
 both!(races);
@@ -2748,6 +2749,61 @@ mod scenarios {
             assert!(released);
             probe.close().await;
         }
+    }
+
+    /// A sweep through a store that is not the one the recordings went to (a mistyped
+    /// `STORE_URL`, a `--store` left out) deletes nothing: deleting the rows would leave their
+    /// objects in the right store for good, listed nowhere.
+    pub async fn a_sweep_on_the_wrong_store_deletes_nothing(s: &Server) {
+        let org = &s.fx.org;
+        let old = s.start_recording().await;
+        let young = s.start_recording().await;
+        for r in [&old, &young] {
+            let (st, b) = s
+                .member(json!({"action": "upload_chunk", "org_id": org, "session_id": r, "chunk_data": "[0, \"o\", \"x\"]"}))
+                .await;
+            assert_eq!(st, 200, "{b}");
+        }
+        s.stores.backdate(&old, 400).await;
+        let old_key = format!("recordings/{org}/{old}/chunk-0.cast");
+
+        // The same database, an empty store beside it.
+        let wrong = tempfile::tempdir().unwrap();
+        let wrong_url = format!("file://{}", wrong.path().join("objects").display());
+        let mut config = s.stores.config();
+        config.store_url = Some(wrong_url.clone());
+        let elsewhere = App::open(config).await.unwrap();
+        let e = elsewhere.sweep().await.unwrap_err().to_string();
+        assert!(
+            e.contains("STORE_URL") && e.contains("Nothing was deleted") && e.contains(&young),
+            "{e}"
+        );
+        drop(elsewhere);
+        // The CLI says so on stderr, prints nothing and fails.
+        let mut args = s.stores.cli_args();
+        match args.iter().position(|a| a == "--store") {
+            Some(i) => args[i + 1] = wrong_url.clone(),
+            None => args.extend(["--store".to_string(), wrong_url.clone()]),
+        }
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_ztna-recorder-server"))
+            .args(["admin", "sweep"])
+            .args(&args)
+            .env_remove("DATABASE_URL")
+            .env_remove("STORE_URL")
+            .output()
+            .await
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && out.stdout.is_empty(), "{err}");
+        assert!(err.contains("STORE_URL"), "{err}");
+        // Nothing went: the row, and its object in the right store.
+        assert_eq!(s.get(&old).await["recording"]["status"], "active");
+        assert!(s.stores.get_object(&old_key).await.is_some());
+
+        // Through the right store the sweep deletes as before.
+        assert_eq!(s.app.sweep().await.unwrap(), 1);
+        assert!(s.stores.get_object(&old_key).await.is_none());
+        assert_eq!(s.get(&young).await["recording"]["status"], "active");
     }
 
     pub async fn integrity(s: &Server) {

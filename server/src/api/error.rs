@@ -67,6 +67,13 @@ impl From<MetaError> for Failure {
         match e {
             // Written under the store's locks, but the object store is what failed.
             MetaError::Objects(e) => e.into(),
+            e @ MetaError::StoreMismatch { .. } => {
+                tracing::error!(error = %e, "cleanup refused");
+                Failure::new(
+                    ErrorCode::InternalError,
+                    "the object store does not hold this org's recordings; nothing was deleted",
+                )
+            }
             MetaError::Busy => {
                 tracing::warn!("{}", MetaError::Busy);
                 Failure::new(

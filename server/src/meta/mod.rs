@@ -41,6 +41,16 @@ pub enum MetaError {
     Corrupt(String),
     #[error("{0}")]
     Objects(#[from] ObjectError),
+    /// The store answers but holds none of the newest chunks the database lists: most likely
+    /// `STORE_URL` names another store than the one this database's recordings went to. A
+    /// sweep then deletes nothing, since deleting rows whose objects it cannot see would leave
+    /// those objects behind in the right store for good.
+    #[error("the object store {store} holds none of the newest chunks this database lists for org {org} (not found: {missing}); is STORE_URL right? Nothing was deleted")]
+    StoreMismatch {
+        store: String,
+        org: Uuid,
+        missing: String,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, MetaError>;
@@ -375,6 +385,15 @@ pub trait MetadataStore: Send + Sync {
     async fn sweep_org(&self, org: Uuid, cutoff: OffsetDateTime, objects: &Objects) -> Result<u64>;
     /// Every org with its retention in days.
     async fn retention_by_org(&self) -> Result<Vec<(Uuid, i64)>>;
+    /// The first chunk (recording id, chunk index) of each of the org's `limit` newest
+    /// recordings started at or after `since` that have any: what a sweep looks for in the
+    /// store before it deletes what started before `since`.
+    async fn newest_chunks(
+        &self,
+        org: Uuid,
+        since: OffsetDateTime,
+        limit: i64,
+    ) -> Result<Vec<(Uuid, u64)>>;
 }
 
 /// The backends, by URL scheme.

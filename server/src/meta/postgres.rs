@@ -700,6 +700,33 @@ impl MetadataStore for PgMeta {
         }
     }
 
+    async fn newest_chunks(
+        &self,
+        org: Uuid,
+        since: OffsetDateTime,
+        limit: i64,
+    ) -> Result<Vec<(Uuid, u64)>> {
+        let rows = sqlx::query(
+            "SELECT r.id, (SELECT MIN(c.chunk_index) FROM session_recording_chunks c \
+                 WHERE c.session_id = r.id) AS first FROM session_recordings r \
+                 WHERE r.org_id = $1 AND r.started_at >= $2 AND EXISTS (SELECT 1 FROM session_recording_chunks c \
+                 WHERE c.session_id = r.id) ORDER BY r.started_at DESC, r.id DESC LIMIT $3",
+        )
+        .bind(org)
+        .bind(since)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get("id")?,
+                    r.try_get::<i64, _>("first")?.max(0) as u64,
+                ))
+            })
+            .collect()
+    }
+
     async fn retention_by_org(&self) -> Result<Vec<(Uuid, i64)>> {
         let rows = sqlx::query(
             "SELECT org_id, recording_retention_days::bigint AS days FROM org_settings",
