@@ -16,6 +16,9 @@
 //!   are reused, so memory is bounded whatever the session's length. A sink that is slow applies back-pressure (nothing is dropped); a sink
 //!   that *fails* is removed and reported, and the session goes on ([`SinkPolicy::FailOpen`]),
 //!   or the program is hung up on ([`SinkPolicy::FailClosed`]).
+//! * While the program streams output, the output thread runs under `SCHED_BATCH`, so the
+//!   program's writes do not each preempt it and it reads fuller pieces; a small read (typing)
+//!   puts it back to the normal policy. The recorder thread is a batch thread throughout.
 //! * Raw mode, `SIGWINCH` and the hang-up signals are handled at the edge
 //!   ([`Terminal::Stdio`]); [`Terminal::Custom`] runs the same relay over any reader/writer.
 //!
@@ -35,6 +38,7 @@
 mod chunk;
 mod event;
 mod file;
+mod pace;
 mod queue;
 mod session;
 mod sink;

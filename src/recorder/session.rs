@@ -2,6 +2,7 @@
 //! that feeds the sinks, and the edge (raw mode, signals, window size).
 
 use super::event::{Event, EventKind, ExitStatus};
+use super::pace::Pace;
 use super::queue::{Batch, BytesKind, Item, Queue};
 use super::sink::{Sink, SinkFailure, SinkPolicy};
 use super::spawn;
@@ -1157,6 +1158,7 @@ fn output_loop(
 ) {
     let mut out_ok = true;
     let mut recording = true;
+    let mut pace = Pace::default();
     loop {
         let n = loop {
             match reader.read(&mut buf) {
@@ -1169,6 +1171,7 @@ fn output_loop(
             break;
         }
         relayed.read.fetch_add(n as u64, Ordering::Relaxed);
+        pace.after_read(n);
         let time = start.elapsed();
         if hold.load(Ordering::Relaxed) {
             // Recorded first, shown once released (or never, if the session is cut).
@@ -1357,6 +1360,7 @@ struct Recorder {
 
 impl Recorder {
     fn run(mut self, queue: &Queue) -> Report {
+        super::pace::batch_thread();
         let mut out_utf8 = Utf8Repair::new();
         let mut in_utf8 = Utf8Repair::new();
         let mut batch = Batch::with_full_capacity();
