@@ -394,7 +394,7 @@ impl App {
     /// are not looked at: an earlier sweep that failed half-way may have deleted their objects
     /// already. Several are looked for because a recording being deleted right now (objects
     /// first, then rows) has its objects gone for a moment. An org with no such recording
-    /// cannot be checked and is swept as before.
+    /// cannot be checked and is swept as before; one with nothing to sweep is not looked at.
     async fn check_store_holds(
         &self,
         org: Uuid,

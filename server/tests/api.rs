@@ -2764,7 +2764,6 @@ mod scenarios {
                 .await;
             assert_eq!(st, 200, "{b}");
         }
-        s.stores.backdate(&old, 400).await;
         let old_key = format!("recordings/{org}/{old}/chunk-0.cast");
 
         // The same database, an empty store beside it.
@@ -2773,6 +2772,9 @@ mod scenarios {
         let mut config = s.stores.config();
         config.store_url = Some(wrong_url.clone());
         let elsewhere = App::open(config).await.unwrap();
+        // Nothing to sweep yet: nothing looked for, nothing refused.
+        assert_eq!(elsewhere.sweep().await.unwrap(), 0);
+        s.stores.backdate(&old, 400).await;
         let e = elsewhere.sweep().await.unwrap_err().to_string();
         assert!(
             e.contains("STORE_URL") && e.contains("Nothing was deleted") && e.contains(&young),

@@ -387,7 +387,8 @@ pub trait MetadataStore: Send + Sync {
     async fn retention_by_org(&self) -> Result<Vec<(Uuid, i64)>>;
     /// The first chunk (recording id, chunk index) of each of the org's `limit` newest
     /// recordings started at or after `since` that have any: what a sweep looks for in the
-    /// store before it deletes what started before `since`.
+    /// store before it deletes what started before `since`. None when nothing in the org
+    /// started before `since` (the sweep has nothing to delete, so nothing to look for).
     async fn newest_chunks(
         &self,
         org: Uuid,

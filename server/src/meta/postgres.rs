@@ -710,7 +710,9 @@ impl MetadataStore for PgMeta {
             "SELECT r.id, (SELECT MIN(c.chunk_index) FROM session_recording_chunks c \
                  WHERE c.session_id = r.id) AS first FROM session_recordings r \
                  WHERE r.org_id = $1 AND r.started_at >= $2 AND EXISTS (SELECT 1 FROM session_recording_chunks c \
-                 WHERE c.session_id = r.id) ORDER BY r.started_at DESC, r.id DESC LIMIT $3",
+                 WHERE c.session_id = r.id) \
+                 AND EXISTS (SELECT 1 FROM session_recordings o WHERE o.org_id = r.org_id \
+                 AND o.started_at < $2) ORDER BY r.started_at DESC, r.id DESC LIMIT $3",
         )
         .bind(org)
         .bind(since)

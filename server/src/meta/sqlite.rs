@@ -810,9 +810,12 @@ impl MetadataStore for SqliteMeta {
             "SELECT r.id, (SELECT MIN(c.chunk_index) FROM session_recording_chunks c \
                  WHERE c.session_id = r.id) AS first FROM session_recordings r \
                  WHERE r.org_id = ? AND r.started_at >= ? AND EXISTS (SELECT 1 FROM session_recording_chunks c \
-                 WHERE c.session_id = r.id) ORDER BY r.started_at DESC, r.id DESC LIMIT ?",
+                 WHERE c.session_id = r.id) \
+                 AND EXISTS (SELECT 1 FROM session_recordings o WHERE o.org_id = r.org_id \
+                 AND o.started_at < ?) ORDER BY r.started_at DESC, r.id DESC LIMIT ?",
         )
         .bind(org.to_string())
+        .bind(timefmt::format(since))
         .bind(timefmt::format(since))
         .bind(limit)
         .fetch_all(&self.pool)
