@@ -629,6 +629,8 @@ async fn starts_the_backend_would_refuse_are_refused_and_nothing_lands_in_failed
         "{meta:#}"
     );
     assert_eq!(backend.events_text(&recs[0]), event_line(0.5, "hello\r\n"));
+    // The End's warning counts against the same budget, used up above within the minute.
+    assert!(!agent.log().contains("End is not valid"), "{}", agent.log());
     assert_eq!(
         std::fs::read_dir(agent.spool().join("failed"))
             .unwrap()

@@ -996,7 +996,7 @@ async fn record(
     .map(|t| ztna_common::asciicast::duration_secs(Some(t)));
     match outcome {
         Outcome::Ended(end) => {
-            let (exit_status, metadata) = end_metadata(end);
+            let (exit_status, metadata) = end_metadata(shared, uid, id, end);
             set_end_or_hold(
                 shared,
                 dir,
@@ -1030,7 +1030,9 @@ async fn record(
             // status still belongs on the recording.
             let end = late_end;
             let ended = end.is_some();
-            let (exit_status, end_meta) = end.map(end_metadata).unwrap_or_default();
+            let (exit_status, end_meta) = end
+                .map(|end| end_metadata(shared, uid, id, end))
+                .unwrap_or_default();
             metadata.extend(end_meta);
             set_end_or_hold(
                 shared,
@@ -1076,14 +1078,20 @@ impl Drop for AbortOnDrop {
 /// What an `End` adds to the recording's metadata: the client's own keys and the exit status.
 /// Metadata that cannot be fitted (see [`fit_client_metadata`]) is dropped whole: the backend
 /// would refuse the `complete`, and the session would never be completed.
-fn end_metadata(end: EndMsg) -> (Option<i32>, serde_json::Map<String, Value>) {
+/// Its warning counts against the user's log budget (see `loggate`): any user may send Ends.
+fn end_metadata(
+    shared: &Shared,
+    uid: u32,
+    id: &str,
+    end: EndMsg,
+) -> (Option<i32>, serde_json::Map<String, Value>) {
     let mut metadata = end.metadata;
     drop_owned(&mut metadata);
     for k in START_OR_DAEMON_KEYS {
         metadata.remove(*k);
     }
     if let Err(why) = fit_client_metadata(&mut metadata, END_METADATA_BYTES) {
-        tracing::warn!("a session's End is not valid ({why}): its metadata is dropped");
+        client_warn!(shared.log_gate, uid, session = %id, uid, "a session's End is not valid ({why}): its metadata is dropped");
         metadata.clear();
     }
     if let Some(s) = end.exit_status {
