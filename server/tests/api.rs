@@ -1839,6 +1839,8 @@ mod scenarios {
         for body in [
             json!({"action": "get", "org_id": org, "session_id": theirs}),
             json!({"action": "upload_chunk", "org_id": org, "session_id": theirs, "chunk_data": "[0, \"o\", \"x\"]"}),
+            // The role comes before the action's own checks: not INVALID_CHUNK.
+            json!({"action": "upload_chunk", "org_id": org, "session_id": theirs, "chunk_data": "not a cast"}),
             json!({"action": "complete", "org_id": org, "session_id": theirs, "duration_seconds": 1}),
         ] {
             assert_err(s.member(body).await, 403, "FORBIDDEN");
@@ -3969,6 +3971,22 @@ async fn binary_on_defaults_and_sigterm() {
     );
     assert!(stores.dir.path().join("rel/data/recordings.db").exists());
     assert!(stores.dir.path().join("rel/data/objects").is_dir());
+    // A database of the user's choosing, in a directory that is not there yet: created too.
+    let db = stores.dir.path().join("elsewhere/meta/r.db");
+    let out = std::process::Command::new(bin)
+        .args(["admin", "org", "create", "--name", "x", "--data-dir"])
+        .arg(stores.dir.path().join("d2"))
+        .arg("--database")
+        .arg(format!("sqlite://{}", db.display()))
+        .env_remove("STORE_URL")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(db.exists());
     // A bad setting names what is wrong.
     let out = std::process::Command::new(bin)
         .args([

@@ -289,8 +289,10 @@ async fn apply(app: &App, org: Uuid, caller: &Caller, action: Action) -> Result<
             chunk_index,
             chunk_data,
         } => {
-            let (events, summary) = recording::chunk_events(chunk_data)?;
+            // Who may touch the recording is settled before what is sent to it: the contract
+            // puts the role (owner or admin) before the action's own checks.
             let rec = own_recording(app, org, caller, session_id, false).await?;
+            let (events, summary) = recording::chunk_events(chunk_data)?;
             let data =
                 recording::store_chunk(app, &rec, chunk_index, events, summary.last_time).await?;
             Ok(Success::ok(data))
