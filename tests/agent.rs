@@ -1558,6 +1558,12 @@ async fn daemon_killed_mid_session_is_recovered_as_interrupted() {
     let recs = backend.wait_completed(1, Duration::from_secs(30)).await;
     let rec = &recs[0];
     assert_eq!(rec["metadata"]["interrupted"], true, "{rec:#}");
+    // Its exit status is not known: named, as null.
+    assert_eq!(
+        rec["metadata"].get("exit_status"),
+        Some(&Value::Null),
+        "{rec:#}"
+    );
     let got = backend.events_text(rec);
     assert_eq!(got, sent, "every whole line, in order, no torn line");
     assert_eq!(rec["duration_seconds"], 9); // last event at 9.0 s

@@ -201,6 +201,9 @@ impl EndMark {
     pub fn interrupted() -> EndMark {
         let mut metadata = Map::new();
         metadata.insert("interrupted".into(), Value::Bool(true));
+        // Named, as `null`: the contract's `complete` adds `exit_status`, and here it is not
+        // known. A reader sees that it is unknown, not that it was forgotten.
+        metadata.insert("exit_status".into(), Value::Null);
         EndMark {
             exit_status: None,
             interrupted: true,
