@@ -58,6 +58,8 @@ def wait_port(port, what, proc=None):
 class Env:
     def __init__(self, bin_dir, work):
         self.work = work
+        # Absolute: sshd runs the ForceCommand from the test user's home directory.
+        bin_dir = os.path.abspath(bin_dir)
         self.agent = os.path.join(bin_dir, "ztna-recorder")
         self.server = os.path.join(bin_dir, "ztna-recorder-server")
         self.procs = []
