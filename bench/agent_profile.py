@@ -4,12 +4,14 @@
 The same `ssh -tt` bulk output as `agent_bench.py` (base64 text through a real sshd on
 loopback), once through plain sshd, once with `script` as the ForceCommand (a PTY relay that
 records nothing) and once through our ForceCommand, each under a system-wide
-`perf record -a`. Prints, per run, the CPU milliseconds per MiB of output that each group of
-processes took (perf samples, not /proc: short-lived processes and kernel workers included),
-so the recorded run's extra cost is split into the parts that pay it. Needs `perf` and root.
+`perf record -a`. With `--no-pty`, the same without a PTY (`ssh -T`), with `tee FILE` as the
+reference instead of `script`. Prints, per run, the CPU milliseconds per MiB of output that
+each group of processes took (perf samples, not /proc: short-lived processes and kernel
+workers included), so the recorded run's extra cost is split into the parts that pay it.
+Needs `perf` and root.
 
     cargo build --release -p ztna-recorder -p ztna-recorder-server
-    python3 bench/agent_profile.py --bin-dir target/release [--mib 100] [--rounds 2]
+    python3 bench/agent_profile.py --bin-dir target/release [--mib 100] [--rounds 2] [--no-pty]
 
 Each round runs the three in turn; every figure is the median over rounds. The recorded run's
 uploads are waited for after its profile ends (they are deferred while output streams:
@@ -41,20 +43,23 @@ def group(pid, comm, env):
         return "kernel workers (tty flips, writeback)"
     if comm == "ztna-pty-out":
         return "relay: ztna-recorder shell, output thread"
+    # The shell's threads without a PTY (src/shell/piped.rs names them).
+    if comm in ("relay", "stdin", "daemon-watch"):
+        return "relay: ztna-recorder shell, piped relay threads"
     if comm.startswith("ztna"):
         return "relay: ztna-recorder shell, other threads (recorder: encoding, frames)"
-    if comm == "script":
-        return "relay: script"
-    if comm in ("base64", "head", "sshd", "ssh"):
+    if comm in ("script", "tee"):
+        return f"relay: {comm}"
+    if comm in ("base64", "head", "sshd", "ssh", "sh"):
         return comm
     return "other"
 
 
-def profile(env, which, mib, out):
+def profile(env, which, mib, out, tty):
     p = subprocess.Popen(["perf", "record", "-a", "-F", str(FREQ), "-o", out],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.5)
-    rate = ab.throughput(env, which, mib, True)
+    rate = ab.throughput(env, which, mib, tty)
     p.send_signal(2)
     p.wait()
     script = subprocess.run(["perf", "script", "-i", out, "-F", "pid,comm"],
@@ -76,6 +81,7 @@ def main():
     ap.add_argument("--bin-dir", default=os.path.join(ab.ROOT, "target", "release"))
     ap.add_argument("--mib", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--no-pty", action="store_true", help="ssh -T, with `tee FILE` as the reference")
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root (creates a user, starts sshd, perf record -a)")
@@ -83,19 +89,21 @@ def main():
         sys.exit("needs perf (Debian: linux-perf)")
     work = tempfile.mkdtemp(prefix="ztna-agent-profile.")
     env = ab.Env(a.bin_dir, work)
-    runs = ("plain", "script", "recorded")
+    tty = not a.no_pty
+    ref = "script" if tty else "tee"
+    runs = ("plain", ref, "recorded")
     rates = {w: [] for w in runs}
     cost = {w: [] for w in runs}
     try:
         env.setup_backend()
         env.start_daemon()
         env.setup_ssh()
-        ab.throughput(env, "recorded", 20, True)  # warm caches and the spool
+        ab.throughput(env, "recorded", 20, tty)  # warm caches and the spool
         for _ in range(a.rounds):
             for w in runs:
                 while env.status()["sessions_spooled"]:
                     time.sleep(0.2)
-                r, c = profile(env, w, a.mib, f"{work}/perf.data")
+                r, c = profile(env, w, a.mib, f"{work}/perf.data", tty)
                 rates[w].append(r)
                 cost[w].append(c)
     finally:
@@ -104,9 +112,10 @@ def main():
     groups = sorted({g for w in runs for c in cost[w] for g in c},
                     key=lambda g: -statistics.median(c.get(g, 0) for c in cost["recorded"]))
     med = {w: {g: statistics.median(c.get(g, 0) for c in cost[w]) for g in groups} for w in runs}
-    print(f"CPU ms per MiB of output, {a.mib} MiB per run, median of {a.rounds} rounds")
+    print(f"CPU ms per MiB of output, {'ssh -tt' if tty else 'ssh -T'}, {a.mib} MiB per run, "
+          f"median of {a.rounds} rounds")
     print()
-    print("| process | plain sshd | `script` | ours | ours − `script` |")
+    print(f"| process | plain sshd | `{ref}` | ours | ours − `{ref}` |")
     print("|---|---|---|---|---|")
     for g in groups:
         if g == "idle":
@@ -116,13 +125,13 @@ def main():
             continue
         print(f"| {g} | {row[0]:.2f} | {row[1]:.2f} | {row[2]:.2f} | {row[2] - row[1]:+.2f} |")
     busy = {w: sum(v for g, v in med[w].items() if g != "idle") for w in runs}
-    print(f"| **all but idle** | {busy['plain']:.2f} | {busy['script']:.2f} | {busy['recorded']:.2f} "
-          f"| {busy['recorded'] - busy['script']:+.2f} |")
-    print(f"| idle | {med['plain'].get('idle', 0):.2f} | {med['script'].get('idle', 0):.2f} "
+    print(f"| **all but idle** | {busy['plain']:.2f} | {busy[ref]:.2f} | {busy['recorded']:.2f} "
+          f"| {busy['recorded'] - busy[ref]:+.2f} |")
+    print(f"| idle | {med['plain'].get('idle', 0):.2f} | {med[ref].get('idle', 0):.2f} "
           f"| {med['recorded'].get('idle', 0):.2f} | |")
     base = statistics.median(rates["plain"])
-    print(f"| MiB/s (x plain) | {base:.1f} | {statistics.median(rates['script']):.1f} "
-          f"({statistics.median(rates['script']) / base:.3f}) | {statistics.median(rates['recorded']):.1f} "
+    print(f"| MiB/s (x plain) | {base:.1f} | {statistics.median(rates[ref]):.1f} "
+          f"({statistics.median(rates[ref]) / base:.3f}) | {statistics.median(rates['recorded']):.1f} "
           f"({statistics.median(rates['recorded']) / base:.3f}) | |")
 
 
