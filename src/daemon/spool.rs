@@ -623,8 +623,11 @@ impl Spool {
     pub fn quarantine(&self, id: &str, reason: &str) -> io::Result<()> {
         let from = self.session(id).path;
         let to = self.failed_dir().join(id);
+        // The reason first: whoever finds the session in failed/ (an operator, a crash
+        // between the two steps) finds why with it. In the folder it leaves, it is a file no
+        // reader of sessions looks at.
+        write_atomic(&from.join("failed-reason.txt"), reason.as_bytes())?;
         fs::rename(&from, &to)?;
-        write_atomic(&to.join("failed-reason.txt"), reason.as_bytes())?;
         sync_dir(&self.sessions_dir())?;
         sync_dir(&self.failed_dir())
     }
