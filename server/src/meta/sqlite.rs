@@ -2,7 +2,6 @@
 //! own migrations under `migrations/sqlite`. Ids are UUID text; timestamps fixed-width
 //! RFC 3339 text; JSON as text.
 
-use std::path::Path;
 use std::str::FromStr as _;
 use std::time::Duration;
 
@@ -223,9 +222,10 @@ impl SqliteMeta {
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(30));
         // "Created on first start" holds for a path of the user's choosing too, not only for
-        // the default one in the data directory (which `App::open` creates).
+        // the default one in the data directory (which `App::open` creates). In-memory URLs
+        // never get here (`check_url` refuses them).
         if let Some(dir) = opts.get_filename().parent() {
-            if !dir.as_os_str().is_empty() && opts.get_filename() != Path::new(":memory:") {
+            if !dir.as_os_str().is_empty() {
                 std::fs::create_dir_all(dir).map_err(|e| super::MetaError::Connect {
                     url: url.to_string(),
                     source: sqlx::Error::Io(e),
