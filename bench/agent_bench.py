@@ -378,6 +378,7 @@ def main():
     ap.add_argument("--drain-rounds", type=int, default=3)
     ap.add_argument("--sessions", type=int, default=20)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--echo-only", action="store_true", help="only the echo latency rows")
     a = ap.parse_args()
     if a.quick:
         a.mib, a.samples, a.spool_mib, a.drain_rounds, a.echo_rounds = 40, 200, 128, 1, 1
@@ -390,44 +391,48 @@ def main():
         env.setup_backend()
         env.start_daemon()
         env.setup_ssh()
-        # RSS first, on a fresh daemon: 20 sessions streaming at once.
-        idle, peak, live = rss_with_sessions(env, a.sessions, 10)
-        rows.append((f"daemon RSS, MiB ({live} live sessions seen, {a.sessions} started)",
-                     f"{idle / 1024:.1f} (idle)", f"{peak / 1024:.1f} (peak)", "goal < 20"))
-        while env.status()["sessions_spooled"]:
-            time.sleep(0.2)
-        for tty in (True, False):
-            runs = {w: [] for w in (("plain", "recorded", "script", "script-file") if tty
-                                    else ("plain", "recorded", "tee"))}
-            for _ in range(3):
-                for w in runs:
-                    runs[w].append(throughput(env, w, a.mib, tty))
-                    # The recorded run's upload must not overlap the next measurement.
-                    while env.status()["sessions_spooled"]:
-                        time.sleep(0.2)
-            base, ours = statistics.median(runs["plain"]), statistics.median(runs["recorded"])
-            mode = "ssh -tt (PTY)" if tty else "ssh host cmd (no PTY)"
-            rows.append((f"bulk output, {mode}, MiB/s (median of 3)", f"{base:.1f}", f"{ours:.1f}",
-                         f"{ours / base:.3f} (goal >= 0.90)"))
-            if tty:
-                ref = statistics.median(runs["script"])
-                rows.append(("  reference: `script` as the ForceCommand (PTY relay, records nothing)",
-                             f"{base:.1f}", f"{ref:.1f}", f"{ref / base:.3f}"))
-                ref = statistics.median(runs["script-file"])
-                rows.append(("  reference: `script` writing its typescript to a file (PTY relay, a raw copy on local disk)",
-                             f"{base:.1f}", f"{ref:.1f}", f"{ref / base:.3f}"))
-            else:
-                ref = statistics.median(runs["tee"])
-                rows.append(("  reference: the command piped into `tee FILE` as the ForceCommand (pipe relay, a raw copy on local disk)",
-                             f"{base:.1f}", f"{ref:.1f}", f"{ref / base:.3f}"))
+        if not a.echo_only:
+            # RSS first, on a fresh daemon: 20 sessions streaming at once.
+            idle, peak, live = rss_with_sessions(env, a.sessions, 10)
+            rows.append((f"daemon RSS, MiB ({live} live sessions seen, {a.sessions} started)",
+                         f"{idle / 1024:.1f} (idle)", f"{peak / 1024:.1f} (peak)", "goal < 20"))
+            while env.status()["sessions_spooled"]:
+                time.sleep(0.2)
+            for tty in (True, False):
+                runs = {w: [] for w in (("plain", "recorded", "script", "script-file") if tty
+                                        else ("plain", "recorded", "tee"))}
+                for _ in range(3):
+                    for w in runs:
+                        runs[w].append(throughput(env, w, a.mib, tty))
+                        # The recorded run's upload must not overlap the next measurement.
+                        while env.status()["sessions_spooled"]:
+                            time.sleep(0.2)
+                base, ours = statistics.median(runs["plain"]), statistics.median(runs["recorded"])
+                mode = "ssh -tt (PTY)" if tty else "ssh host cmd (no PTY)"
+                rows.append((f"bulk output, {mode}, MiB/s (median of 3)", f"{base:.1f}", f"{ours:.1f}",
+                             f"{ours / base:.3f} (goal >= 0.90)"))
+                if tty:
+                    ref = statistics.median(runs["script"])
+                    rows.append(("  reference: `script` as the ForceCommand (PTY relay, records nothing)",
+                                 f"{base:.1f}", f"{ref:.1f}", f"{ref / base:.3f}"))
+                    ref = statistics.median(runs["script-file"])
+                    rows.append(("  reference: `script` writing its typescript to a file (PTY relay, a raw copy on local disk)",
+                                 f"{base:.1f}", f"{ref:.1f}", f"{ref / base:.3f}"))
+                else:
+                    ref = statistics.median(runs["tee"])
+                    rows.append(("  reference: the command piped into `tee FILE` as the ForceCommand (pipe relay, a raw copy on local disk)",
+                                 f"{base:.1f}", f"{ref:.1f}", f"{ref / base:.3f}"))
         # Quiet machine for latency: let the throughput runs' uploads finish first.
         while env.status()["sessions_spooled"]:
             time.sleep(0.2)
         # Interleaved rounds, medians of their p50 and p99: one run's p99 moves 2x on this VM.
-        runs = {w: [] for w in ("plain", "recorded")}
+        # `script` as the ForceCommand is the reference, as for throughput: a PTY relay that
+        # records nothing puts the same two extra hops (its PTY, its process) in each echo.
+        sides = ("plain", "recorded", "script")
+        runs = {w: [] for w in sides}
         for r in range(a.echo_rounds):
-            # Each side goes first in turn, so neither always follows the other's session.
-            for w in (("plain", "recorded") if r % 2 == 0 else ("recorded", "plain")):
+            # Each side goes first in turn, so none always follows another's session.
+            for w in sides[r % 3:] + sides[:r % 3]:
                 runs[w].append(echo_latency(env, w, a.samples))
         lat = {w: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v))
                for w, v in runs.items()}
@@ -437,28 +442,33 @@ def main():
                      f"+{lat['recorded'][0] - lat['plain'][0]:.3f} ms"))
         rows.append((f"echo latency p99, ms (median; recorded runs: {each})", f"{lat['plain'][1]:.3f}",
                      f"{lat['recorded'][1]:.3f}", f"+{lat['recorded'][1] - lat['plain'][1]:.3f} ms (goal <= +0.3)"))
-        # Let the sessions' uploads finish before the spool benchmark.
-        while env.status()["sessions_spooled"]:
-            time.sleep(0.2)
-        # Drain and direct ingest interleaved, `--drain-rounds` of each: the backend's own rate
-        # moves by ±25% from one run to the next on this VM.
-        drains, bases, waits = [], [], []
-        for _ in range(a.drain_rounds):
-            spooled, secs, dsecs = drain(env, a.spool_mib, 4)
-            drains.append(spooled / dsecs / (1 << 20))
-            waits.append((spooled / secs / (1 << 20), secs - dsecs))
-            nbytes, bsecs = ingest_baseline(env, a.spool_mib, 4)
-            bases.append(nbytes / bsecs / (1 << 20))
-        ours, base = statistics.median(drains), statistics.median(bases)
-        each = ", ".join(f"{d:.0f}/{b:.0f}" for d, b in zip(drains, bases))
-        rows.append((f"spool drain, MiB/s ({spooled / (1 << 20):.0f} MiB spooled, 1 MiB chunks, 4 sessions; "
-                     f"first acknowledgement to empty spool; median of {a.drain_rounds} interleaved rounds, "
-                     f"drain/ingest each: {each})",
-                     f"{base:.1f} (backend ingest)", f"{ours:.1f} (daemon drain)", f"{ours / base:.3f}"))
-        with_wait = statistics.median(w for w, _ in waits)
-        rows.append(("spool drain including the wait for the backend to come back, MiB/s",
-                     f"{base:.1f}", f"{with_wait:.1f} ({statistics.median(s for _, s in waits):.2f} s to the first acknowledgement)",
-                     f"{with_wait / base:.3f}"))
+        rows.append(("  reference: `script` as the ForceCommand, p50 / p99, ms",
+                     f"{lat['plain'][0]:.3f} / {lat['plain'][1]:.3f}",
+                     f"{lat['script'][0]:.3f} / {lat['script'][1]:.3f}",
+                     f"+{lat['script'][0] - lat['plain'][0]:.3f} / +{lat['script'][1] - lat['plain'][1]:.3f} ms"))
+        if not a.echo_only:
+            # Let the sessions' uploads finish before the spool benchmark.
+            while env.status()["sessions_spooled"]:
+                time.sleep(0.2)
+            # Drain and direct ingest interleaved, `--drain-rounds` of each: the backend's own rate
+            # moves by ±25% from one run to the next on this VM.
+            drains, bases, waits = [], [], []
+            for _ in range(a.drain_rounds):
+                spooled, secs, dsecs = drain(env, a.spool_mib, 4)
+                drains.append(spooled / dsecs / (1 << 20))
+                waits.append((spooled / secs / (1 << 20), secs - dsecs))
+                nbytes, bsecs = ingest_baseline(env, a.spool_mib, 4)
+                bases.append(nbytes / bsecs / (1 << 20))
+            ours, base = statistics.median(drains), statistics.median(bases)
+            each = ", ".join(f"{d:.0f}/{b:.0f}" for d, b in zip(drains, bases))
+            rows.append((f"spool drain, MiB/s ({spooled / (1 << 20):.0f} MiB spooled, 1 MiB chunks, 4 sessions; "
+                         f"first acknowledgement to empty spool; median of {a.drain_rounds} interleaved rounds, "
+                         f"drain/ingest each: {each})",
+                         f"{base:.1f} (backend ingest)", f"{ours:.1f} (daemon drain)", f"{ours / base:.3f}"))
+            with_wait = statistics.median(w for w, _ in waits)
+            rows.append(("spool drain including the wait for the backend to come back, MiB/s",
+                         f"{base:.1f}", f"{with_wait:.1f} ({statistics.median(s for _, s in waits):.2f} s to the first acknowledgement)",
+                         f"{with_wait / base:.3f}"))
     finally:
         env.close()
         shutil.rmtree(work, ignore_errors=True)

@@ -17,6 +17,9 @@ Measures, per tool:
   * keystroke echo latency: --echo single-byte round trips through `dd bs=1` in raw mode,
     --echo-rounds interleaved runs per tool (medians of their p50 and p99);
   * start-up: spawn-to-exit wall time of recording `true` (median of --startup runs).
+Each ztna-recorder build is also compared with `script` round by round (the pair's two runs
+are adjacent in time, so the host's drift cancels): the median of the per-round throughput
+ratios and CPU differences, their range, and in how many rounds ours was ahead.
 Then one unmeasured round per tool checks that the terminal got exactly the program's bytes
 and that the recording decodes back to exactly them.
 
@@ -313,6 +316,24 @@ def main():
             max(x["hwm"]) / 1024,
             p50, p99, statistics.median(x["startup"]) * 1000,
             "yes" if x["verified"] else "NO"))
+
+    # Round by round against `script`: its run and ours in one round are minutes apart at
+    # most, so the host's drift (the bare PTY's rate moved 2x between runs on one VM) cancels
+    # out of each pair; the medians above may still come from different rounds.
+    sc = res.get("script")
+    paired = [t for t in tools if t["name"].startswith("ztna-recorder")]
+    if sc and paired:
+        print("\nRound by round against `script` (throughput: script's time / ours, above 1 = "
+              "ours faster; CPU: ours - script's, ms/MiB):")
+        for t in paired:
+            x = res[t["name"]]
+            speed = [a / b for a, b in zip(sc["secs"], x["secs"])]
+            cpu = [(b - a) * 1000 / mib for a, b in zip(sc["cpu"], x["cpu"])]
+            print("- %s: throughput %.3f (%.3f–%.3f), ahead in %d of %d rounds; "
+                  "CPU %+.2f (%+.2f to %+.2f), at or below in %d of %d" % (
+                      t["name"], statistics.median(speed), min(speed), max(speed),
+                      sum(v > 1 for v in speed), len(speed),
+                      statistics.median(cpu), min(cpu), max(cpu), sum(v <= 0 for v in cpu), len(cpu)))
 
     if args.big_gib:
         n = int(args.big_gib * 1024 / args.mib)
