@@ -3,7 +3,8 @@
 
 Through a real OpenSSH sshd on loopback, with and without our ForceCommand:
   1. bulk output throughput (ssh -tt, the recorded PTY path; and ssh host cmd, no PTY),
-  2. echo latency (one byte typed, the same byte back; p50/p99),
+  2. echo latency (one byte typed, the same byte back; p50/p99; also through `script` as the
+     ForceCommand, the reference; `--echo-only` measures only this),
 then
   3. the daemon's RSS while 20 SSH sessions stream at once,
   4. a full spool (default 1 GiB, 1 MiB chunks) drained to the backend, against the
