@@ -515,7 +515,7 @@ impl Uploader {
             let session = started.session_id;
             let (mut chunk, mut index, mut events) = (String::new(), 0u64, 0u64);
             let mut last_time: Option<f64> = None;
-            let (mut line, mut pieces) = (String::new(), String::new());
+            let (mut line, mut pieces) = (String::new(), Vec::new());
             let mut number = 1;
             loop {
                 line.clear();
@@ -541,9 +541,10 @@ impl Uploader {
                     self.chunk_max_bytes,
                     &mut pieces,
                 ) {
-                    pieces.push_str(&whole);
+                    pieces.extend_from_slice(whole.as_bytes());
                 }
-                for piece in pieces.split_inclusive('\n') {
+                // The encoder's own output: valid UTF-8.
+                for piece in std::str::from_utf8(&pieces)?.split_inclusive('\n') {
                     events += 1;
                     if !chunk.is_empty() && chunk.len() + piece.len() > self.chunk_max_bytes {
                         patiently(self.patience, || {

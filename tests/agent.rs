@@ -486,9 +486,9 @@ impl FrameClient {
 }
 
 fn event_line(t: f64, data: &str) -> String {
-    let mut s = String::new();
-    ztna_common::asciicast::encode_event(&mut s, t, ztna_common::EventCode::Output, data);
-    s
+    let mut line = Vec::new();
+    ztna_common::asciicast::encode_event(&mut line, t, ztna_common::EventCode::Output, data);
+    String::from_utf8(line).unwrap()
 }
 
 fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {

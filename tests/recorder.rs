@@ -1615,7 +1615,7 @@ impl Sink for Collect {
     fn event(&mut self, e: &ztna_recorder::recorder::Event<'_>) -> std::io::Result<()> {
         let s = match (e.kind, e.asciicast_line()) {
             (EventKind::Exit(st), _) => format!("exit {}", st.code()),
-            (_, Some(line)) => line.to_string(),
+            (_, Some(line)) => String::from_utf8(line.to_vec()).unwrap(),
             _ => unreachable!(),
         };
         self.0.lock().unwrap().push(s);

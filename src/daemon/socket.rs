@@ -379,14 +379,14 @@ fn fit_lines(payload: &[u8], longest: usize, max: u64) -> Option<(Vec<u8>, u64)>
         return None;
     }
     let text = std::str::from_utf8(payload).ok()?;
-    let mut out = String::with_capacity(payload.len() + payload.len() / 8);
+    let mut out = Vec::with_capacity(payload.len() + payload.len() / 8);
     for line in text.split_inclusive('\n') {
         if !ztna_common::asciicast::split_event_line(line, max, &mut out) {
-            out.push_str(line);
+            out.extend_from_slice(line.as_bytes());
         }
     }
-    let lines = memchr::memchr_iter(b'\n', out.as_bytes()).count() as u64;
-    Some((out.into_bytes(), lines))
+    let lines = memchr::memchr_iter(b'\n', &out).count() as u64;
+    Some((out, lines))
 }
 
 /// The most connections one user (root aside) may hold open at once: each may hold a frame

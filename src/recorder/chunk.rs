@@ -130,7 +130,7 @@ impl ChunkWriter {
 
     /// Appends one event line (ending in `\n`) at session time `time`, closing chunks as the
     /// limits require.
-    pub fn push_line(&mut self, time: Duration, line: &str) -> io::Result<()> {
+    pub fn push_line(&mut self, time: Duration, line: &[u8]) -> io::Result<()> {
         let len = line.len() as u64;
         if let Some(open) = &self.open {
             let too_big = open.bytes + len > self.limits.max_bytes;
@@ -157,7 +157,7 @@ impl ChunkWriter {
             });
         }
         if let Some(open) = &mut self.open {
-            if let Err(e) = open.out.put(line.as_bytes()) {
+            if let Err(e) = open.out.put(line) {
                 return Err(self.salvage(e));
             }
             open.bytes += len;
@@ -348,11 +348,13 @@ mod tests {
         let line = format!("[0.0, \"o\", \"{}\"]\n", "x".repeat(18));
         assert_eq!(line.len(), 33);
         for i in 0..10 {
-            w.push_line(Duration::from_millis(i * 100), &line).unwrap();
+            w.push_line(Duration::from_millis(i * 100), line.as_bytes())
+                .unwrap();
         }
         // 3 lines per chunk (99 bytes): chunks 0..=2 closed, chunk 3 open with 1 line.
         assert_eq!(w.chunks_closed(), 3);
-        w.push_line(Duration::from_secs(5), &line).unwrap();
+        w.push_line(Duration::from_secs(5), line.as_bytes())
+            .unwrap();
         assert_eq!(w.chunks_closed(), 4, "closed on age");
         w.tick(Duration::from_secs(8)).unwrap();
         assert_eq!(w.chunks_closed(), 5, "closed on tick");

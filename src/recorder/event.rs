@@ -58,17 +58,18 @@ pub struct Event<'a> {
     /// Time since the start of the recording.
     pub time: Duration,
     pub kind: EventKind<'a>,
-    pub(crate) line: &'a str,
+    pub(crate) line: &'a [u8],
 }
 
 impl<'a> Event<'a> {
     /// Builds an event; `line` must be the asciicast encoding of it (empty for `Exit`).
-    pub fn new(time: Duration, kind: EventKind<'a>, line: &'a str) -> Self {
+    pub fn new(time: Duration, kind: EventKind<'a>, line: &'a [u8]) -> Self {
         Event { time, kind, line }
     }
 
-    /// The asciicast v2 event line, `[time, code, data]` ending in `\n`; `None` for `Exit`.
-    pub fn asciicast_line(&self) -> Option<&'a str> {
+    /// The asciicast v2 event line, `[time, code, data]` ending in `\n` (UTF-8, as bytes: what
+    /// sinks write); `None` for `Exit`.
+    pub fn asciicast_line(&self) -> Option<&'a [u8]> {
         match self.kind {
             EventKind::Exit(_) => None,
             _ => Some(self.line),

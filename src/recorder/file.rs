@@ -156,7 +156,7 @@ impl Sink for FileSink {
 
     fn event(&mut self, event: &Event<'_>) -> io::Result<()> {
         match event.asciicast_line() {
-            Some(line) => self.put(line.as_bytes()),
+            Some(line) => self.put(line),
             None => Ok(()),
         }
     }

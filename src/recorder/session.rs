@@ -27,6 +27,11 @@ use ztna_common::asciicast::{encode_event, split_event_data, EventCode, Header, 
 
 /// One read from the PTY (the kernel hands out at most 4 KiB at a time; pipes may give more).
 const BUF_SIZE: usize = super::queue::MAX_PUSH;
+/// The event line's buffer, allocated once: the escaper reserves six bytes for each byte of a
+/// read (the most an escape takes) before it writes, so a smaller buffer would be grown, and
+/// the old one's pages left resident, at the first full read. Pages it never writes cost
+/// nothing.
+const LINE_CAPACITY: usize = BUF_SIZE * 6 + 256;
 const SMALL_STACK: usize = 64 * 1024;
 const RECORDER_STACK: usize = 512 * 1024;
 
@@ -670,7 +675,7 @@ impl Session {
             failures,
             policy: sink_policy,
             ctl: ctl_tx.clone(),
-            line: String::with_capacity(BUF_SIZE),
+            line: Vec::with_capacity(LINE_CAPACITY),
             last: Duration::ZERO,
             last_event: Duration::ZERO,
             events: 0,
@@ -1345,7 +1350,7 @@ struct Recorder {
     failures: Vec<SinkFailure>,
     policy: SinkPolicy,
     ctl: Sender<Ctl>,
-    line: String,
+    line: Vec<u8>,
     /// The longest event line a sink takes ([`Sink::max_line`]): longer output or input is
     /// handed out as several events of the same time, the same for every sink.
     max_line: usize,

@@ -49,11 +49,11 @@ impl Backlog {
         }
         if self.dropped == 0 {
             // After every line kept, before any sent once the daemon is back.
-            let mut line = String::new();
+            let mut line = Vec::new();
             encode_event(&mut line, marker_at, EventCode::Marker, BACKLOG_CUT_MARKER);
             if let Ok(head) = ipc::head(Kind::Events, line.len()) {
                 self.out.extend_from_slice(&head);
-                self.out.extend_from_slice(line.as_bytes());
+                self.out.extend_from_slice(&line);
             }
         }
         self.dropped += frame.len().saturating_sub(ipc::HEAD_BYTES) as u64;

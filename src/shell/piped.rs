@@ -51,7 +51,7 @@ impl Recording {
         self: &Arc<Self>,
         code: EventCode,
         text: &str,
-        line: &mut String,
+        line: &mut Vec<u8>,
         frame: &mut Vec<u8>,
     ) {
         if text.is_empty() {
@@ -84,7 +84,7 @@ impl Recording {
         };
         frame.clear();
         frame.extend_from_slice(&head);
-        frame.extend_from_slice(line.as_bytes());
+        frame.extend_from_slice(line);
         let mut backlog = locked(&self.backlog);
         let sent = match backlog.as_mut() {
             Some(b) => {
@@ -259,7 +259,7 @@ impl Recording {
         };
         let Ok(watch) = new.try_clone() else { return };
         let base = r.base(now);
-        let mut body = String::new();
+        let mut body = Vec::new();
         for (t, code, data) in &r.gap {
             encode_event(&mut body, t.saturating_sub(base).as_secs_f64(), *code, data);
         }
@@ -272,13 +272,15 @@ impl Recording {
         locked(&self.clock).1 = base;
         let mut new = new;
         // The gap in frames under the limit (it holds at most 1 MiB, whole lines).
-        let mut rest = body.as_str();
+        // Cut at a line's end, in bytes: escapes make the body up to six times the gap, and a
+        // cut at the limit may fall inside a character.
+        let mut rest = body.as_slice();
         while !rest.is_empty() {
             let mut cut = rest.len().min(ipc::MAX_FRAME_BYTES);
             if cut < rest.len() {
-                cut = rest[..cut].rfind('\n').map(|i| i + 1).unwrap_or(cut);
+                cut = memchr::memrchr(b'\n', &rest[..cut]).map_or(cut, |i| i + 1);
             }
-            if ipc::write_frame(&mut new, Kind::Events, &rest.as_bytes()[..cut]).is_err() {
+            if ipc::write_frame(&mut new, Kind::Events, &rest[..cut]).is_err() {
                 return;
             }
             rest = &rest[cut..];
@@ -411,7 +413,7 @@ pub(super) fn run_piped(
                     let mut buf = vec![0u8; 64 * 1024];
                     let mut stdin = io::stdin().lock();
                     let mut utf8 = Utf8Repair::new();
-                    let (mut line, mut frame) = (String::new(), Vec::new());
+                    let (mut line, mut frame) = (Vec::new(), Vec::new());
                     loop {
                         match stdin.read(&mut buf) {
                             Ok(0) => break,
@@ -625,7 +627,7 @@ fn relay_out<R: Read + Send + 'static, W: Write + Send + 'static>(
         .spawn(move || {
             let mut buf = vec![0u8; 64 * 1024];
             let mut utf8 = Utf8Repair::new();
-            let mut line = String::with_capacity(8 * 1024);
+            let mut line = Vec::new();
             let mut frame = Vec::with_capacity(8 * 1024);
             loop {
                 let k = match from.read(&mut buf) {

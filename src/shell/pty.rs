@@ -29,7 +29,7 @@ struct DaemonSink {
     /// The daemon stopped in order and will not record the rest (recording switched off).
     given_up: bool,
     /// An event line re-encoded against `rebase`.
-    line: String,
+    line: Vec<u8>,
     /// What a daemon that stopped taking output (but is still there) has not taken yet (see
     /// [`Backlog`]).
     backlog: Option<Backlog>,
@@ -299,7 +299,7 @@ impl DaemonSink {
     /// Adds one event line to the Events frame being built (a frame carries any number of
     /// lines: one write and one wake-up of the daemon per batch, not per read), sending the
     /// frame first if the line would take it over the limit.
-    fn queue_line(&mut self, line: &str) -> io::Result<()> {
+    fn queue_line(&mut self, line: &[u8]) -> io::Result<()> {
         if line.len() > ipc::MAX_FRAME_BYTES {
             // One event can never be this large (reads are 16 KiB); refuse rather than split.
             return Err(io::Error::other("event over the frame limit"));
@@ -313,7 +313,7 @@ impl DaemonSink {
             // The head is written once the payload's length is known (send_pending).
             self.buf.extend_from_slice(&[0; ipc::HEAD_BYTES]);
         }
-        self.buf.extend_from_slice(line.as_bytes());
+        self.buf.extend_from_slice(line);
         if self.buf.len() >= FRAME_TARGET {
             // Frames this size already amortise the write and the daemon's wake-up; larger
             // ones would only grow what the daemon holds per live session.
@@ -598,7 +598,7 @@ pub(super) fn run_pty(
         rebase: Duration::ZERO,
         resume: None,
         given_up: false,
-        line: String::new(),
+        line: Vec::new(),
         backlog: None,
         now: Duration::ZERO,
     };
