@@ -656,7 +656,10 @@ mod tests {
 
     #[test]
     fn long_events_are_split_into_lines_under_the_limit() {
-        let data = "ab\u{1b}[31mé\"\\😀 日本\r\n".repeat(50);
+        // Every width class of the escaper: plain, two-byte escapes (short forms, `"`, `\`),
+        // six-byte ones, DEL (not escaped), and 2-, 3- and 4-byte characters. The widths the
+        // split counts must be the escaper's, or a piece is cut shorter or longer than it can be.
+        let data = "ab\u{1b}[31mé\"\\😀 日本\r\n\u{7f}\u{8}\u{c}\t\u{1}".repeat(50);
         let line = encoded(1.5, EventCode::Output, &data);
         for max in [40, 64, 100, 333, line.len() - 1] {
             let mut out = Vec::new();
