@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The agent's benchmark (issue 4): release build, then bench/agent_bench.py (run as root:
+# The agent's benchmark (issue 4): release build (as the packages are built), then bench/agent_bench.py (run as root:
 # it creates the `ztnatest` user and starts two sshd on loopback). Extra args pass through,
 # e.g. `bench/agent.sh --quick`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --locked -p ztna-recorder -p ztna-recorder-server
+scripts/build-release.sh --locked
 exec python3 bench/agent_bench.py --bin-dir "${CARGO_TARGET_DIR:-$PWD/target}/release" "$@"

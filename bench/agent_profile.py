@@ -10,7 +10,7 @@ each group of processes took (perf samples, not /proc: short-lived processes and
 workers included), so the recorded run's extra cost is split into the parts that pay it.
 Needs `perf` and root.
 
-    cargo build --release -p ztna-recorder -p ztna-recorder-server
+    scripts/build-release.sh
     python3 bench/agent_profile.py --bin-dir target/release [--mib 100] [--rounds 2] [--no-pty]
 
 Each round runs the three in turn; every figure is the median over rounds. The recorded run's

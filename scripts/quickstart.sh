@@ -21,7 +21,7 @@ need cargo
 need python3
 
 say "building (release)"
-cargo build --release --locked -p ztna-recorder-server -p ztna-recorder
+scripts/build-release.sh --locked
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 BIN=$CARGO_TARGET_DIR/release
 SERVER_BIN=$BIN/ztna-recorder-server
