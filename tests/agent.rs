@@ -820,8 +820,10 @@ async fn proxy_losing_the_first_start(
                 let mut client = BufReader::new(client);
                 loop {
                     // One request: its head (less any Connection header), then its body.
+                    // A chunked body (the daemon streams chunk files) goes on with its length.
                     let mut head = String::new();
                     let mut length = 0usize;
+                    let mut chunked = false;
                     loop {
                         let mut line = String::new();
                         if client.read_line(&mut line).await.unwrap_or(0) == 0 {
@@ -834,12 +836,28 @@ async fn proxy_losing_the_first_start(
                         if let Some(v) = lower.strip_prefix("content-length:") {
                             length = v.trim().parse().unwrap();
                         }
-                        if !lower.starts_with("connection:") {
+                        if lower.starts_with("transfer-encoding:") {
+                            chunked = lower.contains("chunked");
+                        } else if !lower.starts_with("connection:") {
                             head.push_str(&line);
                         }
                     }
                     let mut body = vec![0u8; length];
                     client.read_exact(&mut body).await.unwrap();
+                    while chunked {
+                        let mut size = String::new();
+                        if client.read_line(&mut size).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let n = usize::from_str_radix(size.trim(), 16).unwrap();
+                        let mut data = vec![0u8; n + 2];
+                        client.read_exact(&mut data).await.unwrap();
+                        body.extend_from_slice(&data[..n]);
+                        chunked = n > 0;
+                    }
+                    if !head.to_ascii_lowercase().contains("content-length:") {
+                        head.push_str(&format!("content-length: {}\r\n", body.len()));
+                    }
                     let mut upstream = tokio::net::TcpStream::connect(target).await.unwrap();
                     upstream
                         .write_all(format!("{head}connection: close\r\n\r\n").as_bytes())

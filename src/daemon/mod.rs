@@ -3,7 +3,6 @@
 //! ([`watcher`]) finds work, and on start completes what an earlier run left behind
 //! ([`recovery`]).
 
-pub mod buffers;
 pub mod loggate;
 pub mod pacing;
 pub mod recovery;
@@ -148,8 +147,6 @@ pub struct Shared {
     pub ingest: pacing::Ingest,
     /// Upload tasks waiting for bulk output to calm, for `status`.
     pub deferring: AtomicUsize,
-    /// Chunk and body buffers reused from one upload to the next.
-    pub buffers: Arc<buffers::Pool>,
     /// Open socket connections by the peer's uid (see `socket::MAX_CONNECTIONS_PER_USER`).
     pub connections: Mutex<HashMap<u32, usize>>,
     /// Bytes of frames being received, by the peer's uid (see `socket::FRAME_BUDGET`).
@@ -302,7 +299,6 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         unwritten_ends: Mutex::new(HashMap::new()),
         ingest: pacing::Ingest::default(),
         deferring: AtomicUsize::new(0),
-        buffers: Arc::default(),
         connections: Mutex::new(HashMap::new()),
         frame_budgets: Mutex::new(HashMap::new()),
         continuable: Mutex::new(continuable),

@@ -5,12 +5,10 @@
 //! never change set the session (or the chunk) aside in `failed/`.
 
 use super::spool::{Chunks, EndMark, SessionDir};
-use super::{buffers, lock, pacing, Shared, Uploaded};
-use crate::client::{AgentClient, ClientError};
+use super::{lock, pacing, Shared, Uploaded};
+use crate::client::{ChunkRead, ClientError};
 use rand::Rng;
 use serde_json::Value;
-use std::io::Read;
-use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -78,57 +76,11 @@ fn disposition(e: &ClientError) -> Disposition {
 /// upload slot.
 const MAX_STREAK: u32 = 8;
 
-/// A chunk read from the spool and made into its request body.
-struct Prepared {
-    index: u64,
-    bytes: usize,
-    body: buffers::Body,
-}
-
-enum Prepare {
-    Ready(Prepared),
-    NotUtf8,
-    /// The file is gone (the session was removed meanwhile).
-    Gone,
-}
-
-/// Reads chunk `index` and builds its `upload_chunk` body (blocking: a file read and an escape
-/// of the whole chunk). Only the body is kept.
-fn prepare(
-    client: &AgentClient,
-    pool: &Arc<buffers::Pool>,
-    remote: &str,
-    path: &Path,
-    index: u64,
-) -> std::io::Result<Prepare> {
-    let mut data = pool.take();
-    let read = std::fs::File::open(path).and_then(|mut f| f.read_to_end(&mut data));
-    let prepared = match read {
-        Ok(_) => match simdutf8::basic::from_utf8(&data) {
-            Ok(text) => Ok(Prepare::Ready(Prepared {
-                index,
-                bytes: text.len(),
-                body: buffers::Body::new(
-                    client.chunk_body_into(pool.take(), remote, index, text),
-                    pool.clone(),
-                ),
-            })),
-            Err(_) => Ok(Prepare::NotUtf8),
-        },
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Prepare::Gone),
-        Err(e) => Err(e),
-    };
-    pool.give(data);
-    prepared
-}
-
 /// Uploads one session until nothing is left to do; at most one task per session runs.
 pub async fn run_session(shared: Arc<Shared>, id: String) {
     let dir = shared.spool.session(&id);
     let cap = Duration::from_secs(shared.config.retry_max_secs.max(1));
     let mut attempt: u32 = 0;
-    // The next chunk, read and encoded while the current one was on the wire.
-    let mut ahead: Option<Prepared> = None;
     // The backend's id for this session when `remote.json` could not be written (a full
     // disk): without it every retry would start another recording on the backend.
     let mut remote_unsaved: Option<String> = None;
@@ -141,7 +93,6 @@ pub async fn run_session(shared: Arc<Shared>, id: String) {
         let busy = pacing::yield_now(&shared);
         if let Some(wait) = pacing::wait_for(busy, &mut deferred_since, Instant::now(), defer) {
             permit = None;
-            ahead = None;
             {
                 let _counted = pacing::Waiting::new(&shared.deferring);
                 tokio::time::sleep(wait).await;
@@ -153,28 +104,20 @@ pub async fn run_session(shared: Arc<Shared>, id: String) {
             continue;
         }
         // A slot per run of requests, not per task: a session waiting out its backoff, or
-        // for a slot, holds none, and no prepared body either. A slot given up after a run
-        // goes to a waiting session first (the semaphore is fair); when none waits it is
-        // taken straight back and the chunk read ahead is kept.
+        // for a slot, holds none. A slot given up after a run goes to a waiting session first
+        // (the semaphore is fair); when none waits it is taken straight back.
         if permit.is_none() {
-            let p = match shared.upload_slots.try_acquire() {
-                Ok(p) => p,
-                Err(_) => {
-                    ahead = None;
-                    let Ok(p) = shared.upload_slots.acquire().await else {
-                        finish(&shared, &id);
-                        return;
-                    };
-                    p
-                }
+            let Ok(p) = shared.upload_slots.acquire().await else {
+                finish(&shared, &id);
+                return;
             };
             permit = Some(p);
             streak = 0;
         }
-        let result = step(&shared, &dir, &id, &mut ahead, &mut remote_unsaved).await;
+        let result = step(&shared, &dir, &id, &mut remote_unsaved).await;
         streak += 1;
-        // Chunks go back to back while the next one is ready, up to a fair share of the slot.
-        if ahead.is_none() || streak >= MAX_STREAK || result.is_err() {
+        // Requests go back to back while they get through, up to a fair share of the slot.
+        if !matches!(result, Ok(Step::Progress)) || streak >= MAX_STREAK {
             permit = None;
         }
         // Any step that got an answer through (a chunk, a completion, a refusal that settles
@@ -230,20 +173,15 @@ fn finish(shared: &Shared, id: &str) {
     lock(&shared.unwritten_ends).remove(id);
 }
 
-/// This session's uploads are done for now; with none left, the buffers go back too.
+/// This session's uploads are done for now.
 fn stop_uploading(shared: &Shared, id: &str) {
-    let mut up = lock(&shared.uploading);
-    up.remove(id);
-    if up.is_empty() {
-        shared.buffers.clear();
-    }
+    lock(&shared.uploading).remove(id);
 }
 
 async fn step(
     shared: &Shared,
     dir: &SessionDir,
     id: &str,
-    ahead: &mut Option<Prepared>,
     remote_unsaved: &mut Option<String>,
 ) -> Result<Step, StepError> {
     if !dir.exists() {
@@ -321,41 +259,36 @@ async fn step(
     };
     if let Some(&index) = chunks.first() {
         let path = dir.chunk_path(index);
-        let current = match ahead.take() {
-            Some(p) if p.index == index => p,
-            _ => match prepare(client, &shared.buffers, &remote, &path, index)? {
-                Prepare::Ready(p) => p,
-                Prepare::Gone => return Ok(Step::Progress),
-                Prepare::NotUtf8 => {
-                    // Only a damaged disk gets here: what can be read is kept.
-                    let n = dir.repair_chunk(index)?;
-                    tracing::error!(session = %id, index, damaged_lines = n, "chunk was not UTF-8: repaired");
-                    return Ok(Step::Progress);
-                }
-            },
+        let file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            // The session was removed meanwhile.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Step::Progress),
+            Err(e) => return Err(e.into()),
         };
-        // While this chunk is on the wire (the backend's fsync is most of its time), the next
-        // one is read and encoded on a blocking thread.
-        let next = chunks.get(1).map(|&n| {
-            let (client, remote, path) = (client.clone(), remote.clone(), dir.chunk_path(n));
-            let pool = shared.buffers.clone();
-            tokio::task::spawn_blocking(move || prepare(&client, &pool, &remote, &path, n))
-        });
         let t0 = Instant::now();
-        let result = client.post_chunk(current.body.into_bytes()).await;
-        let next = match next {
-            Some(h) => h.await.ok().and_then(Result::ok),
-            None => None,
-        };
+        let (result, read) = client.post_chunk_file(&remote, index, file).await;
+        match read {
+            Some(ChunkRead::NotUtf8) => {
+                // Only a damaged disk gets here: what can be read is kept.
+                let n = dir.repair_chunk(index)?;
+                tracing::error!(session = %id, index, damaged_lines = n, "chunk was not UTF-8: repaired");
+                return Ok(Step::Progress);
+            }
+            Some(ChunkRead::Failed(kind)) => {
+                return Err(std::io::Error::new(kind, format!("reading chunk {index}")).into())
+            }
+            Some(ChunkRead::Whole(_)) | None => {}
+        }
         match result {
             Ok(_) => {
                 shared.backend_answered();
                 std::fs::remove_file(&path)?;
                 shared.uploaded(Uploaded::Chunk);
-                tracing::debug!(session = %id, index, bytes = current.bytes, ms = t0.elapsed().as_millis() as u64, "chunk acknowledged");
-                if let Some(Prepare::Ready(p)) = next {
-                    *ahead = Some(p);
-                }
+                let bytes = match read {
+                    Some(ChunkRead::Whole(n)) => n,
+                    _ => 0,
+                };
+                tracing::debug!(session = %id, index, bytes, ms = t0.elapsed().as_millis() as u64, "chunk acknowledged");
                 return Ok(Step::Progress);
             }
             Err(e) => {
