@@ -371,8 +371,8 @@ impl ChunkBody {
         ChunkBody {
             head: Some(Bytes::from(head)),
             file,
-            // Room for a whole character however small the piece.
-            buf: vec![0; piece.max(8)],
+            // Room for a cut character (at most 3 bytes held) and at least one more byte.
+            buf: vec![0; piece.max(4)],
             held: 0,
             total: 0,
             escaped: Vec::new(),
@@ -488,7 +488,7 @@ mod body_tests {
         let line = "[0.5, \"o\", \"a\\u001b[1m\\\"q\\\" é 漢 🙂\"]\n\u{7f}\t\u{0}\r";
         let text = line.repeat(2 * super::PIECE / line.len() + 3);
         let want = super::upload_chunk_body(Vec::new(), "k", "s-1", 3, &text);
-        for piece in [1, 5, 9, 13, 4096, super::PIECE] {
+        for piece in [4, 5, 9, 13, 4096, super::PIECE] {
             let (got, failed, read) = stream(text.as_bytes(), piece).await;
             assert!(!failed, "piece {piece}");
             assert_eq!(read, Some(ChunkRead::Whole(text.len())), "piece {piece}");
@@ -508,7 +508,7 @@ mod body_tests {
             b"\xc3",
             b"\xed\xa0\x80",
         ] {
-            for piece in [1, 5, 64] {
+            for piece in [4, 5, 64] {
                 let (got, failed, read) = stream(bad, piece).await;
                 assert!(failed, "{bad:?}, piece {piece}");
                 assert_eq!(read, Some(ChunkRead::NotUtf8), "{bad:?}");
