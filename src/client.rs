@@ -263,7 +263,9 @@ impl AgentClient {
         let read = Arc::new(OnceLock::new());
         let body = ChunkBody::new(head, file, PIECE, read.clone());
         let answer = self.post(reqwest::Body::wrap(body)).await;
-        // Set before the body's last frame (or its error) went out, so before any answer.
+        // Set before the body's last frame (or its error) went out: before any answer to a
+        // whole body, and before the backend could see a cut-short one. Unset when the request
+        // ended before the file did (no connection, or an answer before the body's end).
         (answer, read.get().copied())
     }
 
